@@ -1,0 +1,3 @@
+from dsdeploy.cli import main
+
+main()

@@ -1,0 +1,81 @@
+"""``dsdeploy inspect`` and ``dsdeploy convert``."""
+
+from __future__ import annotations
+
+import click
+
+from dsdeploy.cli import cli
+from dsdeploy.cli.options import echo_json, model_options, parse_kwargs, parse_shape
+
+
+def policy_options(func):
+    """Rank policy and layer filters shared by inspect and convert."""
+    opts = [
+        click.option("--rank", type=int, default=None, help="Fixed rank K per converted layer (default 1)."),
+        click.option("--energy", type=float, default=None,
+                     help="Per layer, the smallest K keeping this fraction of spectral energy (0-1]."),
+        click.option("--mac-budget", type=float, default=None,
+                     help="Global: converted convs' MACs <= F x original, K chosen greedily by error per MAC."),
+        click.option("--include", default=None, metavar="REGEX", help="Only convert convs whose name matches."),
+        click.option("--exclude", default=None, metavar="REGEX", help="Never convert convs whose name matches."),
+        click.option("--convert-stem", is_flag=True, help="Also convert convs with <= 4 input channels."),
+        click.option("--layout", type=click.Choice(["branches", "concat", "multiplier"]), default="branches",
+                     show_default=True, help="Graph layout of rank>1 blocks (branches is fastest on ORT CPU)."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout):
+    from dsdeploy.plan import Policy
+
+    return Policy(rank=rank, energy=energy, mac_budget=mac_budget, include=include, exclude=exclude,
+                  convert_stem=convert_stem, layout=layout)
+
+
+@cli.command()
+@click.argument("model")
+@model_options
+@policy_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect(model, weights, model_kwargs, trust_pickle, input_shape, rank, energy, mac_budget, include, exclude,
+            convert_stem, layout, as_json):
+    """Show MODEL's convs: what would convert (and at which rank), why others would not,
+    and params/MACs at the input shape."""
+    from dsdeploy.sources import load_model
+    from dsdeploy.tasks import inspect_model
+
+    loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle)
+    report = inspect_model(loaded, _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout),
+                           parse_shape(input_shape))
+    echo_json(report.to_dict()) if as_json else click.echo(report.render())
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .dsd artifact to write.")
+@model_options
+@policy_options
+@click.option("--calib-data", default=None, metavar="DATA",
+              help="Calibrate the pointwise weights on this data (folder or 'digits') after converting.")
+@click.option("--calib-batches", type=int, default=None, help="Limit calibration to N batches.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, rank, energy, mac_budget, include,
+            exclude, convert_stem, layout, calib_data, calib_batches, seed, as_json):
+    """Rewrite MODEL's convs into depthwise-separable blocks and write a .dsd artifact.
+
+    Prints params/MACs before and after and the rank of every layer. Exit status 3 when
+    nothing converts (the reasons per conv are listed)."""
+    from dsdeploy.sources import load_model
+    from dsdeploy.tasks import convert_to_artifact
+
+    if not output.endswith(".dsd"):
+        raise click.BadParameter("the artifact name must end in .dsd", param_hint="--output")
+    loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle)
+    report = convert_to_artifact(loaded, output,
+                                 _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout),
+                                 parse_shape(input_shape), calib_data=calib_data, calib_batches=calib_batches,
+                                 seed=seed)
+    echo_json(report.to_dict()) if as_json else click.echo(report.render())

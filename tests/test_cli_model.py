@@ -1,0 +1,54 @@
+"""``dsdeploy inspect`` / ``convert`` through the real command line."""
+
+import torch
+
+from tests.clirun import dsdeploy, json_out
+
+FACTORY = "tests.conftest:small_net"
+
+
+def test_help_lists_commands():
+    proc = dsdeploy("--help")
+    assert proc.returncode == 0
+    for cmd in ("inspect", "convert"):
+        assert cmd in proc.stdout
+
+
+def test_inspect_json_reports_every_conv():
+    out = json_out(dsdeploy("inspect", FACTORY, "--input-shape", "1,3,16,16", "--json"))
+    reasons = {l["name"]: l["reason"] for l in out["layers"]}
+    assert reasons["conv1"] == "converted" and reasons["dw"] == "already depthwise"
+    assert out["summary"]["convs"] == 7 and out["summary"]["converted"] == 3
+
+
+def test_convert_writes_artifact_and_reports_ranks(tmp_path):
+    dest = tmp_path / "m.dsd"
+    out = json_out(dsdeploy("convert", FACTORY, "-o", dest, "--input-shape", "1,3,16,16", "--mac-budget", "0.4",
+                            "--json"))
+    assert dest.is_file()
+    conv = [l for l in out["layers"] if l["convert"]]
+    assert conv and all(l["rank"] >= 1 for l in conv)
+    assert out["summary"]["conv_mac_ratio"] < 1
+    # the artifact is a model spec for every command
+    again = json_out(dsdeploy("inspect", dest, "--json"))
+    assert again["input_shape"] == [1, 3, 16, 16]
+    payload = torch.load(dest, weights_only=True)
+    assert payload["history"][0]["stage"] == "convert"
+
+
+def test_nothing_to_convert_has_its_own_exit_status(tmp_path):
+    proc = dsdeploy("convert", FACTORY, "-o", tmp_path / "x.dsd", "--input-shape", "1,3,16,16",
+                    "--include", "^nothing$")
+    assert proc.returncode == 3
+    assert proc.stderr.startswith("error: nothing to convert") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.dsd").exists()
+
+
+def test_user_errors_are_one_line(tmp_path):
+    proc = dsdeploy("inspect", "torchvision:resnet19")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "did you mean" in proc.stderr
+    proc = dsdeploy("inspect", FACTORY, "--input-shape", "1,5,16,16")
+    assert proc.returncode == 2 and "cannot run on input shape" in proc.stderr
+    proc = dsdeploy("--debug", "inspect", "torchvision:resnet19")
+    assert "Traceback" in proc.stderr
