@@ -67,10 +67,13 @@ class DSConv(nn.Module):
             self.pointwise = nn.ModuleList([conv_cls(cin * rank, cout, 1, groups=g, bias=has_bias, **kw)])
 
     @classmethod
-    def from_conv(cls, conv: nn.Module, rank: int, layout: str = "branches") -> "DSConv":
-        """A block initialised from ``conv``'s kernel by per-channel SVD (exact at full rank)."""
+    def from_conv(cls, conv: nn.Module, rank: int, layout: str = "branches", svd=None) -> "DSConv":
+        """A block initialised from ``conv``'s kernel by per-channel SVD (exact at full rank).
+
+        ``svd`` may pass a precomputed :func:`dsdeploy.decompose.channel_svd` of the kernel.
+        """
         block = cls(conv, rank, layout)
-        f = factorize(conv.weight.detach(), rank, conv.groups)
+        f = factorize(conv.weight.detach(), rank, conv.groups, svd=svd)
         with torch.no_grad():
             block.set_depthwise(f.depthwise)
             block.set_pointwise(f.pointwise, None if conv.bias is None else conv.bias.detach())

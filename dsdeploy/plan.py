@@ -155,7 +155,7 @@ def conv_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def make_plan(model: nn.Module, policy: Policy, calls: dict[str, tuple[list[int], list[int], int]],
-              input_shape: tuple[int, ...]) -> Plan:
+              input_shape: tuple[int, ...], svd_cache: dict[str, tuple] | None = None) -> Plan:
     """Decide every conv of ``model`` under ``policy``.
 
     Args:
@@ -163,6 +163,7 @@ def make_plan(model: nn.Module, policy: Policy, calls: dict[str, tuple[list[int]
         policy: rank policy and filters.
         calls: per-layer (in shape, out shape, MACs) from :func:`dsdeploy.profile.trace_calls`.
         input_shape: the shape ``calls`` was traced at.
+        svd_cache: when given, filled with each candidate's :func:`channel_svd` (name -> U, S, Vh).
     """
     policy.validate()
     plan = Plan(layout=policy.layout, policy=policy.to_dict(), input_shape=list(input_shape))
@@ -183,7 +184,10 @@ def make_plan(model: nn.Module, policy: Policy, calls: dict[str, tuple[list[int]
             d.reason = reason
             continue
         d.full_rank = full_rank(tuple(mod.weight.shape), mod.groups)
-        spectra[name] = channel_svd(mod.weight, mod.groups)[1]
+        svd = channel_svd(mod.weight, mod.groups)
+        spectra[name] = svd[1]
+        if svd_cache is not None:
+            svd_cache[name] = svd
         mods[name] = mod
     if policy.mac_budget is not None:
         ranks = _budget_ranks(plan, mods, spectra, policy.mac_budget)

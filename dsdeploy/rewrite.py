@@ -34,7 +34,8 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def apply_plan(model: nn.Module, plan: Plan, *, init_from_weights: bool = True) -> nn.Module:
+def apply_plan(model: nn.Module, plan: Plan, *, init_from_weights: bool = True,
+               svd_cache: dict[str, tuple] | None = None) -> nn.Module:
     """A copy of ``model`` with each converted conv of ``plan`` replaced by a DSConv.
 
     Args:
@@ -42,11 +43,13 @@ def apply_plan(model: nn.Module, plan: Plan, *, init_from_weights: bool = True) 
         plan: decisions from :func:`dsdeploy.plan.make_plan` (or loaded from an artifact).
         init_from_weights: initialise blocks by SVD of the conv kernels; False builds the
             structure only (weights are loaded afterwards, e.g. from an artifact).
+        svd_cache: per-conv SVDs already computed by :func:`make_plan`.
     """
+    svd_cache = svd_cache or {}
     new = copy.deepcopy(model)
     for d in plan.converted:
         conv = new.get_submodule(d.name)
-        block = DSConv.from_conv(conv, d.rank, plan.layout) if init_from_weights else DSConv(conv, d.rank, plan.layout)
+        block = DSConv.from_conv(conv, d.rank, plan.layout, svd_cache.get(d.name)) if init_from_weights else DSConv(conv, d.rank, plan.layout)
         block.train(conv.training)
         _set_submodule(new, d.name, block)
     return new
@@ -74,10 +77,11 @@ def convert(model: nn.Module, *, input_shape: tuple[int, ...], rank: int | None 
                     convert_stem=convert_stem, layout=layout, require_gain=require_gain)
     policy.validate()
     calls = trace_calls(model, input_shape)
-    plan = make_plan(model, policy, calls, input_shape)
+    svds: dict[str, tuple] = {}
+    plan = make_plan(model, policy, calls, input_shape, svds)
     if not plan.converted:
         raise NothingToConvertError(nothing_to_convert_message(plan))
-    new = apply_plan(model, plan)
+    new = apply_plan(model, plan, svd_cache=svds)
     before = profile_model(model, input_shape, calls)
     after = profile_model(new, input_shape)
     for d in plan.converted:
