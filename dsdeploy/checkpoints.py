@@ -32,10 +32,10 @@ def torch_load(path: str | Path, *, trust_pickle: bool = False, what: str = "che
     try:
         return torch.load(p, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+        if "Unsupported global" in str(exc):  # a class or function reference: pickled code
             raise WeightsError(f"{p} holds pickled Python objects (e.g. a whole model), which can run code; "
                                f"refusing to load it. If you trust the file, pass --trust-pickle") from None
-        raise WeightsError(f"{p} is corrupt or not a PyTorch {what} ({exc})") from None
+        raise WeightsError(f"{p} is corrupt or not a PyTorch {what}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError,
             ModuleNotFoundError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

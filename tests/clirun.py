@@ -23,3 +23,18 @@ def dsdeploy(*args: str, cwd: str | Path | None = None, timeout: float = 600, en
 def json_out(proc: subprocess.CompletedProcess):
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+def invoke(*args: str):
+    """Run the CLI in-process (click's CliRunner): same commands and error handling,
+    without a new interpreter per call. Returns an object with returncode/stdout/stderr."""
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from dsdeploy.cli import load_commands
+
+    result = CliRunner().invoke(load_commands(), list(map(str, args)), prog_name="dsdeploy")
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)

@@ -26,7 +26,33 @@ COMMAND_MODULES = (
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class DsdeployGroup(click.Group):
+    """A click group that turns errors into one line on stderr and an exit status."""
+
+    def invoke(self, ctx: click.Context):
+        debug = bool(ctx.params.get("debug"))
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            ctx.exit(130)
+        except DsdeployError as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except Exception as exc:  # a bug, not a user error: still one line unless --debug
+            if debug:
+                raise
+            lines = str(exc).strip().splitlines()
+            click.echo(f"internal error: {type(exc).__name__}: {lines[0] if lines else ''} "
+                       f"(rerun with --debug for the traceback)", err=True)
+            ctx.exit(70)
+
+
+@click.group(cls=DsdeployGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 @click.version_option(__version__, prog_name="dsdeploy")
 @click.pass_context
@@ -54,29 +80,6 @@ def load_commands() -> click.Group:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run the CLI, turning user errors into one line."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
+    """Console-script entry point."""
     load_commands()
-    try:
-        rv = cli.main(args=args, prog_name="dsdeploy", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("error: interrupted", err=True)
-        sys.exit(130)
-    except DsdeployError as exc:
-        if debug:
-            raise
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # a bug, not a user error: still one line unless --debug
-        if debug:
-            raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        click.echo(f"internal error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)", err=True)
-        sys.exit(70)
-    sys.exit(rv if isinstance(rv, int) else 0)
+    cli.main(args=argv, prog_name="dsdeploy")
