@@ -59,7 +59,7 @@ def inspect(model, weights, model_kwargs, trust_pickle, input_shape, rank, energ
 @policy_options
 @click.option("--calib-data", default=None, metavar="DATA",
               help="Calibrate the pointwise weights on this data (folder or 'digits') after converting.")
-@click.option("--calib-batches", type=int, default=None, help="Limit calibration to N batches.")
+@click.option("--calib-batches", type=int, default=50, show_default=True, help="Calibrate on at most N batches.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, rank, energy, mac_budget, include,

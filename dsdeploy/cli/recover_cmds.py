@@ -1,0 +1,143 @@
+"""``dsdeploy calibrate``, ``dsdeploy finetune`` and ``dsdeploy evaluate``."""
+
+from __future__ import annotations
+
+import click
+
+from dsdeploy.cli import cli
+from dsdeploy.cli.options import echo_json, parse_kwargs
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--data", required=True, help="'digits' or a folder of labelled images (class folders).")
+@click.option("--compare", default=None, metavar="MODEL2", help="A second model evaluated side by side.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Checkpoint for MODEL.")
+@click.option("--compare-weights", type=click.Path(dir_okay=False), default=None, help="Checkpoint for MODEL2.")
+@click.option("--model-kwargs", default=None, metavar="JSON", help="Keyword arguments for the model builder(s).")
+@click.option("--trust-pickle", is_flag=True, help="Allow checkpoints that are whole pickled models.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True,
+              help="Which split to score (val = test/ or val/ folder, or the held-out part).")
+@click.option("--val-split", type=float, default=0.2, show_default=True,
+              help="Held-out fraction when the data has no test/ or val/ folder.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
+@click.option("--limit", type=int, default=None, help="Score at most this many images (seeded subset).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full result (with confusion matrices) as JSON.")
+def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust_pickle, batch_size, split,
+             val_split, seed, limit, as_json):
+    """Accuracy of MODEL (top-1/top-5, macro precision/recall/F1) on labelled DATA,
+    side by side with MODEL2 when --compare is given."""
+    from dsdeploy.evaluate import evaluate as run_evaluate, summary_rows
+    from dsdeploy.tables import format_table
+
+    result = run_evaluate(model, data, compare=compare, weights=weights, compare_weights=compare_weights,
+                          model_kwargs=parse_kwargs(model_kwargs), trust_pickle=trust_pickle, batch_size=batch_size,
+                          split=split, val_split=val_split, seed=seed, limit=limit, progress=not as_json)
+    if as_json:
+        echo_json(result)
+        return
+    skipped = f", {result['skipped']} files skipped" if result["skipped"] else ""
+    click.echo(f"{result['data']} ({result['split']}): {result['images']} images, "
+               f"{len(result['classes'])} classes{skipped}")
+    click.echo(format_table(*summary_rows(result)))
+    if "agreement" in result and result["agreement"] is not None:
+        click.echo(f"prediction agreement: {result['agreement']:.4f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# calibrate / finetune (engineer B)
+# ---------------------------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("artifact", metavar="IN.dsd")
+@click.option("--data", required=True, help="'digits' or a folder of images (labels optional).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The calibrated .dsd to write.")
+@click.option("--max-batches", type=int, default=None, help="Calibrate on at most N batches (a seeded subset).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--ridge", type=float, default=1e-6, show_default=True, help="Relative ridge of the least squares.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_json):
+    """Solve each converted layer's pointwise weights by least squares against the original
+    model's convs on DATA (training-free), then re-estimate BatchNorm statistics."""
+    from dsdeploy.calibrate import calibrate_artifact
+
+    if not output.endswith(".dsd"):
+        raise click.BadParameter("the artifact name must end in .dsd", param_hint="--output")
+    report = calibrate_artifact(artifact, data, output, max_batches=max_batches, batch_size=batch_size, seed=seed,
+                                ridge=ridge, progress=not as_json)
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        click.echo(report.render())
+        click.echo(f"wrote {output}")
+
+
+@cli.command()
+@click.argument("artifact", metavar="STUDENT.dsd")
+@click.option("--data", required=True, help="'digits' or a folder of images (labels optional with a teacher).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The fine-tuned .dsd (best weights).")
+@click.option("--teacher", default=None, metavar="MODEL", help="Teacher spec (default: the artifact's source model).")
+@click.option("--teacher-weights", type=click.Path(dir_okay=False), default=None, help="Checkpoint for --teacher.")
+@click.option("--mode", type=click.Choice(["none", "partial", "full"]), default="full", show_default=True,
+              help="Train nothing, only the DS blocks and their norms, or everything.")
+@click.option("--epochs", type=int, default=None, help="Epochs to train (default 10 without --time-budget).")
+@click.option("--time-budget", default=None, metavar="DURATION", help="Size the run to end within e.g. 10m.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--lr", type=float, default=0.01, show_default=True)
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--schedule", type=click.Choice(["step", "cosine", "cosine-restarts", "constant"]), default="cosine",
+              show_default=True)
+@click.option("--warmup-epochs", type=float, default=0.0, show_default=True)
+@click.option("--kd-weight", type=float, default=1.0, show_default=True, help="Weight of the logit KL loss.")
+@click.option("--feature-weight", type=float, default=0.0, show_default=True,
+              help="Weight of the relative MSE between replaced blocks' outputs and the original convs'.")
+@click.option("--ce-weight", type=float, default=0.5, show_default=True,
+              help="Weight of cross-entropy (labelled items).")
+@click.option("--temperature", type=float, default=4.0, show_default=True)
+@click.option("--clip-grad", type=float, default=5.0, show_default=True, help="Max gradient norm (0 disables).")
+@click.option("--init", "init", type=click.Choice(["he", "xavier", "none"]), default="he", show_default=True,
+              help="Init of parameters not taken from the original model.")
+@click.option("--reinit", default=None, metavar="REGEX", help="Also re-initialise modules whose name matches.")
+@click.option("--patience", type=int, default=None, help="Stop after N epochs without val improvement.")
+@click.option("--augment", is_flag=True, help="Random crop + flip on the training split.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="Train in NHWC memory format (about 2x faster convs on CPU).")
+@click.option("--limit", type=int, default=None, help="Use at most N images per split (seeded subset).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT.ckpt after an interruption.")
+@click.option("--history", "history", type=click.Path(dir_okay=False), default=None,
+              help="Per-epoch history JSON (default OUT.history.json).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, time_budget, batch_size, optimizer, lr,
+             momentum, weight_decay, schedule, warmup_epochs, kd_weight, feature_weight, ce_weight, temperature,
+             clip_grad, init, reinit, patience, augment, channels_last, limit, seed, resume, history, as_json):
+    """Recover accuracy by distillation from the original model (logits, optionally the
+    replaced blocks' outputs, plus labels when DATA has them)."""
+    from dsdeploy.finetune import FinetuneConfig, finetune_artifact
+    from dsdeploy.schedule import parse_duration
+
+    if not output.endswith(".dsd"):
+        raise click.BadParameter("the artifact name must end in .dsd", param_hint="--output")
+    budget = parse_duration(time_budget) if time_budget else None
+    config = FinetuneConfig(mode=mode, epochs=epochs if epochs is not None else (None if budget else 10),
+                            time_budget=budget, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
+                            weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
+                            kd_weight=kd_weight, feature_weight=feature_weight, ce_weight=ce_weight,
+                            temperature=temperature, clip_grad=clip_grad or None, init=init, reinit=reinit,
+                            patience=patience, augment=augment, channels_last=channels_last, seed=seed,
+                            progress=not as_json, history_path=history)
+    result = finetune_artifact(artifact, data, output, config, teacher=teacher, teacher_weights=teacher_weights,
+                               resume=resume, limit=limit)
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    click.echo(f"teacher {pct(result.teacher_accuracy)}, before {pct(result.accuracy_before)}, best "
+               f"{pct(result.best_accuracy)} (epoch {result.best_epoch}); {result.epochs} epochs, "
+               f"{result.steps} steps, {result.stopped}, {result.seconds:.0f}s")
+    click.echo(f"wrote {output} (history {result.history_file})")

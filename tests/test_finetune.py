@@ -1,0 +1,235 @@
+"""Distillation fine-tuning: losses, modes, early stop, budget, checkpoints, kill + resume identity."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsdeploy.artifact import load_artifact, save_artifact, source_record
+from dsdeploy.calibrate import calibrate
+from dsdeploy.checkpoint import CheckpointError, load_checkpoint
+from dsdeploy.data import load_data, make_loader
+from dsdeploy.distill import (Distiller, LossWeights, evaluate, following_norms, fresh_parameters, init_parameters,
+                              kd_loss)
+from dsdeploy.finetune import FinetuneConfig, finetune
+from dsdeploy.rewrite import convert, ds_blocks
+from tests.clirun import ROOT, dsdeploy
+from tests.test_calibrate import DIGITS8, ONE_THREAD, one_thread, sample_digits, train_digits  # noqa: F401 (fixture)
+
+FACTORY = "tests.test_calibrate:tiny_digits_cnn"
+
+
+@pytest.fixture(scope="module")
+def digits(one_thread):  # noqa: F811
+    teacher, splits = train_digits()
+    res = convert(teacher, input_shape=(1, 1, 8, 8), rank=1)
+    calibrate(res.model, teacher, res.plan, make_loader(splits.train, 64, shuffle=False), max_batches=12,
+              progress=False)
+    return teacher, res, splits
+
+
+def cfg(**kw) -> FinetuneConfig:
+    return FinetuneConfig(**{"epochs": 3, "lr": 0.02, "progress": False, **kw})
+
+
+def test_kd_loss_is_t2_scaled_kl():
+    s, t = torch.randn(5, 10), torch.randn(5, 10)
+    T = 3.0
+    p_t = F.softmax(t / T, 1)
+    want = (p_t * (p_t.log() - F.log_softmax(s / T, 1))).sum(1).mean() * T * T
+    torch.testing.assert_close(kd_loss(s, t, T), want)
+    assert float(kd_loss(t, t, T)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distiller_combines_kd_feature_and_ce_on_labelled_items(digits):
+    teacher, res, _ = digits
+    student = copy.deepcopy(res.model).eval()
+    w = LossWeights(kd=0.7, feature=2.0, ce=0.3, temperature=2.0)
+    dist = Distiller(student, teacher, w)
+    x, y = torch.randn(6, 1, 8, 8), torch.tensor([1, -1, 3, 4, -1, 0])
+    loss, logits, parts = dist(x, y)
+    t_out, s_out = {}, {}
+    hooks = [teacher.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: t_out.__setitem__(n, o))
+             for n in ds_blocks(student)]
+    hooks += [b.register_forward_hook(lambda m, a, o, n=n: s_out.__setitem__(n, o))
+              for n, b in ds_blocks(student).items()]
+    with torch.no_grad():
+        t_logits, s_logits = teacher(x), student(x)
+    for h in hooks:
+        h.remove()
+    feat = torch.stack([F.mse_loss(s_out[n], t_out[n]) / t_out[n].square().mean() for n in s_out]).mean()
+    mask = y >= 0
+    want = 0.7 * kd_loss(s_logits, t_logits, 2.0) + 2.0 * feat + 0.3 * F.cross_entropy(s_logits[mask], y[mask])
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
+    assert set(parts) == {"kd", "feature", "ce"}
+    dist.close()
+    _, _, parts = dist(x, torch.full((6,), -1))  # unlabelled: no cross-entropy term
+    assert "ce" not in parts
+
+
+def test_finetune_recovers_the_digits_sample_to_within_3_points_of_the_original(tmp_path):
+    teacher, splits = sample_digits()
+    res = convert(teacher, input_shape=(1, 1, 16, 16), rank=1)
+    calibrate(res.model, teacher, res.plan, make_loader(splits.train, 64, shuffle=False), max_batches=10,
+              progress=False)
+    student = res.model
+    result = finetune(student, teacher, splits, cfg(epochs=2), out_path=tmp_path / "o.dsd")
+    assert result.accuracy_before < result.best_accuracy
+    assert result.best_accuracy >= result.teacher_accuracy - 0.03, result  # measured: 0.914 -> 0.989 (teacher 0.997)
+    assert result.stopped == "completed" and result.epochs == 2 and result.steps == 2 * 23
+    hist = json.loads((tmp_path / "o.history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert set(hist[0]) >= {"epoch", "train_loss", "train_acc", "val_acc", "lr", "images_per_s", "seconds"}
+    assert hist[-1]["lr"] < hist[0]["lr"]  # cosine decay
+    # the student ends holding the best epoch's weights
+    assert evaluate(student, make_loader(splits.val, 256, shuffle=False)) == pytest.approx(result.best_accuracy)
+
+
+def test_partial_mode_trains_only_ds_blocks_and_their_norms(digits, tmp_path):
+    teacher, res, splits = digits
+    student = copy.deepcopy(res.model)
+    norms = following_norms(student, torch.randn(2, 1, 8, 8))
+    assert norms == {"3": "4", "7": "8"}
+    before = copy.deepcopy(student.state_dict())
+    finetune(student, teacher, splits, cfg(mode="partial", epochs=1), out_path=tmp_path / "p.dsd")
+    after = student.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"3", "4", "7", "8"}
+
+
+def test_mode_none_changes_nothing(digits, tmp_path):
+    teacher, res, splits = digits
+    student = copy.deepcopy(res.model)
+    result = finetune(student, teacher, splits, cfg(mode="none"), out_path=tmp_path / "n.dsd")
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), res.model.state_dict().values()))
+    assert result.best_accuracy == result.accuracy_before and result.stopped == "none"
+
+
+def test_early_stopping_on_a_plateau(digits, tmp_path):
+    teacher, res, splits = digits
+    result = finetune(copy.deepcopy(res.model), teacher, splits, cfg(epochs=10, lr=1e-9, patience=2,
+                                                                     schedule="constant"), out_path=tmp_path / "e.dsd")
+    assert result.stopped == "early-stop" and result.epochs == 3 and result.best_epoch == 1
+
+
+def test_time_budget_sizes_the_schedule(digits, tmp_path):
+    teacher, res, splits = digits
+    result = finetune(copy.deepcopy(res.model), teacher, splits, cfg(epochs=None, time_budget=2.0),
+                      out_path=tmp_path / "b.dsd")
+    assert result.stopped == "budget" and result.steps >= 8 and result.epochs >= 1
+    ck = load_checkpoint(tmp_path / "b.ckpt")
+    assert ck["schedule"]["total_steps"] == result.steps  # sized from the measured speed, not 10**6 placeholder
+
+
+def test_fresh_parameters_get_xavier_or_he_init():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 10))
+    student = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 4))  # a replaced classifier
+    assert fresh_parameters(student, teacher) == ["2.weight", "2.bias"]
+    assert fresh_parameters(student, teacher, reinit="^0$") == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    with torch.no_grad():
+        student[2].bias.fill_(3.0)
+    init_parameters(student, ["2.weight", "2.bias"], "xavier")
+    bound = (6 / (8 + 4)) ** 0.5
+    assert float(student[2].weight.detach().abs().max()) <= bound and torch.equal(student[2].bias, torch.zeros(4))
+    with pytest.raises(ValueError):
+        init_parameters(student, ["2.weight"], "orthogonal")
+
+
+def write_student(tmp_path, teacher, res) -> str:
+    weights = tmp_path / "teacher.pt"
+    torch.save(teacher.state_dict(), weights)
+    path = tmp_path / "student.dsd"
+    save_artifact(path, res.model, res.plan, source_record(FACTORY, weights=str(weights)),
+                  {"input_shape": [1, 1, 8, 8], "preprocessing": DIGITS8.to_dict()}, [{"stage": "convert"}])
+    return str(path)
+
+
+FT_ARGS = ("--data", "digits", "--epochs", "5", "--lr", "0.02", "--feature-weight", "0.5", "--seed", "3",
+           "--json")
+
+
+def state(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def start(*args) -> subprocess.Popen:
+    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "dsdeploy", "finetune", *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint_then(proc: subprocess.Popen, ckpt, sig: int) -> None:
+    """Send ``sig`` as soon as the first epoch's checkpoint exists (i.e. early in epoch 2)."""
+    deadline = time.monotonic() + 120
+    while not ckpt.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.002)
+    proc.send_signal(sig)
+
+
+def test_sigkill_mid_epoch_then_resume_ends_identical_to_an_uninterrupted_run(digits, tmp_path):
+    teacher, res, _ = digits
+    student = write_student(tmp_path, teacher, res)
+    full = tmp_path / "full.dsd"
+    proc = dsdeploy("finetune", student, "-o", full, *FT_ARGS, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["epochs"] == 5
+
+    out = tmp_path / "killed.dsd"
+    p = start(student, "-o", out, *FT_ARGS)
+    wait_for_checkpoint_then(p, tmp_path / "killed.ckpt", signal.SIGKILL)
+    p.communicate()
+    assert p.returncode == -signal.SIGKILL
+    done = load_checkpoint(tmp_path / "killed.ckpt")["epoch"]
+    assert 1 <= done < 5, "the kill should land before the run finished"
+
+    proc = dsdeploy("finetune", student, "-o", out, *FT_ARGS, "--resume", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["resumed_from"] == done and result["epochs"] == 5
+    a, b = state(full), state(out)  # best weights
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    la, lb = load_checkpoint(tmp_path / "full.ckpt"), load_checkpoint(tmp_path / "killed.ckpt")  # last weights
+    assert all(torch.equal(la["model"][k], lb["model"][k]) for k in la["model"])
+    assert la["history"][-1]["val_acc"] == lb["history"][-1]["val_acc"]
+    art = load_artifact(out)
+    assert [h["stage"] for h in art.history] == ["convert", "finetune"]
+    assert art.history[-1]["best_accuracy"] == result["best_accuracy"]
+
+
+def test_sigterm_stops_without_saving_partial_work_and_says_how_to_resume(digits, tmp_path):
+    teacher, res, _ = digits
+    splits = load_data("digits", DIGITS8)
+    student = write_student(tmp_path, teacher, res)
+    out = tmp_path / "t.dsd"
+    p = start(student, "-o", out, *FT_ARGS)
+    wait_for_checkpoint_then(p, tmp_path / "t.ckpt", signal.SIGTERM)
+    _, err = p.communicate()
+    assert p.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    ck = load_checkpoint(tmp_path / "t.ckpt")
+    assert ck["epoch"] == len(ck["history"]) == len(json.loads((tmp_path / "t.history.json").read_text()))
+    # options that change the trajectory cannot be mixed into a resume
+    art = load_artifact(student)
+    with pytest.raises(CheckpointError, match="different options.*lr"):
+        finetune(art.model, teacher, splits, cfg(epochs=5, lr=0.5, feature_weight=0.5, seed=3), out_path=out,
+                 resume=True)
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
+    bad = tmp_path / "x.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(bad)
