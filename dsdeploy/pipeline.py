@@ -1,0 +1,209 @@
+"""A generic staged pipeline with content-hash caching; knows nothing about models.
+
+Each :class:`Stage` writes its files into its own folder ``OUT/<stage>/`` (built in a
+temporary folder and swapped in on success) plus a record ``OUT/<stage>/stage.json``.
+A stage's cache key hashes its recipe section(s), the sha256 of its input files and the
+dsdeploy version; ``OUT/state.json`` keeps every completed stage's key and output
+hashes. On a re-run a stage whose key and outputs are unchanged is reported "cached" and
+not run. A failing stage raises :class:`StageError` (one line naming the stage); the
+earlier stages' outputs and state are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, TextIO
+
+from dsdeploy import __version__
+from dsdeploy.errors import DsdeployError
+from dsdeploy.fsutil import atomic_dir, sha256_file, write_json
+
+STATE_FILE = "state.json"
+RECORD_FILE = "stage.json"
+
+
+class StageError(DsdeployError):
+    """A pipeline stage failed; the message names the stage, the exit status is the cause's."""
+
+    def __init__(self, stage: str, message: str, exit_code: int = 2) -> None:
+        super().__init__(f"stage {stage} failed: {message}")
+        self.stage = stage
+        self.exit_code = exit_code
+
+
+@dataclass
+class StageOutput:
+    """What a stage returns: JSON-able results and its files (role -> name inside the stage folder)."""
+
+    result: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """What stages see: the config object, the output folder and the records of earlier stages."""
+
+    config: Any
+    out: Path
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    progress: bool = False
+
+    def output(self, stage: str, role: str) -> Path | None:
+        """The file ``role`` written by ``stage`` in this run (run or cached), or None."""
+        rec = self.records.get(stage)
+        if not rec or rec["status"] not in ("done", "cached") or role not in rec["outputs"]:
+            return None
+        return self.out / stage / rec["outputs"][role]
+
+    def result(self, stage: str) -> dict[str, Any] | None:
+        """The result dict of ``stage`` when it ran or was cached, else None."""
+        rec = self.records.get(stage)
+        return rec["result"] if rec and rec["status"] in ("done", "cached") else None
+
+
+@dataclass
+class Stage:
+    """One step: which config sections and input files it depends on, and what it runs.
+
+    ``sections(ctx)`` -> JSON-able config the stage depends on; ``inputs(ctx)`` -> files or
+    folders whose content enters the key; ``skip(ctx)`` -> a reason to skip, or None;
+    ``run(ctx, folder)`` writes into ``folder`` and returns a :class:`StageOutput`.
+    """
+
+    name: str
+    run: Callable[[Context, Path], StageOutput]
+    sections: Callable[[Context], Any] = lambda ctx: None
+    inputs: Callable[[Context], Iterable[Path | str | None]] = lambda ctx: ()
+    skip: Callable[[Context], str | None] = lambda ctx: None
+
+
+@dataclass
+class PipelineResult:
+    """The records of every stage, in order, and the output folder."""
+
+    out: Path
+    records: dict[str, dict[str, Any]]
+    seconds: float
+
+
+def digest_path(path: Path | str | None) -> str:
+    """sha256 of a file; for a folder, of its listing (relative names, sizes, mtimes); "missing" if absent."""
+    if path is None:
+        return "none"
+    p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
+    if p.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return "dir:" + h.hexdigest()
+    return "missing"
+
+
+def stage_key(stage: Stage, ctx: Context) -> str:
+    """The cache key: stage name + its config sections + input content hashes + dsdeploy version."""
+    payload = {"stage": stage.name, "version": __version__, "config": stage.sections(ctx),
+               "inputs": [digest_path(p) for p in stage.inputs(ctx)]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_state(out: Path) -> dict[str, Any]:
+    """``OUT/state.json`` (empty when absent, unreadable, or written by another version)."""
+    path = out / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {"version": __version__, "stages": {}}
+    if not isinstance(state, dict) or state.get("version") != __version__ or not isinstance(state.get("stages"), dict):
+        return {"version": __version__, "stages": {}}
+    return state
+
+
+def _outputs_intact(out: Path, rec: dict[str, Any]) -> bool:
+    folder = out / rec["stage"]
+    return all((folder / name).is_file() and sha256_file(folder / name) == digest
+               for name, digest in rec.get("hashes", {}).items())
+
+
+def _cached(stage: Stage, key: str, ctx: Context, state: dict[str, Any]) -> dict[str, Any] | None:
+    prev = state["stages"].get(stage.name)
+    if not prev or prev.get("key") != key or prev.get("status") not in ("done", "cached"):
+        return None
+    return prev if _outputs_intact(ctx.out, prev) else None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _execute(stage: Stage, ctx: Context, key: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    folder = ctx.out / stage.name
+    try:
+        with atomic_dir(folder) as tmp:
+            output = stage.run(ctx, tmp)
+            missing = [n for n in output.outputs.values() if not (tmp / n).is_file()]
+            if missing:
+                raise DsdeployError(f"did not write {', '.join(missing)}")
+            record = {"stage": stage.name, "status": "done", "key": key, "seconds": 0.0,
+                      "outputs": dict(output.outputs), "result": output.result,
+                      "hashes": {n: sha256_file(tmp / n) for n in output.outputs.values()}}
+            record["seconds"] = round(time.perf_counter() - t0, 2)
+            write_json(tmp / RECORD_FILE, record)
+    except DsdeployError as exc:
+        raise StageError(stage.name, _one_line(exc), exc.exit_code) from exc
+    except Exception as exc:  # a library bug still ends as one line naming the stage (--debug shows the cause)
+        raise StageError(stage.name, f"{type(exc).__name__}: {_one_line(exc)}", 70) from exc
+    return record
+
+
+def run_pipeline(stages: list[Stage], ctx: Context, *, log: TextIO | None = None) -> PipelineResult:
+    """Run ``stages`` in order into ``ctx.out``, skipping the ones whose key is unchanged.
+
+    Prints one line per stage to ``log`` (default stderr): ``[3/8] finetune ... done in 41.2s``,
+    ``... cached`` or ``... skipped (reason)``.
+
+    Raises:
+        StageError: the first stage that fails (the state of earlier stages is saved first).
+    """
+    log = log or sys.stderr
+    t_start = time.perf_counter()
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    state = load_state(ctx.out)
+    n = len(stages)
+    for i, stage in enumerate(stages, 1):
+        prefix = f"[{i}/{n}] {stage.name} ..."
+        reason = stage.skip(ctx)
+        if reason:
+            ctx.records[stage.name] = {"stage": stage.name, "status": "skipped", "reason": reason, "outputs": {},
+                                       "result": {}, "seconds": 0.0}
+            state["stages"].pop(stage.name, None)
+            print(f"{prefix} skipped ({reason})", file=log, flush=True)
+            continue
+        key = stage_key(stage, ctx)
+        prev = _cached(stage, key, ctx, state)
+        if prev is not None:
+            ctx.records[stage.name] = {**prev, "status": "cached"}
+            print(f"{prefix} cached", file=log, flush=True)
+            continue
+        try:
+            record = _execute(stage, ctx, key)
+        except StageError:
+            state["stages"].pop(stage.name, None)
+            write_json(ctx.out / STATE_FILE, state)
+            print(f"{prefix} failed", file=log, flush=True)
+            raise
+        ctx.records[stage.name] = record
+        state["stages"][stage.name] = record
+        write_json(ctx.out / STATE_FILE, state)
+        print(f"{prefix} done in {record['seconds']:.1f}s", file=log, flush=True)
+    write_json(ctx.out / STATE_FILE, state)
+    return PipelineResult(ctx.out, dict(ctx.records), round(time.perf_counter() - t_start, 2))

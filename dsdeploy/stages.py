@@ -1,0 +1,404 @@
+"""The stages of ``dsdeploy run``: one small adapter per stage over the library.
+
+inspect -> convert (+ calibrate) -> finetune -> evaluate -> export (+ parity) -> deploy ->
+bench -> report. Each adapter reads its recipe section(s), calls the library module that
+owns the work, and returns a :class:`dsdeploy.pipeline.StageOutput`. The pipeline itself
+(caching, records, errors) lives in :mod:`dsdeploy.pipeline`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+from dsdeploy.pipeline import Context, PipelineResult, Stage, StageOutput, run_pipeline
+from dsdeploy.recipe import Recipe, load_recipe
+
+DEMO_RECIPE = "digits_cnn.toml"
+
+
+# ----------------------------------------------------------------------------------------------
+# shared helpers
+# ----------------------------------------------------------------------------------------------
+
+def _r(ctx: Context) -> Recipe:
+    return ctx.config
+
+
+def _data(ctx: Context) -> str | None:
+    return _r(ctx).data.spec
+
+
+def _source(ctx: Context) -> tuple[Any, Any, tuple[int, ...]]:
+    """(LoadedModel with the recipe's preprocessing attached, Preprocess, input shape)."""
+    from dsdeploy.data import Preprocess
+    from dsdeploy.evaluate import preprocess_for
+    from dsdeploy.sources import load_model
+
+    r = _r(ctx)
+    m = r.model
+    loaded = load_model(m.spec, m.weights, m.model_kwargs, m.trust_pickle)
+    base = preprocess_for(loaded, _data(ctx) or "", None).to_dict()
+    given = {k: v for k, v in asdict(r.preprocess).items() if v is not None}
+    if given.get("size") is not None and len(given["size"]) == 1:
+        given["size"] = given["size"] * 2
+    if given.get("channels") and given["channels"] != base.get("channels") and "mean" not in given:
+        base["mean"], base["std"] = [base["mean"][0]], [base["std"][0]]
+    pre = Preprocess.from_dict({**base, **given})
+    loaded.preprocessing = pre.to_dict()
+    shape = tuple(m.input_shape) if m.input_shape else loaded.shape_or_default(
+        pre.input_shape(1) if (r.preprocess.size or not loaded.input_shape) else None)
+    return loaded, pre, shape
+
+
+def _policy(ctx: Context):
+    from dsdeploy.plan import Policy
+
+    c = _r(ctx).convert
+    return Policy(rank=c.rank, energy=c.energy, mac_budget=c.mac_budget, include=c.include, exclude=c.exclude,
+                  convert_stem=c.convert_stem, layout=c.layout)
+
+
+def _final_artifact(ctx: Context) -> Path | None:
+    return ctx.output("finetune", "artifact") or ctx.output("convert", "artifact")
+
+
+def _sections(*names: str):
+    return lambda ctx: {n: _r(ctx).section(n) for n in names}
+
+
+def _model_inputs(ctx: Context) -> list[Any]:
+    """The files a model spec reads: its weights, a sample's shipped weights, or the .dsd artifact."""
+    m = _r(ctx).model
+    files: list[Any] = [m.weights]
+    if m.spec.startswith("sample:"):
+        from dsdeploy.samples import samples_dir
+
+        files.append(samples_dir() / f"{m.spec.split(':', 1)[1]}.pt")
+    elif m.spec.endswith(".dsd"):
+        files.append(m.spec)
+    return files
+
+
+def _data_input(ctx: Context) -> list[Any]:
+    d = _data(ctx)
+    return [d] if d and d != "digits" else []
+
+
+# ----------------------------------------------------------------------------------------------
+# inspect, convert (+ calibrate), finetune, evaluate
+# ----------------------------------------------------------------------------------------------
+
+def run_inspect(ctx: Context, folder: Path) -> StageOutput:
+    """``tasks.inspect_model``: the plan and profile without converting."""
+    from dsdeploy.fsutil import write_json
+    from dsdeploy.tasks import inspect_model
+
+    loaded, pre, shape = _source(ctx)
+    report = inspect_model(loaded, _policy(ctx), shape)
+    write_json(folder / "inspect.json", report.to_dict())
+    return StageOutput({"spec": loaded.spec, "input_shape": list(shape), "preprocess": pre.to_dict(),
+                        "summary": report.summary()}, {"report": "inspect.json"})
+
+
+def run_convert(ctx: Context, folder: Path) -> StageOutput:
+    """``tasks.convert_to_artifact`` then, with data, ``calibrate.calibrate_artifact``."""
+    from dsdeploy.fsutil import write_json
+    from dsdeploy.tasks import convert_to_artifact
+
+    r = _r(ctx)
+    loaded, pre, shape = _source(ctx)
+    report = convert_to_artifact(loaded, folder / "converted.dsd", _policy(ctx), shape, seed=r.seed)
+    write_json(folder / "plan.json", report.to_dict())
+    result = {"summary": report.summary(), "input_shape": list(shape),
+              "layers": [asdict(d) for d in report.plan.layers], "calibration": None}
+    outputs = {"converted": "converted.dsd", "artifact": "converted.dsd", "plan": "plan.json"}
+    if r.calibrate.enabled and _data(ctx):
+        from dsdeploy.calibrate import calibrate_artifact
+
+        c = r.calibrate
+        cal = calibrate_artifact(str(folder / "converted.dsd"), _data(ctx), str(folder / "calibrated.dsd"),
+                                 max_batches=c.batches, batch_size=c.batch_size, seed=r.seed, ridge=c.ridge,
+                                 progress=ctx.progress)
+        result["calibration"] = cal.to_dict()
+        outputs.update(calibrated="calibrated.dsd", artifact="calibrated.dsd")
+    return StageOutput(result, outputs)
+
+
+def _finetune_skip(ctx: Context) -> str | None:
+    if _r(ctx).finetune.mode == "none":
+        return "finetune.mode = none"
+    return None if _data(ctx) else "no data (give --data or data.spec)"
+
+
+def run_finetune(ctx: Context, folder: Path) -> StageOutput:
+    """``finetune.finetune_artifact`` on the converted (calibrated) artifact."""
+    from dsdeploy.finetune import FinetuneConfig, finetune_artifact
+    from dsdeploy.schedule import parse_duration
+
+    r = _r(ctx)
+    f = r.finetune
+    budget = parse_duration(f.time_budget) if f.time_budget is not None else None
+    config = FinetuneConfig(
+        mode=f.mode, epochs=f.epochs if f.epochs is not None else (None if budget else 10), time_budget=budget,
+        batch_size=f.batch_size, optimizer=f.optimizer, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay,
+        schedule=f.schedule, warmup_epochs=f.warmup_epochs, kd_weight=f.kd_weight, feature_weight=f.feature_weight,
+        ce_weight=f.ce_weight, temperature=f.temperature, clip_grad=f.clip_grad or None, patience=f.patience,
+        augment=f.augment, seed=r.seed, progress=ctx.progress, history_path=str(folder / "history.json"),
+        checkpoint_path=str(folder / "finetune.ckpt"))
+    res = finetune_artifact(ctx.output("convert", "artifact"), _data(ctx), folder / "finetuned.dsd", config,
+                            limit=f.limit)
+    (folder / "finetune.ckpt").unlink(missing_ok=True)  # only needed to resume an interrupted run
+    result = {k: v for k, v in res.to_dict().items() if k not in ("checkpoint", "history_file")}
+    outputs = {"artifact": "finetuned.dsd"}
+    if (folder / "history.json").is_file():
+        outputs["history"] = "history.json"
+    return StageOutput(result, outputs)
+
+
+def _evaluate_skip(ctx: Context) -> str | None:
+    if not _r(ctx).evaluate.enabled:
+        return "evaluate.enabled = false"
+    return None if _data(ctx) else "no data (give --data or data.spec)"
+
+
+def run_evaluate(ctx: Context, folder: Path) -> StageOutput:
+    """``evaluate.evaluate``: the original next to the model after each recovery stage."""
+    from dsdeploy.evaluate import evaluate
+    from dsdeploy.fsutil import write_json
+
+    r = _r(ctx)
+    loaded, pre, _ = _source(ctx)
+    opts = dict(preprocess=pre, val_split=r.data.val_split, seed=r.seed, limit=r.evaluate.limit,
+                batch_size=r.evaluate.batch_size, progress=ctx.progress)
+    candidates = [("converted", ctx.output("convert", "converted")), ("calibrated", ctx.output("convert", "calibrated")),
+                  ("finetuned", ctx.output("finetune", "artifact"))]
+    stages = [(name, path) for name, path in candidates if path is not None]
+    full = evaluate(loaded, _data(ctx), compare=str(stages[-1][1]), **opts)
+    models = [{"name": "original", **_metrics(full["models"][0])}]
+    for name, path in stages[:-1]:
+        models.append({"name": name, **_metrics(evaluate(str(path), _data(ctx), **opts)["models"][0])})
+    models.append({"name": stages[-1][0], **_metrics(full["models"][1])})
+    write_json(folder / "evaluate.json", full)
+    return StageOutput({"data": _data(ctx), "split": full["split"], "images": full["images"], "models": models,
+                        "agreement": full.get("agreement"), "delta": full.get("delta")},
+                       {"report": "evaluate.json"})
+
+
+def _metrics(entry: dict[str, Any]) -> dict[str, Any]:
+    m = entry["metrics"]
+    return {k: m.get(k) for k in ("top1", "top5", "precision", "recall", "f1")}
+
+
+# ----------------------------------------------------------------------------------------------
+# export (+ parity), deploy, bench: thin adapters over engineer C's and D's modules
+# ----------------------------------------------------------------------------------------------
+
+def _export_one(loaded: Any, path: Path, shape: tuple[int, ...], ctx: Context) -> dict[str, Any]:
+    """Adapter: ``export.export_onnx`` (parity-gated against torch; real samples when there is data)."""
+    from dsdeploy.export import data_samples, export_onnx, provenance
+
+    r = _r(ctx)
+    e = r.export
+    samples = data_samples(_data(ctx), loaded.preprocessing, shape, seed=r.seed) if _data(ctx) else None
+    rep = export_onnx(loaded.model, path, shape, opset=e.opset, dynamic_batch=e.dynamic_batch, simplify=e.simplify,
+                      exporter=e.exporter, metadata=provenance(loaded), data=samples, atol=e.atol, rtol=e.rtol,
+                      seed=r.seed).to_dict()
+    checks = rep.pop("parity")
+    rep["parity"] = {"checks": len(checks), "max_abs_diff": max(c["max_abs_diff"] for c in checks),
+                     "max_rel_diff": max(c["max_rel_diff"] for c in checks),
+                     "min_cosine": min(c["cosine"] for c in checks), "ok": all(c["ok"] for c in checks)}
+    rep["parity_checks"] = checks
+    rep.pop("path", None)
+    return rep
+
+
+def run_export(ctx: Context, folder: Path) -> StageOutput:
+    """ONNX for the original and the final converted model, each with its parity figures against torch."""
+    from dsdeploy.sources import load_model
+
+    loaded, _, shape = _source(ctx)
+    final = load_model(str(_final_artifact(ctx)))
+    result = {"input_shape": list(shape), "original": _export_one(loaded, folder / "original.onnx", shape, ctx),
+              "converted": _export_one(final, folder / "model.onnx", shape, ctx)}
+    return StageOutput(result, {"original": "original.onnx", "model": "model.onnx"})
+
+
+def _export_skip(ctx: Context) -> str | None:
+    return None if _r(ctx).export.enabled else "export.enabled = false"
+
+
+def _deploy_skip(ctx: Context) -> str | None:
+    if not _r(ctx).deploy.enabled:
+        return "deploy.enabled = false"
+    return None if ctx.output("export", "model") else "no ONNX model (export skipped)"
+
+
+def run_deploy(ctx: Context, folder: Path) -> StageOutput:
+    """``deploy.deploy``: the bundle from the exported converted model (quantized, accuracy-gated with data)."""
+    from dsdeploy.deploy import deploy
+
+    r = _r(ctx)
+    d = r.deploy
+    data = _data(ctx)
+    if d.quantize == "int8" and not data:
+        from dsdeploy.errors import DeployError
+
+        raise DeployError("deploy.quantize = int8 calibrates on real images: give --data (or data.spec), or set "
+                          "deploy.quantize to int8-dynamic or none")
+    notes = [] if data or d.max_accuracy_drop is None else ["accuracy gate not checked: no data"]
+    rep = deploy(ctx.output("export", "model"), folder / "bundle", quantize=d.quantize,
+                 calib_data=data if d.quantize == "int8" else None, eval_data=data,
+                 max_accuracy_drop=d.max_accuracy_drop if data else None, ort_format=d.ort_format,
+                 latency_iters=d.latency_iters, threads=r.bench.threads, seed=r.seed).to_dict()
+    files = [str(p.relative_to(folder)) for p in sorted((folder / "bundle").rglob("*")) if p.is_file()]
+    return StageOutput({**rep, "bundle": "bundle", "notes": notes}, {name: name for name in files})
+
+
+def _bench_skip(ctx: Context) -> str | None:
+    if not _r(ctx).bench.enabled:
+        return "bench.enabled = false"
+    return None if ctx.output("export", "model") else "no ONNX model (export skipped)"
+
+
+def run_bench(ctx: Context, folder: Path) -> StageOutput:
+    """``bench.bench`` of original.onnx and model.onnx on each provider and batch (unavailable EPs noted)."""
+    from dsdeploy.bench import BenchConfig, bench
+    from dsdeploy.bench_report import render_markdown
+    from dsdeploy.fsutil import write_json, write_text
+
+    r = _r(ctx)
+    b = r.bench
+    names = {"original": "original", "model": "converted"}  # ONNX file stem -> report label
+    cfg = BenchConfig(providers=list(b.providers), batches=list(b.batch), threads=b.threads, warmup=b.warmup,
+                      iters=b.iters, data=_data(ctx), skip_unavailable=True, seed=r.seed)
+    paths = [str(ctx.output("export", "original")), str(ctx.output("export", "model"))]
+    if r.deploy.quantize != "none" and ctx.output("deploy", "bundle/model.onnx"):
+        bundle = folder / "bundle.onnx"  # a distinct file stem: bench names models by stem
+        import shutil
+
+        from dsdeploy.fsutil import atomic_path
+
+        with atomic_path(bundle) as tmp:
+            shutil.copyfile(ctx.output("deploy", "bundle/model.onnx"), tmp)
+        paths.append(str(bundle))
+        names["bundle"] = "bundle"
+    report = bench(paths, cfg)
+    write_json(folder / "bench.json", report.to_dict())
+    write_text(folder / "bench.md", render_markdown(report, f"Benchmark: {r.name or r.model.spec}"))
+    rows = [{"model": names.get(x.model, x.model), "provider": x.alias, "batch": x.batch,
+             "latency_ms": x.stats.p50_ms if x.stats else None, "precision": x.precision,
+             "status": "ok" if x.status == "ok" else f"{x.status}: {x.note}",
+             "parity_max_abs": (x.parity or {}).get("max_abs_diff"),
+             "top1_agreement": (x.parity or {}).get("top1_agreement")} for x in report.results]
+    from dsdeploy.providers import SHORT
+
+    for s in report.skipped_providers:
+        rows += [{"model": m, "provider": SHORT.get(s["ep"], s["ep"]), "batch": bt, "latency_ms": None,
+                  "precision": None, "status": "unavailable"} for m in names.values() for bt in b.batch]
+    return StageOutput({"rows": rows, "skipped_providers": report.skipped_providers},
+                       {"report": "bench.json", "markdown": "bench.md"})
+
+
+# ----------------------------------------------------------------------------------------------
+# report, the stage list, entry points
+# ----------------------------------------------------------------------------------------------
+
+def run_report(ctx: Context, folder: Path) -> StageOutput:
+    """``report.write_report`` over every earlier stage's record."""
+    from dsdeploy.report import write_report
+
+    files, summary = write_report(ctx.records, _r(ctx), ctx.out, folder)
+    return StageOutput({"summary": summary}, {name: name for name in files})
+
+
+def _report_inputs(ctx: Context) -> list[Any]:
+    return [ctx.out / name / "stage.json" for name, rec in ctx.records.items() if rec["status"] != "skipped"]
+
+
+STAGES: list[Stage] = [
+    Stage("inspect", run_inspect, _sections("model", "preprocess", "convert", "data"), _model_inputs),
+    Stage("convert", run_convert, _sections("model", "preprocess", "convert", "calibrate", "data", "seed"),
+          lambda ctx: _model_inputs(ctx) + _data_input(ctx)),
+    Stage("finetune", run_finetune, _sections("finetune", "data", "seed"),
+          lambda ctx: [ctx.output("convert", "artifact")] + _data_input(ctx), _finetune_skip),
+    Stage("evaluate", run_evaluate, _sections("model", "preprocess", "evaluate", "data", "seed"),
+          lambda ctx: _model_inputs(ctx) + _data_input(ctx) + [ctx.output("convert", "converted"),
+                                                              ctx.output("convert", "calibrated"),
+                                                              ctx.output("finetune", "artifact")], _evaluate_skip),
+    Stage("export", run_export, _sections("model", "preprocess", "export", "data", "seed"),
+          lambda ctx: _model_inputs(ctx) + _data_input(ctx) + [_final_artifact(ctx)], _export_skip),
+    Stage("deploy", run_deploy, _sections("deploy", "data", "preprocess", "seed"),
+          lambda ctx: [ctx.output("export", "model"), _final_artifact(ctx)] + _data_input(ctx), _deploy_skip),
+    Stage("bench", run_bench, _sections("bench", "data", "seed"),
+          lambda ctx: [ctx.output("export", "original"), ctx.output("export", "model"),
+                       ctx.output("deploy", "bundle/model.onnx")] + _data_input(ctx), _bench_skip),
+    Stage("report", run_report, lambda ctx: {"version": 1}, _report_inputs),
+]
+
+
+@contextlib.contextmanager
+def _user_code_path(folders: list[str]) -> Iterator[None]:
+    """Make the recipe's ``model.pythonpath`` folders importable for the run (``pkg.module:factory``)."""
+    added = [f for f in folders if f not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for f in added:
+            if f in sys.path:
+                sys.path.remove(f)
+
+
+def run_recipe(path: str | Path, out: str | Path, *, data: str | None = None, weights: str | None = None,
+               overrides: list[str] | tuple[str, ...] = (), progress: bool = False) -> PipelineResult:
+    """``dsdeploy run``: load the recipe (``--data``/``--weights``/``--set`` applied), run every stage into ``out``.
+
+    Raises:
+        RecipeError: a bad recipe or override; StageError: the first failing stage (by name).
+    """
+    extra = list(overrides)
+    if data is not None:
+        extra.append(("data", "spec", data))
+    if weights is not None:
+        extra.append(("model", "weights", weights))
+    recipe = load_recipe(path, extra)
+    ctx = Context(recipe, Path(out), progress=progress)
+    with _user_code_path(recipe.model.pythonpath):
+        return run_pipeline(STAGES, ctx)
+
+
+def inspect_recipe(recipe: Recipe, *, out: str | Path = ".") -> Any:
+    """Plan a recipe's model without converting (``tasks.ModelReport``): the cheap check of a recipe."""
+    from dsdeploy.tasks import inspect_model
+
+    ctx = Context(recipe, Path(out))
+    with _user_code_path(recipe.model.pythonpath):
+        loaded, _, shape = _source(ctx)
+        return inspect_model(loaded, _policy(ctx), shape)
+
+
+def converters_dir() -> Path:
+    """The repository's ``converters/`` folder (recipes shipped with dsdeploy)."""
+    import dsdeploy
+
+    return Path(dsdeploy.__file__).resolve().parents[1] / "converters"
+
+
+def demo_recipe() -> Path:
+    """The embedded default recipe: the digits sample, end to end."""
+    from dsdeploy.errors import RecipeError
+
+    path = converters_dir() / DEMO_RECIPE
+    if not path.is_file():
+        raise RecipeError(f"the demo recipe {path} is missing; install dsdeploy from a clone (`pip install -e .`)")
+    return path
+
+
+def run_demo(out: str | Path, *, progress: bool = False, overrides: list[str] | tuple[str, ...] = ()
+             ) -> PipelineResult:
+    """``dsdeploy demo``: the digits recipe end to end, offline."""
+    return run_recipe(demo_recipe(), out, overrides=overrides, progress=progress)
