@@ -1,0 +1,106 @@
+"""``dsdeploy bench`` and ``dsdeploy providers``."""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+from dsdeploy.cli import cli
+from dsdeploy.cli.options import echo_json
+
+
+def parse_list(text: str, what: str) -> list[str]:
+    """``"cpu, openvino"`` -> ``["cpu", "openvino"]``."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise click.BadParameter("give at least one value", param_hint=what)
+    return items
+
+
+def parse_ints(text: str, what: str) -> list[int]:
+    """``"1,8,32"`` -> ``[1, 8, 32]`` (positive integers)."""
+    try:
+        values = [int(t) for t in parse_list(text, what)]
+    except ValueError:
+        raise click.BadParameter(f"must be comma-separated integers, got {text!r}", param_hint=what) from None
+    if any(v <= 0 for v in values):
+        raise click.BadParameter(f"must be positive, got {text!r}", param_hint=what)
+    return values
+
+
+def parse_duration(text: str | None) -> float | None:
+    """``"10s"``, ``"500ms"``, ``"2m"`` or ``"3.5"`` (seconds) -> seconds."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m)?\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        raise click.BadParameter(f"must look like 10s, 500ms or 2m, got {text!r}", param_hint="--duration")
+    return float(m.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="MODEL.onnx...")
+@click.option("--providers", default="cpu", show_default=True, metavar="EP,...",
+              help="EP aliases or names: cpu, openvino, cuda, tensorrt, dml, coreml, ...")
+@click.option("--batch", default="1", show_default=True, metavar="N,...", help="Batch sizes (dynamic axis 0).")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: ONNX Runtime's choice).")
+@click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs before timing.")
+@click.option("--iters", type=int, default=None, help="Timed runs (default 50 unless --duration).")
+@click.option("--duration", default=None, metavar="10s", help="Time runs for this long instead of --iters.")
+@click.option("--data", default=None, metavar="DATA",
+              help="'digits' or an image folder: real inputs, and top-1 agreement with the CPU EP.")
+@click.option("--ep-option", "ep_options", multiple=True, metavar="EP:KEY=VALUE",
+              help="Provider option, repeatable: openvino:precision=bf16, tensorrt:trt_fp16_enable=1, ...")
+@click.option("--skip-unavailable", is_flag=True, help="Skip requested EPs that are not available instead of failing.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of generated inputs and data subsets.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the full results (with raw samples).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Write one CSV row per result.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None, help="Write a Markdown report.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write a PNG latency plot.")
+def bench(models, providers, batch, threads, warmup, iters, duration, data, ep_options, skip_unavailable, seed,
+          json_path, csv_path, markdown_path, plot_path):
+    """Latency of ONNX MODELs on ONNX Runtime EPs, with parity against the CPU EP.
+
+    With two or more models the first is the baseline: the table shows each model's
+    speedup per EP and batch next to its conv-MAC reduction."""
+    from tqdm import tqdm
+
+    from dsdeploy.bench import BenchConfig
+    from dsdeploy.bench_report import render_text, run_and_write
+    from dsdeploy.providers import parse_ep_options
+
+    secs = parse_duration(duration)
+    if secs is not None and iters is not None:
+        raise click.BadParameter("give --iters or --duration, not both", param_hint="--duration")
+    cfg = BenchConfig(providers=parse_list(providers, "--providers"), batches=parse_ints(batch, "--batch"),
+                      threads=threads, warmup=warmup, iters=None if secs else (iters or 50), duration=secs,
+                      data=data, ep_options=parse_ep_options(ep_options), skip_unavailable=skip_unavailable,
+                      seed=seed)
+    total = len(models) * len(cfg.batches) * len(cfg.providers)
+    with tqdm(total=total, unit="run", leave=False) as bar:
+        def progress(what: str) -> None:
+            bar.set_description(what)
+            bar.update(1)
+
+        report, written = run_and_write(list(models), cfg, json_path=json_path, csv_path=csv_path,
+                                        markdown_path=markdown_path, plot_path=plot_path, progress=progress)
+    click.echo(render_text(report))
+    for path in written:
+        click.echo(f"wrote {path}", err=True)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def providers(as_json):
+    """ONNX Runtime execution providers here (built-in and plugin), their devices and versions."""
+    from dsdeploy.providers import list_providers
+    from dsdeploy.tables import format_table
+
+    infos = list_providers()
+    if as_json:
+        echo_json([p.to_dict() for p in infos])
+        return
+    rows = [[p.alias or "-", p.name, p.kind, "yes" if p.available else "no", ", ".join(p.devices) or "-",
+             p.version or "-", p.note or ""] for p in infos]
+    click.echo(format_table(["alias", "EP", "kind", "available", "devices", "version", "note"], rows))
