@@ -78,16 +78,29 @@ def bench(models, providers, batch, threads, warmup, iters, duration, data, ep_o
                       data=data, ep_options=parse_ep_options(ep_options), skip_unavailable=skip_unavailable,
                       seed=seed)
     total = len(models) * len(cfg.batches) * len(cfg.providers)
-    with tqdm(total=total, unit="run", leave=False) as bar:
-        def progress(what: str) -> None:
-            bar.set_description(what)
-            bar.update(1)
+    bars: list = []  # opened on the first run, so input errors print one line and no bar
 
+    def progress(what: str) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="run", leave=False))
+        bars[0].set_description(what)
+        bars[0].update(1)
+
+    try:
         report, written = run_and_write(list(models), cfg, json_path=json_path, csv_path=csv_path,
                                         markdown_path=markdown_path, plot_path=plot_path, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     click.echo(render_text(report))
     for path in written:
         click.echo(f"wrote {path}", err=True)
+    failed = [r for r in report.results if r.status == "error"]
+    if failed:
+        from dsdeploy.errors import ProviderError
+
+        raise ProviderError(f"{len(failed)} of {len(report.results)} runs failed: " + "; ".join(
+            f"{r.model} on {r.alias} batch {r.batch}: {r.note}" for r in failed[:3]))
 
 
 @cli.command()
