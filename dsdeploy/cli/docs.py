@@ -20,12 +20,13 @@ def render_reference() -> str:
     from dsdeploy.cli import load_commands
 
     group = load_commands()
+    settings = {**group.context_settings, "terminal_width": 100, "max_content_width": 100}
+    root = click.Context(group, info_name="dsdeploy", **settings)  # -h/--help etc. as when run for real
     parts = []
     for name in [None, *sorted(group.commands)]:
         cmd = group if name is None else group.commands[name]
-        info = ["dsdeploy"] if name is None else ["dsdeploy", name]
-        with click.Context(cmd, info_name=" ".join(info), terminal_width=100, max_content_width=100) as ctx:
-            text = cmd.get_help(ctx)
+        ctx = root if name is None else click.Context(cmd, info_name=name, parent=root, **cmd.context_settings)
+        text = cmd.get_help(ctx)
         title = "dsdeploy" if name is None else f"dsdeploy {name}"
         parts.append(f"### `{title}`\n\n```text\n{text}\n```\n")
     return "\n".join(parts)
