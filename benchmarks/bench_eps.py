@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from dsdeploy.bench import META_CONV_MACS, META_PREPROCESSING, BenchConfig, bench
+from dsdeploy.bench import BenchConfig, bench
+from dsdeploy.bench_inputs import META_CONV_MACS, META_PREPROCESSING
 from dsdeploy.bench_report import method_notes, model_notes, render_markdown
 from dsdeploy.errors import DsdeployError
 from dsdeploy.fsutil import write_json, write_text

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from dsdeploy.fsutil import write_text
 from dsdeploy.rewrite import convert

@@ -8,7 +8,6 @@ keys prefixed ``module.`` (DataParallel/DDP) or ``_orig_mod.`` (torch.compile).
 from __future__ import annotations
 
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +31,13 @@ def torch_load(path: str | Path, *, trust_pickle: bool = False, what: str = "che
     try:
         return torch.load(p, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc):  # a class or function reference: pickled code
+        if "Unsupported global" in str(exc) and not trust_pickle:  # a class/function reference: pickled code
             raise WeightsError(f"{p} holds pickled Python objects (e.g. a whole model), which can run code; "
                                f"refusing to load it. If you trust the file, pass --trust-pickle") from None
         raise WeightsError(f"{p} is corrupt or not a PyTorch {what}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError,
-            ModuleNotFoundError) as exc:
+    except Exception as exc:  # garbage bytes fail in many ways (zip, struct, unicode, EOF...): all mean corrupt
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise WeightsError(f"{p} is corrupt, truncated or not a PyTorch {what}: {first}") from None
+        raise WeightsError(f"{p} is corrupt, truncated or not a PyTorch {what}: {first[:200]}") from None
 
 
 def extract_state_dict(obj: Any, path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:

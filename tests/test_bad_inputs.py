@@ -8,6 +8,7 @@ The builders receive a ``Files`` object with real broken files made in a temp fo
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def files(tmp_path_factory) -> Files:
     torch.save(state, root / "good.pt")
     data = (root / "good.pt").read_bytes()
     (root / "truncated.pt").write_bytes(data[: len(data) // 2])
-    (root / "garbage.pt").write_bytes(os.urandom(4096))
+    (root / "garbage.pt").write_bytes(random.Random(1).randbytes(4096))
     torch.save(small_net(), root / "pickled.pt")
     wrong_keys = {("x." + k): v for k, v in state.items()}
     torch.save(wrong_keys, root / "wrong_keys.pt")
@@ -46,11 +47,11 @@ def files(tmp_path_factory) -> Files:
     assert proc.returncode == 0, proc.stderr
     dsd = (root / "good.dsd").read_bytes()
     (root / "truncated.dsd").write_bytes(dsd[: len(dsd) // 2])
-    (root / "garbage.dsd").write_bytes(os.urandom(2048))
+    (root / "garbage.dsd").write_bytes(random.Random(2).randbytes(2048))
     payload = torch.load(root / "good.dsd", weights_only=True)
     payload["format_version"] = 999
     torch.save(payload, root / "future.dsd")
-    (root / "garbage.onnx").write_bytes(os.urandom(1024))
+    (root / "garbage.onnx").write_bytes(random.Random(3).randbytes(1024))
     (root / "empty_data").mkdir()
     one = root / "one_class" / "cat"
     one.mkdir(parents=True)

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from dsdeploy import providers as eps
-from dsdeploy.bench import META_CONV_MACS, BenchConfig, bench, conv_macs_from_graph, model_info
+from dsdeploy.bench import BenchConfig, bench
+from dsdeploy.bench_inputs import META_CONV_MACS, conv_macs_from_graph, model_info
 from dsdeploy.bench_report import render_markdown, render_text, write_outputs
 from dsdeploy.errors import InputShapeError, ProviderError
 from tests.clirun import invoke

@@ -1,7 +1,6 @@
 """The planner: a stated reason for every conv, and rank policies that hold."""
 
 import pytest
-import torch
 from torch import nn
 
 from dsdeploy.errors import PlanError

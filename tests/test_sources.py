@@ -95,3 +95,13 @@ def test_torchvision_and_factory_kwargs():
     assert loaded.model.fc.out_features == 7
     assert loaded.shape_or_default() == (1, 3, 224, 224)
     assert load_model(FACTORY, model_kwargs={"num_classes": 4}).model.head.out_features == 4
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_any_garbage_reads_as_corrupt(tmp_path, seed):
+    import random
+
+    path = tmp_path / "g.pt"
+    path.write_bytes(random.Random(seed).randbytes(random.Random(seed).randint(1, 5000)))
+    with pytest.raises(WeightsError, match="corrupt|pickled"):
+        load_model(FACTORY, weights=str(path))

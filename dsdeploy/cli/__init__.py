@@ -8,7 +8,6 @@ traceback is shown only with ``--debug``.
 from __future__ import annotations
 
 import importlib
-import sys
 
 import click
 
