@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import tomllib
-import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from dsdeploy.errors import DsdeployError, RecipeError
+from dsdeploy.tomltypes import coerce, describe, type_name
 
 LAYOUTS = ("branches", "concat", "multiplier")
 FINETUNE_MODES = ("none", "partial", "full")
@@ -183,61 +183,6 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe) if f.name not in 
 PATH_KEYS = {("model", "weights"), ("model", "pythonpath"), ("model", "spec"), ("data", "spec")}
 
 
-# ----------------------------------------------------------------------------------------------
-# type checking
-# ----------------------------------------------------------------------------------------------
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict or tp is dict:
-        return "a table"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "unset",
-            Any: "any value"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
-    """(ok, value converted to ``tp``): ints are accepted for floats; bool is never an int."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True, value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, v = _coerce(value, arg)
-            if ok:
-                return True, v
-        return False, value
-    if tp is type(None):
-        return value is None, value
-    if origin is list:
-        if not isinstance(value, list):
-            return False, value
-        (item,) = typing.get_args(tp)
-        out = []
-        for v in value:
-            ok, c = _coerce(v, item)
-            if not ok:
-                return False, value
-            out.append(c)
-        return True, out
-    if origin is dict or tp is dict:
-        return isinstance(value, dict), dict(value) if isinstance(value, dict) else value
-    if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    return isinstance(value, tp), value
-
-
-def _describe(value: Any) -> str:
-    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "table"}
-    return f"{kind.get(type(value), type(value).__name__)} {value!r}" if not isinstance(value, dict) else "a table"
-
-
 def _unknown(key: str, known: list[str], where: str, src: str) -> RecipeError:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
@@ -251,9 +196,9 @@ def _build(cls: type, table: dict[str, Any], section: str, src: str) -> Any:
     for key, value in table.items():
         if key not in known:
             raise _unknown(key, known, f"in [{section}] ", src)
-        ok, v = _coerce(value, hints[key])
+        ok, v = coerce(value, hints[key])
         if not ok:
-            raise RecipeError(f"{src}: {section}.{key} must be {_type_name(hints[key])}, got {_describe(value)}")
+            raise RecipeError(f"{src}: {section}.{key} must be {type_name(hints[key])}, got {describe(value)}")
         args[key] = v
     return cls(**args)
 
@@ -270,12 +215,12 @@ def recipe_from_dict(data: dict[str, Any], src: str = "<recipe>") -> Recipe:
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise RecipeError(f"{src}: [{key}] must be a table, got {_describe(value)}")
+                raise RecipeError(f"{src}: [{key}] must be a table, got {describe(value)}")
             args[key] = _build(tp, value, key, src)
         else:
-            ok, v = _coerce(value, tp)
+            ok, v = coerce(value, tp)
             if not ok:
-                raise RecipeError(f"{src}: {key} must be {_type_name(tp)}, got {_describe(value)}")
+                raise RecipeError(f"{src}: {key} must be {type_name(tp)}, got {describe(value)}")
             args[key] = v
     recipe = Recipe(**args)
     validate(recipe, src)

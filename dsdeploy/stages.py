@@ -8,17 +8,12 @@ owns the work, and returns a :class:`dsdeploy.pipeline.StageOutput`. The pipelin
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from dsdeploy.pipeline import Context, PipelineResult, Stage, StageOutput, run_pipeline
-from dsdeploy.recipe import Recipe, load_recipe
-
-DEMO_RECIPE = "digits_cnn.toml"
-
+from dsdeploy.pipeline import Context, Stage, StageOutput
+from dsdeploy.recipe import Recipe
 
 # ----------------------------------------------------------------------------------------------
 # shared helpers
@@ -32,7 +27,7 @@ def _data(ctx: Context) -> str | None:
     return _r(ctx).data.spec
 
 
-def _source(ctx: Context) -> tuple[Any, Any, tuple[int, ...]]:
+def recipe_source(ctx: Context) -> tuple[Any, Any, tuple[int, ...]]:
     """(LoadedModel with the recipe's preprocessing attached, Preprocess, input shape)."""
     from dsdeploy.data import Preprocess
     from dsdeploy.evaluate import preprocess_for
@@ -54,7 +49,7 @@ def _source(ctx: Context) -> tuple[Any, Any, tuple[int, ...]]:
     return loaded, pre, shape
 
 
-def _policy(ctx: Context):
+def recipe_policy(ctx: Context):
     from dsdeploy.plan import Policy
 
     c = _r(ctx).convert
@@ -97,8 +92,8 @@ def run_inspect(ctx: Context, folder: Path) -> StageOutput:
     from dsdeploy.fsutil import write_json
     from dsdeploy.tasks import inspect_model
 
-    loaded, pre, shape = _source(ctx)
-    report = inspect_model(loaded, _policy(ctx), shape)
+    loaded, pre, shape = recipe_source(ctx)
+    report = inspect_model(loaded, recipe_policy(ctx), shape)
     write_json(folder / "inspect.json", report.to_dict())
     return StageOutput({"spec": loaded.spec, "input_shape": list(shape), "preprocess": pre.to_dict(),
                         "summary": report.summary()}, {"report": "inspect.json"})
@@ -110,8 +105,8 @@ def run_convert(ctx: Context, folder: Path) -> StageOutput:
     from dsdeploy.tasks import convert_to_artifact
 
     r = _r(ctx)
-    loaded, pre, shape = _source(ctx)
-    report = convert_to_artifact(loaded, folder / "converted.dsd", _policy(ctx), shape, seed=r.seed)
+    loaded, pre, shape = recipe_source(ctx)
+    report = convert_to_artifact(loaded, folder / "converted.dsd", recipe_policy(ctx), shape, seed=r.seed)
     write_json(folder / "plan.json", report.to_dict())
     result = {"summary": report.summary(), "input_shape": list(shape),
               "layers": [asdict(d) for d in report.plan.layers], "calibration": None}
@@ -171,7 +166,7 @@ def run_evaluate(ctx: Context, folder: Path) -> StageOutput:
     from dsdeploy.fsutil import write_json
 
     r = _r(ctx)
-    loaded, pre, _ = _source(ctx)
+    loaded, pre, _ = recipe_source(ctx)
     opts = dict(preprocess=pre, val_split=r.data.val_split, seed=r.seed, limit=r.evaluate.limit,
                 batch_size=r.evaluate.batch_size, progress=ctx.progress)
     candidates = [("converted", ctx.output("convert", "converted")), ("calibrated", ctx.output("convert", "calibrated")),
@@ -220,7 +215,7 @@ def run_export(ctx: Context, folder: Path) -> StageOutput:
     """ONNX for the original and the final converted model, each with its parity figures against torch."""
     from dsdeploy.sources import load_model
 
-    loaded, _, shape = _source(ctx)
+    loaded, _, shape = recipe_source(ctx)
     final = load_model(str(_final_artifact(ctx)))
     result = {"input_shape": list(shape), "original": _export_one(loaded, folder / "original.onnx", shape, ctx),
               "converted": _export_one(final, folder / "model.onnx", shape, ctx)}
@@ -304,7 +299,7 @@ def run_bench(ctx: Context, folder: Path) -> StageOutput:
 
 
 # ----------------------------------------------------------------------------------------------
-# report, the stage list, entry points
+# report and the stage list (entry points: dsdeploy.runner)
 # ----------------------------------------------------------------------------------------------
 
 def run_report(ctx: Context, folder: Path) -> StageOutput:
@@ -338,67 +333,3 @@ STAGES: list[Stage] = [
                        ctx.output("deploy", "bundle/model.onnx")] + _data_input(ctx), _bench_skip),
     Stage("report", run_report, lambda ctx: {"version": 1}, _report_inputs),
 ]
-
-
-@contextlib.contextmanager
-def _user_code_path(folders: list[str]) -> Iterator[None]:
-    """Make the recipe's ``model.pythonpath`` folders importable for the run (``pkg.module:factory``)."""
-    added = [f for f in folders if f not in sys.path]
-    sys.path[:0] = added
-    try:
-        yield
-    finally:
-        for f in added:
-            if f in sys.path:
-                sys.path.remove(f)
-
-
-def run_recipe(path: str | Path, out: str | Path, *, data: str | None = None, weights: str | None = None,
-               overrides: list[str] | tuple[str, ...] = (), progress: bool = False) -> PipelineResult:
-    """``dsdeploy run``: load the recipe (``--data``/``--weights``/``--set`` applied), run every stage into ``out``.
-
-    Raises:
-        RecipeError: a bad recipe or override; StageError: the first failing stage (by name).
-    """
-    extra = list(overrides)
-    if data is not None:
-        extra.append(("data", "spec", data))
-    if weights is not None:
-        extra.append(("model", "weights", weights))
-    recipe = load_recipe(path, extra)
-    ctx = Context(recipe, Path(out), progress=progress)
-    with _user_code_path(recipe.model.pythonpath):
-        return run_pipeline(STAGES, ctx)
-
-
-def inspect_recipe(recipe: Recipe, *, out: str | Path = ".") -> Any:
-    """Plan a recipe's model without converting (``tasks.ModelReport``): the cheap check of a recipe."""
-    from dsdeploy.tasks import inspect_model
-
-    ctx = Context(recipe, Path(out))
-    with _user_code_path(recipe.model.pythonpath):
-        loaded, _, shape = _source(ctx)
-        return inspect_model(loaded, _policy(ctx), shape)
-
-
-def converters_dir() -> Path:
-    """The repository's ``converters/`` folder (recipes shipped with dsdeploy)."""
-    import dsdeploy
-
-    return Path(dsdeploy.__file__).resolve().parents[1] / "converters"
-
-
-def demo_recipe() -> Path:
-    """The embedded default recipe: the digits sample, end to end."""
-    from dsdeploy.errors import RecipeError
-
-    path = converters_dir() / DEMO_RECIPE
-    if not path.is_file():
-        raise RecipeError(f"the demo recipe {path} is missing; install dsdeploy from a clone (`pip install -e .`)")
-    return path
-
-
-def run_demo(out: str | Path, *, progress: bool = False, overrides: list[str] | tuple[str, ...] = ()
-             ) -> PipelineResult:
-    """``dsdeploy demo``: the digits recipe end to end, offline."""
-    return run_recipe(demo_recipe(), out, overrides=overrides, progress=progress)

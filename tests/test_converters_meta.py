@@ -16,7 +16,7 @@ import pytest
 
 from dsdeploy.recipe import load_recipe
 from dsdeploy.samples import SAMPLES
-from dsdeploy.stages import converters_dir, inspect_recipe
+from dsdeploy.runner import converters_dir, inspect_recipe
 
 CONVERTERS = converters_dir()
 E2E = "end-to-end"

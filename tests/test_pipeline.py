@@ -202,7 +202,7 @@ def test_stage_failure_from_the_cli_names_the_stage(tmp_path):
 def test_user_code_factory_from_the_recipe_folder(tmp_path):
     """model.spec = pkg.module:factory with model.pythonpath relative to the recipe's folder."""
     from dsdeploy.recipe import load_recipe
-    from dsdeploy.stages import inspect_recipe
+    from dsdeploy.runner import inspect_recipe
 
     (tmp_path / "code").mkdir()
     (tmp_path / "code" / "mynet.py").write_text(

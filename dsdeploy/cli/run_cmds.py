@@ -40,7 +40,7 @@ def run(recipe, data, weights, out, overrides, as_json):
     """Run RECIPE.toml end to end: inspect, convert (+ calibrate), finetune, evaluate,
     export (+ parity), deploy, bench, report. Stages whose inputs did not change are
     reported "cached" and skipped."""
-    from dsdeploy.stages import run_recipe
+    from dsdeploy.runner import run_recipe
 
     result = run_recipe(recipe, out, data=data, weights=weights, overrides=list(overrides),
                         progress=sys.stderr.isatty() and not as_json)
@@ -55,7 +55,7 @@ def run(recipe, data, weights, out, overrides, as_json):
 def demo(out, overrides, as_json):
     """Run the built-in digits recipe end to end, offline (a few minutes on 2 CPU cores), and
     print the before/after table: params, MACs, accuracy, latency per execution provider."""
-    from dsdeploy.stages import run_demo
+    from dsdeploy.runner import run_demo
 
     result = run_demo(out, overrides=list(overrides), progress=sys.stderr.isatty() and not as_json)
     _print_summary(result, as_json)
