@@ -226,10 +226,15 @@ def _export_skip(ctx: Context) -> str | None:
     return None if _r(ctx).export.enabled else "export.enabled = false"
 
 
-def _deploy_skip(ctx: Context) -> str | None:
-    if not _r(ctx).deploy.enabled:
-        return "deploy.enabled = false"
-    return None if ctx.output("export", "model") else "no ONNX model (export skipped)"
+def _skip_without_onnx(section: str):
+    """Skip rule of the stages that consume the exported model (deploy, bench)."""
+
+    def skip(ctx: Context) -> str | None:
+        if not getattr(_r(ctx), section).enabled:
+            return f"{section}.enabled = false"
+        return None if ctx.output("export", "model") else "no ONNX model (export skipped)"
+
+    return skip
 
 
 def run_deploy(ctx: Context, folder: Path) -> StageOutput:
@@ -251,12 +256,6 @@ def run_deploy(ctx: Context, folder: Path) -> StageOutput:
                  latency_iters=d.latency_iters, threads=r.bench.threads, seed=r.seed).to_dict()
     files = [str(p.relative_to(folder)) for p in sorted((folder / "bundle").rglob("*")) if p.is_file()]
     return StageOutput({**rep, "bundle": "bundle", "notes": notes}, {name: name for name in files})
-
-
-def _bench_skip(ctx: Context) -> str | None:
-    if not _r(ctx).bench.enabled:
-        return "bench.enabled = false"
-    return None if ctx.output("export", "model") else "no ONNX model (export skipped)"
 
 
 def run_bench(ctx: Context, folder: Path) -> StageOutput:
@@ -327,9 +326,11 @@ STAGES: list[Stage] = [
     Stage("export", run_export, _sections("model", "preprocess", "export", "data", "seed"),
           lambda ctx: _model_inputs(ctx) + _data_input(ctx) + [_final_artifact(ctx)], _export_skip),
     Stage("deploy", run_deploy, _sections("deploy", "data", "preprocess", "seed"),
-          lambda ctx: [ctx.output("export", "model"), _final_artifact(ctx)] + _data_input(ctx), _deploy_skip),
+          lambda ctx: [ctx.output("export", "model"), _final_artifact(ctx)] + _data_input(ctx),
+          _skip_without_onnx("deploy")),
     Stage("bench", run_bench, _sections("bench", "data", "seed"),
           lambda ctx: [ctx.output("export", "original"), ctx.output("export", "model"),
-                       ctx.output("deploy", "bundle/model.onnx")] + _data_input(ctx), _bench_skip),
+                       ctx.output("deploy", "bundle/model.onnx")] + _data_input(ctx),
+          _skip_without_onnx("bench")),
     Stage("report", run_report, lambda ctx: {"version": 1}, _report_inputs),
 ]
