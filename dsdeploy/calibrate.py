@@ -313,11 +313,14 @@ def calibrate_on_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: st
 
 def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: int | None = None,
                        batch_size: int = 64, seed: int = 0, ridge: float = 1e-6,
-                       progress: bool = True) -> CalibrationReport:
-    """``dsdeploy calibrate``: load a .dsd, calibrate it against its source model, write ``out``."""
+                       progress: bool = True, trust_code: bool = False) -> CalibrationReport:
+    """``dsdeploy calibrate``: load a .dsd, calibrate it against its source model, write ``out``.
+
+    ``trust_code``: import the ``pkg.module:factory`` the artifact records (see :mod:`dsdeploy.trust`).
+    """
     from dsdeploy.artifact import load_artifact, load_source_model, save_artifact
 
-    art = load_artifact(artifact_path)
+    art = load_artifact(artifact_path, trust_code=trust_code)
     teacher = load_source_model(art)
     report = calibrate_data(art.model, teacher, art.plan, data, art.metadata.get("preprocessing"),
                             max_batches=max_batches, seed=seed, batch_size=batch_size, ridge=ridge,

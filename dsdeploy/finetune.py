@@ -355,10 +355,11 @@ def _save(path: Path, student: nn.Module, opt, sched: Schedule, st: dict[str, An
 
 def finetune_artifact(student_path: str | Path, data: str, out: str | Path, config: FinetuneConfig, *,
                       teacher: str | None = None, teacher_weights: str | None = None, resume: bool = False,
-                      limit: int | None = None) -> FinetuneResult:
+                      limit: int | None = None, trust_code: bool = False) -> FinetuneResult:
     """``dsdeploy finetune``: fine-tune a .dsd against its source model (or ``teacher``); write the best to ``out``.
 
     ``out`` is rewritten whenever validation improves, so it always holds the best weights so far.
+    ``trust_code``: import the ``pkg.module:factory`` the artifact (or a ``.dsd`` teacher) records.
     """
     from dsdeploy.artifact import load_artifact, save_artifact
     from dsdeploy.data import Preprocess, load_data
@@ -366,8 +367,8 @@ def finetune_artifact(student_path: str | Path, data: str, out: str | Path, conf
 
     config.validate()
     started = time.perf_counter()
-    art = load_artifact(student_path)
-    teacher_model = load_teacher(art, teacher, teacher_weights)
+    art = load_artifact(student_path, trust_code=trust_code)
+    teacher_model = load_teacher(art, teacher, teacher_weights, trust_code=trust_code)
     pre = art.metadata.get("preprocessing")
     preprocess = Preprocess.from_dict(pre, augment=config.augment) if pre else None
     splits = load_data(data, preprocess, seed=config.seed, labelled=False, limit=limit)

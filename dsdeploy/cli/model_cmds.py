@@ -39,14 +39,14 @@ def _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout):
 @model_options
 @policy_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect(model, weights, model_kwargs, trust_pickle, input_shape, rank, energy, mac_budget, include, exclude,
+def inspect(model, weights, model_kwargs, trust_pickle, input_shape, trust_code, rank, energy, mac_budget, include, exclude,
             convert_stem, layout, as_json):
     """Show MODEL's convs: what would convert (and at which rank), why others would not,
     and params/MACs at the input shape."""
     from dsdeploy.sources import load_model
     from dsdeploy.tasks import inspect_model
 
-    loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle)
+    loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle, trust_code=trust_code)
     report = inspect_model(loaded, _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout),
                            parse_shape(input_shape))
     echo_json(report.to_dict()) if as_json else click.echo(report.render())
@@ -62,7 +62,7 @@ def inspect(model, weights, model_kwargs, trust_pickle, input_shape, rank, energ
 @click.option("--calib-batches", type=int, default=50, show_default=True, help="Calibrate on at most N batches.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, rank, energy, mac_budget, include,
+def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, trust_code, rank, energy, mac_budget, include,
             exclude, convert_stem, layout, calib_data, calib_batches, seed, as_json):
     """Rewrite MODEL's convs into depthwise-separable blocks and write a .dsd artifact.
 
@@ -73,7 +73,7 @@ def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, ran
 
     if not output.endswith(".dsd"):
         raise click.BadParameter("the artifact name must end in .dsd", param_hint="--output")
-    loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle)
+    loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle, trust_code=trust_code)
     report = convert_to_artifact(loaded, output,
                                  _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout),
                                  parse_shape(input_shape), calib_data=calib_data, calib_batches=calib_batches,
