@@ -18,6 +18,8 @@ from dsdeploy.layers import CONV_TYPES, LAYOUTS
 from dsdeploy.plan import Plan
 
 MAX_SPEC = 1000
+MAX_SIDE = 8192  # image side (pixels) a recorded preprocessing may ask for
+MAX_INPUT = 2 ** 28  # elements of a recorded input shape (1 GiB of float32)
 
 
 def _opt(value: Any, kind: type | tuple[type, ...]) -> bool:
@@ -59,13 +61,34 @@ def _check_metadata(meta: Any, history: Any, origin: str) -> None:
         raise ArtifactError(f"{origin}: metadata must be a table and history a list; the file is damaged")
     meta = meta or {}
     shape = meta.get("input_shape")
-    if shape is not None and not (_ints(shape) and 2 <= len(shape) <= 5):
-        raise ArtifactError(f"{origin}: metadata.input_shape must be 2-5 positive integers; the file is damaged")
+    if shape is not None and not (_ints(shape) and 2 <= len(shape) <= 5 and math.prod(shape) <= MAX_INPUT):
+        raise ArtifactError(f"{origin}: metadata.input_shape must be 2-5 positive integers (at most {MAX_INPUT} "
+                            f"elements); the file is damaged")
     labels = meta.get("labels")
     if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
         raise ArtifactError(f"{origin}: metadata.labels must be a list of strings; the file is damaged")
     if not _opt(meta.get("preprocessing"), dict):
         raise ArtifactError(f"{origin}: metadata.preprocessing must be a table; the file is damaged")
+    _check_preprocessing(meta.get("preprocessing") or {}, origin)
+
+
+def _number(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _check_preprocessing(pre: dict[str, Any], origin: str) -> None:
+    """Types and sizes only (the values' meaning is checked where preprocessing is built)."""
+    checks = {
+        "size": lambda v: _ints(v) and 1 <= len(v) <= 2 and max(v) <= MAX_SIDE,
+        "resize": lambda v: v is None or (type(v) is int and 1 <= v <= MAX_SIDE),
+        "mean": lambda v: isinstance(v, (list, tuple)) and 1 <= len(v) <= 4 and all(map(_number, v)),
+        "std": lambda v: isinstance(v, (list, tuple)) and 1 <= len(v) <= 4 and all(map(_number, v)),
+        "channels": lambda v: type(v) is int,
+    }
+    for key, ok in checks.items():
+        if key in pre and not ok(pre[key]):
+            raise ArtifactError(f"{origin}: metadata.preprocessing.{key} has the wrong type or size "
+                                f"({pre[key]!r:.60}); the file is damaged")
 
 
 def _check_state(state: Any, origin: str) -> None:

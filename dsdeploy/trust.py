@@ -35,7 +35,7 @@ INFRASTRUCTURE = frozenset({
     "tomli", "packaging", "typing_extensions", "cpuinfo", "openvino", "multiprocess",
 })
 # Infrastructure packages that hold model classes/builders: importing them for a spec is fine.
-IMPORTABLE_INFRASTRUCTURE = frozenset({"torch", "torchvision", "timm"})
+IMPORTABLE_INFRASTRUCTURE = frozenset({"torch", "torchvision", "timm", "dsdeploy"})
 KWARGS_DEPTH = 32
 TRUST_HINT = "pass trust_code=True (CLI: --trust-code), or the factory itself (factory=...)"
 

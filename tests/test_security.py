@@ -86,6 +86,7 @@ class World:
             ("dsdeploy.fsutil:write_json", {"path": m, "data": {}}),
             ("timm.models:load_checkpoint", {"model": None, "checkpoint_path": str(self.pickle)}),
             ("torchvision:resnet18", {"weights": "DEFAULT"}),
+            ("sample:../outside/keep", {}),
             (f"{self.module}:build", {"path": m}),
             (f"{self.module}:Net", {}),
         ]
@@ -332,6 +333,10 @@ MUTATIONS = {
     "metadata-not-a-table": lambda p: p.update(metadata=[1]),
     "metadata-shape-text": lambda p: p["metadata"].update(input_shape="abc"),
     "metadata-labels-ints": lambda p: p["metadata"].update(labels=[1, 2]),
+    "metadata-input-shape-huge": lambda p: p["metadata"].update(input_shape=[1, 1, 10 ** 9, 10 ** 9]),
+    "metadata-preprocessing-text-size": lambda p: p["metadata"]["preprocessing"].update(size="x"),
+    "metadata-preprocessing-huge-size": lambda p: p["metadata"]["preprocessing"].update(size=[10 ** 9, 10 ** 9]),
+    "metadata-preprocessing-nan-mean": lambda p: p["metadata"]["preprocessing"].update(mean=[float("nan")]),
     "history-not-a-list": lambda p: p.update(history=5),
     "version-a-table": lambda p: p.update(format_version={"a": 1}),
 }
@@ -347,6 +352,7 @@ def test_crafted_internals_are_one_line(good, tmp_path, name):
         load_artifact(path)
     assert len(str(err.value).splitlines()) == 1
     one_line_error(invoke("inspect", path))
+    one_line_error(invoke("evaluate", path, "--data", "digits", "--limit", "16"))
 
 
 LEAF = st.one_of(st.none(), st.booleans(), st.integers(-3, 10 ** 10), st.floats(allow_nan=True), st.text(max_size=6),
@@ -358,7 +364,7 @@ VALUE = st.recursive(LEAF, lambda c: st.lists(c, max_size=3) | st.dictionaries(s
 @FAST
 @given(data=st.data())
 def test_random_damage_is_an_artifact_error_or_a_model(good, tmp_path_factory, data):
-    """Fuzz: replace any part of a valid payload with random data: ArtifactError or a working model."""
+    """Fuzz: replace any part of a valid payload with random data: ArtifactError or a model that evaluates."""
     payload = read_payload(good)
     node, key = payload, None
     for _ in range(data.draw(st.integers(1, 4))):
@@ -377,6 +383,8 @@ def test_random_damage_is_an_artifact_error_or_a_model(good, tmp_path_factory, d
         assert len(str(exc).splitlines()) == 1
         return
     assert isinstance(art.model, torch.nn.Module)
+    proc = invoke("evaluate", path, "--data", "digits", "--limit", "16")
+    assert proc.returncode in (0, 2), proc.stderr  # a result or one clear line, never an internal error
 
 
 # -------------------------------------------------------------------------------------------------
