@@ -40,7 +40,15 @@ def check_number(value: Any, field: str, *, low: float | None = None, high: floa
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
-        lo = "-inf" if low is None else f"{low:g}"
-        hi = "inf" if high is None else f"{high:g}"
-        rng = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
-        raise ConfigError(f"{field} must be in {rng}, got {value!r}")
+        raise ConfigError(f"{field} must be {describe_range(low, high, low_open, high_open)}, got {value!r}")
+
+
+def describe_range(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    """``positive``, ``>= 1``, ``in [0, 1)``... for messages."""
+    if high is None:
+        if low == 0 and low_open:
+            return "positive"
+        return f"{'>' if low_open else '>='} {low:g}" if low is not None else "finite"
+    if low is None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
