@@ -129,7 +129,7 @@ def rebuild(base: nn.Module, plan: Plan, state: dict[str, torch.Tensor], origin:
         ArtifactError: a converted layer that is not a conv of ``base``, a rank out of range,
         or a state_dict that does not fit.
     """
-    from dsdeploy.checkpoints import check_state_dict
+    from dsdeploy.checkpoints import load_state_checked
     from dsdeploy.rewrite import apply_plan
 
     for d in plan.converted:
@@ -146,13 +146,13 @@ def rebuild(base: nn.Module, plan: Plan, state: dict[str, torch.Tensor], origin:
             raise ArtifactError(f"{origin}: plan layer {d.name!r} has rank {d.rank} > {limit}; the file is damaged")
     try:
         model = apply_plan(base, plan, init_from_weights=False)
-        check_state_dict(model, state, origin)
         for key, want in model.state_dict().items():
-            got = state[key]
-            if got.is_complex() != want.is_complex() or got.is_floating_point() != want.is_floating_point():
+            got = state.get(key)
+            if got is not None and (got.is_complex() != want.is_complex()
+                                    or got.is_floating_point() != want.is_floating_point()):
                 raise ArtifactError(f"{origin}: state_dict[{key!r}] is {got.dtype}, the model holds {want.dtype}; "
                                     f"the file is damaged")
-        model.load_state_dict(state, strict=True)
+        load_state_checked(model, state, origin)
     except DsdeployError as exc:  # names come from the file: keep the message on one line
         raise ArtifactError(" ".join(str(exc).split())) from None
     except (RuntimeError, ValueError, TypeError) as exc:  # a crafted tensor torch refuses to copy
