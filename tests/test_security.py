@@ -198,7 +198,7 @@ def test_library_loaders_refuse_hostile_specs(world, trust):
         with pytest.raises(DsdeployError) as err:
             load_artifact(art, trust_code=trust)
         assert len(str(err.value).splitlines()) == 1
-        if not trust and not spec.startswith("torchvision:"):
+        if not trust and not spec.startswith(("torchvision:", "sample:")):
             assert "trust_code=True" in str(err.value) and "--trust-code" in str(err.value)
         with pytest.raises(DsdeployError):
             load_model(str(art), trust_code=trust)
