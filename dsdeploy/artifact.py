@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dsdeploy import __version__
-from dsdeploy.artifact_check import check_payload, plan_of, rebuild
+from dsdeploy.artifact_check import check_payload, plan_of, rebuild, show
 from dsdeploy.checkpoints import load_weights, torch_load
 from dsdeploy.errors import ArtifactError, SourceError, WeightsError
 from dsdeploy.fsutil import atomic_path, sha256_file
@@ -85,7 +85,7 @@ def read_payload(path: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is not a dsdeploy artifact (write one with `dsdeploy convert`)")
     version = payload.get("format_version")
     if type(version) is not int or version != FORMAT_VERSION:
-        raise ArtifactError(f"{path} uses artifact format version {version!r:.40}; this dsdeploy {__version__} reads "
+        raise ArtifactError(f"{path} uses artifact format version {show(version)}; this dsdeploy {__version__} reads "
                             f"version {FORMAT_VERSION}: re-run `dsdeploy convert` with this version")
     missing = [k for k in ("source", "plan", "state_dict") if k not in payload]
     if missing:

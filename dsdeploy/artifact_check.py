@@ -22,6 +22,12 @@ MAX_SIDE = 8192  # image side (pixels) a recorded preprocessing may ask for
 MAX_INPUT = 2 ** 28  # elements of a recorded input shape (1 GiB of float32)
 
 
+def show(value: Any, width: int = 60) -> str:
+    """``repr(value)`` on one line, at most ``width`` characters (values come from the file)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def _opt(value: Any, kind: type | tuple[type, ...]) -> bool:
     return value is None or isinstance(value, kind)
 
@@ -88,7 +94,7 @@ def _check_preprocessing(pre: dict[str, Any], origin: str) -> None:
     for key, ok in checks.items():
         if key in pre and not ok(pre[key]):
             raise ArtifactError(f"{origin}: metadata.preprocessing.{key} has the wrong type or size "
-                                f"({pre[key]!r:.60}); the file is damaged")
+                                f"({show(pre[key])}); the file is damaged")
 
 
 def _check_state(state: Any, origin: str) -> None:
@@ -96,7 +102,7 @@ def _check_state(state: Any, origin: str) -> None:
         raise ArtifactError(f"{origin}: its state_dict is {type(state).__name__}, not a table; the file is damaged")
     for key, t in state.items():
         if not isinstance(key, str):
-            raise ArtifactError(f"{origin}: state_dict key {key!r:.40} is not a string; the file is damaged")
+            raise ArtifactError(f"{origin}: state_dict key {show(key, 40)} is not a string; the file is damaged")
         if type(t) not in (torch.Tensor, nn.Parameter):
             raise ArtifactError(f"{origin}: state_dict[{key!r}] is {type(t).__name__}, not a tensor; "
                                 f"the file is damaged")

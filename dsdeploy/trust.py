@@ -83,8 +83,8 @@ def check_plain(value: Any, where: str, error: type[Exception] = SourceError, _d
     if type(value) is dict:
         for key, item in value.items():
             if type(key) is not str:
-                raise error(f"{where} must have string keys, got {type(key).__name__} key {key!r:.40}")
-            check_plain(item, f"{where}[{key!r:.40}]", error, _depth + 1)
+                raise error(f"{where} must have string keys, got {type(key).__name__} key")
+            check_plain(item, f"{where}[{' '.join(repr(key).split())[:40]}]", error, _depth + 1)
         return
     raise error(f"{where} must be plain JSON data (numbers, strings, lists, tables), got {type(value).__name__}")
 
@@ -162,8 +162,9 @@ def resolve_factory(spec: str) -> Callable[..., Any]:
         except ImportError as exc:
             raise SourceError(f"cannot import {module_name!r} for model spec {spec!r}: {exc}") from None
         except Exception as exc:  # user code failing at import: one clear line
+            first = (str(exc).strip().splitlines() or [""])[0]
             raise SourceError(f"importing {module_name!r} for model spec {spec!r} raised "
-                              f"{type(exc).__name__}: {exc}") from None
+                              f"{type(exc).__name__}: {first[:200]}") from None
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
