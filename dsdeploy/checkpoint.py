@@ -104,10 +104,14 @@ def run_identity(*, student: str | Path, data: str, limit: int | None, val_split
                                                  "weights": sha256_file(teacher_weights) if teacher_weights else None}}
 
 
-def check_resumable(ck: dict[str, Any], options: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
-    """Refuse a checkpoint written by a run with other inputs or trajectory options (one line naming them)."""
+def check_resumable(ck: dict[str, Any], options: dict[str, Any], identity: dict[str, Any] | None, path: Path) -> None:
+    """Refuse a checkpoint written by a run with other inputs or trajectory options (one line naming them).
+
+    ``identity`` None (a caller that passes data in memory and cannot digest it) compares the options only.
+    """
     saved = ck.get("identity") or {}
-    inputs = [k for k in sorted(set(saved) | set(identity)) if saved.get(k) != identity.get(k)]
+    inputs = [] if identity is None else [k for k in sorted(set(saved) | set(identity))
+                                          if saved.get(k) != identity.get(k)]
     if inputs:
         raise CheckpointError(f"checkpoint {show(path)} is from a different run: its {', '.join(inputs)} "
                               f"differ{'s' if len(inputs) == 1 else ''} from this one's; rerun with the same inputs "

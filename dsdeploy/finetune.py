@@ -170,7 +170,8 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: Any, config: F
         started: ``time.perf_counter()`` when the time budget's clock started (default:
             on entry), so a caller's data loading can count against the budget.
         identity: digests of the run's inputs (:func:`dsdeploy.checkpoint.run_identity`), stored
-            in the checkpoint; a resume with a different identity or options is refused.
+            in the checkpoint; a resume with a different identity or options is refused (None:
+            the options only).
 
     Raises:
         TrainingInterrupted: on SIGINT/SIGTERM (exit code 130); the last completed epoch's
@@ -216,7 +217,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: Any, config: F
                           "done": None}
     if resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
-        check_resumable(ck, config.trajectory(), identity or {}, ckpt_path)
+        check_resumable(ck, config.trajectory(), identity, ckpt_path)
         student.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched = Schedule(**ck["schedule"])

@@ -286,7 +286,7 @@ def check_dir(path: str | os.PathLike, *, owned: Callable[[Path], set[str] | Non
             written by it without ``overwrite``.
     """
     dest = Path(path)
-    name = show(dest)
+    name = show(dest) if dest.name else f"{show(dest)} ({show(os.path.abspath(dest))})"  # "." names where it is
     if dest.exists() and not dest.is_dir():
         raise OutputError(f"{what} {name} is a file, not a folder: choose a folder name")
     if not dest.exists() or not _children(dest):

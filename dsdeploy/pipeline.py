@@ -9,7 +9,7 @@ not run. A failing stage raises :class:`StageError` (one line naming the stage);
 earlier stages' outputs and state are kept.
 
 The output folder belongs to the run: it must be new, empty, or a run folder (recognised by
-its ``state.json``). A run holds ``OUT/.dsdeploy-run.lock`` (``filelock``) for its whole
+its ``state.json``). A run holds ``OUT/run.lock`` (``filelock``) for its whole
 length, so a second run on the same folder fails at once; under the lock it removes the
 temporary folders a killed run left. Stages keep resume state in ``OUT/resume/`` (see
 :meth:`Context.resume_path`).
@@ -33,7 +33,7 @@ from dsdeploy.fsutil import OutputError, atomic_dir, check_dir, remove_stale_tem
 STATE_FILE = "state.json"
 STATE_FORMAT = "dsdeploy-run"
 RECORD_FILE = "stage.json"
-LOCK_FILE = ".dsdeploy-run.lock"
+LOCK_FILE = "run.lock"
 RESUME_DIR = "resume"
 
 
@@ -149,6 +149,8 @@ def run_folder_files(out: Path) -> set[str] | None:
     """Everything in ``out`` when it is a run folder (its ``state.json`` says so), else None."""
     names = {p.name for p in out.iterdir()}
     if names <= {LOCK_FILE}:  # a run killed between taking the lock and writing its state
+        return names
+    if {STATE_FILE, LOCK_FILE} <= names:  # a run held it: even a damaged state.json is ours (rebuilt from scratch)
         return names
     state = _read_state(out)
     if not isinstance(state, dict) or not isinstance(state.get("stages"), dict) or \
