@@ -89,7 +89,7 @@ def test_run_killed_mid_finetune_resumes_on_the_next_run(tmp_path):
         assert p.poll() is None, p.communicate()
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.01)
-    # while it runs, a second run on the same folder is refused with one line
+    p.send_signal(signal.SIGSTOP)  # frozen mid-run, holding the lock: a second run on the folder is refused
     one_line_error(dsdeploy("run", DIGITS, "-o", out, *FAST), "another dsdeploy run")
     p.send_signal(signal.SIGKILL)
     p.communicate()
