@@ -1,7 +1,9 @@
 """Deployment bundles: optional INT8/FP16 quantization, accuracy gate, manifest, predict.py.
 
 ``deploy(onnx_path, out_dir, ...)`` builds everything in a temporary folder and swaps it
-into place (``fsutil.atomic_dir``) only when every step and the accuracy gate passed.
+into place (``fsutil.owned_dir``) only when every step and the accuracy gate passed; an existing
+folder is written only when empty or a bundle deploy wrote (``overwrite``), and then only
+the bundle's own files are replaced.
 
 Quantization (onnxruntime.quantization):
 - ``int8``: ``quant_pre_process`` first, then static QDQ quantization, per-channel int8
@@ -30,7 +32,7 @@ import numpy as np
 
 from dsdeploy import __version__
 from dsdeploy.errors import DataError, DeployError, ExportError
-from dsdeploy.fsutil import atomic_dir, sha256_file, write_json
+from dsdeploy.fsutil import OutputError, check_dir, owned_dir, sha256_file, show, write_json
 from dsdeploy.onnx_check import (META_LABELS, META_PREPROCESSING, load_onnx, metadata, metadata_json, set_metadata,
                                  toposort)
 
@@ -262,12 +264,14 @@ def deploy(onnx_path: str | Path, out_dir: str | Path, *, quantize: str = "none"
            eval_data: str | None = None, max_accuracy_drop: float | None = None, ort_format: bool = False,
            calib_items: int = 256, eval_items: int | None = None, latency_iters: int = 30,
            threads: int | None = None, seed: int = 0, preprocessing: dict[str, Any] | None = None,
-           labels: list[str] | None = None, reduce_range: bool | None = None) -> DeployReport:
+           labels: list[str] | None = None, reduce_range: bool | None = None,
+           overwrite: bool = False) -> DeployReport:
     """Build a deployment bundle folder from an exported ONNX model.
 
     Args:
         onnx_path: fp32 model (from ``dsdeploy export``; its metadata gives preprocessing/labels).
-        out_dir: bundle folder, written atomically (replaced only on success).
+        out_dir: bundle folder: new, empty (``.`` too), or a bundle deploy wrote before (only with
+            ``overwrite``; only that bundle's files are replaced, other files stay). Written on success only.
         quantize: one of ``none``, ``int8`` (static QDQ, needs ``calib_data``), ``int8-dynamic``, ``fp16``.
         calib_data: data spec (dsdeploy.data) for INT8 calibration (its train split; ``calib_items`` images).
         eval_data: labelled data spec; top-1 of the bundle vs the fp32 model on its val split is recorded.
@@ -278,8 +282,11 @@ def deploy(onnx_path: str | Path, out_dir: str | Path, *, quantize: str = "none"
         seed: data subset seed.
         preprocessing, labels: used when the model's metadata lacks them (recorded in the bundle's model).
         reduce_range: 7-bit INT8 weights (see :func:`quantize_model`); None = when this CPU lacks VNNI/AMX.
+        overwrite: allow replacing a previous bundle's files in ``out_dir``.
 
     Raises:
+        OutputError: ``out_dir`` is a file, a non-empty folder that is not a bundle, a bundle without
+            ``overwrite``, or holds ``onnx_path`` itself.
         DeployError: bad options, quantization failure, or the accuracy gate.
         ExportError: a missing/corrupt input model.
     """
@@ -290,6 +297,10 @@ def deploy(onnx_path: str | Path, out_dir: str | Path, *, quantize: str = "none"
     if max_accuracy_drop is not None and not eval_data:
         raise DeployError("--max-accuracy-drop needs --eval-data DATA (labelled images) to measure the drop")
     src = Path(onnx_path)
+    mine = check_dir(out_dir, owned=bundle_files, overwrite=overwrite, what="bundle folder")
+    if src.name in mine and src.exists() and Path(out_dir).is_dir() and src.resolve().parent == Path(out_dir).resolve():
+        raise OutputError(f"the model {show(src)} is a file of the bundle in {show(out_dir)} it would replace: "
+                          f"copy it elsewhere first or choose another folder")
     model = load_onnx(src)
     name, dims = _image_input(model)
     meta = metadata(model)
@@ -334,7 +345,7 @@ def deploy(onnx_path: str | Path, out_dir: str | Path, *, quantize: str = "none"
             write_ort(qpath, work / "model.ort")
         for w in report.warnings:
             warnings.warn(w, stacklevel=2)
-        with atomic_dir(out_dir) as bundle:
+        with owned_dir(out_dir, owned=bundle_files, overwrite=overwrite, what="bundle folder") as bundle:
             shutil.copyfile(qpath, bundle / "model.onnx")
             if ort_format:
                 shutil.copyfile(work / "model.ort", bundle / "model.ort")
@@ -342,6 +353,21 @@ def deploy(onnx_path: str | Path, out_dir: str | Path, *, quantize: str = "none"
             report.files = {p.name: sha256_file(p) for p in sorted(bundle.iterdir())}
             write_json(bundle / "manifest.json", _manifest(report, sess, qmodel, meta, pre_meta, labels, ort_format))
     return report
+
+
+def bundle_files(folder: Path) -> set[str] | None:
+    """The names a bundle deploy wrote in ``folder`` (from its ``manifest.json``), or None when it is no bundle."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        return None
+    names = {"manifest.json", "predict.py"}
+    names.update(n for n in (manifest.get("model"), manifest.get("ort_model")) if isinstance(n, str))
+    hashes = manifest.get("sha256")
+    names.update(n for n in (hashes if isinstance(hashes, dict) else {}) if isinstance(n, str))
+    return names
 
 
 def _manifest(report: DeployReport, sess, qmodel, meta: dict[str, str], pre: dict | None, labels: list | None,

@@ -8,6 +8,7 @@ owns the work, and returns a :class:`dsdeploy.pipeline.StageOutput`. The pipelin
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -130,28 +131,49 @@ def _finetune_skip(ctx: Context) -> str | None:
 
 
 def run_finetune(ctx: Context, folder: Path) -> StageOutput:
-    """``finetune.finetune_artifact`` on the converted (calibrated) artifact."""
+    """``finetune.finetune_artifact`` on the converted (calibrated) artifact, resumable.
+
+    The checkpoint lives at ``OUT/resume/finetune.ckpt`` (outside the stage's temporary
+    folder), so a run interrupted or killed mid-training continues from its last completed
+    epoch when the same run is started again; a checkpoint of another configuration or
+    other inputs is discarded (the tool wrote it) and training starts afresh. It is removed
+    when the stage succeeds.
+    """
+    from dsdeploy.checkpoint import CheckpointError, TrainingInterrupted
     from dsdeploy.finetune import FinetuneConfig, finetune_artifact
+    from dsdeploy.fsutil import write_json
     from dsdeploy.schedule import parse_duration
 
     r = _r(ctx)
     f = r.finetune
     budget = parse_duration(f.time_budget) if f.time_budget is not None else None
+    ckpt = ctx.resume_path("finetune", "ckpt")
     config = FinetuneConfig(
         mode=f.mode, epochs=f.epochs if f.epochs is not None else (None if budget else 10), time_budget=budget,
         batch_size=f.batch_size, optimizer=f.optimizer, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay,
         schedule=f.schedule, warmup_epochs=f.warmup_epochs, kd_weight=f.kd_weight, feature_weight=f.feature_weight,
         ce_weight=f.ce_weight, temperature=f.temperature, clip_grad=f.clip_grad or None, patience=f.patience,
         augment=f.augment, seed=r.seed, progress=ctx.progress, history_path=str(folder / "history.json"),
-        checkpoint_path=str(folder / "finetune.ckpt"))
-    res = finetune_artifact(ctx.output("convert", "artifact"), _data(ctx), folder / "finetuned.dsd", config,
-                            limit=f.limit)
-    (folder / "finetune.ckpt").unlink(missing_ok=True)  # only needed to resume an interrupted run
+        checkpoint_path=str(ckpt))
+    args = (ctx.output("convert", "artifact"), _data(ctx), folder / "finetuned.dsd", config)
+    notes = []
+    try:
+        res = finetune_artifact(*args, limit=f.limit, resume=ckpt.is_file())
+    except CheckpointError as exc:  # our own checkpoint, from another configuration: start afresh
+        ckpt.unlink(missing_ok=True)
+        notes.append(f"earlier checkpoint not resumed ({exc})")
+        res = finetune_artifact(*args, limit=f.limit)
+    except TrainingInterrupted as exc:
+        raise TrainingInterrupted(str(exc).split(";")[0] + (
+            "; rerun with the same output folder to continue from the last completed epoch" if ckpt.is_file()
+            else "; nothing was saved")) from None
+    write_json(folder / "history.json", res.history)
+    ckpt.unlink(missing_ok=True)  # only needed to resume an interrupted run
+    with contextlib.suppress(OSError):
+        ckpt.parent.rmdir()  # when no other stage keeps resume state there
     result = {k: v for k, v in res.to_dict().items() if k not in ("checkpoint", "history_file")}
-    outputs = {"artifact": "finetuned.dsd"}
-    if (folder / "history.json").is_file():
-        outputs["history"] = "history.json"
-    return StageOutput(result, outputs)
+    result["notes"] = notes
+    return StageOutput(result, {"artifact": "finetuned.dsd", "history": "history.json"})
 
 
 def _evaluate_skip(ctx: Context) -> str | None:

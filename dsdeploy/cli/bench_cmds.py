@@ -39,6 +39,20 @@ def parse_duration(text: str | None) -> float | None:
     return float(m.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
 
 
+def check_report_paths(models, data: str | None, **paths: str | None) -> None:
+    """Refuse report paths that are a benchmarked model, the data, each other, or a file of another kind."""
+    from dsdeploy.fsutil import check_distinct, check_output
+
+    flags = {"json_path": "--json", "csv_path": "--csv", "markdown_path": "--markdown", "plot_path": "--plot"}
+    inputs = [("model", m) for m in models] + [("--data", data)]
+    for key, path in paths.items():
+        if path is not None:
+            png = key == "plot_path"
+            check_output(path, kind="png" if png else "text", suffixes=(".png",) if png else (), inputs=inputs,
+                         what=flags[key])
+    check_distinct((flags[k], v) for k, v in paths.items())
+
+
 @cli.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="MODEL.onnx...")
 @click.option("--providers", default="cpu", show_default=True, metavar="EP,...",
@@ -68,8 +82,11 @@ def bench(models, providers, batch, threads, warmup, iters, duration, data, ep_o
 
     from dsdeploy.bench import BenchConfig
     from dsdeploy.bench_report import render_text, run_and_write
+    from dsdeploy.fsutil import show
     from dsdeploy.providers import parse_ep_options
 
+    check_report_paths(models, data, json_path=json_path, csv_path=csv_path, markdown_path=markdown_path,
+                       plot_path=plot_path)
     secs = parse_duration(duration)
     if secs is not None and iters is not None:
         raise click.BadParameter("give --iters or --duration, not both", param_hint="--duration")
@@ -94,7 +111,7 @@ def bench(models, providers, batch, threads, warmup, iters, duration, data, ep_o
             bar.close()
     click.echo(render_text(report))
     for path in written:
-        click.echo(f"wrote {path}", err=True)
+        click.echo(f"wrote {show(path)}", err=True)
     failed = [r for r in report.results if r.status == "error"]
     if failed:
         from dsdeploy.errors import ProviderError

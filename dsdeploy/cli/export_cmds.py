@@ -36,14 +36,17 @@ def export(model: str, output: str, weights: str | None, model_kwargs: str | Non
            data: str | None, atol: float, rtol: float, as_json: bool) -> None:
     """Export MODEL to ONNX, gated by parity against torch on ONNX Runtime (CPU EP)."""
     from dsdeploy.export import export_model
+    from dsdeploy.fsutil import check_output, show
 
+    check_output(output, kind="onnx", suffixes=(".onnx",), what="--output",
+                 inputs=[("model", model), ("--weights file", weights), ("--data", data)])
     rep = export_model(model, output, weights=weights, model_kwargs=parse_kwargs(model_kwargs),
                        trust_pickle=trust_pickle, input_shape=parse_shape(input_shape), data=data, opset=opset,
                        dynamic_batch=dynamic_batch, simplify=simplify, exporter=exporter, atol=atol, rtol=rtol)
     if as_json:
         echo_json(rep.to_dict())
         return
-    click.echo(f"wrote {rep.path} ({rep.exporter} exporter, opset {rep.opset}, "
+    click.echo(f"wrote {show(rep.path)} ({rep.exporter} exporter, opset {rep.opset}, "
                f"{'dynamic' if rep.dynamic_batch else 'static'} batch, "
                f"{'simplified' if rep.simplified else 'not simplified'})")
     click.echo(f"parity vs torch: {_worst(rep.parity)} over {len(rep.parity)} checks")
@@ -58,7 +61,8 @@ def export(model: str, output: str, weights: str | None, model_kwargs: str | Non
 
 @cli.command()
 @click.argument("onnx_model", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Bundle folder: new, empty, or an earlier bundle (with --overwrite); other files are never touched.")
 @click.option("--quantize", type=click.Choice(["none", "int8", "int8-dynamic", "fp16"]), default="none",
               show_default=True, help="int8 = static QDQ per-channel (needs --calib-data).")
 @click.option("--calib-data", default=None, metavar="DATA", help="Images to calibrate INT8 on: 'digits' or a folder.")
@@ -70,20 +74,23 @@ def export(model: str, output: str, weights: str | None, model_kwargs: str | Non
               help="INT8 weights in 7 bits (default: when this CPU lacks VNNI/AMX, whose absence makes "
                    "8-bit weights saturate).")
 @click.option("--threads", type=int, default=None, help="CPU EP threads for the latency measurement.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the files of a bundle deploy wrote earlier in --output (other files there are kept).")
 @click.option("--json", "as_json", is_flag=True, help="Print the deploy report as JSON.")
 def deploy(onnx_model: str, output: str, quantize: str, calib_data: str | None, eval_data: str | None,
            max_accuracy_drop: float | None, ort_format: bool, reduce_range: bool | None, threads: int | None,
-           as_json: bool) -> None:
+           overwrite: bool, as_json: bool) -> None:
     """Package ONNX_MODEL into a bundle: model, manifest.json, standalone predict.py."""
     from dsdeploy.deploy import deploy as build
+    from dsdeploy.fsutil import show
 
     rep = build(onnx_model, output, quantize=quantize, calib_data=calib_data, eval_data=eval_data,
                 max_accuracy_drop=max_accuracy_drop, ort_format=ort_format, reduce_range=reduce_range,
-                threads=threads)
+                threads=threads, overwrite=overwrite)
     if as_json:
         echo_json(rep.to_dict())
         return
-    click.echo(f"wrote bundle {rep.bundle}: {', '.join(rep.files)} + manifest.json ({quantize})")
+    click.echo(f"wrote bundle {show(rep.bundle)}: {', '.join(rep.files)} + manifest.json ({quantize})")
     if rep.accuracy:
         a = rep.accuracy
         click.echo(f"top-1 on {a['data']} ({a['images']} images): fp32 {a['fp32_top1']:.2f}% -> "

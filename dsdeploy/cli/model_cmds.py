@@ -69,10 +69,11 @@ def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, ran
     Prints params/MACs before and after and the rank of every layer. Exit status 3 when
     nothing converts (the reasons per conv are listed)."""
     from dsdeploy.sources import load_model
+    from dsdeploy.fsutil import check_output
     from dsdeploy.tasks import convert_to_artifact
 
-    if not output.endswith(".dsd"):
-        raise click.BadParameter("the artifact name must end in .dsd", param_hint="--output")
+    check_output(output, kind="torch", suffixes=(".dsd",), what="--output",
+                 inputs=[("model", model), ("--weights file", weights), ("--calib-data", calib_data)])
     loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle)
     report = convert_to_artifact(loaded, output,
                                  _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout),

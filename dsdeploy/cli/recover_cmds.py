@@ -62,16 +62,17 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_j
     """Solve each converted layer's pointwise weights by least squares against the original
     model's convs on DATA (training-free), then re-estimate BatchNorm statistics."""
     from dsdeploy.calibrate import calibrate_artifact
+    from dsdeploy.fsutil import check_output, show
 
-    if not output.endswith(".dsd"):
-        raise click.BadParameter("the artifact name must end in .dsd", param_hint="--output")
+    check_output(output, kind="torch", suffixes=(".dsd",), what="--output",
+                 inputs=[("artifact", artifact), ("--data", data)])
     report = calibrate_artifact(artifact, data, output, max_batches=max_batches, batch_size=batch_size, seed=seed,
                                 ridge=ridge, progress=not as_json)
     if as_json:
         echo_json(report.to_dict())
     else:
         click.echo(report.render())
-        click.echo(f"wrote {output}")
+        click.echo(f"wrote {show(output)}")
 
 
 @cli.command()
@@ -119,10 +120,14 @@ def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, tim
     """Recover accuracy by distillation from the original model (logits, optionally the
     replaced blocks' outputs, plus labels when DATA has them)."""
     from dsdeploy.finetune import FinetuneConfig, finetune_artifact
+    from dsdeploy.fsutil import check_distinct, check_output, show
     from dsdeploy.schedule import parse_duration
 
-    if not output.endswith(".dsd"):
-        raise click.BadParameter("the artifact name must end in .dsd", param_hint="--output")
+    inputs = [("artifact", artifact), ("--data", data), ("--teacher", teacher), ("--teacher-weights", teacher_weights)]
+    check_output(output, kind="torch", suffixes=(".dsd",), what="--output", inputs=inputs)
+    if history is not None:
+        check_output(history, kind="text", what="--history", inputs=inputs)
+        check_distinct([("--output", output), ("--history", history)])
     budget = parse_duration(time_budget) if time_budget else None
     config = FinetuneConfig(mode=mode, epochs=epochs if epochs is not None else (None if budget else 10),
                             time_budget=budget, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
@@ -140,4 +145,4 @@ def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, tim
     click.echo(f"teacher {pct(result.teacher_accuracy)}, before {pct(result.accuracy_before)}, best "
                f"{pct(result.best_accuracy)} (epoch {result.best_epoch}); {result.epochs} epochs, "
                f"{result.steps} steps, {result.stopped}, {result.seconds:.0f}s")
-    click.echo(f"wrote {output} (history {result.history_file})")
+    click.echo(f"wrote {show(output)} (history {show(result.history_file)})")
