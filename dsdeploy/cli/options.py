@@ -124,11 +124,17 @@ def preprocess_options(func: Callable) -> Callable:
         if channels is not None:
             pre["channels"] = int(channels)
         logger = logging.getLogger("dsdeploy.preprocessing")
-        if not any(isinstance(h, _PrintOnce) for h in logger.handlers):
-            logger.addHandler(_PrintOnce())
-            logger.setLevel(logging.INFO)
-            logger.propagate = False
-        return func(*args, preprocess=pre or None, **kwargs)
+        handler = _PrintOnce()
+        logger.addHandler(handler)
+        level, propagate = logger.level, logger.propagate
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        try:
+            return func(*args, preprocess=pre or None, **kwargs)
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
 
     for opt in reversed(opts):
         wrapper = opt(wrapper)
