@@ -232,13 +232,13 @@ def input_shape_for(pre: Preprocess, given: Sequence[int] | None, own: Sequence[
     unless preprocessing was overridden, else ``pre.input_shape(1)``.
 
     Raises:
-        InputShapeError: ``given`` is a fixed NCHW shape that the preprocessing does not produce.
+        InputShapeError: ``given`` is a fixed NCHW shape that overridden preprocessing does not produce.
     """
     from dsdeploy.errors import InputShapeError
 
     if given:
         fixed = _image_shape(given)
-        if fixed is not None and fixed != (pre.channels, pre.size):
+        if overridden and fixed is not None and fixed != (pre.channels, pre.size):
             raise InputShapeError(f"the preprocessing makes {pre.channels}x{pre.size[0]}x{pre.size[1]} images but the "
                                   f"input shape is {'x'.join(map(str, given))}; give matching size/channels")
         return tuple(given)

@@ -317,3 +317,42 @@ def test_predict_py_decodes_like_dsdeploy_data(tmp_path):
         ours = (ours - np.broadcast_to(pre.mean, (c,))[:, None, None]) / np.broadcast_to(pre.std, (c,))[:, None, None]
         theirs = predict.load_image(str(tmp_path / name), pre.to_dict())
         assert theirs.shape == ours.shape and np.abs(theirs - ours).max() < 1e-5, name
+
+
+# ------------------------------------------------------------------------------ one split in run
+
+
+def test_run_makes_one_split_for_every_stage(tmp_path):
+    from dsdeploy.runner import run_recipe
+
+    data = images(tmp_path / "imgs", n=20, size=(16, 16))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'''
+[model]
+spec = "{HERE}:graynet"
+input_shape = [1, 1, 16, 16]
+[data]
+spec = "{data}"
+val_split = 0.3
+limit = 10
+[calibrate]
+batch_size = 4
+[finetune]
+epochs = 1
+batch_size = 8
+[export]
+enabled = false
+''')
+    res = run_recipe(recipe, tmp_path / "out")
+    rec = {name: r.get("result") or {} for name, r in res.records.items()}
+    splits = [rec["convert"]["calibration"]["split"], rec["finetune"]["split"], rec["evaluate"]["data_split"]]
+    assert all(s == splits[0] for s in splits), splits
+    assert splits[0]["val_split"] == 0.3 and splits[0]["limit"] == 10
+    assert splits[0]["train"] == 10 and splits[0]["val"] == 10  # data.limit caps each split
+    assert rec["convert"]["calibration"]["images"] <= splits[0]["train"]
+    # the split itself: same arguments, same members, and no held-out image among the training ones
+    s = load_data(str(data), resolve(None, (1, 1, 16, 16)), val_split=0.3, seed=0, limit=10)
+    assert s.split["digest"] == splits[0]["digest"]
+    assert not set(s.train.files or []) & set(s.val.files or [])
+    report = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert f"digest {splits[0]['digest']}" in report

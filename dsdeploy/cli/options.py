@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -95,6 +96,24 @@ class _PrintOnce(logging.Handler):
             click.echo(line, err=True)
 
 
+@contextlib.contextmanager
+def print_preprocessing() -> Iterator[None]:
+    """While active, each distinct resolved-preprocessing line (logger ``dsdeploy.preprocessing``)
+    is printed once on stderr."""
+    logger = logging.getLogger("dsdeploy.preprocessing")
+    handler = _PrintOnce()
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
 def preprocess_options(func: Callable) -> Callable:
     """Add --size, --resize, --mean, --std, --channels; the command gets ``preprocess`` (a dict of the
     keys given, for ``dsdeploy.preprocessing.resolve``) and the resolved preprocessing is printed once."""
@@ -123,18 +142,8 @@ def preprocess_options(func: Callable) -> Callable:
             pre["std"] = _floats(std, "--std")
         if channels is not None:
             pre["channels"] = int(channels)
-        logger = logging.getLogger("dsdeploy.preprocessing")
-        handler = _PrintOnce()
-        logger.addHandler(handler)
-        level, propagate = logger.level, logger.propagate
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-        try:
+        with print_preprocessing():
             return func(*args, preprocess=pre or None, **kwargs)
-        finally:
-            logger.removeHandler(handler)
-            logger.setLevel(level)
-            logger.propagate = propagate
 
     for opt in reversed(opts):
         wrapper = opt(wrapper)
