@@ -23,6 +23,7 @@ from dsdeploy.recipe import CALIB_BATCHES  # noqa: F401 (the one default, re-exp
 from dsdeploy.distill import call_order, evaluate
 from dsdeploy.errors import DataError
 from dsdeploy.layers import DSConv
+from dsdeploy.numbers import check_number
 from dsdeploy.plan import Plan
 from dsdeploy.rewrite import ds_blocks, original_convs
 
@@ -74,6 +75,26 @@ class CalibrationReport:
         if self.accuracy_before is not None and self.accuracy_after is not None:
             lines.append(f"accuracy {100 * self.accuracy_before:.2f}% -> {100 * self.accuracy_after:.2f}%")
         return "\n".join(lines)
+
+
+@dataclass
+class CalibrationParams:
+    """The numeric options of calibration, validated on construction (one line naming the field).
+
+    Attributes:
+        ridge: relative ridge of the least squares, ``>= 0`` and finite.
+        max_batches: use at most this many batches (None: all), ``>= 1``.
+        batch_size: images per calibration batch, ``>= 1``.
+    """
+
+    ridge: float = 1e-6
+    max_batches: int | None = CALIB_BATCHES
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        check_number(self.ridge, "calibrate ridge", low=0)
+        check_number(self.max_batches, "calibrate max_batches", low=1, integer=True, optional=True)
+        check_number(self.batch_size, "calibrate batch_size", low=1, integer=True)
 
 
 class _Stop(Exception):
@@ -188,6 +209,7 @@ def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterab
     """
     from tqdm import tqdm
 
+    CalibrationParams(ridge=ridge, max_batches=max_batches)
     t0 = time.perf_counter()
     report = CalibrationReport(ridge=ridge)
     blocks, convs = ds_blocks(student), original_convs(teacher, plan)
@@ -254,7 +276,9 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, max_batches: int | None =
 
     Only the BN layers downstream of the first DS block are reset (those whose inputs the
     conversion changed). Other layers stay in eval mode during the passes. Returns the
-    number of BN layers re-estimated; the model is left in eval mode.
+    number of BN layers re-estimated; the model is left in eval mode. Batches of one
+    image (e.g. a short last batch) are skipped: one image has no batch statistics.
+    Raises DataError when no batch has two images or more.
     """
     first = next(iter(_batches(loader, 1)), None)
     if first is None:
@@ -269,9 +293,17 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, max_batches: int | None =
             m.reset_running_stats()
             m.momentum = None
             m.train()
+        used = 0
         with torch.no_grad():
             for batch in _batches(loader, max_batches):
-                model(_inputs(batch))
+                x = _inputs(batch)
+                if x.shape[0] < 2:  # one image has no batch variance (BatchNorm1d refuses it); skip it
+                    continue
+                model(x)
+                used += 1
+        if used == 0:
+            raise DataError("BatchNorm re-estimation needs batches of at least 2 images; "
+                            "give more calibration images or a larger batch_size")
     finally:
         for m, momentum in saved:
             m.momentum = momentum
@@ -298,6 +330,7 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
     from dsdeploy.labels import check_outputs, output_count
     from dsdeploy.preprocessing import resolve
 
+    CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size)
     pre = resolve(preprocessing, data=data, model=teacher)
     splits = load_data(data, pre, seed=seed, labelled=False, val_split=val_split, limit=limit, model_labels=labels)
     calib = splits.train if splits.train is not None else splits.val
@@ -336,6 +369,7 @@ def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: 
     from dsdeploy.artifact import load_artifact, load_source_model, save_artifact
     from dsdeploy.preprocessing import resolve
 
+    CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size)
     art = load_artifact(artifact_path)
     teacher = load_source_model(art)
     pre = resolve(art.metadata.get("preprocessing"), art.metadata.get("input_shape"), preprocess, data=data,

@@ -104,16 +104,24 @@ def _images(spec: str, pre, *, split: str, limit: int | None, seed: int, labelle
 
 
 class _Calibration:
-    """An onnxruntime CalibrationDataReader over preprocessed images (batches of ``batch``)."""
+    """An onnxruntime CalibrationDataReader over preprocessed images (batches of ``batch``).
 
-    def __init__(self, name: str, images: np.ndarray, batch: int) -> None:
-        self.name, self.images, self.batch, self.pos = name, images, batch, 0
+    With ``fixed`` (a model exported with a static batch), every chunk has exactly
+    ``batch`` images: a short last chunk is filled with images from the start of the set
+    (real images, so the activation ranges stay those of the data; zeros would not be).
+    """
+
+    def __init__(self, name: str, images: np.ndarray, batch: int, fixed: bool = False) -> None:
+        self.name, self.images, self.batch, self.fixed, self.pos = name, images, batch, fixed, 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.pos >= len(self.images):
             return None
         chunk = self.images[self.pos:self.pos + self.batch]
         self.pos += self.batch
+        if self.fixed and len(chunk) < self.batch:
+            idx = np.arange(self.batch - len(chunk)) % len(self.images)
+            chunk = np.concatenate([chunk, self.images[idx]])
         return {self.name: chunk}
 
     def rewind(self) -> None:
@@ -164,7 +172,7 @@ def quantize_model(src: Path, dest: Path, mode: str, *, calib: np.ndarray | None
                              weight_type=QuantType.QUInt8)
         else:
             batch = fixed_batch or 16
-            reader = _Calibration(input_name, calib, batch)
+            reader = _Calibration(input_name, calib, batch, fixed=fixed_batch is not None)
             quantize_static(str(pre), str(dest), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             reduce_range=reduce_range, activation_type=QuantType.QInt8,
                             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)

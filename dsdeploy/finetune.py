@@ -26,6 +26,7 @@ from dsdeploy.checkpoint import (CheckpointError, SignalGuard, cpu_state_dict, i
 from dsdeploy.distill import Distiller, LossWeights, evaluate, following_norms, fresh_parameters, init_parameters
 from dsdeploy.errors import DataError, DsdeployError
 from dsdeploy.fsutil import write_json
+from dsdeploy.numbers import check_number
 from dsdeploy.schedule import Schedule, steps_for_budget
 
 MODES = ("none", "partial", "full")
@@ -63,18 +64,35 @@ class FinetuneConfig:
     history_path: str | None = None
     checkpoint_path: str | None = None
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        """Raise a DsdeployError naming the first option out of range (NaN/inf always are)."""
         if self.mode not in MODES:
-            raise DsdeployError(f"unknown --mode {self.mode!r}; choose one of {', '.join(MODES)}")
+            raise DsdeployError(f"unknown finetune mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.optimizer not in ("sgd", "adamw"):
-            raise DsdeployError(f"unknown --optimizer {self.optimizer!r}; choose sgd or adamw")
+            raise DsdeployError(f"unknown finetune optimizer {self.optimizer!r}; choose sgd or adamw")
         if self.init not in ("xavier", "he", "none"):
-            raise DsdeployError(f"unknown --init {self.init!r}; choose xavier, he or none")
+            raise DsdeployError(f"unknown finetune init {self.init!r}; choose xavier, he or none")
+        check_number(self.epochs, "finetune epochs", low=0, integer=True, optional=True)
+        check_number(self.time_budget, "finetune time_budget (seconds)", low=0, low_open=True, optional=True)
         if self.mode != "none" and not self.epochs and not self.time_budget:
-            raise DsdeployError("give --epochs N or --time-budget DURATION")
-        if self.batch_size < 1 or (self.epochs is not None and self.epochs < 0):
-            raise DsdeployError("--batch-size must be >= 1 and --epochs >= 0")
-        Schedule(self.schedule, self.lr).validate()
+            raise DsdeployError("finetune needs epochs >= 1 or a time_budget")
+        check_number(self.batch_size, "finetune batch_size", low=1, integer=True)
+        check_number(self.lr, "finetune lr", low=0, low_open=True)
+        check_number(self.momentum, "finetune momentum", low=0, high=1, high_open=True)
+        check_number(self.weight_decay, "finetune weight_decay", low=0)
+        check_number(self.warmup_epochs, "finetune warmup_epochs", low=0)
+        for name in ("kd_weight", "feature_weight", "ce_weight"):
+            check_number(getattr(self, name), f"finetune {name}", low=0)
+        if self.kd_weight + self.feature_weight + self.ce_weight <= 0:
+            raise DsdeployError("finetune kd_weight, feature_weight and ce_weight are all 0: nothing to train for")
+        check_number(self.temperature, "finetune temperature", low=0, low_open=True)
+        check_number(self.clip_grad, "finetune clip_grad (0 or None disables it)", low=0, optional=True)
+        check_number(self.patience, "finetune patience", low=0, integer=True, optional=True)
+        check_number(self.seed, "finetune seed", low=0, integer=True)
+        Schedule(self.schedule, self.lr)
 
     def trajectory(self) -> dict[str, Any]:
         """The options that determine the weights (compared on resume)."""
@@ -119,6 +137,23 @@ def _seed_epoch(dataset: Any, seed: int) -> None:
         dataset.set_epoch_seed(seed)
     elif isinstance(getattr(dataset, "_gen", None), torch.Generator):  # dsdeploy.data.ImageDataset augmentation
         dataset._gen.manual_seed(seed)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch of :func:`train_loader` (a short last batch is dropped)."""
+    return max(1, n // batch_size) if n > batch_size else 1
+
+
+def train_loader(dataset: Any, batch_size: int, seed: int) -> Any:
+    """The shuffled training loader of one epoch (order fixed by ``seed``).
+
+    When the split holds more than one batch, the short last batch is dropped: a batch of
+    one image cannot train BatchNorm (``BatchNorm1d`` refuses it, 2d gets a zero variance).
+    """
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
+                      num_workers=0, drop_last=len(dataset) > batch_size)
 
 
 def trainable_modules(student: nn.Module, mode: str, example: torch.Tensor) -> list[nn.Module]:
@@ -206,7 +241,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: Any, config: F
         p.requires_grad_(id(p) in train_ids)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = _optimizer(params, config)
-    spe = -(-len(data.train) // config.batch_size)
+    spe = steps_per_epoch(len(data.train), config.batch_size)
     sched = Schedule(config.schedule, config.lr, total_steps=(config.epochs or 10 ** 6) * spe,
                      warmup_steps=round(config.warmup_epochs * spe))
     st: dict[str, Any] = {"epoch": 0, "step": 0, "best_acc": None, "best_epoch": -1, "best_state": None,
@@ -281,14 +316,12 @@ def _train_epoch(distiller: Distiller, modules, params, opt, sched: Schedule, tr
     """
     from tqdm import tqdm
 
-    from dsdeploy.data import make_loader
-
     spe, eval_images, run_start = timing
     eval_s = 0.0
 
     seed = epoch_seed(cfg.seed, st["epoch"])
     _seed_epoch(train, seed)
-    loader = make_loader(train, cfg.batch_size, shuffle=True, seed=seed)
+    loader = train_loader(train, cfg.batch_size, seed)
     _set_train(distiller.student, modules)
     bar = tqdm(loader, total=min(spe, sched.total_steps - st["step"]), desc=f"epoch {st['epoch'] + 1}",
                unit="batch", disable=not cfg.progress, leave=False)

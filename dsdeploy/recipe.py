@@ -273,8 +273,6 @@ def validate(r: Recipe, src: str) -> None:
         raise RecipeError(f"{src}: preprocess.channels must be 1, 3 or 4, got {p.channels}")
     if p.resize is not None and p.resize < 0:
         raise RecipeError(f"{src}: preprocess.resize must be >= 0 (0: resize straight to size), got {p.resize}")
-    if r.calibrate.batches < 1:
-        raise RecipeError(f"{src}: calibrate.batches must be >= 1, got {r.calibrate.batches}")
     if r.data.limit is not None and r.data.limit < 1:
         raise RecipeError(f"{src}: data.limit must be >= 1, got {r.data.limit}")
     if not 0 <= r.data.val_split < 1:
@@ -290,6 +288,26 @@ def validate(r: Recipe, src: str) -> None:
         raise RecipeError(f"{src}: deploy.max_accuracy_drop must be >= 0 (top-1 points)")
     if r.bench.warmup < 0 or r.deploy.latency_iters < 0:
         raise RecipeError(f"{src}: bench.warmup and deploy.latency_iters must be >= 0")
+    _check_numbers(r, src)
+
+
+def _check_numbers(r: Recipe, src: str) -> None:
+    """The calibrate/finetune numbers, checked by the library's own config dataclasses."""
+    from dsdeploy.calibrate import CalibrationParams
+    from dsdeploy.finetune import FinetuneConfig
+
+    c, f = r.calibrate, r.finetune
+    try:
+        CalibrationParams(ridge=c.ridge, max_batches=c.batches, batch_size=c.batch_size)
+    except DsdeployError as exc:
+        raise RecipeError(f"{src}: {str(exc).replace('calibrate max_batches', 'calibrate.batches')}") from None
+    numbers = {k: getattr(f, k) for k in ("lr", "momentum", "weight_decay", "warmup_epochs", "kd_weight",
+                                          "feature_weight", "ce_weight", "temperature", "clip_grad", "patience",
+                                          "batch_size")}
+    try:
+        FinetuneConfig(mode=f.mode, epochs=f.epochs if f.epochs is not None else 10, **numbers)
+    except DsdeployError as exc:
+        raise RecipeError(f"{src}: {str(exc).replace('finetune ', 'finetune.', 1)}") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -102,6 +102,10 @@ def convert_to_artifact(loaded: LoadedModel, out: str | Path, policy: Policy,
         model, entry = calibrate_on_data(model, loaded.model, res.plan, calib_data, pre,
                                          max_batches=calib_batches, seed=seed, labels=loaded.labels)
         history.append(entry)
+    from dsdeploy.rewrite import verify_rebuild
+    from dsdeploy.sources import build_source
+
+    verify_rebuild(build_source(loaded.spec, loaded.model_kwargs).model, res.plan, model)
     metadata = {"input_shape": list(shape), "preprocessing": loaded.preprocessing, "labels": loaded.labels,
                 "conv_macs_before": res.before.conv_macs, "conv_macs_after": res.after.conv_macs}
     save_artifact(out, model, res.plan, source_record(loaded.spec, loaded.model_kwargs, loaded.weights),
