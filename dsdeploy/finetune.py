@@ -115,6 +115,7 @@ class FinetuneResult:
     checkpoint: str | None = None
     history_file: str | None = None
     resumed_from: int | None = None
+    split: dict[str, Any] | None = None  # the data split used (dsdeploy.labels.split_record)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -386,26 +387,36 @@ def _save(path: Path, student: nn.Module, opt, sched: Schedule, st: dict[str, An
 
 def finetune_artifact(student_path: str | Path, data: str, out: str | Path, config: FinetuneConfig, *,
                       teacher: str | None = None, teacher_weights: str | None = None, resume: bool = False,
-                      limit: int | None = None) -> FinetuneResult:
+                      limit: int | None = None, preprocess: dict[str, Any] | None = None,
+                      val_split: float = 0.2) -> FinetuneResult:
     """``dsdeploy finetune``: fine-tune a .dsd against its source model (or ``teacher``); write the best to ``out``.
 
     ``out`` is rewritten whenever validation improves, so it always holds the best weights so far.
     The checkpoint records the digests of the student, data, split and teacher; ``resume`` with
     any of them changed raises CheckpointError naming what differs.
+    Data: ``load_data(data, val_split=, seed=config.seed, limit=)`` preprocessed per
+    :func:`dsdeploy.preprocessing.resolve` (the artifact's own, ``preprocess`` overrides), labels
+    mapped to the artifact's recorded labels by name; more data classes than outputs is a DataError.
     """
     from dsdeploy.artifact import load_artifact, save_artifact
-    from dsdeploy.data import Preprocess, load_data
+    from dsdeploy.data import load_data
     from dsdeploy.distill import load_teacher
+    from dsdeploy.labels import check_outputs, output_count
+    from dsdeploy.preprocessing import resolve
 
     config.validate()
     started = time.perf_counter()
-    identity = run_identity(student=student_path, data=data, limit=limit, val_split=0.2, teacher=teacher,
+    identity = run_identity(student=student_path, data=data, limit=limit, val_split=val_split, teacher=teacher,
                             teacher_weights=teacher_weights)
     art = load_artifact(student_path)
     teacher_model = load_teacher(art, teacher, teacher_weights)
-    pre = art.metadata.get("preprocessing")
-    preprocess = Preprocess.from_dict(pre, augment=config.augment) if pre else None
-    splits = load_data(data, preprocess, seed=config.seed, labelled=False, limit=limit)
+    pre = resolve(art.metadata.get("preprocessing"), art.metadata.get("input_shape"), preprocess, data=data,
+                  model=art.model, augment=config.augment)
+    splits = load_data(data, pre, seed=config.seed, labelled=False, limit=limit, val_split=val_split,
+                       model_labels=art.metadata.get("labels"))
+    if splits.classes and splits.train is not None and len(splits.train):
+        check_outputs(splits.classes, output_count(art.model, splits.train[0][0][None]), f"{student_path}")
+    art.metadata = {**art.metadata, "preprocessing": pre.to_dict()}  # what the model was trained with
 
     def entry(res: FinetuneResult | None, record: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         info = res.history_entry(config, data=data) if res else {"stage": "finetune", "data": data,
@@ -419,5 +430,6 @@ def finetune_artifact(student_path: str | Path, data: str, out: str | Path, conf
     result = finetune(art.model, teacher_model, splits, config, out_path=out, resume=resume,
                       on_best=lambda model, record: save(model, entry(None, record)), started=started,
                       identity=identity)
+    result.split = splits.split
     save(art.model, entry(result))
     return result

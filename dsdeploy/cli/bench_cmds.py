@@ -7,7 +7,7 @@ import re
 import click
 
 from dsdeploy.cli import cli
-from dsdeploy.cli.options import echo_json
+from dsdeploy.cli.options import echo_json, preprocess_options
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -64,6 +64,7 @@ def check_report_paths(models, data: str | None, **paths: str | None) -> None:
 @click.option("--duration", default=None, metavar="10s", help="Time runs for this long instead of --iters.")
 @click.option("--data", default=None, metavar="DATA",
               help="'digits' or an image folder: real inputs, and top-1 agreement with the CPU EP.")
+@preprocess_options
 @click.option("--ep-option", "ep_options", multiple=True, metavar="EP:KEY=VALUE",
               help="Provider option, repeatable: openvino:precision=bf16, tensorrt:trt_fp16_enable=1, ...")
 @click.option("--skip-unavailable", is_flag=True, help="Skip requested EPs that are not available instead of failing.")
@@ -73,7 +74,7 @@ def check_report_paths(models, data: str | None, **paths: str | None) -> None:
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None, help="Write a Markdown report.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write a PNG latency plot.")
 def bench(models, providers, batch, threads, warmup, iters, duration, data, ep_options, skip_unavailable, seed,
-          json_path, csv_path, markdown_path, plot_path):
+          json_path, csv_path, markdown_path, plot_path, preprocess):
     """Latency of ONNX MODELs on ONNX Runtime EPs, with parity against the CPU EP.
 
     With two or more models the first is the baseline: the table shows each model's
@@ -93,7 +94,7 @@ def bench(models, providers, batch, threads, warmup, iters, duration, data, ep_o
     cfg = BenchConfig(providers=parse_list(providers, "--providers"), batches=parse_ints(batch, "--batch"),
                       threads=threads, warmup=warmup, iters=None if secs else (iters or 50), duration=secs,
                       data=data, ep_options=parse_ep_options(ep_options), skip_unavailable=skip_unavailable,
-                      seed=seed)
+                      seed=seed, preprocess=preprocess)
     total = len(models) * len(cfg.batches) * len(cfg.providers)
     bars: list = []  # opened on the first run, so input errors print one line and no bar
 

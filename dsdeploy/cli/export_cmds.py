@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from dsdeploy.cli import cli
-from dsdeploy.cli.options import echo_json, model_options, parse_kwargs, parse_shape
+from dsdeploy.cli.options import echo_json, model_options, parse_kwargs, parse_shape, preprocess_options
 
 
 def _worst(parity: list) -> str:
@@ -27,13 +27,14 @@ def _worst(parity: list) -> str:
 @click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
               help="torch.onnx exporter (torchscript = dynamo=False, robust for CNNs).")
 @click.option("--data", default=None, metavar="DATA", help="Also check parity on real images: 'digits' or a folder.")
+@preprocess_options
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity: absolute tolerance.")
 @click.option("--rtol", type=float, default=1e-4, show_default=True,
               help="Parity: tolerance relative to the output's max |value|.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 def export(model: str, output: str, weights: str | None, model_kwargs: str | None, trust_pickle: bool,
            input_shape: str | None, opset: int, dynamic_batch: bool, simplify: bool, exporter: str,
-           data: str | None, atol: float, rtol: float, as_json: bool) -> None:
+           data: str | None, atol: float, rtol: float, as_json: bool, preprocess: dict | None) -> None:
     """Export MODEL to ONNX, gated by parity against torch on ONNX Runtime (CPU EP)."""
     from dsdeploy.export import export_model
     from dsdeploy.fsutil import check_output, show
@@ -42,7 +43,8 @@ def export(model: str, output: str, weights: str | None, model_kwargs: str | Non
                  inputs=[("model", model), ("--weights file", weights), ("--data", data)])
     rep = export_model(model, output, weights=weights, model_kwargs=parse_kwargs(model_kwargs),
                        trust_pickle=trust_pickle, input_shape=parse_shape(input_shape), data=data, opset=opset,
-                       dynamic_batch=dynamic_batch, simplify=simplify, exporter=exporter, atol=atol, rtol=rtol)
+                       dynamic_batch=dynamic_batch, simplify=simplify, exporter=exporter, atol=atol, rtol=rtol,
+                       preprocess=preprocess)
     if as_json:
         echo_json(rep.to_dict())
         return
@@ -67,6 +69,7 @@ def export(model: str, output: str, weights: str | None, model_kwargs: str | Non
               show_default=True, help="int8 = static QDQ per-channel (needs --calib-data).")
 @click.option("--calib-data", default=None, metavar="DATA", help="Images to calibrate INT8 on: 'digits' or a folder.")
 @click.option("--eval-data", default=None, metavar="DATA", help="Labelled images: record accuracy vs the fp32 model.")
+@preprocess_options
 @click.option("--max-accuracy-drop", type=float, default=None, metavar="PTS",
               help="Fail (nothing written) when top-1 drops more than PTS points.")
 @click.option("--ort-format", is_flag=True, help="Also write model.ort for ONNX Runtime Mobile.")
@@ -79,14 +82,14 @@ def export(model: str, output: str, weights: str | None, model_kwargs: str | Non
 @click.option("--json", "as_json", is_flag=True, help="Print the deploy report as JSON.")
 def deploy(onnx_model: str, output: str, quantize: str, calib_data: str | None, eval_data: str | None,
            max_accuracy_drop: float | None, ort_format: bool, reduce_range: bool | None, threads: int | None,
-           overwrite: bool, as_json: bool) -> None:
+           overwrite: bool, as_json: bool, preprocess: dict | None) -> None:
     """Package ONNX_MODEL into a bundle: model, manifest.json, standalone predict.py."""
     from dsdeploy.deploy import deploy as build
     from dsdeploy.fsutil import show
 
     rep = build(onnx_model, output, quantize=quantize, calib_data=calib_data, eval_data=eval_data,
                 max_accuracy_drop=max_accuracy_drop, ort_format=ort_format, reduce_range=reduce_range,
-                threads=threads, overwrite=overwrite)
+                threads=threads, overwrite=overwrite, preprocess=preprocess)
     if as_json:
         echo_json(rep.to_dict())
         return

@@ -7,7 +7,7 @@ import sys
 import click
 
 from dsdeploy.cli import cli
-from dsdeploy.cli.options import echo_json
+from dsdeploy.cli.options import echo_json, print_preprocessing
 
 
 def _print_summary(result, as_json: bool) -> None:
@@ -43,8 +43,9 @@ def run(recipe, data, weights, out, overrides, as_json):
     reported "cached" and skipped; an interrupted fine-tuning continues from its checkpoint."""
     from dsdeploy.runner import run_recipe
 
-    result = run_recipe(recipe, out, data=data, weights=weights, overrides=list(overrides),
-                        progress=sys.stderr.isatty() and not as_json)
+    with print_preprocessing():
+        result = run_recipe(recipe, out, data=data, weights=weights, overrides=list(overrides),
+                            progress=sys.stderr.isatty() and not as_json)
     _print_summary(result, as_json)
 
 
