@@ -307,11 +307,12 @@ def provenance(loaded: Any) -> dict[str, Any]:
 
 def data_samples(spec: str, preprocessing: dict[str, Any] | None, shape: tuple[int, ...], count: int = 16,
                  seed: int = 0) -> torch.Tensor:
-    """``count`` real preprocessed images from ``spec`` (dsdeploy.data), shaped like the model input."""
-    from dsdeploy.data import Preprocess, load_data
+    """``count`` real preprocessed images from ``spec`` (dsdeploy.data), shaped like the model input;
+    preprocessing per :func:`dsdeploy.preprocessing.resolve` (``preprocessing`` > derived from ``shape``)."""
+    from dsdeploy.data import load_data
+    from dsdeploy.preprocessing import resolve
 
-    pre = Preprocess.from_dict(preprocessing) if preprocessing else (
-        None if spec == "digits" else Preprocess(size=(shape[2], shape[3]), resize=None, channels=shape[1]))
+    pre = resolve(preprocessing, shape, data=spec)
     splits = load_data(spec, pre, seed=seed, labelled=False, limit=count)
     ds = splits.val if splits.val is not None and len(splits.val) else splits.train
     x = torch.stack([ds[i][0] for i in range(min(count, len(ds)))])
@@ -322,8 +323,12 @@ def data_samples(spec: str, preprocessing: dict[str, Any] | None, shape: tuple[i
 
 def export_model(spec: str, out: str | Path, *, weights: str | None = None, model_kwargs: dict | None = None,
                  trust_pickle: bool = False, input_shape: tuple[int, ...] | None = None, data: str | None = None,
-                 compare_original: bool = True, trust_code: bool = False, **kwargs: Any) -> ExportReport:
+                 compare_original: bool = True, preprocess: dict[str, Any] | None = None, trust_code: bool = False,
+                 **kwargs: Any) -> ExportReport:
     """``dsdeploy export``: load ``spec`` (dsdeploy.sources.load_model) and :func:`export_onnx` it with provenance.
+
+    The ONNX metadata records the resolved preprocessing (``preprocess`` overrides > the model's
+    own > derived from the input shape; :mod:`dsdeploy.preprocessing`) so bundles can predict.
 
     For a ``.dsd`` artifact the original ARCHITECTURE is exported too (to a temporary file,
     before ``out`` is written, random init: the source weights are never needed) so the report
@@ -332,9 +337,14 @@ def export_model(spec: str, out: str | Path, *, weights: str | None = None, mode
     """
     from dsdeploy.sources import load_model
 
+    from dsdeploy.preprocessing import input_shape_for, resolve
+
     loaded = load_model(spec, weights=weights, model_kwargs=model_kwargs, trust_pickle=trust_pickle,
                         trust_code=trust_code)
-    shape = loaded.shape_or_default(input_shape)
+    pre = resolve(loaded.preprocessing, input_shape or loaded.input_shape, preprocess, data=data, model=loaded.model)
+    shape = input_shape_for(pre, input_shape, loaded.input_shape, bool(preprocess))
+    if pre.channels == shape[1] and tuple(pre.size) == tuple(shape[2:]):
+        loaded.preprocessing = pre.to_dict()
     samples = data_samples(data, loaded.preprocessing, shape, seed=kwargs.get("seed", 0)) if data else None
     original = None
     if compare_original and loaded.artifact is not None:

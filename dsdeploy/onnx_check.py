@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dsdeploy.errors import ExportError
-from dsdeploy.fsutil import require_file
+from dsdeploy.fsutil import require_file, utf8
 
 META_PREFIX = "dsdeploy."
 META_PREPROCESSING = "dsdeploy.preprocessing"
@@ -87,7 +87,7 @@ def set_metadata(model, values: dict[str, Any]) -> None:
     del model.metadata_props[:]
     for k, v in current.items():
         entry = model.metadata_props.add()
-        entry.key, entry.value = k, v
+        entry.key, entry.value = k, utf8(v)  # a path in a value may hold undecodable bytes
 
 
 def op_counts(model) -> dict[str, int]:
