@@ -11,14 +11,15 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from dsdeploy import __version__
-from dsdeploy.checkpoints import check_state_dict, load_weights, torch_load
-from dsdeploy.errors import ArtifactError, WeightsError
+from dsdeploy.artifact_check import check_payload, plan_of, rebuild, show
+from dsdeploy.checkpoints import load_weights, torch_load
+from dsdeploy.errors import ArtifactError, SourceError, WeightsError
 from dsdeploy.fsutil import atomic_path, sha256_file
 from dsdeploy.plan import Plan
 
@@ -36,6 +37,7 @@ class Artifact:
     metadata: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     path: str | None = None
+    builder: Callable[..., Any] | None = None  # the factory that rebuilt a pkg.module:factory source
 
 
 def source_record(spec: str, model_kwargs: dict[str, Any] | None = None, weights: str | None = None) -> dict[str, Any]:
@@ -69,51 +71,84 @@ def save_artifact(path: str | Path, model: nn.Module, plan: Plan, source: dict[s
 
 
 def read_payload(path: str | Path) -> dict[str, Any]:
-    """Load and validate the raw artifact dict (weights_only)."""
+    """Load and validate the raw artifact dict (``weights_only``; imports and calls nothing).
+
+    Raises:
+        ArtifactError: not an artifact, another format version, or any part of the wrong
+        type (source record, plan, metadata, history, state_dict of dense CPU tensors).
+    """
     try:
         payload = torch_load(path, what=".dsd artifact")
     except WeightsError as exc:
         raise ArtifactError(str(exc).replace("checkpoint", ".dsd artifact")) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or not isinstance(payload.get("format"), str) or payload["format"] != FORMAT:
         raise ArtifactError(f"{path} is not a dsdeploy artifact (write one with `dsdeploy convert`)")
     version = payload.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ArtifactError(f"{path} uses artifact format version {version}; this dsdeploy {__version__} reads "
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise ArtifactError(f"{path} uses artifact format version {show(version)}; this dsdeploy {__version__} reads "
                             f"version {FORMAT_VERSION}: re-run `dsdeploy convert` with this version")
     missing = [k for k in ("source", "plan", "state_dict") if k not in payload]
     if missing:
         raise ArtifactError(f"{path} is incomplete: missing {', '.join(missing)}")
+    check_payload(payload, str(path))
     return payload
 
 
-def load_artifact(path: str | Path) -> Artifact:
-    """Rebuild the converted model stored in ``path`` (eval mode, identical outputs)."""
-    from dsdeploy.rewrite import apply_plan
+def load_artifact(path: str | Path, *, trust_code: bool = False,
+                  factory: Callable[..., Any] | None = None) -> Artifact:
+    """Rebuild the converted model stored in ``path`` (eval mode, identical outputs).
+
+    The source architecture is rebuilt from the recorded spec: ``torchvision:``/``sample:``
+    specs always; a recorded ``pkg.module:factory`` only with ``trust_code=True`` or when
+    ``factory`` (the callable that builds it) is passed.
+
+    Raises:
+        ArtifactError: a corrupt or crafted file, or an untrusted recorded factory.
+    """
     from dsdeploy.sources import build_source
 
     payload = read_payload(path)
     source = payload["source"]
-    plan = Plan.from_dict(payload["plan"])
-    base = build_source(source["spec"], source.get("model_kwargs")).model
-    model = apply_plan(base, plan, init_from_weights=False)
-    check_state_dict(model, payload["state_dict"], str(path))
-    model.load_state_dict(payload["state_dict"], strict=True)
+    plan = plan_of(payload, str(path))
+    try:
+        loaded = build_source(source["spec"], source.get("model_kwargs"), recorded_in=str(path),
+                              trust_code=trust_code, factory=factory)
+    except SourceError as exc:
+        raise ArtifactError(f"{path}: its source model cannot be rebuilt: {exc}") from None
+    model = rebuild(loaded.model, plan, payload["state_dict"], str(path))
     return Artifact(model=model.eval(), plan=plan, source=source, metadata=dict(payload.get("metadata") or {}),
-                    history=list(payload.get("history") or []), path=str(path))
+                    history=list(payload.get("history") or []), path=str(path), builder=loaded.builder)
 
 
-def load_source_model(artifact: Artifact) -> nn.Module:
-    """The ORIGINAL model an artifact was converted from (the default distillation teacher)."""
+def source_architecture(artifact: Artifact, *, trust_code: bool = False,
+                        factory: Callable[..., Any] | None = None) -> nn.Module:
+    """The source model's architecture (random init for factories/torchvision; no weights file read).
+
+    Reuses the factory that rebuilt ``artifact``; otherwise the same trust rule as :func:`load_artifact`.
+    """
     from dsdeploy.sources import build_source
 
     src = artifact.source
-    model = build_source(src["spec"], src.get("model_kwargs")).model
+    return build_source(src["spec"], src.get("model_kwargs"), recorded_in=artifact.path or "the artifact",
+                        trust_code=trust_code, factory=factory or artifact.builder).model.eval()
+
+
+def load_source_model(artifact: Artifact, *, trust_code: bool = False,
+                      factory: Callable[..., Any] | None = None) -> nn.Module:
+    """The ORIGINAL model an artifact was converted from (the default distillation teacher).
+
+    Its architecture as :func:`source_architecture`, then the recorded source weights
+    (``weights_only``), which must still exist and match their recorded sha256.
+    """
+    src = artifact.source
+    model = source_architecture(artifact, trust_code=trust_code, factory=factory)
     weights = src.get("weights")
     if weights:
         if not Path(weights).is_file():
-            raise ArtifactError(f"the source weights {weights} recorded in the artifact are gone; pass --teacher")
+            raise ArtifactError(f"the source weights {weights} recorded in {artifact.path} are gone; restore the "
+                                f"file")
         if src.get("weights_sha256") and sha256_file(weights) != src["weights_sha256"]:
-            raise ArtifactError(f"the source weights {weights} changed since conversion (sha256 differs); "
-                                f"pass --teacher")
+            raise ArtifactError(f"the source weights {weights} changed since {artifact.path} was converted (sha256 "
+                                f"differs); restore the file")
         load_weights(model, weights)
     return model.eval()

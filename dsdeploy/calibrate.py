@@ -360,17 +360,18 @@ def calibrate_on_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: st
 def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: int | None = CALIB_BATCHES,
                        batch_size: int = 64, seed: int = 0, ridge: float = 1e-6, progress: bool = True,
                        preprocess: dict[str, Any] | None = None, val_split: float = 0.2,
-                       limit: int | None = None) -> CalibrationReport:
+                       limit: int | None = None, trust_code: bool = False) -> CalibrationReport:
     """``dsdeploy calibrate``: load a .dsd, calibrate it against its source model, write ``out``.
 
     The preprocessing is :func:`dsdeploy.preprocessing.resolve` of the artifact's recorded
     preprocessing and input shape with ``preprocess`` overrides; ``out`` records what was used.
+    ``trust_code``: import the ``pkg.module:factory`` the artifact records (see :mod:`dsdeploy.trust`).
     """
     from dsdeploy.artifact import load_artifact, load_source_model, save_artifact
     from dsdeploy.preprocessing import resolve
 
     CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size)
-    art = load_artifact(artifact_path)
+    art = load_artifact(artifact_path, trust_code=trust_code)
     teacher = load_source_model(art)
     pre = resolve(art.metadata.get("preprocessing"), art.metadata.get("input_shape"), preprocess, data=data,
                   model=teacher)

@@ -393,9 +393,9 @@ def build_bundle(onnx_path: str | Path, out_dir: str | Path, *, artifact: str | 
     preprocessing/labels of the ``.dsd`` ``artifact`` used where the ONNX metadata lacks them."""
     meta: dict[str, Any] = {}
     if artifact is not None:
-        from dsdeploy.artifact import load_artifact
+        from dsdeploy.artifact import read_payload  # metadata only: no model is rebuilt, no code imported
 
-        meta = load_artifact(artifact).metadata or {}
+        meta = read_payload(artifact).get("metadata") or {}
     return deploy(onnx_path, out_dir, quantize=quantize, ort_format=ort_format, calib_data=data,
                   eval_data=data,
                   max_accuracy_drop=max_accuracy_drop, seed=seed, preprocessing=meta.get("preprocessing"),

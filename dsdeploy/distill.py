@@ -233,12 +233,23 @@ def evaluate(model: nn.Module, loader: Iterable, max_batches: int | None = None,
     return correct / total if total else None
 
 
-def load_teacher(artifact, spec: str | None = None, weights: str | None = None) -> nn.Module:
-    """The distillation teacher: ``spec`` (+ ``weights``) when given, else the artifact's source model."""
+def load_teacher(artifact, spec: str | None = None, weights: str | None = None, *,
+                 trust_code: bool = False) -> nn.Module:
+    """The distillation teacher: ``spec`` (+ ``weights``) when given, else the artifact's source model.
+
+    ``trust_code`` as in :func:`dsdeploy.sources.load_model` (a ``.dsd`` teacher's or the
+    artifact's recorded factory); a source whose weights are gone names the ``teacher`` argument.
+    """
     if spec:
         from dsdeploy.sources import load_model
 
-        return load_model(spec, weights).model.eval()
+        return load_model(spec, weights, trust_code=trust_code).model.eval()
     from dsdeploy.artifact import load_source_model
+    from dsdeploy.errors import ArtifactError
 
-    return load_source_model(artifact)
+    try:
+        return load_source_model(artifact, trust_code=trust_code)
+    except ArtifactError as exc:
+        if "source weights" not in str(exc):
+            raise
+        raise ArtifactError(f"{exc}, or give the original model as the teacher") from None

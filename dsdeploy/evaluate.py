@@ -25,12 +25,14 @@ log = logging.getLogger(__name__)
 METRIC_KEYS = ("top1", "top5", "precision", "recall", "f1")
 
 
-def _loaded(model: Any, weights: str | None, model_kwargs: dict | None, trust_pickle: bool) -> Any:
+def _loaded(model: Any, weights: str | None, model_kwargs: dict | None, trust_pickle: bool,
+            trust_code: bool = False) -> Any:
     """A spec string -> ``sources.load_model``; anything with ``.model`` is used as is; a bare module is wrapped."""
     if isinstance(model, str):
         from dsdeploy.sources import load_model
 
-        return load_model(model, weights=weights, model_kwargs=model_kwargs, trust_pickle=trust_pickle)
+        return load_model(model, weights=weights, model_kwargs=model_kwargs, trust_pickle=trust_pickle,
+                          trust_code=trust_code)
     if isinstance(model, nn.Module):
         from types import SimpleNamespace
 
@@ -70,8 +72,8 @@ def _score(loaded: Any, splits: DataSplits, split: str, batch_size: int, progres
 def evaluate(model: Any, data: str, *, compare: Any = None, weights: str | None = None,
              compare_weights: str | None = None, model_kwargs: dict | None = None, trust_pickle: bool = False,
              batch_size: int = 256, split: str = "val", val_split: float = 0.2, seed: int = 0,
-             limit: int | None = None, preprocess: Preprocess | dict | None = None, progress: bool = False
-             ) -> dict[str, Any]:
+             limit: int | None = None, preprocess: Preprocess | dict | None = None, progress: bool = False,
+             trust_code: bool = False) -> dict[str, Any]:
     """Evaluate ``model`` (and ``compare``, side by side) on ``data``; return a JSON-able dict.
 
     ``model``/``compare``: a spec for ``sources.load_model``, a ``LoadedModel``-like object
@@ -82,12 +84,13 @@ def evaluate(model: Any, data: str, *, compare: Any = None, weights: str | None 
     Result: ``{"data", "split", "images", "skipped", "classes", "models": [{"model",
     "metrics", "seconds", "preprocessing"}, ...]}`` plus, with ``compare``, ``"delta"``
     (compare minus model, per metric) and ``"agreement"`` (fraction of equal predictions).
+    ``trust_code``: import the ``pkg.module:factory`` a ``.dsd`` spec records (:mod:`dsdeploy.trust`).
     """
     if split not in ("train", "val"):
         raise DataError(f"split must be 'train' or 'val', got {split!r}")
-    entries = [_loaded(model, weights, model_kwargs, trust_pickle)]
+    entries = [_loaded(model, weights, model_kwargs, trust_pickle, trust_code)]
     if compare is not None:
-        entries.append(_loaded(compare, compare_weights, model_kwargs, trust_pickle))
+        entries.append(_loaded(compare, compare_weights, model_kwargs, trust_pickle, trust_code))
     cache: dict[str, DataSplits] = {}
     results = []
     for loaded in entries:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dsdeploy import __version__
-from dsdeploy.errors import ExportError, InputShapeError, ParityError
+from dsdeploy.errors import DsdeployError, ExportError, InputShapeError, ParityError
 from dsdeploy.fsutil import atomic_path
 from dsdeploy.onnx_check import (META_CONV_MACS, META_LABELS, META_PREPROCESSING, check_ds_structure, check_model,
                                  fold_bn_after_conv_sum, load_onnx, set_metadata, summarize)
@@ -323,33 +323,44 @@ def data_samples(spec: str, preprocessing: dict[str, Any] | None, shape: tuple[i
 
 def export_model(spec: str, out: str | Path, *, weights: str | None = None, model_kwargs: dict | None = None,
                  trust_pickle: bool = False, input_shape: tuple[int, ...] | None = None, data: str | None = None,
-                 compare_original: bool = True, preprocess: dict[str, Any] | None = None,
+                 compare_original: bool = True, preprocess: dict[str, Any] | None = None, trust_code: bool = False,
                  **kwargs: Any) -> ExportReport:
     """``dsdeploy export``: load ``spec`` (dsdeploy.sources.load_model) and :func:`export_onnx` it with provenance.
 
     The ONNX metadata records the resolved preprocessing (``preprocess`` overrides > the model's
     own > derived from the input shape; :mod:`dsdeploy.preprocessing`) so bundles can predict.
 
-    For a ``.dsd`` artifact the original model is exported too (to a temporary file) so the
-    report holds op counts and conv MACs before/after conversion.
+    For a ``.dsd`` artifact the original ARCHITECTURE is exported too (to a temporary file,
+    before ``out`` is written, random init: the source weights are never needed) so the report
+    holds op counts and conv MACs before/after conversion. ``trust_code``: import the
+    ``pkg.module:factory`` a ``.dsd`` records. A failure leaves no ``out`` behind.
     """
     from dsdeploy.sources import load_model
 
     from dsdeploy.preprocessing import input_shape_for, resolve
 
-    loaded = load_model(spec, weights=weights, model_kwargs=model_kwargs, trust_pickle=trust_pickle)
+    loaded = load_model(spec, weights=weights, model_kwargs=model_kwargs, trust_pickle=trust_pickle,
+                        trust_code=trust_code)
     pre = resolve(loaded.preprocessing, input_shape or loaded.input_shape, preprocess, data=data, model=loaded.model)
     shape = input_shape_for(pre, input_shape, loaded.input_shape, bool(preprocess))
     if pre.channels == shape[1] and tuple(pre.size) == tuple(shape[2:]):
         loaded.preprocessing = pre.to_dict()
     samples = data_samples(data, loaded.preprocessing, shape, seed=kwargs.get("seed", 0)) if data else None
-    report = export_onnx(loaded.model, out, shape, metadata=provenance(loaded), data=samples, **kwargs)
+    original = None
     if compare_original and loaded.artifact is not None:
-        from dsdeploy.artifact import load_source_model
+        from dsdeploy.artifact import source_architecture
 
-        original = load_source_model(loaded.artifact).eval()
-        with tempfile.TemporaryDirectory(prefix="dsdeploy-orig-") as tmp:
-            keep = {k: v for k, v in kwargs.items() if k in ("opset", "exporter", "dynamic_batch", "simplify")}
-            o = export_onnx(original, Path(tmp) / "original.onnx", shape, **keep)
-        report.original = {"op_counts": o.op_counts, "conv_kinds": o.conv_kinds, "conv_macs": o.conv_macs}
+        arch = source_architecture(loaded.artifact)
+        keep = {k: v for k, v in kwargs.items() if k in ("opset", "exporter", "dynamic_batch", "simplify")}
+        try:
+            with tempfile.TemporaryDirectory(prefix="dsdeploy-orig-") as tmp:
+                o = export_onnx(arch, Path(tmp) / "original.onnx", shape, **keep)
+            original = {"op_counts": o.op_counts, "conv_kinds": o.conv_kinds, "conv_macs": o.conv_macs}
+        except DsdeployError as exc:  # the comparison is informative only: say why it is missing
+            original = str(exc)
+    report = export_onnx(loaded.model, out, shape, metadata=provenance(loaded), data=samples, **kwargs)
+    if isinstance(original, str):
+        report.warnings.append(f"the original architecture did not export for comparison: {original}")
+    else:
+        report.original = original
     return report

@@ -388,7 +388,7 @@ def _save(path: Path, student: nn.Module, opt, sched: Schedule, st: dict[str, An
 def finetune_artifact(student_path: str | Path, data: str, out: str | Path, config: FinetuneConfig, *,
                       teacher: str | None = None, teacher_weights: str | None = None, resume: bool = False,
                       limit: int | None = None, preprocess: dict[str, Any] | None = None,
-                      val_split: float = 0.2) -> FinetuneResult:
+                      val_split: float = 0.2, trust_code: bool = False) -> FinetuneResult:
     """``dsdeploy finetune``: fine-tune a .dsd against its source model (or ``teacher``); write the best to ``out``.
 
     ``out`` is rewritten whenever validation improves, so it always holds the best weights so far.
@@ -397,6 +397,7 @@ def finetune_artifact(student_path: str | Path, data: str, out: str | Path, conf
     Data: ``load_data(data, val_split=, seed=config.seed, limit=)`` preprocessed per
     :func:`dsdeploy.preprocessing.resolve` (the artifact's own, ``preprocess`` overrides), labels
     mapped to the artifact's recorded labels by name; more data classes than outputs is a DataError.
+    ``trust_code``: import the ``pkg.module:factory`` the artifact (or a ``.dsd`` teacher) records.
     """
     from dsdeploy.artifact import load_artifact, save_artifact
     from dsdeploy.data import load_data
@@ -408,8 +409,8 @@ def finetune_artifact(student_path: str | Path, data: str, out: str | Path, conf
     started = time.perf_counter()
     identity = run_identity(student=student_path, data=data, limit=limit, val_split=val_split, teacher=teacher,
                             teacher_weights=teacher_weights)
-    art = load_artifact(student_path)
-    teacher_model = load_teacher(art, teacher, teacher_weights)
+    art = load_artifact(student_path, trust_code=trust_code)
+    teacher_model = load_teacher(art, teacher, teacher_weights, trust_code=trust_code)
     pre = resolve(art.metadata.get("preprocessing"), art.metadata.get("input_shape"), preprocess, data=data,
                   model=art.model, augment=config.augment)
     splits = load_data(data, pre, seed=config.seed, labelled=False, limit=limit, val_split=val_split,

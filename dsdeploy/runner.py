@@ -6,34 +6,32 @@ The stage adapters live in :mod:`dsdeploy.stages`; caching and records in
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from dsdeploy.pipeline import Context, PipelineResult, run_pipeline
 from dsdeploy.recipe import Recipe, load_recipe
 from dsdeploy.stages import STAGES, recipe_policy, recipe_source
+from dsdeploy.trust import user_scope
 
 DEMO_RECIPE = "digits_cnn.toml"
 
 
-@contextlib.contextmanager
-def _user_code_path(folders: list[str]) -> Iterator[None]:
-    """Make the recipe's ``model.pythonpath`` folders importable for the run (``pkg.module:factory``)."""
-    added = [f for f in folders if f not in sys.path]
-    sys.path[:0] = added
-    try:
-        yield
-    finally:
-        for f in added:
-            if f in sys.path:
-                sys.path.remove(f)
+def _user_code(recipe: Recipe, trust_code: bool):
+    """The run's trust scope: the recipe is code the person chose, so its ``model.spec`` is
+    named by them (the run's own artifacts recording it reload without opt-in); its
+    ``model.pythonpath`` folders resolve only that factory's modules, searched AFTER the
+    installed packages (a file named like a dependency never shadows it); a ``.dsd`` the
+    recipe names has its recorded factory imported only with ``trust_code``."""
+    return user_scope(trust_code=trust_code, named=[recipe.model.spec], pythonpath=recipe.model.pythonpath)
 
 
 def run_recipe(path: str | Path, out: str | Path, *, data: str | None = None, weights: str | None = None,
-               overrides: list[str] | tuple[str, ...] = (), progress: bool = False) -> PipelineResult:
+               overrides: list[str] | tuple[str, ...] = (), progress: bool = False,
+               trust_code: bool = False) -> PipelineResult:
     """``dsdeploy run``: load the recipe (``--data``/``--weights``/``--set`` applied), run every stage into ``out``.
+
+    ``trust_code``: import the ``pkg.module:factory`` recorded in a ``.dsd`` the recipe names.
 
     Raises:
         RecipeError: a bad recipe or override; StageError: the first failing stage (by name).
@@ -45,16 +43,16 @@ def run_recipe(path: str | Path, out: str | Path, *, data: str | None = None, we
         extra.append(("model", "weights", weights))
     recipe = load_recipe(path, extra)
     ctx = Context(recipe, Path(out), progress=progress)
-    with _user_code_path(recipe.model.pythonpath):
+    with _user_code(recipe, trust_code):
         return run_pipeline(STAGES, ctx)
 
 
-def inspect_recipe(recipe: Recipe, *, out: str | Path = ".") -> Any:
+def inspect_recipe(recipe: Recipe, *, out: str | Path = ".", trust_code: bool = False) -> Any:
     """Plan a recipe's model without converting (``tasks.ModelReport``): the cheap check of a recipe."""
     from dsdeploy.tasks import inspect_model
 
     ctx = Context(recipe, Path(out))
-    with _user_code_path(recipe.model.pythonpath):
+    with _user_code(recipe, trust_code):
         loaded, _, shape = recipe_source(ctx)
         return inspect_model(loaded, recipe_policy(ctx), shape)
 
@@ -76,7 +74,7 @@ def demo_recipe() -> Path:
     return path
 
 
-def run_demo(out: str | Path, *, progress: bool = False, overrides: list[str] | tuple[str, ...] = ()
-             ) -> PipelineResult:
+def run_demo(out: str | Path, *, progress: bool = False, overrides: list[str] | tuple[str, ...] = (),
+             trust_code: bool = False) -> PipelineResult:
     """``dsdeploy demo``: the digits recipe end to end, offline."""
-    return run_recipe(demo_recipe(), out, overrides=overrides, progress=progress)
+    return run_recipe(demo_recipe(), out, overrides=overrides, progress=progress, trust_code=trust_code)

@@ -1,23 +1,24 @@
 """Model specs -> ``nn.Module``.
 
 Specs: ``torchvision:NAME`` (never downloads; weights from ``--weights``),
-``sample:NAME`` (the project's shipped models), ``pkg.module:factory`` (any importable
-callable returning an ``nn.Module``), or a path to a ``.dsd`` artifact.
+``sample:NAME`` (the project's shipped models), ``pkg.module:factory`` (an ``nn.Module``
+subclass or a function that builds one; see :mod:`dsdeploy.trust`), or a path to a ``.dsd``
+artifact (whose recorded factory is imported only with ``trust_code=True``).
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
 from dsdeploy.checkpoints import load_weights
-from dsdeploy.errors import SourceError
+from dsdeploy.errors import ArtifactError, SourceError
+from dsdeploy.trust import check_plain, may_resolve, refuse_recorded, resolve_factory
 
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
 
@@ -34,6 +35,7 @@ class LoadedModel:
     labels: list[str] | None = None
     artifact: Any = None  # dsdeploy.artifact.Artifact for .dsd specs
     weights: str | None = None
+    builder: Callable[..., Any] | None = None  # the factory that built a pkg.module:factory spec
 
     def shape_or_default(self, override: tuple[int, ...] | None = None) -> tuple[int, ...]:
         """The input shape to use: an explicit override, the model's own, or 1,3,224,224."""
@@ -54,6 +56,10 @@ def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
         raise SourceError(f"unknown torchvision model {name!r}{hint}")
     builder = tvm.get_model_builder(name)
     params = inspect.signature(builder).parameters
+    given = [k for k in ("weights", "weights_backbone") if kwargs.get(k) is not None]
+    if given:  # a weights enum name would download: weights come from a checkpoint file only
+        raise SourceError(f"torchvision:{name} model_kwargs may not set {given[0]!r} (dsdeploy never downloads); "
+                          f"give the checkpoint file as the weights argument")
     args = {"weights": None, **kwargs}
     if "weights_backbone" in params:
         args.setdefault("weights_backbone", None)  # never download a backbone
@@ -63,19 +69,7 @@ def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
         raise SourceError(f"torchvision:{name} cannot be built with {kwargs}: {exc}") from None
 
 
-def _factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise SourceError(f"cannot import {module_name!r} for model spec {spec!r}: {exc}") from None
-    factory = module
-    for part in attr.split("."):
-        if not hasattr(factory, part):
-            raise SourceError(f"{module_name!r} has no attribute {attr!r} (model spec {spec!r})")
-        factory = getattr(factory, part)
-    if not callable(factory):
-        raise SourceError(f"{spec!r} is not callable")
+def _call(factory: Callable[..., Any], spec: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         model = factory(**kwargs)
     except Exception as exc:  # user code: any failure becomes one clear line
@@ -85,9 +79,28 @@ def _factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     return model
 
 
-def build_source(spec: str, model_kwargs: dict[str, Any] | None = None) -> LoadedModel:
-    """Build the architecture a spec names (torchvision/factory: random init; samples: trained)."""
+def _is_factory_spec(spec: str) -> bool:
+    mod, _, attr = spec.partition(":")
+    return bool(mod and attr and all(p.isidentifier() for p in mod.split(".") + attr.split(".")))
+
+
+def build_source(spec: str, model_kwargs: dict[str, Any] | None = None, *, recorded_in: str | None = None,
+                 trust_code: bool = False, factory: Callable[..., Any] | None = None) -> LoadedModel:
+    """Build the architecture a spec names (torchvision/factory: random init; samples: trained).
+
+    ``recorded_in``: the file the spec was read from (a ``.dsd``). A ``pkg.module:factory``
+    spec recorded in a file is imported only when ``trust_code`` is True (or the running
+    ``dsdeploy run`` named that spec); ``factory`` builds the model instead of resolving the
+    spec at all. Specs resolve only to model factories (:mod:`dsdeploy.trust`), and
+    ``model_kwargs`` must be plain JSON data.
+
+    Raises:
+        SourceError: an unknown spec or one that is not a model factory; ArtifactError: a
+        recorded factory that is not trusted, or recorded kwargs that are not plain data.
+    """
     kwargs = dict(model_kwargs or {})
+    check_plain(kwargs, f"model_kwargs of {recorded_in}" if recorded_in else "model_kwargs",
+                ArtifactError if recorded_in else SourceError)
     if spec.startswith("torchvision:"):
         return LoadedModel(_torchvision(spec.split(":", 1)[1], kwargs), spec, kwargs)
     if spec.startswith("sample:"):
@@ -96,32 +109,38 @@ def build_source(spec: str, model_kwargs: dict[str, Any] | None = None) -> Loade
         model, meta = samples.load_sample(spec.split(":", 1)[1])
         return LoadedModel(model, spec, kwargs, input_shape=tuple(meta["input_shape"]),
                            preprocessing=meta.get("preprocessing"), labels=meta.get("labels"))
-    if ":" in spec and not Path(spec).exists():
-        mod, _, attr = spec.partition(":")
-        if mod and attr and all(p.isidentifier() for p in mod.split(".") + attr.split(".")):
-            return LoadedModel(_factory(spec, kwargs), spec, kwargs)
-    raise SourceError(f"unknown model spec {spec!r}: use torchvision:NAME, sample:NAME, pkg.module:factory "
+    if factory is not None:
+        if not callable(factory):
+            raise SourceError(f"factory must be callable, got {type(factory).__name__}")
+        return LoadedModel(_call(factory, spec, kwargs), spec, kwargs, builder=factory)
+    if ":" in spec and _is_factory_spec(spec) and (recorded_in or not Path(spec).exists()):
+        if recorded_in and not may_resolve(spec, trust_code):
+            raise refuse_recorded(spec, recorded_in)
+        builder = resolve_factory(spec)
+        return LoadedModel(_call(builder, spec, kwargs), spec, kwargs, builder=builder)
+    raise SourceError(f"unknown model spec {spec!r:.200}: use torchvision:NAME, sample:NAME, pkg.module:factory "
                       f"or a .dsd file")
 
 
 def load_model(spec: str, weights: str | None = None, model_kwargs: dict[str, Any] | None = None,
-               trust_pickle: bool = False) -> LoadedModel:
+               trust_pickle: bool = False, *, trust_code: bool = False) -> LoadedModel:
     """Resolve ``spec`` to a model in eval mode, loading ``weights`` when given.
 
     Checkpoints load with ``weights_only=True``; a whole pickled model needs
-    ``trust_pickle=True``. A ``.dsd`` spec loads the artifact (weights then refused).
+    ``trust_pickle=True``. A ``.dsd`` spec loads the artifact (weights then refused); the
+    ``pkg.module:factory`` it records is imported only with ``trust_code=True``.
     """
     if is_artifact_spec(spec):
         if weights:
-            raise SourceError("--weights does not apply to a .dsd artifact (it holds its own weights)")
+            raise SourceError("a weights file does not apply to a .dsd artifact (it holds its own weights)")
         from dsdeploy.artifact import load_artifact
 
-        art = load_artifact(spec)
+        art = load_artifact(spec, trust_code=trust_code)
         meta = art.metadata
         shape = meta.get("input_shape")
         return LoadedModel(art.model.eval(), spec, dict(art.source.get("model_kwargs") or {}),
                            input_shape=tuple(shape) if shape else None, preprocessing=meta.get("preprocessing"),
-                           labels=meta.get("labels"), artifact=art)
+                           labels=meta.get("labels"), artifact=art, builder=art.builder)
     loaded = build_source(spec, model_kwargs)
     if weights:
         load_weights(loaded.model, weights, trust_pickle=trust_pickle)

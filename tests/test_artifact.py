@@ -25,7 +25,7 @@ def write(net, path, **policy):
 def test_round_trip_is_exact(net, tmp_path_factory, rank, layout):
     path = tmp_path_factory.mktemp("a") / "m.dsd"
     res = write(net, path, rank=rank, layout=layout)
-    art = load_artifact(path)
+    art = load_artifact(path, trust_code=True)
     x = torch.randn(*SHAPE)
     with torch.no_grad():
         assert torch.equal(art.model(x), res.model.eval()(x))
@@ -38,7 +38,7 @@ def test_artifact_loads_with_weights_only_and_via_load_model(net, tmp_path):
     write(net, path, mac_budget=0.3)
     payload = torch.load(path, weights_only=True)
     assert payload["format"] == FORMAT
-    loaded = load_model(str(path))
+    loaded = load_model(str(path), trust_code=True)
     assert loaded.artifact is not None and loaded.input_shape == SHAPE
     teacher = load_source_model(loaded.artifact)
     assert type(teacher).__name__ == "SmallNet"

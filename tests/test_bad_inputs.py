@@ -112,7 +112,7 @@ CASES = [
     ("bad-regex", lambda f: ["convert", FACTORY, *SHAPE, "--include", "(", "-o", f.p(OUT)], 2, "regular expression"),
     ("infeasible-budget", lambda f: ["convert", FACTORY, *SHAPE, "--mac-budget", "0.01", "-o", f.p(OUT)], 2,
      "below what rank 1"),
-    ("already-converted", lambda f: ["convert", f.p("good.dsd"), "-o", f.p(OUT)], 2, "already converted"),
+    ("already-converted", lambda f: ["convert", f.p("good.dsd"), "--trust-code", "-o", f.p(OUT)], 2, "already converted"),
     ("weights-for-dsd", lambda f: ["inspect", f.p("good.dsd"), "--weights", f.p("good.pt")], 2,
      "does not apply to a .dsd"),
     ("bad-model-kwargs", lambda f: ["inspect", FACTORY, "--model-kwargs", "{nope"], 2, "not valid JSON"),

@@ -164,10 +164,11 @@ def test_calibrate_cli_writes_a_calibrated_artifact_with_history(digits, tmp_pat
     save_artifact(src, res.model, res.plan, source_record("tests.test_calibrate:tiny_digits_cnn", weights=str(weights)),
                   {"input_shape": [1, 1, 8, 8], "preprocessing": DIGITS8.to_dict()}, [{"stage": "convert"}])
     out = tmp_path / "cal.dsd"
-    proc = dsdeploy("calibrate", src, "--data", "digits", "-o", out, "--max-batches", "8", env=ONE_THREAD)
+    proc = dsdeploy("calibrate", src, "--data", "digits", "-o", out, "--max-batches", "8", "--trust-code",
+                    env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
     assert "accuracy" in proc.stdout and out.is_file()
-    art = load_artifact(out)
+    art = load_artifact(out, trust_code=True)
     assert [h["stage"] for h in art.history] == ["convert", "calibrate"]
     entry = art.history[1]
     assert entry["accuracy_after"] > entry["accuracy_before"] + 0.2
@@ -177,7 +178,8 @@ def test_calibrate_cli_writes_a_calibrated_artifact_with_history(digits, tmp_pat
     assert set(ds_blocks(art.model)) == {d.name for d in art.plan.converted}
     # same inputs + seed -> same file
     out2 = tmp_path / "cal2.dsd"
-    proc = dsdeploy("calibrate", src, "--data", "digits", "-o", out2, "--max-batches", "8", env=ONE_THREAD)
+    proc = dsdeploy("calibrate", src, "--data", "digits", "-o", out2, "--max-batches", "8", "--trust-code",
+                    env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
     a, b = torch.load(out, weights_only=True)["state_dict"], torch.load(out2, weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -191,6 +193,7 @@ def test_calibrate_cli_reports_bad_data_in_one_line(digits, tmp_path):
     src = tmp_path / "n.dsd"
     save_artifact(src, res.model, res.plan, source_record("tests.test_calibrate:tiny_digits_cnn", weights=str(weights)),
                   {"preprocessing": DIGITS8.to_dict()})
-    proc = dsdeploy("calibrate", src, "--data", tmp_path / "missing", "-o", tmp_path / "o.dsd", env=ONE_THREAD)
+    proc = dsdeploy("calibrate", src, "--data", tmp_path / "missing", "-o", tmp_path / "o.dsd", "--trust-code",
+                    env=ONE_THREAD)
     assert proc.returncode != 0
     assert proc.stderr.startswith("error: ") and "not found" in proc.stderr and "Traceback" not in proc.stderr

@@ -29,8 +29,10 @@ def test_convert_writes_artifact_and_reports_ranks(tmp_path):
     conv = [l for l in out["layers"] if l["convert"]]
     assert conv and all(l["rank"] >= 1 for l in conv)
     assert out["summary"]["conv_mac_ratio"] < 1
-    # the artifact is a model spec for every command
-    again = json_out(dsdeploy("inspect", dest, "--json"))
+    # the artifact is a model spec for every command; its recorded factory is imported only when trusted
+    refused = dsdeploy("inspect", dest, "--json")
+    assert refused.returncode == 2 and "--trust-code" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    again = json_out(dsdeploy("inspect", dest, "--trust-code", "--json"))
     assert again["input_shape"] == [1, 3, 16, 16]
     payload = torch.load(dest, weights_only=True)
     assert payload["history"][0]["stage"] == "convert"

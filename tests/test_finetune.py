@@ -156,7 +156,7 @@ def write_student(tmp_path, teacher, res) -> str:
 
 
 FT_ARGS = ("--data", "digits", "--epochs", "5", "--lr", "0.02", "--feature-weight", "0.5", "--seed", "3",
-           "--json")
+           "--trust-code", "--json")
 
 
 def state(path) -> dict[str, torch.Tensor]:
@@ -204,7 +204,7 @@ def test_sigkill_mid_epoch_then_resume_ends_identical_to_an_uninterrupted_run(di
     la, lb = load_checkpoint(tmp_path / "full.ckpt"), load_checkpoint(tmp_path / "killed.ckpt")  # last weights
     assert all(torch.equal(la["model"][k], lb["model"][k]) for k in la["model"])
     assert la["history"][-1]["val_acc"] == lb["history"][-1]["val_acc"]
-    art = load_artifact(out)
+    art = load_artifact(out, trust_code=True)
     assert [h["stage"] for h in art.history] == ["convert", "finetune"]
     assert art.history[-1]["best_accuracy"] == result["best_accuracy"]
 
@@ -222,7 +222,7 @@ def test_sigterm_stops_without_saving_partial_work_and_says_how_to_resume(digits
     ck = load_checkpoint(tmp_path / "t.ckpt")
     assert ck["epoch"] == len(ck["history"]) == len(json.loads((tmp_path / "t.history.json").read_text()))
     # options that change the trajectory cannot be mixed into a resume
-    art = load_artifact(student)
+    art = load_artifact(student, trust_code=True)
     with pytest.raises(CheckpointError, match="different options.*lr"):
         finetune(art.model, teacher, splits, cfg(epochs=5, lr=0.5, feature_weight=0.5, seed=3), out_path=out,
                  resume=True)

@@ -94,7 +94,7 @@ def test_weight_norm_model_artifact_loads_back(tmp_path):
     loaded = load_model("tests.test_model_edges:wnnet")
     out = tmp_path / "w.dsd"
     convert_to_artifact(loaded, out, Policy(rank=1), SHAPE8)
-    art = load_artifact(out)
+    art = load_artifact(out, trust_code=True)
     x = torch.randn(2, 8, 8, 8)
     fresh = convert(wnnet(), input_shape=SHAPE8, rank=1).model.eval()
     with torch.no_grad():

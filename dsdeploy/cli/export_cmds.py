@@ -34,7 +34,8 @@ def _worst(parity: list) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 def export(model: str, output: str, weights: str | None, model_kwargs: str | None, trust_pickle: bool,
            input_shape: str | None, opset: int, dynamic_batch: bool, simplify: bool, exporter: str,
-           data: str | None, atol: float, rtol: float, as_json: bool, preprocess: dict | None) -> None:
+           data: str | None, atol: float, rtol: float, as_json: bool, preprocess: dict | None,
+           trust_code: bool) -> None:
     """Export MODEL to ONNX, gated by parity against torch on ONNX Runtime (CPU EP)."""
     from dsdeploy.export import export_model
     from dsdeploy.fsutil import check_output, show
@@ -44,7 +45,7 @@ def export(model: str, output: str, weights: str | None, model_kwargs: str | Non
     rep = export_model(model, output, weights=weights, model_kwargs=parse_kwargs(model_kwargs),
                        trust_pickle=trust_pickle, input_shape=parse_shape(input_shape), data=data, opset=opset,
                        dynamic_batch=dynamic_batch, simplify=simplify, exporter=exporter, atol=atol, rtol=rtol,
-                       preprocess=preprocess)
+                       preprocess=preprocess, trust_code=trust_code)
     if as_json:
         echo_json(rep.to_dict())
         return

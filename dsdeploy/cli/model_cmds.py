@@ -41,13 +41,13 @@ def _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout):
 @policy_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def inspect(model, weights, model_kwargs, trust_pickle, input_shape, rank, energy, mac_budget, include, exclude,
-            convert_stem, layout, as_json):
+            convert_stem, layout, as_json, trust_code):
     """Show MODEL's convs: what would convert (and at which rank), why others would not,
     and params/MACs at the input shape."""
     from dsdeploy.sources import load_model
     from dsdeploy.tasks import inspect_model
 
-    loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle)
+    loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle, trust_code=trust_code)
     report = inspect_model(loaded, _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout),
                            parse_shape(input_shape))
     echo_json(report.to_dict()) if as_json else click.echo(report.render())
@@ -66,7 +66,7 @@ def inspect(model, weights, model_kwargs, trust_pickle, input_shape, rank, energ
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, rank, energy, mac_budget, include,
-            exclude, convert_stem, layout, calib_data, calib_batches, seed, as_json, preprocess):
+            exclude, convert_stem, layout, calib_data, calib_batches, seed, as_json, preprocess, trust_code):
     """Rewrite MODEL's convs into depthwise-separable blocks and write a .dsd artifact.
 
     Prints params/MACs before and after and the rank of every layer. Exit status 3 when
@@ -77,7 +77,7 @@ def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, ran
 
     check_output(output, kind="torch", suffixes=(".dsd",), what="--output",
                  inputs=[("model", model), ("--weights file", weights), ("--calib-data", calib_data)])
-    loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle)
+    loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle, trust_code=trust_code)
     report = convert_to_artifact(loaded, output,
                                  _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout),
                                  parse_shape(input_shape), calib_data=calib_data, calib_batches=calib_batches,

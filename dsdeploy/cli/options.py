@@ -39,8 +39,15 @@ def parse_kwargs(text: str | None) -> dict[str, Any]:
     return value
 
 
+def trust_code_option(func: Callable) -> Callable:
+    """Add --trust-code (-> the library's ``trust_code``): import the factory a .dsd records."""
+    return click.option("--trust-code", is_flag=True,
+                        help="Import and call the pkg.module:factory a .dsd artifact records (runs code named "
+                             "in the file!). Not needed for torchvision:/sample: sources.")(func)
+
+
 def model_options(func: Callable) -> Callable:
-    """Add --weights, --model-kwargs, --trust-pickle and --input-shape."""
+    """Add --weights, --model-kwargs, --trust-pickle, --trust-code and --input-shape."""
     opts = [
         click.option("--weights", type=click.Path(dir_okay=False), default=None,
                      help="Checkpoint file (state_dict, possibly nested under state_dict/model/net)."),
@@ -50,6 +57,7 @@ def model_options(func: Callable) -> Callable:
                      help="Allow --weights to be a whole pickled model (runs code from the file!)."),
         click.option("--input-shape", default=None, metavar="N,C,H,W",
                      help="Input shape for profiling/export; defaults to the model's own or 1,3,224,224."),
+        trust_code_option,
     ]
     for opt in reversed(opts):
         func = opt(func)

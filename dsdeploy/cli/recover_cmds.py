@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from dsdeploy.cli import cli
-from dsdeploy.cli.options import echo_json, parse_kwargs, preprocess_options
+from dsdeploy.cli.options import echo_json, parse_kwargs, preprocess_options, trust_code_option
 from dsdeploy.recipe import CALIB_BATCHES
 
 
@@ -17,6 +17,7 @@ from dsdeploy.recipe import CALIB_BATCHES
 @click.option("--compare-weights", type=click.Path(dir_okay=False), default=None, help="Checkpoint for MODEL2.")
 @click.option("--model-kwargs", default=None, metavar="JSON", help="Keyword arguments for the model builder(s).")
 @click.option("--trust-pickle", is_flag=True, help="Allow checkpoints that are whole pickled models.")
+@trust_code_option
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True,
               help="Which split to score (val = test/ or val/ folder, or the held-out part).")
@@ -27,7 +28,7 @@ from dsdeploy.recipe import CALIB_BATCHES
 @preprocess_options
 @click.option("--json", "as_json", is_flag=True, help="Print the full result (with confusion matrices) as JSON.")
 def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust_pickle, batch_size, split,
-             val_split, seed, limit, as_json, preprocess):
+             val_split, seed, limit, as_json, preprocess, trust_code):
     """Accuracy of MODEL (top-1/top-5, macro precision/recall/F1) on labelled DATA,
     side by side with MODEL2 when --compare is given."""
     from dsdeploy.evaluate import evaluate as run_evaluate, summary_rows
@@ -36,7 +37,7 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
     result = run_evaluate(model, data, compare=compare, weights=weights, compare_weights=compare_weights,
                           model_kwargs=parse_kwargs(model_kwargs), trust_pickle=trust_pickle, batch_size=batch_size,
                           split=split, val_split=val_split, seed=seed, limit=limit, progress=not as_json,
-                          preprocess=preprocess)
+                          preprocess=preprocess, trust_code=trust_code)
     if as_json:
         echo_json(result)
         return
@@ -62,8 +63,9 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
 @click.option("--ridge", type=float, default=1e-6, show_default=True, help="Relative ridge of the least squares.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @preprocess_options
+@trust_code_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_json, preprocess):
+def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_json, preprocess, trust_code):
     """Solve each converted layer's pointwise weights by least squares against the original
     model's convs on DATA (training-free), then re-estimate BatchNorm statistics."""
     from dsdeploy.calibrate import calibrate_artifact
@@ -72,7 +74,7 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_j
     check_output(output, kind="torch", suffixes=(".dsd",), what="--output",
                  inputs=[("artifact", artifact), ("--data", data)])
     report = calibrate_artifact(artifact, data, output, max_batches=max_batches, batch_size=batch_size, seed=seed,
-                                ridge=ridge, progress=not as_json, preprocess=preprocess)
+                                ridge=ridge, progress=not as_json, preprocess=preprocess, trust_code=trust_code)
     if as_json:
         echo_json(report.to_dict())
     else:
@@ -116,6 +118,7 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_j
 @click.option("--limit", type=int, default=None, help="Use at most N images per split (seeded subset).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @preprocess_options
+@trust_code_option
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt after an interruption.")
 @click.option("--history", "history", type=click.Path(dir_okay=False), default=None,
               help="Per-epoch history JSON (default OUT.history.json).")
@@ -123,7 +126,7 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_j
 def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, time_budget, batch_size, optimizer, lr,
              momentum, weight_decay, schedule, warmup_epochs, kd_weight, feature_weight, ce_weight, temperature,
              clip_grad, init, reinit, patience, augment, channels_last, limit, seed, resume, history, as_json,
-             preprocess):
+             preprocess, trust_code):
     """Recover accuracy by distillation from the original model (logits, optionally the
     replaced blocks' outputs, plus labels when DATA has them)."""
     from dsdeploy.finetune import FinetuneConfig, finetune_artifact
@@ -144,7 +147,7 @@ def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, tim
                             patience=patience, augment=augment, channels_last=channels_last, seed=seed,
                             progress=not as_json, history_path=history)
     result = finetune_artifact(artifact, data, output, config, teacher=teacher, teacher_weights=teacher_weights,
-                               resume=resume, limit=limit, preprocess=preprocess)
+                               resume=resume, limit=limit, preprocess=preprocess, trust_code=trust_code)
     if as_json:
         echo_json(result.to_dict())
         return

@@ -7,7 +7,7 @@ import sys
 import click
 
 from dsdeploy.cli import cli
-from dsdeploy.cli.options import echo_json, print_preprocessing
+from dsdeploy.cli.options import echo_json, print_preprocessing, trust_code_option
 
 
 def _print_summary(result, as_json: bool) -> None:
@@ -36,16 +36,19 @@ def _print_summary(result, as_json: bool) -> None:
                    "caching; locked while a run uses it).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set finetune.epochs=2 (TOML value; repeatable).")
+@trust_code_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def run(recipe, data, weights, out, overrides, as_json):
+def run(recipe, data, weights, out, overrides, as_json, trust_code):
     """Run RECIPE.toml end to end: inspect, convert (+ calibrate), finetune, evaluate,
     export (+ parity), deploy, bench, report. Stages whose inputs did not change are
-    reported "cached" and skipped; an interrupted fine-tuning continues from its checkpoint."""
+    reported "cached" and skipped; an interrupted fine-tuning continues from its checkpoint.
+    A recipe is code you chose: its model.spec factory is imported (model.pythonpath is
+    searched after installed packages); only model factories are called."""
     from dsdeploy.runner import run_recipe
 
     with print_preprocessing():
         result = run_recipe(recipe, out, data=data, weights=weights, overrides=list(overrides),
-                            progress=sys.stderr.isatty() and not as_json)
+                            progress=sys.stderr.isatty() and not as_json, trust_code=trust_code)
     _print_summary(result, as_json)
 
 
@@ -53,11 +56,13 @@ def run(recipe, data, weights, out, overrides, as_json):
 @click.option("-o", "--out", default="dsdeploy-demo", show_default=True, type=click.Path(file_okay=False),
               help="Output folder.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a value of the demo recipe.")
+@trust_code_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def demo(out, overrides, as_json):
+def demo(out, overrides, as_json, trust_code):
     """Run the built-in digits recipe end to end, offline (a few minutes on 2 CPU cores), and
     print the before/after table: params, MACs, accuracy, latency per execution provider."""
     from dsdeploy.runner import run_demo
 
-    result = run_demo(out, overrides=list(overrides), progress=sys.stderr.isatty() and not as_json)
+    result = run_demo(out, overrides=list(overrides), progress=sys.stderr.isatty() and not as_json,
+                      trust_code=trust_code)
     _print_summary(result, as_json)

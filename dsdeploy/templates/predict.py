@@ -11,6 +11,7 @@ Scores are softmax probabilities of the model's output. Unreadable files print a
 """
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -59,6 +60,30 @@ def load_image(path, pre):
     return ((x - mean) / std).astype(np.float32)
 
 
+def bundle_model(manifest):
+    """The bytes of the bundle's own model file, verified against the sha256 in manifest.json.
+
+    The manifest's model must be a plain file name inside this folder (no absolute path, no
+    "..", no symlink); any other value, a missing digest or a mismatch ends the run with one line.
+    """
+    name = manifest.get("model")
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or os.path.isabs(name):
+        sys.exit(f"error: manifest.json model must be a file name inside the bundle, got {name!r:.200}")
+    path = os.path.join(HERE, name)
+    if os.path.islink(path) or not os.path.isfile(path) \
+            or os.path.dirname(os.path.realpath(path)) != os.path.realpath(HERE):
+        sys.exit(f"error: the bundle's model {name} is missing or not a regular file inside {HERE}")
+    want = (manifest.get("sha256") or {}).get(name) if isinstance(manifest.get("sha256"), dict) else None
+    if not isinstance(want, str):
+        sys.exit(f"error: manifest.json records no sha256 for {name}; cannot verify the model")
+    with open(path, "rb") as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != want:
+        sys.exit(f"error: {name} does not match the sha256 in manifest.json (the bundle was changed); refusing it")
+    return data
+
+
 def softmax(z):
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -78,7 +103,7 @@ def main(argv=None):
     if not pre:
         sys.exit("error: manifest.json has no preprocessing; cannot prepare images")
     labels = manifest.get("labels")
-    model = args.model or os.path.join(HERE, manifest["model"])
+    model = args.model or bundle_model(manifest)  # --model: a file the person named; else only the bundle's own
     sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
