@@ -41,6 +41,7 @@ class BenchConfig:
     skip_unavailable: bool = False
     parity_items: int = 64
     seed: int = 0
+    preprocess: dict[str, Any] | None = None  # overrides of the --data preprocessing (dsdeploy.preprocessing)
 
     def validate(self) -> None:
         if not self.providers or not self.batches:
@@ -227,7 +228,7 @@ def bench(model_paths: list[str], cfg: BenchConfig, progress: Callable[[str], No
     results: list[EPResult] = []
     with tempfile.TemporaryDirectory(prefix="dsdeploy-bench-") as tmp:
         for info in infos:
-            images = data_images(cfg.data, info, cfg.parity_items, cfg.seed) if cfg.data else None
+            images = data_images(cfg.data, info, cfg.parity_items, cfg.seed, cfg.preprocess) if cfg.data else None
             for batch in cfg.batches:
                 try:
                     feed, pfeeds = _feeds(info, batch, images)

@@ -112,23 +112,22 @@ def random_feed(session, batch: int, pre: dict[str, Any] | None, seed: int) -> d
     return feed
 
 
-def data_images(spec: str, info: ModelInfo, count: int, seed: int) -> np.ndarray:
+def data_images(spec: str, info: ModelInfo, count: int, seed: int,
+                preprocess: dict[str, Any] | None = None) -> np.ndarray:
     """``count`` real images (N, C, H, W float32) from ``spec`` via ``dsdeploy.data.load_data``,
-    preprocessed per the model's ``dsdeploy.preprocessing`` metadata (else sized to its input)."""
-    from dsdeploy.data import Preprocess, load_data
+    preprocessed per :func:`dsdeploy.preprocessing.resolve` (``preprocess`` overrides > the model's
+    ``dsdeploy.preprocessing`` metadata > derived from its fixed input shape)."""
+    from dsdeploy.data import load_data
+    from dsdeploy.preprocessing import resolve
 
     dims = info.inputs[0]["shape"] if len(info.inputs) == 1 else []
     if len(dims) != 4:
         raise DataError(f"--data needs a model with one NCHW image input; {info.name} has {info.inputs}")
-    if info.preprocessing:
-        pre = Preprocess.from_dict(info.preprocessing)
-    elif spec == "digits":
-        pre = None
-    elif all(isinstance(d, int) for d in dims[1:]):
-        pre = Preprocess(size=(dims[2], dims[3]), resize=None, channels=dims[1])
-    else:
+    fixed = all(isinstance(d, int) and d > 0 for d in dims[1:])
+    if not info.preprocessing and not fixed and not (preprocess or {}).get("size"):
         raise DataError(f"{info.name} has dynamic image size and no {META_PREPROCESSING} metadata; "
-                        f"cannot preprocess --data for it")
+                        f"give the image size (size) to preprocess data for it")
+    pre = resolve(info.preprocessing, dims, preprocess, data=spec)
     splits = load_data(spec, pre, seed=seed, labelled=False, limit=count)
     ds = splits.val if splits.val is not None and len(splits.val) else splits.train
     if ds is None or not len(ds):
@@ -138,5 +137,3 @@ def data_images(spec: str, info: ModelInfo, count: int, seed: int) -> np.ndarray
     if any(isinstance(w, int) and w != g for w, g in zip(want, imgs.shape[1:])):
         raise DataError(f"--data images are {tuple(imgs.shape[1:])} but {info.name} wants {tuple(want)}")
     return imgs
-
-

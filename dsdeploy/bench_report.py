@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsdeploy.fsutil import atomic_path, write_json, write_text
+from dsdeploy.fsutil import atomic_path, utf8, write_json, write_text
 from dsdeploy.tables import format_table, markdown_table
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ def write_plot(report: "BenchReport", path: str | Path) -> None:
     for i, name in enumerate(models):
         xs = [g + i * width for g in range(len(groups))]
         ys = [lat.get((name, *grp), 0) for grp in groups]
-        bars = ax.bar(xs, ys, width, label=name)
+        bars = ax.bar(xs, ys, width, label=utf8(name))  # a name from a path may hold undecodable bytes
         for bar, grp in zip(bars, groups):
             base = lat.get((models[0], *grp))
             if i and base and bar.get_height():

@@ -18,9 +18,12 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from dsdeploy.recipe import CALIB_BATCHES  # noqa: F401 (the one default, re-exported)
+
 from dsdeploy.distill import call_order, evaluate
 from dsdeploy.errors import DataError
 from dsdeploy.layers import DSConv
+from dsdeploy.numbers import check_number
 from dsdeploy.plan import Plan
 from dsdeploy.rewrite import ds_blocks, original_convs
 
@@ -49,6 +52,7 @@ class CalibrationReport:
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     seconds: float = 0.0
+    split: dict[str, Any] | None = None  # the data split calibrated on (dsdeploy.labels.split_record)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +75,26 @@ class CalibrationReport:
         if self.accuracy_before is not None and self.accuracy_after is not None:
             lines.append(f"accuracy {100 * self.accuracy_before:.2f}% -> {100 * self.accuracy_after:.2f}%")
         return "\n".join(lines)
+
+
+@dataclass
+class CalibrationParams:
+    """The numeric options of calibration, validated on construction (one line naming the field).
+
+    Attributes:
+        ridge: relative ridge of the least squares, ``>= 0`` and finite.
+        max_batches: use at most this many batches (None: all), ``>= 1``.
+        batch_size: images per calibration batch, ``>= 1``.
+    """
+
+    ridge: float = 1e-6
+    max_batches: int | None = CALIB_BATCHES
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        check_number(self.ridge, "calibrate ridge", low=0)
+        check_number(self.max_batches, "calibrate max_batches", low=1, integer=True, optional=True)
+        check_number(self.batch_size, "calibrate batch_size", low=1, integer=True)
 
 
 class _Stop(Exception):
@@ -185,6 +209,7 @@ def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterab
     """
     from tqdm import tqdm
 
+    CalibrationParams(ridge=ridge, max_batches=max_batches)
     t0 = time.perf_counter()
     report = CalibrationReport(ridge=ridge)
     blocks, convs = ds_blocks(student), original_convs(teacher, plan)
@@ -251,7 +276,9 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, max_batches: int | None =
 
     Only the BN layers downstream of the first DS block are reset (those whose inputs the
     conversion changed). Other layers stay in eval mode during the passes. Returns the
-    number of BN layers re-estimated; the model is left in eval mode.
+    number of BN layers re-estimated; the model is left in eval mode. Batches of one
+    image (e.g. a short last batch) are skipped: one image has no batch statistics.
+    Raises DataError when no batch has two images or more.
     """
     first = next(iter(_batches(loader, 1)), None)
     if first is None:
@@ -266,9 +293,17 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, max_batches: int | None =
             m.reset_running_stats()
             m.momentum = None
             m.train()
+        used = 0
         with torch.no_grad():
             for batch in _batches(loader, max_batches):
-                model(_inputs(batch))
+                x = _inputs(batch)
+                if x.shape[0] < 2:  # one image has no batch variance (BatchNorm1d refuses it); skip it
+                    continue
+                model(x)
+                used += 1
+        if used == 0:
+            raise DataError("BatchNorm re-estimation needs batches of at least 2 images; "
+                            "give more calibration images or a larger batch_size")
     finally:
         for m, momentum in saved:
             m.momentum = momentum
@@ -277,20 +312,27 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, max_batches: int | None =
 
 
 def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
-                   preprocessing: dict[str, Any] | None, *, max_batches: int | None = None, seed: int = 0,
-                   batch_size: int = 64, ridge: float = 1e-6, progress: bool = True) -> CalibrationReport:
+                   preprocessing: Any, *, max_batches: int | None = CALIB_BATCHES, seed: int = 0,
+                   batch_size: int = 64, ridge: float = 1e-6, progress: bool = True, val_split: float = 0.2,
+                   limit: int | None = None, labels: list[str] | None = None) -> CalibrationReport:
     """Calibrate ``model`` in place on a data spec (``digits`` or a folder).
 
-    The training split (no augmentation; a seeded random subset of ``max_batches *
-    batch_size`` images when capped, the same for every layer) is the calibration set;
-    the validation split, when labelled, measures accuracy before and after.
+    ``preprocessing`` is the resolved preprocessing dict (:func:`dsdeploy.preprocessing.resolve`;
+    None: resolved here from the model alone). The training split of ``load_data(data,
+    val_split=, seed=, limit=)`` (no augmentation; a seeded random subset of ``max_batches *
+    batch_size`` images when capped, the same for every layer; None = all) is the calibration
+    set; the validation split, when labelled, measures accuracy before and after (data classes
+    mapped to ``labels`` by name when the model records them).
     """
     from torch.utils.data import Subset
 
-    from dsdeploy.data import Preprocess, load_data, make_loader
+    from dsdeploy.data import load_data, make_loader
+    from dsdeploy.labels import check_outputs, output_count
+    from dsdeploy.preprocessing import resolve
 
-    pre = Preprocess.from_dict(preprocessing, augment=False) if preprocessing else None
-    splits = load_data(data, pre, seed=seed, labelled=False)
+    CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size)
+    pre = resolve(preprocessing, data=data, model=teacher)
+    splits = load_data(data, pre, seed=seed, labelled=False, val_split=val_split, limit=limit, model_labels=labels)
     calib = splits.train if splits.train is not None else splits.val
     if calib is None or len(calib) == 0:
         raise DataError(f"no calibration images in {data}")
@@ -299,29 +341,42 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
         calib = Subset(calib, perm[:max_batches * batch_size].sort().values.tolist())
     loader = make_loader(calib, batch_size, shuffle=False)
     eval_loader = make_loader(splits.val, 256, shuffle=False) if splits.val is not None and splits.classes else None
-    return calibrate(model, teacher, plan, loader, ridge=ridge, progress=progress, eval_loader=eval_loader)
+    if eval_loader is not None:
+        check_outputs(splits.classes, output_count(teacher, calib[0][0][None]), "the model")
+    report = calibrate(model, teacher, plan, loader, ridge=ridge, progress=progress, eval_loader=eval_loader)
+    report.split = splits.split
+    return report
 
 
 def calibrate_on_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
-                      preprocessing: dict[str, Any] | None, *, max_batches: int | None = None, seed: int = 0,
-                      batch_size: int = 64) -> tuple[nn.Module, dict[str, Any]]:
+                      preprocessing: Any, *, max_batches: int | None = CALIB_BATCHES, seed: int = 0,
+                      batch_size: int = 64, labels: list[str] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """For ``convert --calib-data``: :func:`calibrate_data`, returning (model, artifact history entry)."""
     report = calibrate_data(model, teacher, plan, data, preprocessing, max_batches=max_batches, seed=seed,
-                            batch_size=batch_size)
+                            batch_size=batch_size, labels=labels)
     return model, report.history_entry(data=data, seed=seed)
 
 
-def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: int | None = None,
-                       batch_size: int = 64, seed: int = 0, ridge: float = 1e-6,
-                       progress: bool = True) -> CalibrationReport:
-    """``dsdeploy calibrate``: load a .dsd, calibrate it against its source model, write ``out``."""
-    from dsdeploy.artifact import load_artifact, load_source_model, save_artifact
+def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: int | None = CALIB_BATCHES,
+                       batch_size: int = 64, seed: int = 0, ridge: float = 1e-6, progress: bool = True,
+                       preprocess: dict[str, Any] | None = None, val_split: float = 0.2,
+                       limit: int | None = None) -> CalibrationReport:
+    """``dsdeploy calibrate``: load a .dsd, calibrate it against its source model, write ``out``.
 
+    The preprocessing is :func:`dsdeploy.preprocessing.resolve` of the artifact's recorded
+    preprocessing and input shape with ``preprocess`` overrides; ``out`` records what was used.
+    """
+    from dsdeploy.artifact import load_artifact, load_source_model, save_artifact
+    from dsdeploy.preprocessing import resolve
+
+    CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size)
     art = load_artifact(artifact_path)
     teacher = load_source_model(art)
-    report = calibrate_data(art.model, teacher, art.plan, data, art.metadata.get("preprocessing"),
-                            max_batches=max_batches, seed=seed, batch_size=batch_size, ridge=ridge,
-                            progress=progress)
-    save_artifact(out, art.model, art.plan, art.source, art.metadata,
+    pre = resolve(art.metadata.get("preprocessing"), art.metadata.get("input_shape"), preprocess, data=data,
+                  model=teacher)
+    report = calibrate_data(art.model, teacher, art.plan, data, pre, max_batches=max_batches, seed=seed,
+                            batch_size=batch_size, ridge=ridge, progress=progress, val_split=val_split, limit=limit,
+                            labels=art.metadata.get("labels"))
+    save_artifact(out, art.model, art.plan, art.source, {**art.metadata, "preprocessing": pre.to_dict()},
                   art.history + [report.history_entry(data=data, seed=seed)])
     return report

@@ -3,7 +3,9 @@
 A checkpoint is a plain dict of tensors and Python scalars/containers (model,
 optimizer, schedule step, RNG states, epoch, best score and best weights), so it loads
 with ``torch.load(weights_only=True)``. Writes go to a temporary file renamed into
-place: a kill at any moment leaves the previous checkpoint intact.
+place: a kill at any moment leaves the previous checkpoint intact. It records the run's
+identity (digests of the student, data, split and teacher: :func:`run_identity`) next to
+the options, and a resume with any of them changed is refused (:func:`check_resumable`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import numpy as np
 import torch
 
 from dsdeploy.errors import DsdeployError
-from dsdeploy.fsutil import atomic_path
+from dsdeploy.fsutil import atomic_path, digest_tree, sha256_file, show
 
 CHECKPOINT_FORMAT = "dsdeploy-finetune-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: records the run identity
 
 
 class CheckpointError(DsdeployError):
@@ -85,6 +87,41 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {p} has format version {payload.get('format_version')}, "
                               f"this dsdeploy reads {CHECKPOINT_VERSION}; start afresh without --resume")
     return payload
+
+
+def run_identity(*, student: str | Path, data: str, limit: int | None, val_split: float,
+                 teacher: str | None = None, teacher_weights: str | None = None) -> dict[str, Any]:
+    """Digests of everything besides the options that determines a fine-tuning trajectory.
+
+    ``student``: the artifact's sha256 (it also fixes the default teacher, its source model);
+    ``data``: ``digits`` or the digest of the folder's file names and sizes (not its path);
+    ``split``: limit and held-out fraction; ``teacher``: an explicit teacher spec and its weights' sha256.
+    """
+    return {"student": sha256_file(student),
+            "data": data if data == "digits" else digest_tree(data),
+            "split": {"limit": limit, "val_split": val_split},
+            "teacher": None if not teacher else {"spec": teacher,
+                                                 "weights": sha256_file(teacher_weights) if teacher_weights else None}}
+
+
+def check_resumable(ck: dict[str, Any], options: dict[str, Any], identity: dict[str, Any] | None, path: Path) -> None:
+    """Refuse a checkpoint written by a run with other inputs or trajectory options (one line naming them).
+
+    ``identity`` None (a caller that passes data in memory and cannot digest it) compares the options only.
+    """
+    saved = ck.get("identity") or {}
+    inputs = [] if identity is None else [k for k in sorted(set(saved) | set(identity))
+                                          if saved.get(k) != identity.get(k)]
+    if inputs:
+        raise CheckpointError(f"checkpoint {show(path)} is from a different run: its {', '.join(inputs)} "
+                              f"differ{'s' if len(inputs) == 1 else ''} from this one's; rerun with the same inputs "
+                              f"or start afresh without resume")
+    old = ck.get("config") or {}
+    diff = [f"{k}: {old.get(k)!r} vs {options.get(k)!r}" for k in sorted(set(old) | set(options))
+            if old.get(k) != options.get(k)]
+    if diff:
+        raise CheckpointError(f"checkpoint {show(path)} was written with different options ({'; '.join(diff[:3])});"
+                              f" rerun with the same options or start afresh without resume")
 
 
 class TrainingInterrupted(DsdeployError):

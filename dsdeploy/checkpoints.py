@@ -41,47 +41,96 @@ def torch_load(path: str | Path, *, trust_pickle: bool = False, what: str = "che
 
 
 def extract_state_dict(obj: Any, path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
-    """Find the state_dict inside a loaded checkpoint object and strip wrapper prefixes."""
+    """Find the state_dict inside a loaded checkpoint object and strip wrapper prefixes.
+
+    A dict holding tensors is the state_dict unless it nests one under a known key
+    (``{"state_dict": ..., "best_prec1": ...}``). Raises WeightsError when none is found,
+    and (see :func:`check_entries`) for entries that are not dense, real, finite tensors.
+    """
     for _ in range(3):
         if isinstance(obj, nn.Module):
             obj = obj.state_dict()
-        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            break
         if isinstance(obj, dict):
-            nested = next((obj[k] for k in NESTED_KEYS if k in obj), None)
+            nested = next((obj[k] for k in NESTED_KEYS if isinstance(obj.get(k), (dict, nn.Module))), None)
             if nested is not None:
                 obj = nested
                 continue
+            if obj and any(isinstance(v, torch.Tensor) for v in obj.values()):
+                break
         raise WeightsError(f"{path}: no state_dict found (expected tensors, or one nested under "
                            f"{', '.join(NESTED_KEYS)})")
-    state = dict(obj)
+    state = {str(k): v for k, v in obj.items()}
     for prefix in PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
+    check_entries(state, str(path))
     return state
 
 
+def check_entries(state: dict[str, Any], origin: str) -> None:
+    """Raise WeightsError (one line, naming the entry) for an entry torch cannot use as weights.
+
+    Refused: non-tensor values (except ``*_extra_state``, which modules define themselves),
+    sparse or quantized layouts, tensors on the ``meta`` device (shapes without data), and
+    floating/complex tensors holding NaN or infinity.
+    """
+    for key, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            if key.endswith("_extra_state"):
+                continue
+            raise WeightsError(f"{origin}: entry {key!r} is a {type(v).__name__}, not a tensor; "
+                               f"a state_dict maps names to tensors")
+        if v.layout != torch.strided:
+            raise WeightsError(f"{origin}: tensor {key!r} is {str(v.layout).replace('torch.', '')}, "
+                               f"not dense; save it with .to_dense()")
+        if v.is_meta:
+            raise WeightsError(f"{origin}: tensor {key!r} is on the meta device (a shape without data); "
+                               f"save real weights")
+        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise WeightsError(f"{origin}: tensor {key!r} holds {bad} NaN/infinite value(s) of {v.numel()}; "
+                               f"the weights are damaged (check how they were trained or saved)")
+
+
 def load_weights(model: nn.Module, path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
-    """Load a checkpoint file into ``model`` strictly; one clear error on any mismatch."""
+    """Load a checkpoint file into ``model`` as ``load_state_dict(strict=True)`` would.
+
+    Accepts exactly what torch accepts (e.g. old BatchNorm state without
+    ``num_batches_tracked``, which BatchNorm fills in). Raises WeightsError with one line
+    on missing/unexpected keys, shape mismatches or damaged entries; ``model`` is then
+    left as it was.
+    """
     state = extract_state_dict(torch_load(path, trust_pickle=trust_pickle), path)
-    check_state_dict(model, state, str(path))
-    model.load_state_dict(state, strict=True)
+    load_state_checked(model, state, str(path))
     return model
 
 
-def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
-    """Raise WeightsError naming the first missing/unexpected keys or mismatched shapes."""
+def load_state_checked(model: nn.Module, state: dict[str, Any], origin: str) -> None:
+    """``model.load_state_dict(state)`` with torch's strict rules, one-line WeightsError on a mismatch.
+
+    Shapes are compared first; then torch itself loads (so its per-module upgrade hooks,
+    such as BatchNorm filling a missing ``num_batches_tracked``, apply) and any key it
+    reports missing or unexpected is refused, restoring ``model``'s previous weights.
+    """
+    check_entries(state, origin)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise WeightsError(f"{origin} does not fit the model: {len(wrong)} shape mismatches (first: {wrong[0]})")
+    backup = {k: v.detach().clone() for k, v in expected.items()}
+    result = model.load_state_dict(state, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:
+        model.load_state_dict(backup, strict=False)
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing (first: {', '.join(missing[:3])})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
         raise WeightsError(f"{origin} does not fit the model: keys {'; '.join(parts)}")
-    wrong = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-             for k, v in expected.items() if tuple(state[k].shape) != tuple(v.shape)]
-    if wrong:
-        raise WeightsError(f"{origin} does not fit the model: {len(wrong)} shape mismatches (first: {wrong[0]})")
+
+
+def check_state_dict(model: nn.Module, state: dict[str, Any], origin: str) -> None:
+    """Deprecated name kept for callers: validates and LOADS ``state`` (see :func:`load_state_checked`)."""
+    load_state_checked(model, state, origin)

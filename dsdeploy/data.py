@@ -21,67 +21,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from dsdeploy.errors import DataError
+from dsdeploy.labels import split_record, to_model_labels
+from dsdeploy.preprocessing import (DIGITS_PREPROCESS, IMAGENET_MEAN, IMAGENET_STD,  # noqa: F401 (re-exported)
+                                    Preprocess, announce)
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 CACHE_BYTES = 2 << 30  # decode a split into memory when its uint8 images fit in this many bytes
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class Preprocess:
-    """How images become model inputs: resize/crop to ``size``, scale to [0,1], normalise.
-
-    ``resize`` is the shorter side before a center crop to ``size`` (None: resize straight
-    to ``size``). ``augment`` (random crop with padding size//8 + horizontal flip) applies
-    to the training split only.
-    """
-
-    size: tuple[int, int] = (224, 224)
-    resize: int | None = 256
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    channels: int = 3
-    augment: bool = False
-
-    def __post_init__(self) -> None:
-        self.size = (int(self.size[0]), int(self.size[1])) if isinstance(self.size, Sequence) else (
-            int(self.size), int(self.size))
-        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
-        if self.channels not in (1, 3):
-            raise DataError(f"preprocessing channels must be 1 or 3, got {self.channels}")
-        for name, vals in (("mean", self.mean), ("std", self.std)):
-            if len(vals) not in (1, self.channels):
-                raise DataError(f"preprocessing {name} has {len(vals)} values for {self.channels} channels")
-        if any(s <= 0 for s in self.std) or min(self.size) <= 0:
-            raise DataError("preprocessing std and size must be positive")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The dict stored as ``LoadedModel.preprocessing`` / artifact metadata."""
-        return {"size": list(self.size), "resize": self.resize, "mean": list(self.mean), "std": list(self.std),
-                "channels": self.channels, "layout": "NCHW"}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], **overrides: Any) -> "Preprocess":
-        """Inverse of ``to_dict`` (unknown keys such as ``layout`` are ignored)."""
-        keys = {"size", "resize", "mean", "std", "channels", "augment"}
-        args = {k: v for k, v in d.items() if k in keys}
-        if "size" in args:
-            args["size"] = tuple(args["size"]) if isinstance(args["size"], (list, tuple)) else args["size"]
-        args.setdefault("resize", None)
-        args.update(overrides)
-        return cls(**args)
-
-    def input_shape(self, batch: int = 1) -> tuple[int, int, int, int]:
-        """``(batch, channels, H, W)``."""
-        return (batch, self.channels, *self.size)
-
-
-DIGITS_PREPROCESS = Preprocess(size=(16, 16), resize=None, mean=(0.3,), std=(0.32,), channels=1)
-
-
 class ImageDataset(Dataset):
     """Images with int labels: a tensor (uint8, or float in [0,1]) or files.
 
@@ -163,6 +110,7 @@ class DataSplits:
     preprocess: Preprocess
     scan_skipped: int = 0
     source: str = ""
+    split: dict[str, Any] | None = None  # labels.split_record: counts and a digest of the members
 
     @property
     def skipped(self) -> int:
@@ -188,13 +136,32 @@ def _resize(im, pre: Preprocess):
     return im.crop((left, top, left + w, top + h))
 
 
+MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def to_8bit(im):
+    """A PIL image with 8-bit channels: 16-bit (``I;16*``) and 32-bit integer (``I``) grayscale are
+    scaled by 255/65535 (a 16-bit PNG opens as one of them), float (``F``) in [0, 1] by 255."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(arr * (255 / 65535)), 0, 255).astype(np.uint8), "L")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        scale = 255.0 if arr.size and np.nanmax(arr) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.rint(np.nan_to_num(arr) * scale), 0, 255).astype(np.uint8), "L")
+    return im
+
+
 def _decode(path: Path, pre: Preprocess) -> np.ndarray | None:
-    """Decode, convert and resize one image to uint8 HxW(xC); None when unreadable."""
+    """Decode, convert to ``pre.channels`` (L/RGB/RGBA, 16-bit scaled to 8) and resize one image to
+    uint8 HxW(xC); None when unreadable."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if pre.channels == 1 else "RGB")
+            im = to_8bit(im).convert(MODES[pre.channels])
             return np.array(_resize(im, pre), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
@@ -224,18 +191,27 @@ def _files(folder: Path) -> tuple[list[Path], int]:
     return images, other
 
 
-def _scan_tree(folder: Path) -> tuple[list[Path], list[int], list[str], int]:
-    """Scan ``folder/<class>/**``: files, labels, class names, non-image files skipped."""
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files, labels, skipped, kept = [], [], 0, []
-    for name in classes:
+def class_folders(folder: Path) -> list[str]:
+    """The class names of ``folder``: every non-hidden sub-folder, sorted (empty ones included).
+
+    The label rule everywhere: a class's index is its position in this list, as torchvision's
+    ``ImageFolder.find_classes`` does, so an empty class folder never shifts later labels."""
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _scan_tree(folder: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str], int]:
+    """Scan ``folder/<class>/**``: files, labels (index in ``classes``, default :func:`class_folders`),
+    class names, non-image files skipped."""
+    classes = class_folders(folder) if classes is None else classes
+    files, labels, skipped = [], [], 0
+    for index, name in enumerate(classes):
+        if not (folder / name).is_dir():
+            continue
         found, other = _files(folder / name)
         skipped += other
-        if found:
-            kept.append(name)
-            labels += [len(kept) - 1] * len(found)
-            files += found
-    return files, labels, kept, skipped
+        labels += [index] * len(found)
+        files += found
+    return files, labels, classes, skipped
 
 
 def _materialise(files: list[Path], labels: list[int], pre: Preprocess, what: str
@@ -286,36 +262,44 @@ def _cap(idx: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(idx)[:limit])
 
 
-def _load_digits(pre: Preprocess | None, val_split: float, seed: int, limit: int | None) -> DataSplits:
+def _load_digits(pre: Preprocess | None, val_split: float, seed: int, limit: int | None,
+                 model_labels: Sequence[str] | None) -> DataSplits:
     from sklearn.datasets import load_digits
 
     pre = pre or replace(DIGITS_PREPROCESS)
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     x = F.interpolate(x, size=pre.size, mode="bilinear", align_corners=False).clamp_(0, 1)
-    if pre.channels == 3:
-        x = x.repeat(1, 3, 1, 1)
-    y = d.target.tolist()
+    if pre.channels > 1:
+        x = torch.cat([x.repeat(1, min(3, pre.channels), 1, 1)] + [torch.ones_like(x)] * (pre.channels - 3), 1)
+    announce(pre)
+    y, classes = d.target.tolist(), [str(i) for i in range(10)]
     tr, va = _split(y, val_split, seed)
     tr, va = _cap(tr, limit, seed), _cap(va, limit, seed + 1)
+    if model_labels:
+        lookup = to_model_labels(classes, model_labels, where="digits")
+        y, classes = [lookup[v] for v in y], list(model_labels)
 
     def mk(idx: np.ndarray, augment: bool) -> ImageDataset | None:
         return ImageDataset([y[i] for i in idx], pre, images=x[idx], augment=augment, seed=seed) if len(idx) else None
 
-    return DataSplits(mk(tr, pre.augment), mk(va, False), [str(i) for i in range(10)], pre, 0, "digits")
+    record = split_record({"train": [str(i) for i in tr], "val": [str(i) for i in va]}, val_split=val_split,
+                          seed=seed, limit=limit)
+    return DataSplits(mk(tr, pre.augment), mk(va, False), classes, pre, 0, "digits", record)
 
 
 def _scan(root: Path) -> tuple[list[Path], list[int], list[str | None], list[str] | None, int]:
     """Find images under ``root``: (files, labels, split of each file or None, classes, non-images skipped)."""
     held = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
     if (root / "train").is_dir() or held is not None:
-        parts = {name: _scan_tree(folder) for name, folder in (("train", root / "train"), ("val", held))
-                 if folder is not None and folder.is_dir()}
-        names = sorted({c for _, _, cls, _ in parts.values() for c in cls})
+        folders = [(name, folder) for name, folder in (("train", root / "train"), ("val", held))
+                   if folder is not None and folder.is_dir()]
+        names = sorted({c for _, folder in folders for c in class_folders(folder)})
         files, labels, which, skipped = [], [], [], 0
-        for name, (f, l, cls, s) in parts.items():
+        for name, folder in folders:
+            f, l, _, s = _scan_tree(folder, names)
             files += f
-            labels += [names.index(cls[i]) for i in l]
+            labels += l
             which += [name] * len(f)
             skipped += s
         return files, labels, which, names, skipped
@@ -328,18 +312,24 @@ def _scan(root: Path) -> tuple[list[Path], list[int], list[str | None], list[str
 
 
 def load_data(spec: str, preprocess: Preprocess | None = None, *, val_split: float = 0.2, seed: int = 0,
-              labelled: bool = True, limit: int | None = None) -> DataSplits:
+              labelled: bool = True, limit: int | None = None, model_labels: Sequence[str] | None = None
+              ) -> DataSplits:
     """Load ``digits`` or a folder of images into train/val splits.
 
     Folder layouts: ``DIR/train/<class>/*`` with ``DIR/test/`` or ``DIR/val/`` (the held-out
     split becomes ``val``); ``DIR/<class>/*`` split by ``val_split`` (stratified, seeded);
     or images directly in ``DIR`` (unlabelled: label -1, ``classes`` None, split by
     ``val_split``; pass 0 to keep all in ``train``). ``limit`` caps each split (seeded
-    subset). Raises DataError for a missing or empty folder, or, when ``labelled``, a
+    subset). Labels follow :mod:`dsdeploy.labels`: a class's index is its folder's position among
+    all class folders; with ``model_labels`` they are mapped to the model's outputs by name
+    (``classes`` becomes ``model_labels``). The same spec, ``val_split``, ``seed`` and ``limit``
+    always give the same split (``DataSplits.split`` records it). The preprocessing is logged once
+    (``dsdeploy.preprocessing.announce``; the CLI prints it). Raises DataError for a
+    missing or empty folder, a data class not in ``model_labels``, or, when ``labelled``, a
     folder without class folders or with only one class.
     """
     if spec == "digits":
-        return _load_digits(preprocess, val_split, seed, limit)
+        return _load_digits(preprocess, val_split, seed, limit, model_labels)
     pre = preprocess or Preprocess()
     root = Path(spec).expanduser()
     if not root.exists():
@@ -358,14 +348,20 @@ def load_data(spec: str, preprocess: Preprocess | None = None, *, val_split: flo
     else:
         tr, va = _split(labels, val_split, seed)
     tr, va = _cap(tr, limit, seed), _cap(va, limit, seed + 1)
+    announce(pre)
     if skipped:
         log.warning("skipped %d non-image files in %s", skipped, root)
+    if classes is not None and model_labels:
+        lookup = to_model_labels(classes, model_labels, set(labels), str(root))
+        labels, classes = [lookup[v] for v in labels], list(model_labels)
 
     def mk(idx: np.ndarray, what: str, augment: bool) -> ImageDataset | None:
         return ImageDataset([labels[i] for i in idx], pre, files=[files[i] for i in idx], augment=augment,
                             seed=seed, where=f"{root} ({what})") if len(idx) else None
 
-    return DataSplits(mk(tr, "train", pre.augment), mk(va, "val", False), classes, pre, skipped, str(root))
+    rel = lambda idx: [files[i].relative_to(root).as_posix() for i in idx]  # noqa: E731
+    record = split_record({"train": rel(tr), "val": rel(va)}, val_split=val_split, seed=seed, limit=limit)
+    return DataSplits(mk(tr, "train", pre.augment), mk(va, "val", False), classes, pre, skipped, str(root), record)
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:

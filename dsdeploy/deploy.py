@@ -1,7 +1,9 @@
 """Deployment bundles: optional INT8/FP16 quantization, accuracy gate, manifest, predict.py.
 
 ``deploy(onnx_path, out_dir, ...)`` builds everything in a temporary folder and swaps it
-into place (``fsutil.atomic_dir``) only when every step and the accuracy gate passed.
+into place (``fsutil.owned_dir``) only when every step and the accuracy gate passed; an existing
+folder is written only when empty or a bundle deploy wrote (``overwrite``), and then only
+the bundle's own files are replaced.
 
 Quantization (onnxruntime.quantization):
 - ``int8``: ``quant_pre_process`` first, then static QDQ quantization, per-channel int8
@@ -30,7 +32,7 @@ import numpy as np
 
 from dsdeploy import __version__
 from dsdeploy.errors import DataError, DeployError, ExportError
-from dsdeploy.fsutil import atomic_dir, sha256_file, write_json
+from dsdeploy.fsutil import OutputError, check_dir, owned_dir, sha256_file, show, write_json
 from dsdeploy.onnx_check import (META_LABELS, META_PREPROCESSING, load_onnx, metadata, metadata_json, set_metadata,
                                  toposort)
 
@@ -73,26 +75,27 @@ def _image_input(model) -> tuple[str, list[Any]]:
     return inputs[0].name, dims
 
 
-def _preprocess(meta_pre: dict[str, Any] | None, dims: list[Any], spec: str):
-    """The Preprocess for the model: its metadata, else sized from a fixed input shape."""
-    from dsdeploy.data import DIGITS_PREPROCESS, Preprocess
+def _preprocess(meta_pre: dict[str, Any] | None, dims: list[Any], spec: str | None,
+                overrides: dict[str, Any] | None = None):
+    """The model's Preprocess (:func:`dsdeploy.preprocessing.resolve`: overrides > its metadata >
+    derived from a fixed input shape); DeployError when nothing gives the image size."""
+    from dsdeploy.preprocessing import resolve
 
-    if meta_pre:
-        return Preprocess.from_dict(meta_pre)
-    if all(isinstance(d, int) for d in dims[1:]):
-        if spec == "digits":
-            return Preprocess(size=(dims[2], dims[3]), resize=None, mean=DIGITS_PREPROCESS.mean,
-                              std=DIGITS_PREPROCESS.std, channels=dims[1])
-        return Preprocess(size=(dims[2], dims[3]), resize=None, channels=dims[1])
-    raise DeployError(f"the model has no {META_PREPROCESSING} metadata and a dynamic image size; export it with "
-                      f"dsdeploy export so its preprocessing is recorded")
+    fixed = all(isinstance(d, int) and d > 0 for d in dims[1:])
+    if not meta_pre and not fixed and not (overrides or {}).get("size"):
+        raise DeployError(f"the model has no {META_PREPROCESSING} metadata and a dynamic image size; export it "
+                          f"with dsdeploy export so its preprocessing is recorded, or give the image size (size)")
+    return resolve(meta_pre, dims, overrides, data=spec)
 
 
-def _images(spec: str, pre, *, split: str, limit: int | None, seed: int, labelled: bool):
-    """(images float32 NCHW, labels, classes) from ``spec``'s split (falls back to the other split)."""
+def _images(spec: str, pre, *, split: str, limit: int | None, seed: int, labelled: bool,
+            labels: list[str] | None = None, val_split: float = 0.2):
+    """(images float32 NCHW, labels, classes) from ``spec``'s split (falls back to the other split);
+    labels mapped to the model's ``labels`` by name (dsdeploy.labels)."""
     from dsdeploy.data import load_data
 
-    splits = load_data(spec, pre, seed=seed, labelled=labelled, limit=limit)
+    splits = load_data(spec, pre, seed=seed, labelled=labelled, limit=limit, model_labels=labels if labelled else None,
+                       val_split=val_split)
     ds = getattr(splits, split)
     if ds is None or not len(ds):
         ds = splits.val if split == "train" else splits.train
@@ -103,16 +106,24 @@ def _images(spec: str, pre, *, split: str, limit: int | None, seed: int, labelle
 
 
 class _Calibration:
-    """An onnxruntime CalibrationDataReader over preprocessed images (batches of ``batch``)."""
+    """An onnxruntime CalibrationDataReader over preprocessed images (batches of ``batch``).
 
-    def __init__(self, name: str, images: np.ndarray, batch: int) -> None:
-        self.name, self.images, self.batch, self.pos = name, images, batch, 0
+    With ``fixed`` (a model exported with a static batch), every chunk has exactly
+    ``batch`` images: a short last chunk is filled with images from the start of the set
+    (real images, so the activation ranges stay those of the data; zeros would not be).
+    """
+
+    def __init__(self, name: str, images: np.ndarray, batch: int, fixed: bool = False) -> None:
+        self.name, self.images, self.batch, self.fixed, self.pos = name, images, batch, fixed, 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.pos >= len(self.images):
             return None
         chunk = self.images[self.pos:self.pos + self.batch]
         self.pos += self.batch
+        if self.fixed and len(chunk) < self.batch:
+            idx = np.arange(self.batch - len(chunk)) % len(self.images)
+            chunk = np.concatenate([chunk, self.images[idx]])
         return {self.name: chunk}
 
     def rewind(self) -> None:
@@ -163,7 +174,7 @@ def quantize_model(src: Path, dest: Path, mode: str, *, calib: np.ndarray | None
                              weight_type=QuantType.QUInt8)
         else:
             batch = fixed_batch or 16
-            reader = _Calibration(input_name, calib, batch)
+            reader = _Calibration(input_name, calib, batch, fixed=fixed_batch is not None)
             quantize_static(str(pre), str(dest), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             reduce_range=reduce_range, activation_type=QuantType.QInt8,
                             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
@@ -194,18 +205,15 @@ def _run(sess, name: str, images: np.ndarray, fixed_batch: int | None, batch: in
     return np.concatenate(outs)
 
 
-def _label_index(classes: list[str] | None, labels: list[str] | None, y: np.ndarray) -> np.ndarray:
-    """Data labels -> model output indices (by class name when both name lists are known)."""
-    if classes and labels and set(classes) <= set(labels) and list(classes) != list(labels):
-        lookup = np.asarray([labels.index(c) for c in classes])
-        return lookup[y]
-    return y
-
-
 def accuracy(fp32: Path, bundle: Path, images: np.ndarray, y: np.ndarray, name: str,
-             fixed_batch: int | None) -> dict[str, Any]:
-    """Top-1 (%) of the fp32 and deployed models on the same images, and their agreement."""
-    p32 = _run(_session(fp32), name, images, fixed_batch).argmax(1)
+             fixed_batch: int | None, classes: list[str] | None = None) -> dict[str, Any]:
+    """Top-1 (%) of the fp32 and deployed models on the same images, and their agreement
+    (DataError when the data has more ``classes`` than the model has outputs)."""
+    from dsdeploy.labels import check_outputs
+
+    s32 = _run(_session(fp32), name, images, fixed_batch)
+    check_outputs(classes, s32.shape[1], "the model")
+    p32 = s32.argmax(1)
     pb = _run(_session(bundle), name, images, fixed_batch).argmax(1)
     a32, ab = float((p32 == y).mean() * 100), float((pb == y).mean() * 100)
     return {"fp32_top1": round(a32, 3), "bundle_top1": round(ab, 3), "drop_pts": round(a32 - ab, 3),
@@ -254,12 +262,15 @@ def deploy(onnx_path: str | Path, out_dir: str | Path, *, quantize: str = "none"
            eval_data: str | None = None, max_accuracy_drop: float | None = None, ort_format: bool = False,
            calib_items: int = 256, eval_items: int | None = None, latency_iters: int = 30,
            threads: int | None = None, seed: int = 0, preprocessing: dict[str, Any] | None = None,
-           labels: list[str] | None = None, reduce_range: bool | None = None) -> DeployReport:
+           labels: list[str] | None = None, reduce_range: bool | None = None,
+           overwrite: bool = False, preprocess: dict[str, Any] | None = None,
+           val_split: float = 0.2) -> DeployReport:
     """Build a deployment bundle folder from an exported ONNX model.
 
     Args:
         onnx_path: fp32 model (from ``dsdeploy export``; its metadata gives preprocessing/labels).
-        out_dir: bundle folder, written atomically (replaced only on success).
+        out_dir: bundle folder: new, empty (``.`` too), or a bundle deploy wrote before (only with
+            ``overwrite``; only that bundle's files are replaced, other files stay). Written on success only.
         quantize: one of ``none``, ``int8`` (static QDQ, needs ``calib_data``), ``int8-dynamic``, ``fp16``.
         calib_data: data spec (dsdeploy.data) for INT8 calibration (its train split; ``calib_items`` images).
         eval_data: labelled data spec; top-1 of the bundle vs the fp32 model on its val split is recorded.
@@ -267,11 +278,17 @@ def deploy(onnx_path: str | Path, out_dir: str | Path, *, quantize: str = "none"
         ort_format: also write ``model.ort`` for ONNX Runtime Mobile.
         latency_iters: timed CPU-EP runs per model at batch 1 (0 skips latency).
         threads: CPU-EP intra-op threads for latency (None: ORT default).
-        seed: data subset seed.
+        seed: data subset seed; val_split: held-out fraction (the same split as the other stages).
         preprocessing, labels: used when the model's metadata lacks them (recorded in the bundle's model).
+        preprocess: overrides of the preprocessing (dsdeploy.preprocessing.resolve: overrides > metadata
+            > derived from a fixed input shape); the resolved one is written to the manifest and metadata,
+            so the bundle's predict.py always runs.
         reduce_range: 7-bit INT8 weights (see :func:`quantize_model`); None = when this CPU lacks VNNI/AMX.
+        overwrite: allow replacing a previous bundle's files in ``out_dir``.
 
     Raises:
+        OutputError: ``out_dir`` is a file, a non-empty folder that is not a bundle, a bundle without
+            ``overwrite``, or holds ``onnx_path`` itself.
         DeployError: bad options, quantization failure, or the accuracy gate.
         ExportError: a missing/corrupt input model.
     """
@@ -282,10 +299,15 @@ def deploy(onnx_path: str | Path, out_dir: str | Path, *, quantize: str = "none"
     if max_accuracy_drop is not None and not eval_data:
         raise DeployError("--max-accuracy-drop needs --eval-data DATA (labelled images) to measure the drop")
     src = Path(onnx_path)
+    mine = check_dir(out_dir, owned=bundle_files, overwrite=overwrite, what="bundle folder")
+    if src.name in mine and src.exists() and Path(out_dir).is_dir() and src.resolve().parent == Path(out_dir).resolve():
+        raise OutputError(f"the model {show(src)} is a file of the bundle in {show(out_dir)} it would replace: "
+                          f"copy it elsewhere first or choose another folder")
     model = load_onnx(src)
     name, dims = _image_input(model)
     meta = metadata(model)
-    pre_meta = metadata_json(model, META_PREPROCESSING) or preprocessing
+    pre_meta = _preprocess(metadata_json(model, META_PREPROCESSING) or preprocessing, dims, calib_data or eval_data,
+                           preprocess).to_dict()
     labels = metadata_json(model, META_LABELS) or labels
     meta.update({k: json.dumps(v) for k, v in ((META_PREPROCESSING, pre_meta), (META_LABELS, labels)) if v})
     fixed_batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
@@ -297,7 +319,7 @@ def deploy(onnx_path: str | Path, out_dir: str | Path, *, quantize: str = "none"
         calib = None
         if quantize == "int8":
             calib = _images(calib_data, _preprocess(pre_meta, dims, calib_data), split="train", limit=calib_items,
-                            seed=seed, labelled=False)[0]
+                            seed=seed, labelled=False, val_split=val_split)[0]
         qpath = work / "model.onnx"
         report.warnings += quantize_model(src, qpath, quantize, calib=calib, input_name=name, fixed_batch=fixed_batch,
                                           reduce_range=bool(report.reduce_range))
@@ -309,9 +331,9 @@ def deploy(onnx_path: str | Path, out_dir: str | Path, *, quantize: str = "none"
         sess = _session(qpath)
         if eval_data:
             pre = _preprocess(pre_meta, dims, eval_data)
-            images, y, classes = _images(eval_data, pre, split="val", limit=eval_items, seed=seed, labelled=True)
-            report.accuracy = {"data": eval_data, **accuracy(src, qpath, images, _label_index(classes, labels, y),
-                                                             name, fixed_batch)}
+            images, y, classes = _images(eval_data, pre, split="val", limit=eval_items, seed=seed, labelled=True,
+                                         labels=labels, val_split=val_split)
+            report.accuracy = {"data": eval_data, **accuracy(src, qpath, images, y, name, fixed_batch, classes)}
             drop = report.accuracy["drop_pts"]
             if max_accuracy_drop is not None and drop > max_accuracy_drop:
                 raise DeployError(f"{quantize} bundle loses {drop:.2f} top-1 points on {eval_data} "
@@ -326,7 +348,7 @@ def deploy(onnx_path: str | Path, out_dir: str | Path, *, quantize: str = "none"
             write_ort(qpath, work / "model.ort")
         for w in report.warnings:
             warnings.warn(w, stacklevel=2)
-        with atomic_dir(out_dir) as bundle:
+        with owned_dir(out_dir, owned=bundle_files, overwrite=overwrite, what="bundle folder") as bundle:
             shutil.copyfile(qpath, bundle / "model.onnx")
             if ort_format:
                 shutil.copyfile(work / "model.ort", bundle / "model.ort")
@@ -334,6 +356,21 @@ def deploy(onnx_path: str | Path, out_dir: str | Path, *, quantize: str = "none"
             report.files = {p.name: sha256_file(p) for p in sorted(bundle.iterdir())}
             write_json(bundle / "manifest.json", _manifest(report, sess, qmodel, meta, pre_meta, labels, ort_format))
     return report
+
+
+def bundle_files(folder: Path) -> set[str] | None:
+    """The names a bundle deploy wrote in ``folder`` (from its ``manifest.json``), or None when it is no bundle."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        return None
+    names = {"manifest.json", "predict.py"}
+    names.update(n for n in (manifest.get("model"), manifest.get("ort_model")) if isinstance(n, str))
+    hashes = manifest.get("sha256")
+    names.update(n for n in (hashes if isinstance(hashes, dict) else {}) if isinstance(n, str))
+    return names
 
 
 def _manifest(report: DeployReport, sess, qmodel, meta: dict[str, str], pre: dict | None, labels: list | None,

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from typing import Any
 
-import numpy as np
 from torch import nn
 
-from dsdeploy.data import DIGITS_PREPROCESS, DataSplits, Preprocess, load_data, make_loader
+from dsdeploy.data import DataSplits, Preprocess, load_data, make_loader
 from dsdeploy.errors import DataError
+from dsdeploy.labels import check_outputs
+from dsdeploy.preprocessing import resolve
 from dsdeploy.metrics import classification_metrics, predict
 
 log = logging.getLogger(__name__)
@@ -39,36 +39,13 @@ def _loaded(model: Any, weights: str | None, model_kwargs: dict | None, trust_pi
     return model
 
 
-def preprocess_for(loaded: Any, data: str, override: Preprocess | None = None) -> Preprocess:
-    """The preprocessing to evaluate ``loaded`` with: explicit override, the model's own,
-    digits defaults for ``digits``, else derived from the model's input shape."""
-    if override is not None:
+def preprocess_for(loaded: Any, data: str, override: Preprocess | dict | None = None) -> Preprocess:
+    """The preprocessing to evaluate ``loaded`` with (:func:`dsdeploy.preprocessing.resolve`):
+    a whole ``Preprocess`` override is used as is; a dict overrides the keys it gives."""
+    if isinstance(override, Preprocess):
         return override
-    if getattr(loaded, "preprocessing", None):
-        return Preprocess.from_dict(loaded.preprocessing)
-    shape = getattr(loaded, "input_shape", None)
-    if data == "digits":
-        pre = replace(DIGITS_PREPROCESS)
-        if shape and len(shape) == 4:
-            pre = Preprocess(size=(shape[2], shape[3]), resize=None, mean=pre.mean, std=pre.std, channels=shape[1])
-        return pre
-    if shape and len(shape) == 4 and shape[1] in (1, 3):
-        h, w = shape[2], shape[3]
-        base = Preprocess()
-        return Preprocess(size=(h, w), resize=round(min(h, w) * 256 / 224) if min(h, w) >= 128 else None,
-                          mean=base.mean[: shape[1]] if shape[1] == 3 else (0.5,),
-                          std=base.std[: shape[1]] if shape[1] == 3 else (0.5,), channels=shape[1])
-    return Preprocess()
-
-
-def _label_map(classes: list[str], model_labels: list[str] | None) -> list[int] | None:
-    """Data class index -> model output index when the model names its classes differently ordered."""
-    if not model_labels or list(model_labels) == list(classes):
-        return None
-    if set(classes) <= set(model_labels):
-        return [list(model_labels).index(c) for c in classes]
-    log.warning("data classes %s do not match the model's labels; assuming the same index order", classes[:5])
-    return None
+    return resolve(getattr(loaded, "preprocessing", None), getattr(loaded, "input_shape", None), override,
+                   data=data, model=getattr(loaded, "model", None))
 
 
 def _score(loaded: Any, splits: DataSplits, split: str, batch_size: int, progress: bool) -> dict[str, Any]:
@@ -81,13 +58,8 @@ def _score(loaded: Any, splits: DataSplits, split: str, batch_size: int, progres
     y_true, scores = predict(loaded.model, make_loader(dataset, batch_size, shuffle=False), progress=progress,
                              desc=f"evaluate {loaded.spec}")
     seconds = time.perf_counter() - t0
-    mapping = _label_map(splits.classes, getattr(loaded, "labels", None))
-    if mapping is not None:
-        y_true = np.asarray(mapping)[y_true]
     n_out = scores.shape[1]
-    if int(y_true.max()) >= n_out:
-        raise DataError(f"model {loaded.spec} outputs {n_out} classes but the data has {len(splits.classes)} "
-                        f"({', '.join(splits.classes[:5])}{', ...' if len(splits.classes) > 5 else ''})")
+    check_outputs(splits.classes, n_out, f"model {loaded.spec}")
     names = list(loaded.labels) if getattr(loaded, "labels", None) and len(loaded.labels) == n_out else (
         splits.classes if len(splits.classes) == n_out else None)
     metrics = classification_metrics(y_true, scores.argmax(1), scores, labels=names)
@@ -98,13 +70,15 @@ def _score(loaded: Any, splits: DataSplits, split: str, batch_size: int, progres
 def evaluate(model: Any, data: str, *, compare: Any = None, weights: str | None = None,
              compare_weights: str | None = None, model_kwargs: dict | None = None, trust_pickle: bool = False,
              batch_size: int = 256, split: str = "val", val_split: float = 0.2, seed: int = 0,
-             limit: int | None = None, preprocess: Preprocess | None = None, progress: bool = False
+             limit: int | None = None, preprocess: Preprocess | dict | None = None, progress: bool = False
              ) -> dict[str, Any]:
     """Evaluate ``model`` (and ``compare``, side by side) on ``data``; return a JSON-able dict.
 
     ``model``/``compare``: a spec for ``sources.load_model``, a ``LoadedModel``-like object
     (``.model``, ``.spec``, ``.preprocessing``, ``.labels``) or a bare ``nn.Module``.
-    Each model sees the data through its own preprocessing (``preprocess`` overrides).
+    Each model sees the data through its own preprocessing (:mod:`dsdeploy.preprocessing`;
+    ``preprocess`` overrides: a whole ``Preprocess`` or a dict of keys) and its own labels
+    (data classes mapped to the model's labels by name, :mod:`dsdeploy.labels`).
     Result: ``{"data", "split", "images", "skipped", "classes", "models": [{"model",
     "metrics", "seconds", "preprocessing"}, ...]}`` plus, with ``compare``, ``"delta"``
     (compare minus model, per metric) and ``"agreement"`` (fraction of equal predictions).
@@ -118,13 +92,16 @@ def evaluate(model: Any, data: str, *, compare: Any = None, weights: str | None 
     results = []
     for loaded in entries:
         pre = preprocess_for(loaded, data, preprocess)
-        key = repr(pre.to_dict())
+        labels = list(loaded.labels) if getattr(loaded, "labels", None) else None
+        key = repr((pre.to_dict(), labels))
         if key not in cache:
-            cache[key] = load_data(data, pre, val_split=val_split, seed=seed, labelled=True, limit=limit)
+            cache[key] = load_data(data, pre, val_split=val_split, seed=seed, labelled=True, limit=limit,
+                                   model_labels=labels)
         results.append(_score(loaded, cache[key], split, batch_size, progress))
     splits = next(iter(cache.values()))
     out: dict[str, Any] = {"data": data, "split": split, "images": int(results[0]["metrics"]["n"]),
-                           "skipped": splits.skipped, "classes": splits.classes, "models": results}
+                           "skipped": splits.skipped, "classes": splits.classes, "models": results,
+                           "data_split": splits.split}
     if compare is not None:
         a, b = results[0]["metrics"], results[1]["metrics"]
         out["delta"] = {k: (b[k] - a[k]) if a[k] is not None and b[k] is not None else None for k in METRIC_KEYS}

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dsdeploy import __version__
-from dsdeploy.errors import ExportError, InputShapeError
+from dsdeploy.errors import ExportError, InputShapeError, ParityError
 from dsdeploy.fsutil import atomic_path
 from dsdeploy.onnx_check import (META_CONV_MACS, META_LABELS, META_PREPROCESSING, check_ds_structure, check_model,
                                  fold_bn_after_conv_sum, load_onnx, set_metadata, summarize)
@@ -204,15 +204,10 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
                           f"returns per-image dicts of variable length); dsdeploy export supports models taking one "
                           f"batched tensor — export the backbone, or wrap the model to take a tensor")
     model.eval()
+    n_outputs = _check_runs(model, shape, dynamic_batch, seed)
     example = random_inputs(shape, seed)
     if exporter == "dynamo" and dynamic_batch and shape[0] == 1:
         example = random_inputs((2, *shape[1:]), seed)  # torch.export specialises a size-1 dim
-    try:
-        with torch.no_grad():
-            n_outputs = len(flatten_outputs(model(example)))
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        raise InputShapeError(f"the model cannot run on input shape {','.join(map(str, shape))}: "
-                              f"{_first_line(exc)}") from None
     cases = _parity_cases(shape, dynamic_batch, data, seed)
     with tempfile.TemporaryDirectory(prefix="dsdeploy-export-") as tmpdir:
         raw_path = Path(tmpdir) / "raw.onnx"
@@ -224,7 +219,15 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
         if exporter == "dynamo" and any(p.name != "raw.onnx" for p in Path(tmpdir).iterdir()):
             warns.append("the dynamo exporter wrote an external data file; it was folded into the single file")
         raw = load_onnx(raw_path)  # checker before use
-        parity = _gate(model, raw_path, cases, "export", atol, rtol)
+        try:
+            parity = _gate(model, raw_path, cases, "export", atol, rtol)
+        except ParityError:
+            raise
+        except ExportError as exc:  # ORT cannot run the graph: name the cause, not the temp file
+            hint = "; the dynamo exporter may work: exporter='dynamo' (--exporter dynamo)" \
+                if exporter == "torchscript" else ""
+            msg = str(exc).replace(str(raw_path), "the exported model")
+            raise ExportError(f"{msg.splitlines()[0] if msg else exc}{hint}") from None
         raw, parity = _fold_bn(raw, raw_path, model, cases, atol, rtol, parity, warns)
         final, simplified = raw, False
         if simplify:
@@ -244,6 +247,37 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
     _save(final, path)
     return ExportReport(str(path), exporter, used_opset, list(shape), dynamic_batch, parity, simplified,
                         summary.op_counts, summary.kinds(), summary.conv_macs, problems, warns)
+
+
+def _check_runs(model: nn.Module, shape: tuple[int, ...], dynamic_batch: bool, seed: int) -> int:
+    """Run ``model`` in torch at ``shape`` (and at another batch when dynamic); the number of outputs.
+
+    Raises ExportError for non-float32 weights (export and parity run in float32) and
+    InputShapeError when the model cannot run at the shape, or fixes its batch size while
+    ``dynamic_batch`` is asked for.
+    """
+    odd = sorted({str(t.dtype).replace("torch.", "") for t in [*model.parameters(), *model.buffers()]
+                  if t.is_floating_point() and t.dtype != torch.float32})
+    if odd:
+        raise ExportError(f"the model's weights are {', '.join(odd)}; ONNX export and its parity checks run in "
+                          f"float32: convert the model with .float() first (deploy's quantize='fp16' makes an "
+                          f"fp16 bundle from the float32 export)")
+    try:
+        with torch.no_grad():
+            n_outputs = len(flatten_outputs(model(random_inputs(shape, seed))))
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise InputShapeError(f"the model cannot run on input shape {','.join(map(str, shape))}: "
+                              f"{_first_line(exc)}") from None
+    if dynamic_batch:
+        other = shape[0] + 2
+        try:
+            with torch.no_grad():
+                model(random_inputs((other, *shape[1:]), seed + 1))
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            raise InputShapeError(f"the model runs at batch {shape[0]} but cannot run at batch {other} (it fixes "
+                                  f"its batch size: {_first_line(exc)[:120]}); export with a static batch "
+                                  f"(dynamic_batch=False, --static-batch)") from None
+    return n_outputs
 
 
 def _ds_blocks(model: nn.Module) -> dict[str, dict[str, int]]:
@@ -273,11 +307,12 @@ def provenance(loaded: Any) -> dict[str, Any]:
 
 def data_samples(spec: str, preprocessing: dict[str, Any] | None, shape: tuple[int, ...], count: int = 16,
                  seed: int = 0) -> torch.Tensor:
-    """``count`` real preprocessed images from ``spec`` (dsdeploy.data), shaped like the model input."""
-    from dsdeploy.data import Preprocess, load_data
+    """``count`` real preprocessed images from ``spec`` (dsdeploy.data), shaped like the model input;
+    preprocessing per :func:`dsdeploy.preprocessing.resolve` (``preprocessing`` > derived from ``shape``)."""
+    from dsdeploy.data import load_data
+    from dsdeploy.preprocessing import resolve
 
-    pre = Preprocess.from_dict(preprocessing) if preprocessing else (
-        None if spec == "digits" else Preprocess(size=(shape[2], shape[3]), resize=None, channels=shape[1]))
+    pre = resolve(preprocessing, shape, data=spec)
     splits = load_data(spec, pre, seed=seed, labelled=False, limit=count)
     ds = splits.val if splits.val is not None and len(splits.val) else splits.train
     x = torch.stack([ds[i][0] for i in range(min(count, len(ds)))])
@@ -288,16 +323,25 @@ def data_samples(spec: str, preprocessing: dict[str, Any] | None, shape: tuple[i
 
 def export_model(spec: str, out: str | Path, *, weights: str | None = None, model_kwargs: dict | None = None,
                  trust_pickle: bool = False, input_shape: tuple[int, ...] | None = None, data: str | None = None,
-                 compare_original: bool = True, **kwargs: Any) -> ExportReport:
+                 compare_original: bool = True, preprocess: dict[str, Any] | None = None,
+                 **kwargs: Any) -> ExportReport:
     """``dsdeploy export``: load ``spec`` (dsdeploy.sources.load_model) and :func:`export_onnx` it with provenance.
+
+    The ONNX metadata records the resolved preprocessing (``preprocess`` overrides > the model's
+    own > derived from the input shape; :mod:`dsdeploy.preprocessing`) so bundles can predict.
 
     For a ``.dsd`` artifact the original model is exported too (to a temporary file) so the
     report holds op counts and conv MACs before/after conversion.
     """
     from dsdeploy.sources import load_model
 
+    from dsdeploy.preprocessing import input_shape_for, resolve
+
     loaded = load_model(spec, weights=weights, model_kwargs=model_kwargs, trust_pickle=trust_pickle)
-    shape = loaded.shape_or_default(input_shape)
+    pre = resolve(loaded.preprocessing, input_shape or loaded.input_shape, preprocess, data=data, model=loaded.model)
+    shape = input_shape_for(pre, input_shape, loaded.input_shape, bool(preprocess))
+    if pre.channels == shape[1] and tuple(pre.size) == tuple(shape[2:]):
+        loaded.preprocessing = pre.to_dict()
     samples = data_samples(data, loaded.preprocessing, shape, seed=kwargs.get("seed", 0)) if data else None
     report = export_onnx(loaded.model, out, shape, metadata=provenance(loaded), data=samples, **kwargs)
     if compare_original and loaded.artifact is not None:

@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from dsdeploy.checkpoint import TrainingInterrupted  # noqa: F401 (raised from here; importable from here)
-from dsdeploy.checkpoint import (CheckpointError, SignalGuard, cpu_state_dict, interrupted, load_checkpoint, rng_state,
-                                 save_checkpoint, set_rng_state)
+from dsdeploy.checkpoint import (SignalGuard, check_resumable, cpu_state_dict, interrupted, load_checkpoint, rng_state,
+                                 run_identity, save_checkpoint, set_rng_state)
 from dsdeploy.distill import Distiller, LossWeights, evaluate, following_norms, fresh_parameters, init_parameters
 from dsdeploy.errors import DataError, DsdeployError
 from dsdeploy.fsutil import write_json
+from dsdeploy.numbers import check_number
 from dsdeploy.schedule import Schedule, steps_for_budget
 
 MODES = ("none", "partial", "full")
@@ -63,18 +64,35 @@ class FinetuneConfig:
     history_path: str | None = None
     checkpoint_path: str | None = None
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        """Raise a DsdeployError naming the first option out of range (NaN/inf always are)."""
         if self.mode not in MODES:
-            raise DsdeployError(f"unknown --mode {self.mode!r}; choose one of {', '.join(MODES)}")
+            raise DsdeployError(f"unknown finetune mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.optimizer not in ("sgd", "adamw"):
-            raise DsdeployError(f"unknown --optimizer {self.optimizer!r}; choose sgd or adamw")
+            raise DsdeployError(f"unknown finetune optimizer {self.optimizer!r}; choose sgd or adamw")
         if self.init not in ("xavier", "he", "none"):
-            raise DsdeployError(f"unknown --init {self.init!r}; choose xavier, he or none")
+            raise DsdeployError(f"unknown finetune init {self.init!r}; choose xavier, he or none")
+        check_number(self.epochs, "finetune epochs", low=0, integer=True, optional=True)
+        check_number(self.time_budget, "finetune time_budget (seconds)", low=0, low_open=True, optional=True)
         if self.mode != "none" and not self.epochs and not self.time_budget:
-            raise DsdeployError("give --epochs N or --time-budget DURATION")
-        if self.batch_size < 1 or (self.epochs is not None and self.epochs < 0):
-            raise DsdeployError("--batch-size must be >= 1 and --epochs >= 0")
-        Schedule(self.schedule, self.lr).validate()
+            raise DsdeployError("finetune needs epochs >= 1 or a time_budget")
+        check_number(self.batch_size, "finetune batch_size", low=1, integer=True)
+        check_number(self.lr, "finetune lr", low=0, low_open=True)
+        check_number(self.momentum, "finetune momentum", low=0, high=1, high_open=True)
+        check_number(self.weight_decay, "finetune weight_decay", low=0)
+        check_number(self.warmup_epochs, "finetune warmup_epochs", low=0)
+        for name in ("kd_weight", "feature_weight", "ce_weight"):
+            check_number(getattr(self, name), f"finetune {name}", low=0)
+        if self.kd_weight + self.feature_weight + self.ce_weight <= 0:
+            raise DsdeployError("finetune kd_weight, feature_weight and ce_weight are all 0: nothing to train for")
+        check_number(self.temperature, "finetune temperature", low=0, low_open=True)
+        check_number(self.clip_grad, "finetune clip_grad (0 or None disables it)", low=0, optional=True)
+        check_number(self.patience, "finetune patience", low=0, integer=True, optional=True)
+        check_number(self.seed, "finetune seed", low=0, integer=True)
+        Schedule(self.schedule, self.lr)
 
     def trajectory(self) -> dict[str, Any]:
         """The options that determine the weights (compared on resume)."""
@@ -97,6 +115,7 @@ class FinetuneResult:
     checkpoint: str | None = None
     history_file: str | None = None
     resumed_from: int | None = None
+    split: dict[str, Any] | None = None  # the data split used (dsdeploy.labels.split_record)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,6 +137,23 @@ def _seed_epoch(dataset: Any, seed: int) -> None:
         dataset.set_epoch_seed(seed)
     elif isinstance(getattr(dataset, "_gen", None), torch.Generator):  # dsdeploy.data.ImageDataset augmentation
         dataset._gen.manual_seed(seed)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch of :func:`train_loader` (a short last batch is dropped)."""
+    return max(1, n // batch_size) if n > batch_size else 1
+
+
+def train_loader(dataset: Any, batch_size: int, seed: int) -> Any:
+    """The shuffled training loader of one epoch (order fixed by ``seed``).
+
+    When the split holds more than one batch, the short last batch is dropped: a batch of
+    one image cannot train BatchNorm (``BatchNorm1d`` refuses it, 2d gets a zero variance).
+    """
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
+                      num_workers=0, drop_last=len(dataset) > batch_size)
 
 
 def trainable_modules(student: nn.Module, mode: str, example: torch.Tensor) -> list[nn.Module]:
@@ -155,7 +191,7 @@ def _optimizer(params: list[nn.Parameter], cfg: FinetuneConfig) -> torch.optim.O
 def finetune(student: nn.Module, teacher: nn.Module | None, data: Any, config: FinetuneConfig, *,
              out_path: str | Path, resume: bool = False,
              on_best: Callable[[nn.Module, dict[str, Any]], None] | None = None,
-             started: float | None = None) -> FinetuneResult:
+             started: float | None = None, identity: dict[str, Any] | None = None) -> FinetuneResult:
     """Fine-tune ``student`` IN PLACE by distillation from ``teacher``; it ends holding the best weights.
 
     Args:
@@ -169,10 +205,14 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: Any, config: F
         on_best: called with (student, epoch record) whenever the validation score improves.
         started: ``time.perf_counter()`` when the time budget's clock started (default:
             on entry), so a caller's data loading can count against the budget.
+        identity: digests of the run's inputs (:func:`dsdeploy.checkpoint.run_identity`), stored
+            in the checkpoint; a resume with a different identity or options is refused (None:
+            the options only).
 
     Raises:
         TrainingInterrupted: on SIGINT/SIGTERM (exit code 130); the last completed epoch's
             checkpoint stays valid for ``resume=True``.
+        CheckpointError: ``resume`` with a checkpoint of another run (inputs or options differ).
     """
     from dsdeploy.data import make_loader
 
@@ -205,7 +245,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: Any, config: F
         p.requires_grad_(id(p) in train_ids)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = _optimizer(params, config)
-    spe = -(-len(data.train) // config.batch_size)
+    spe = steps_per_epoch(len(data.train), config.batch_size)
     sched = Schedule(config.schedule, config.lr, total_steps=(config.epochs or 10 ** 6) * spe,
                      warmup_steps=round(config.warmup_epochs * spe))
     st: dict[str, Any] = {"epoch": 0, "step": 0, "best_acc": None, "best_epoch": -1, "best_state": None,
@@ -213,7 +253,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: Any, config: F
                           "done": None}
     if resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
-        _check_compatible(ck["config"], config.trajectory(), ckpt_path)
+        check_resumable(ck, config.trajectory(), identity, ckpt_path)
         student.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched = Schedule(**ck["schedule"])
@@ -256,7 +296,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: Any, config: F
                     step_s = record["train_seconds"] / max(1, record["steps"])
                     sched.total_steps = st["step"] + steps_for_budget(config.time_budget, st["elapsed"], step_s,
                                                                       spe, eval_s)
-                _save(ckpt_path, student, opt, sched, st, config)
+                _save(ckpt_path, student, opt, sched, st, config, identity or {})
                 write_json(hist_path, st["history"])
                 if improved and on_best is not None:
                     on_best(student, record)
@@ -280,14 +320,12 @@ def _train_epoch(distiller: Distiller, modules, params, opt, sched: Schedule, tr
     """
     from tqdm import tqdm
 
-    from dsdeploy.data import make_loader
-
     spe, eval_images, run_start = timing
     eval_s = 0.0
 
     seed = epoch_seed(cfg.seed, st["epoch"])
     _seed_epoch(train, seed)
-    loader = make_loader(train, cfg.batch_size, shuffle=True, seed=seed)
+    loader = train_loader(train, cfg.batch_size, seed)
     _set_train(distiller.student, modules)
     bar = tqdm(loader, total=min(spe, sched.total_steps - st["step"]), desc=f"epoch {st['epoch'] + 1}",
                unit="batch", disable=not cfg.progress, leave=False)
@@ -340,37 +378,45 @@ def _train_epoch(distiller: Distiller, modules, params, opt, sched: Schedule, tr
             "steps": steps, "step": st["step"]}
 
 
-def _check_compatible(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
-    diff = [f"{k}: {saved.get(k)!r} vs {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-            if saved.get(k) != now.get(k)]
-    if diff:
-        raise CheckpointError(f"checkpoint {path} was written with different options ({'; '.join(diff[:3])}); "
-                              f"rerun with the same options or without --resume")
-
-
-def _save(path: Path, student: nn.Module, opt, sched: Schedule, st: dict[str, Any], cfg: FinetuneConfig) -> None:
+def _save(path: Path, student: nn.Module, opt, sched: Schedule, st: dict[str, Any], cfg: FinetuneConfig,
+          identity: dict[str, Any]) -> None:
     save_checkpoint(path, {"model": cpu_state_dict(student), "optimizer": opt.state_dict(),
-                           "schedule": sched.to_dict(), "rng": rng_state(), "config": cfg.trajectory(), **st})
+                           "schedule": sched.to_dict(), "rng": rng_state(), "config": cfg.trajectory(),
+                           "identity": identity, **st})
 
 
 def finetune_artifact(student_path: str | Path, data: str, out: str | Path, config: FinetuneConfig, *,
                       teacher: str | None = None, teacher_weights: str | None = None, resume: bool = False,
-                      limit: int | None = None) -> FinetuneResult:
+                      limit: int | None = None, preprocess: dict[str, Any] | None = None,
+                      val_split: float = 0.2) -> FinetuneResult:
     """``dsdeploy finetune``: fine-tune a .dsd against its source model (or ``teacher``); write the best to ``out``.
 
     ``out`` is rewritten whenever validation improves, so it always holds the best weights so far.
+    The checkpoint records the digests of the student, data, split and teacher; ``resume`` with
+    any of them changed raises CheckpointError naming what differs.
+    Data: ``load_data(data, val_split=, seed=config.seed, limit=)`` preprocessed per
+    :func:`dsdeploy.preprocessing.resolve` (the artifact's own, ``preprocess`` overrides), labels
+    mapped to the artifact's recorded labels by name; more data classes than outputs is a DataError.
     """
     from dsdeploy.artifact import load_artifact, save_artifact
-    from dsdeploy.data import Preprocess, load_data
+    from dsdeploy.data import load_data
     from dsdeploy.distill import load_teacher
+    from dsdeploy.labels import check_outputs, output_count
+    from dsdeploy.preprocessing import resolve
 
     config.validate()
     started = time.perf_counter()
+    identity = run_identity(student=student_path, data=data, limit=limit, val_split=val_split, teacher=teacher,
+                            teacher_weights=teacher_weights)
     art = load_artifact(student_path)
     teacher_model = load_teacher(art, teacher, teacher_weights)
-    pre = art.metadata.get("preprocessing")
-    preprocess = Preprocess.from_dict(pre, augment=config.augment) if pre else None
-    splits = load_data(data, preprocess, seed=config.seed, labelled=False, limit=limit)
+    pre = resolve(art.metadata.get("preprocessing"), art.metadata.get("input_shape"), preprocess, data=data,
+                  model=art.model, augment=config.augment)
+    splits = load_data(data, pre, seed=config.seed, labelled=False, limit=limit, val_split=val_split,
+                       model_labels=art.metadata.get("labels"))
+    if splits.classes and splits.train is not None and len(splits.train):
+        check_outputs(splits.classes, output_count(art.model, splits.train[0][0][None]), f"{student_path}")
+    art.metadata = {**art.metadata, "preprocessing": pre.to_dict()}  # what the model was trained with
 
     def entry(res: FinetuneResult | None, record: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         info = res.history_entry(config, data=data) if res else {"stage": "finetune", "data": data,
@@ -382,6 +428,8 @@ def finetune_artifact(student_path: str | Path, data: str, out: str | Path, conf
         save_artifact(out, model, art.plan, art.source, art.metadata, history)
 
     result = finetune(art.model, teacher_model, splits, config, out_path=out, resume=resume,
-                      on_best=lambda model, record: save(model, entry(None, record)), started=started)
+                      on_best=lambda model, record: save(model, entry(None, record)), started=started,
+                      identity=identity)
+    result.split = splits.split
     save(art.model, entry(result))
     return result

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dsdeploy.errors import ExportError
-from dsdeploy.fsutil import require_file
+from dsdeploy.fsutil import require_file, utf8
 
 META_PREFIX = "dsdeploy."
 META_PREPROCESSING = "dsdeploy.preprocessing"
@@ -87,7 +87,7 @@ def set_metadata(model, values: dict[str, Any]) -> None:
     del model.metadata_props[:]
     for k, v in current.items():
         entry = model.metadata_props.add()
-        entry.key, entry.value = k, v
+        entry.key, entry.value = k, utf8(v)  # a path in a value may hold undecodable bytes
 
 
 def op_counts(model) -> dict[str, int]:
@@ -146,8 +146,8 @@ class GraphSummary:
 
 def _conv_kind(weight: list[int], group: int) -> str:
     cout, cin_g, *k = weight
-    if group > 1 and cin_g == 1 and cout % group == 0 and math.prod(k) > 1:
-        return "depthwise"
+    if cin_g == 1 and cout % group == 0 and math.prod(k) > 1 and (group > 1 or cout == 1):
+        return "depthwise"  # one filter per input channel (a 1-channel input gives group 1)
     if all(v == 1 for v in k):
         return "pointwise"
     return "dense" if group == 1 else "grouped"
@@ -214,6 +214,9 @@ def check_ds_structure(model, blocks: dict[str, dict[str, int]]) -> list[str]:
     if bn:
         problems.append(f"{bn} BatchNormalization node(s) not folded into a Conv")
     dw_by_cin = Counter(c.group for c in summary.convs if c.kind == "depthwise")
+    # a block on a 1-channel input: its depthwise convs have group 1 (any channel multiplier)
+    dw_by_cin[1] = sum(1 for c in summary.convs if c.group == 1 and len(c.weight) > 2 and c.weight[1] == 1
+                       and math.prod(c.weight[2:]) > 1)
     want_dw = Counter()
     for b in blocks.values():
         want_dw[b["in_channels"]] += b["depthwise"]

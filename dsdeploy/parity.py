@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dsdeploy.errors import ExportError, ParityError
+from dsdeploy.fsutil import ort_model
 
 ATOL = 1e-4
 RTOL = 1e-4
@@ -92,7 +93,7 @@ def cpu_session(onnx_path: str | Path, threads: int | None = None):
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(ort_model(onnx_path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for bad models
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"ONNX Runtime cannot load {onnx_path}: {first}") from None

@@ -7,24 +7,34 @@ dsdeploy version; ``OUT/state.json`` keeps every completed stage's key and outpu
 hashes. On a re-run a stage whose key and outputs are unchanged is reported "cached" and
 not run. A failing stage raises :class:`StageError` (one line naming the stage); the
 earlier stages' outputs and state are kept.
+
+The output folder belongs to the run: it must be new, empty, or a run folder (recognised by
+its ``state.json``). A run holds ``OUT/run.lock`` (``filelock``) for its whole
+length, so a second run on the same folder fails at once; under the lock it removes the
+temporary folders a killed run left. Stages keep resume state in ``OUT/resume/`` (see
+:meth:`Context.resume_path`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, TextIO
+from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from dsdeploy import __version__
 from dsdeploy.errors import DsdeployError
-from dsdeploy.fsutil import atomic_dir, sha256_file, write_json
+from dsdeploy.fsutil import OutputError, atomic_dir, check_dir, remove_stale_temps, sha256_file, show, write_json
 
 STATE_FILE = "state.json"
+STATE_FORMAT = "dsdeploy-run"
 RECORD_FILE = "stage.json"
+LOCK_FILE = "run.lock"
+RESUME_DIR = "resume"
 
 
 class StageError(DsdeployError):
@@ -59,6 +69,12 @@ class Context:
         if not rec or rec["status"] not in ("done", "cached") or role not in rec["outputs"]:
             return None
         return self.out / stage / rec["outputs"][role]
+
+    def resume_path(self, stage: str, name: str) -> Path:
+        """A stable file for ``stage``'s resume state (``OUT/resume/<stage>.<name>``); survives a failed stage."""
+        folder = self.out / RESUME_DIR
+        folder.mkdir(exist_ok=True)
+        return folder / f"{stage}.{name}"
 
     def result(self, stage: str) -> dict[str, Any] | None:
         """The result dict of ``stage`` when it ran or was cached, else None."""
@@ -114,16 +130,65 @@ def stage_key(stage: Stage, ctx: Context) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _read_state(out: Path) -> Any:
+    try:
+        return json.loads((out / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def load_state(out: Path) -> dict[str, Any]:
     """``OUT/state.json`` (empty when absent, unreadable, or written by another version)."""
-    path = out / STATE_FILE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {"version": __version__, "stages": {}}
+    state = _read_state(out)
     if not isinstance(state, dict) or state.get("version") != __version__ or not isinstance(state.get("stages"), dict):
-        return {"version": __version__, "stages": {}}
-    return state
+        return {"format": STATE_FORMAT, "version": __version__, "stages": {}}
+    return {"format": STATE_FORMAT, **state}
+
+
+def run_folder_files(out: Path) -> set[str] | None:
+    """Everything in ``out`` when it is a run folder (its ``state.json`` says so), else None."""
+    names = {p.name for p in out.iterdir()}
+    if names <= {LOCK_FILE}:  # a run killed between taking the lock and writing its state
+        return names
+    if {STATE_FILE, LOCK_FILE} <= names:  # a run held it: even a damaged state.json is ours (rebuilt from scratch)
+        return names
+    state = _read_state(out)
+    if not isinstance(state, dict) or not isinstance(state.get("stages"), dict) or \
+            state.get("format", STATE_FORMAT) != STATE_FORMAT:
+        return None
+    return names
+
+
+@contextlib.contextmanager
+def run_folder(out: Path) -> Iterator[dict[str, Any]]:
+    """Own ``out`` for one run: check it is new, empty or a run folder, lock it, clean stale temps.
+
+    Yields the loaded state (already written to ``OUT/state.json``, which marks the folder as a
+    run folder from the first moment).
+
+    Raises:
+        OutputError: ``out`` is a file or a non-empty folder that is not a run folder, cannot be
+            written, or another run holds its lock.
+    """
+    from filelock import FileLock, Timeout
+
+    check_dir(out, owned=run_folder_files, overwrite=True, what="run folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(out / LOCK_FILE), timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise OutputError(f"another dsdeploy run is using {show(out)} (it holds {LOCK_FILE}): wait for it to end "
+                          f"or choose another output folder") from None
+    except OSError as exc:
+        raise OutputError(f"cannot write to run folder {show(out)}: {exc.strerror or exc}") from None
+    try:
+        remove_stale_temps(out)
+        state = load_state(out)
+        write_json(out / STATE_FILE, state)
+        yield state
+    finally:
+        lock.release()
 
 
 def _outputs_intact(out: Path, rec: dict[str, Any]) -> bool:
@@ -172,12 +237,17 @@ def run_pipeline(stages: list[Stage], ctx: Context, *, log: TextIO | None = None
     ``... cached`` or ``... skipped (reason)``.
 
     Raises:
+        OutputError: ``ctx.out`` is not new, empty or a run folder, or another run holds it (see :func:`run_folder`).
         StageError: the first stage that fails (the state of earlier stages is saved first).
     """
     log = log or sys.stderr
     t_start = time.perf_counter()
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    state = load_state(ctx.out)
+    with run_folder(ctx.out) as state:
+        _run_stages(stages, ctx, state, log)
+    return PipelineResult(ctx.out, dict(ctx.records), round(time.perf_counter() - t_start, 2))
+
+
+def _run_stages(stages: list[Stage], ctx: Context, state: dict[str, Any], log: TextIO) -> None:
     n = len(stages)
     for i, stage in enumerate(stages, 1):
         prefix = f"[{i}/{n}] {stage.name} ..."
@@ -206,4 +276,3 @@ def run_pipeline(stages: list[Stage], ctx: Context, *, log: TextIO | None = None
         write_json(ctx.out / STATE_FILE, state)
         print(f"{prefix} done in {record['seconds']:.1f}s", file=log, flush=True)
     write_json(ctx.out / STATE_FILE, state)
-    return PipelineResult(ctx.out, dict(ctx.records), round(time.perf_counter() - t_start, 2))

@@ -79,6 +79,9 @@ def layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
 def trace_calls(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[list[int], list[int], int]]:
     """Run one forward pass; for every conv/linear that ran: (in shape, out shape, MACs).
 
+    Shapes are those of the first call; MACs sum over every call of the module in the
+    pass (a conv applied twice costs twice), as the exported graph does.
+
     Raises InputShapeError when the model cannot run on that shape.
     """
     seen: dict[str, tuple[list[int], list[int], int]] = {}
@@ -86,8 +89,13 @@ def trace_calls(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tup
     for name, mod in model.named_modules():
         if isinstance(mod, CONV_LIKE + (nn.Linear,)):
             def hook(m, args, out, name=name):
-                if name not in seen and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
-                    seen[name] = (list(args[0].shape), list(out.shape), layer_macs(m, args[0], out))
+                if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                    macs = layer_macs(m, args[0], out)
+                    if name in seen:  # called again in the same forward (weight sharing): every call costs
+                        ishape, oshape, before = seen[name]
+                        seen[name] = (ishape, oshape, before + macs)
+                    else:
+                        seen[name] = (list(args[0].shape), list(out.shape), macs)
             hooks.append(mod.register_forward_hook(hook))
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32

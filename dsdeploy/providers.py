@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dsdeploy.errors import ProviderError
+from dsdeploy.fsutil import ort_model, utf8
 
 ALIASES: dict[str, str] = {
     "cpu": "CPUExecutionProvider",
@@ -311,7 +312,7 @@ def session_options(threads: int | None, profile_prefix: str | None = None):
     so.log_severity_level = 3
     if profile_prefix:
         so.enable_profiling = True
-        so.profile_file_prefix = profile_prefix
+        so.profile_file_prefix = utf8(profile_prefix)  # the binding takes UTF-8 only
     return so
 
 
@@ -329,11 +330,11 @@ def create_session(model_path: str, cfg: EPConfig, threads: int | None = None, p
             opts = dict(cfg.options)
             device = pick_device(cfg.name, opts.pop("device_type", None))
             so.add_provider_for_devices([device], opts)
-            return ort.InferenceSession(model_path, so)
+            return ort.InferenceSession(ort_model(model_path), so)
         providers: list[Any] = [(cfg.name, cfg.options)]
         if cfg.name != "CPUExecutionProvider":
             providers.append(("CPUExecutionProvider", {}))
-        return ort.InferenceSession(model_path, so, providers=providers)
+        return ort.InferenceSession(ort_model(model_path), so, providers=providers)
     except ProviderError:
         raise
     except Exception as exc:  # noqa: BLE001 - ORT's pybind errors: one actionable line for the user

@@ -24,6 +24,7 @@ from dsdeploy.tomltypes import coerce, describe, type_name
 LAYOUTS = ("branches", "concat", "multiplier")
 FINETUNE_MODES = ("none", "partial", "full")
 QUANTIZE = ("none", "int8", "int8-dynamic", "fp16")
+CALIB_BATCHES = 50  # calibration batches by default: [calibrate] batches, convert/calibrate CLI, library
 
 
 @dataclass
@@ -40,7 +41,9 @@ class ModelSection:
 
 @dataclass
 class PreprocessSection:
-    """[preprocess]: how images become inputs; unset keys fall back to the model's own preprocessing."""
+    """[preprocess]: overrides of the model's preprocessing (dsdeploy.preprocessing.resolve); unset keys
+    come from the model. ``size`` without ``resize`` derives resize from the size; ``resize = 0`` resizes
+    straight to ``size``."""
 
     size: list[int] | None = None
     resize: int | None = None
@@ -67,7 +70,7 @@ class CalibrateSection:
     """[calibrate]: least-squares pointwise weights + BatchNorm re-estimation (needs data)."""
 
     enabled: bool = True
-    batches: int | None = None
+    batches: int = CALIB_BATCHES  # a seeded subset of batches * batch_size training images
     batch_size: int = 64
     ridge: float = 1e-6
 
@@ -143,7 +146,10 @@ class BenchSection:
 
 @dataclass
 class DataSection:
-    """[data]: ``digits`` or a folder of images (None: give ``--data``; data stages are skipped without)."""
+    """[data]: ``digits`` or a folder of images (None: give ``--data``; data stages are skipped without).
+
+    ``val_split`` and ``limit`` (images per split) make the run's ONE split, used by calibration,
+    fine-tuning and evaluation alike and recorded in the report."""
 
     spec: str | None = None
     val_split: float = 0.2
@@ -263,8 +269,12 @@ def validate(r: Recipe, src: str) -> None:
     p = r.preprocess
     if p.size is not None and len(p.size) not in (1, 2):
         raise RecipeError(f"{src}: preprocess.size must be [H, W], got {p.size}")
-    if p.channels is not None and p.channels not in (1, 3):
-        raise RecipeError(f"{src}: preprocess.channels must be 1 or 3, got {p.channels}")
+    if p.channels is not None and p.channels not in (1, 3, 4):
+        raise RecipeError(f"{src}: preprocess.channels must be 1, 3 or 4, got {p.channels}")
+    if p.resize is not None and p.resize < 0:
+        raise RecipeError(f"{src}: preprocess.resize must be >= 0 (0: resize straight to size), got {p.resize}")
+    if r.data.limit is not None and r.data.limit < 1:
+        raise RecipeError(f"{src}: data.limit must be >= 1, got {r.data.limit}")
     if not 0 <= r.data.val_split < 1:
         raise RecipeError(f"{src}: data.val_split must be in [0, 1), got {r.data.val_split}")
     positive = {"finetune.batch_size": r.finetune.batch_size, "calibrate.batch_size": r.calibrate.batch_size,
@@ -278,6 +288,26 @@ def validate(r: Recipe, src: str) -> None:
         raise RecipeError(f"{src}: deploy.max_accuracy_drop must be >= 0 (top-1 points)")
     if r.bench.warmup < 0 or r.deploy.latency_iters < 0:
         raise RecipeError(f"{src}: bench.warmup and deploy.latency_iters must be >= 0")
+    _check_numbers(r, src)
+
+
+def _check_numbers(r: Recipe, src: str) -> None:
+    """The calibrate/finetune numbers, checked by the library's own config dataclasses."""
+    from dsdeploy.calibrate import CalibrationParams
+    from dsdeploy.finetune import FinetuneConfig
+
+    c, f = r.calibrate, r.finetune
+    try:
+        CalibrationParams(ridge=c.ridge, max_batches=c.batches, batch_size=c.batch_size)
+    except DsdeployError as exc:
+        raise RecipeError(f"{src}: {str(exc).replace('calibrate max_batches', 'calibrate.batches')}") from None
+    numbers = {k: getattr(f, k) for k in ("lr", "momentum", "weight_decay", "warmup_epochs", "kd_weight",
+                                          "feature_weight", "ce_weight", "temperature", "clip_grad", "patience",
+                                          "batch_size")}
+    try:
+        FinetuneConfig(mode=f.mode, epochs=f.epochs if f.epochs is not None else 10, **numbers)
+    except DsdeployError as exc:
+        raise RecipeError(f"{src}: {str(exc).replace('finetune ', 'finetune.', 1)}") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -93,7 +93,14 @@ def summarize(records: dict[str, dict[str, Any]], out: str | Path | None = None)
             "accuracy": [acc[0]["top1"], acc[-1]["top1"]] if len(acc) >= 2 else None,
             "accuracy_stages": acc, "latency": latency_rows(records), "bundle": bundle,
             "report": str(Path(out) / "report" / "report.md") if out is not None else None,
-            "stages": {n: r.get("status") for n, r in records.items()}}
+            "stages": {n: r.get("status") for n, r in records.items()}, "split": data_split(records)}
+
+
+def data_split(records: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The run's one data split (counts, val_split, limit, digest) as the data stages recorded it."""
+    found = [(_res(records, "evaluate") or {}).get("data_split"), (_res(records, "finetune") or {}).get("split"),
+             ((_res(records, "convert") or {}).get("calibration") or {}).get("split")]
+    return next((s for s in found if s), None)
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -236,6 +243,11 @@ def report_blocks(records: dict[str, dict[str, Any]], recipe: Any, out: Path, su
     b += [("h", 2, "Summary"), ("table", *summary_rows(summary))]
     if summary.get("bundle"):
         b.append(("p", f"Deployment bundle: `{summary['bundle']}`"))
+    if summary.get("split"):
+        s = summary["split"]
+        b.append(("p", f"Data split (one for every stage): {s.get('train')} train / {s.get('val')} val images, "
+                       f"val_split {s.get('val_split')}, limit {s.get('limit')}, seed {s.get('seed')}, "
+                       f"digest {s.get('digest')}."))
     b += [("h", 2, "Stages"), ("table", ["stage", "status", "seconds", "note"],
                                [[n, r["status"], r.get("seconds"), r.get("reason", "")] for n, r in records.items()])]
     layers = _layer_rows(records)

@@ -8,14 +8,20 @@ detection and segmentation models included.
 from __future__ import annotations
 
 import copy
+import pickle
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from dsdeploy.errors import NothingToConvertError
+from dsdeploy.errors import DsdeployError, NothingToConvertError
 from dsdeploy.layers import DSConv
 from dsdeploy.plan import Plan, Policy, make_plan
 from dsdeploy.profile import Profile, profile_model, trace_calls
+
+
+class ModelError(DsdeployError):
+    """A model whose numbers or structure make it unusable for conversion (names the layer)."""
 
 
 @dataclass
@@ -34,6 +40,46 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that works for every module torch can run.
+
+    Plain tensor attributes computed from parameters (non-leaf tensors, e.g. the ``weight``
+    that the old ``torch.nn.utils.weight_norm`` hook recomputes before each forward) cannot
+    be deep-copied; they are copied detached (the hook recomputes them on the next call).
+    The input is never modified. Raises ModelError when the model holds something that
+    cannot be copied at all.
+    """
+    memo: dict[int, object] = {}
+    for mod in model.modules():
+        for value in vars(mod).values():
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+    try:
+        return copy.deepcopy(model, memo)
+    except (RuntimeError, TypeError, pickle.PicklingError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"the model cannot be copied (copy.deepcopy failed: {first[:160]}); "
+                         f"keep tensors, locks and handles out of module attributes") from None
+
+
+def check_finite_model(model: nn.Module) -> None:
+    """Raise ModelError naming the first layer whose numbers make a conversion meaningless.
+
+    Refused: NaN/infinite parameters or buffers anywhere, and BatchNorm running variances
+    that are NaN or negative (a variance cannot be; the exported graph would disagree).
+    """
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelError(f"{name} holds {int((~torch.isfinite(t)).sum())} NaN/infinite value(s): the weights "
+                             f"are damaged; fix or retrain them before converting")
+    for name, mod in model.named_modules():
+        var = getattr(mod, "running_var", None)
+        if isinstance(mod, nn.modules.batchnorm._NormBase) and isinstance(var, torch.Tensor):
+            if bool((var < 0).any()):
+                raise ModelError(f"{name}.running_var has {int((var < 0).sum())} negative value(s): a variance "
+                                 f"cannot be negative; re-estimate the BatchNorm statistics")
+
+
 def apply_plan(model: nn.Module, plan: Plan, *, init_from_weights: bool = True,
                svd_cache: dict[str, tuple] | None = None) -> nn.Module:
     """A copy of ``model`` with each converted conv of ``plan`` replaced by a DSConv.
@@ -46,13 +92,51 @@ def apply_plan(model: nn.Module, plan: Plan, *, init_from_weights: bool = True,
         svd_cache: per-conv SVDs already computed by :func:`make_plan`.
     """
     svd_cache = svd_cache or {}
-    new = copy.deepcopy(model)
+    new = copy_model(model)
     for d in plan.converted:
         conv = new.get_submodule(d.name)
         block = DSConv.from_conv(conv, d.rank, plan.layout, svd_cache.get(d.name)) if init_from_weights else DSConv(conv, d.rank, plan.layout)
         block.train(conv.training)
         _set_submodule(new, d.name, block)
     return new
+
+
+def verify_rebuild(fresh: nn.Module, plan: Plan, converted: nn.Module) -> None:
+    """Check that an artifact of ``converted`` will load: rebuild it as loading does.
+
+    ``fresh`` is a newly built source model (as :func:`dsdeploy.artifact.load_artifact`
+    builds it); the plan's structure is applied to it and ``converted``'s state_dict loaded
+    strictly, then both models run once on the plan's input shape and must agree. Raises
+    ModelError naming the step that failed, so no unloadable artifact is ever written.
+    """
+    from dsdeploy.checkpoints import load_state_checked
+    from dsdeploy.profile import run_model
+
+    try:
+        rebuilt = apply_plan(fresh, plan, init_from_weights=False)
+        load_state_checked(rebuilt, converted.state_dict(), "the converted model")
+    except DsdeployError as exc:
+        raise ModelError(f"the converted model could not be rebuilt from its source as loading does ({exc}); "
+                         f"nothing was written") from None
+    if not plan.input_shape:
+        return
+    param = next(converted.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = torch.randn(*plan.input_shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    was = converted.training
+    converted.eval()
+    rebuilt.eval()
+    try:
+        with torch.no_grad():
+            want, got = run_model(converted, x), run_model(rebuilt, x)
+    finally:
+        converted.train(was)
+    if isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor):
+        scale = float(want.abs().max()) if want.numel() else 0.0
+        if want.shape != got.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-5 + 1e-3 * scale):
+            raise ModelError("the converted model rebuilt from its source gives different outputs (the factory "
+                             "is not deterministic, or the model keeps state outside its state_dict); "
+                             "nothing was written")
 
 
 def nothing_to_convert_message(plan: Plan) -> str:
@@ -76,6 +160,7 @@ def convert(model: nn.Module, *, input_shape: tuple[int, ...], rank: int | None 
     policy = Policy(rank=rank, energy=energy, mac_budget=mac_budget, include=include, exclude=exclude,
                     convert_stem=convert_stem, layout=layout, require_gain=require_gain)
     policy.validate()
+    check_finite_model(model)
     calls = trace_calls(model, input_shape)
     svds: dict[str, tuple] = {}
     plan = make_plan(model, policy, calls, input_shape, svds)

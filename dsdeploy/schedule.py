@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dsdeploy.errors import DsdeployError
+from dsdeploy.numbers import check_number
 
 KINDS = ("step", "cosine", "cosine-restarts", "constant")
 
@@ -43,13 +44,23 @@ class Schedule:
     cycles: int = 3
     cycle_mult: float = 2.0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        """Raise ConfigError (a DsdeployError) naming the first field out of range."""
         if self.kind not in KINDS:
             raise DsdeployError(f"unknown LR schedule {self.kind!r}; choose one of {', '.join(KINDS)}")
-        if self.lr <= 0:
-            raise DsdeployError(f"the learning rate must be positive, got {self.lr}")
-        if self.cycles < 1 or self.cycle_mult < 1:
-            raise DsdeployError("cosine-restarts needs cycles >= 1 and cycle_mult >= 1")
+        check_number(self.lr, "schedule lr", low=0, low_open=True)
+        check_number(self.total_steps, "schedule total_steps", low=1, integer=True)
+        check_number(self.warmup_steps, "schedule warmup_steps", low=0, integer=True)
+        check_number(self.warmup_start, "schedule warmup_start", low=0, high=1)
+        check_number(self.min_lr_ratio, "schedule min_lr_ratio", low=0, high=1)
+        check_number(self.gamma, "schedule gamma", low=0, low_open=True)
+        for m in self.milestones:
+            check_number(m, "schedule milestones", low=0, high=1)
+        check_number(self.cycles, "schedule cycles", low=1, integer=True)
+        check_number(self.cycle_mult, "schedule cycle_mult", low=1)
 
     def lr_at(self, step: int) -> float:
         """The learning rate for optimizer step ``step`` (0-based)."""

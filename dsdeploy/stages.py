@@ -8,6 +8,7 @@ owns the work, and returns a :class:`dsdeploy.pipeline.StageOutput`. The pipelin
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,25 +29,41 @@ def _data(ctx: Context) -> str | None:
 
 
 def recipe_source(ctx: Context) -> tuple[Any, Any, tuple[int, ...]]:
-    """(LoadedModel with the recipe's preprocessing attached, Preprocess, input shape)."""
-    from dsdeploy.data import Preprocess
-    from dsdeploy.evaluate import preprocess_for
+    """(LoadedModel with the resolved preprocessing attached, Preprocess, input shape).
+
+    The preprocessing is :func:`dsdeploy.preprocessing.resolve` with the recipe's ``[preprocess]``
+    as overrides (``size`` without ``resize`` derives ``resize`` from the size); a
+    ``model.input_shape`` the preprocessing does not produce is one RecipeError line.
+    """
+    from dsdeploy.errors import InputShapeError, RecipeError
+    from dsdeploy.preprocessing import input_shape_for, resolve
     from dsdeploy.sources import load_model
 
     r = _r(ctx)
     m = r.model
     loaded = load_model(m.spec, m.weights, m.model_kwargs, m.trust_pickle)
-    base = preprocess_for(loaded, _data(ctx) or "", None).to_dict()
     given = {k: v for k, v in asdict(r.preprocess).items() if v is not None}
-    if given.get("size") is not None and len(given["size"]) == 1:
-        given["size"] = given["size"] * 2
-    if given.get("channels") and given["channels"] != base.get("channels") and "mean" not in given:
-        base["mean"], base["std"] = [base["mean"][0]], [base["std"][0]]
-    pre = Preprocess.from_dict({**base, **given})
+    pre = resolve(loaded.preprocessing, m.input_shape or loaded.input_shape, given, data=_data(ctx),
+                  model=loaded.model)
+    try:
+        shape = input_shape_for(pre, m.input_shape, loaded.input_shape, bool(given))
+    except InputShapeError as exc:
+        raise RecipeError(f"[preprocess] disagrees with model.input_shape: {exc}") from None
     loaded.preprocessing = pre.to_dict()
-    shape = tuple(m.input_shape) if m.input_shape else loaded.shape_or_default(
-        pre.input_shape(1) if (r.preprocess.size or not loaded.input_shape) else None)
     return loaded, pre, shape
+
+
+def data_split(ctx: Context) -> dict[str, Any]:
+    """The run's ONE split (``data.val_split``, ``data.limit``, ``seed``): keyword arguments for every stage
+    that reads the data, so calibration and fine-tuning never see an image evaluation holds out."""
+    r = _r(ctx)
+    return {"val_split": r.data.val_split, "limit": r.data.limit}
+
+
+def _cap(stage_limit: int | None, ctx: Context) -> int | None:
+    """A stage's own limit within the run's split (a seeded subset of the same split)."""
+    limits = [v for v in (stage_limit, _r(ctx).data.limit) if v is not None]
+    return min(limits) if limits else None
 
 
 def recipe_policy(ctx: Context):
@@ -117,7 +134,7 @@ def run_convert(ctx: Context, folder: Path) -> StageOutput:
         c = r.calibrate
         cal = calibrate_artifact(str(folder / "converted.dsd"), _data(ctx), str(folder / "calibrated.dsd"),
                                  max_batches=c.batches, batch_size=c.batch_size, seed=r.seed, ridge=c.ridge,
-                                 progress=ctx.progress)
+                                 progress=ctx.progress, **data_split(ctx))
         result["calibration"] = cal.to_dict()
         outputs.update(calibrated="calibrated.dsd", artifact="calibrated.dsd")
     return StageOutput(result, outputs)
@@ -130,28 +147,50 @@ def _finetune_skip(ctx: Context) -> str | None:
 
 
 def run_finetune(ctx: Context, folder: Path) -> StageOutput:
-    """``finetune.finetune_artifact`` on the converted (calibrated) artifact."""
+    """``finetune.finetune_artifact`` on the converted (calibrated) artifact, resumable.
+
+    The checkpoint lives at ``OUT/resume/finetune.ckpt`` (outside the stage's temporary
+    folder), so a run interrupted or killed mid-training continues from its last completed
+    epoch when the same run is started again; a checkpoint of another configuration or
+    other inputs is discarded (the tool wrote it) and training starts afresh. It is removed
+    when the stage succeeds.
+    """
+    from dsdeploy.checkpoint import CheckpointError, TrainingInterrupted
     from dsdeploy.finetune import FinetuneConfig, finetune_artifact
+    from dsdeploy.fsutil import write_json
     from dsdeploy.schedule import parse_duration
 
     r = _r(ctx)
     f = r.finetune
     budget = parse_duration(f.time_budget) if f.time_budget is not None else None
+    ckpt = ctx.resume_path("finetune", "ckpt")
     config = FinetuneConfig(
         mode=f.mode, epochs=f.epochs if f.epochs is not None else (None if budget else 10), time_budget=budget,
         batch_size=f.batch_size, optimizer=f.optimizer, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay,
         schedule=f.schedule, warmup_epochs=f.warmup_epochs, kd_weight=f.kd_weight, feature_weight=f.feature_weight,
         ce_weight=f.ce_weight, temperature=f.temperature, clip_grad=f.clip_grad or None, patience=f.patience,
         augment=f.augment, seed=r.seed, progress=ctx.progress, history_path=str(folder / "history.json"),
-        checkpoint_path=str(folder / "finetune.ckpt"))
-    res = finetune_artifact(ctx.output("convert", "artifact"), _data(ctx), folder / "finetuned.dsd", config,
-                            limit=f.limit)
-    (folder / "finetune.ckpt").unlink(missing_ok=True)  # only needed to resume an interrupted run
+        checkpoint_path=str(ckpt))
+    args = (ctx.output("convert", "artifact"), _data(ctx), folder / "finetuned.dsd", config)
+    opts = dict(val_split=r.data.val_split, limit=_cap(f.limit, ctx))
+    notes = []
+    try:
+        res = finetune_artifact(*args, **opts, resume=ckpt.is_file())
+    except CheckpointError as exc:  # our own checkpoint, from another configuration: start afresh
+        ckpt.unlink(missing_ok=True)
+        notes.append(f"earlier checkpoint not resumed ({exc})")
+        res = finetune_artifact(*args, **opts)
+    except TrainingInterrupted as exc:
+        raise TrainingInterrupted(str(exc).split(";")[0] + (
+            "; rerun with the same output folder to continue from the last completed epoch" if ckpt.is_file()
+            else "; nothing was saved")) from None
+    write_json(folder / "history.json", res.history)
+    ckpt.unlink(missing_ok=True)  # only needed to resume an interrupted run
+    with contextlib.suppress(OSError):
+        ckpt.parent.rmdir()  # when no other stage keeps resume state there
     result = {k: v for k, v in res.to_dict().items() if k not in ("checkpoint", "history_file")}
-    outputs = {"artifact": "finetuned.dsd"}
-    if (folder / "history.json").is_file():
-        outputs["history"] = "history.json"
-    return StageOutput(result, outputs)
+    result["notes"] = notes
+    return StageOutput(result, {"artifact": "finetuned.dsd", "history": "history.json"})
 
 
 def _evaluate_skip(ctx: Context) -> str | None:
@@ -167,7 +206,7 @@ def run_evaluate(ctx: Context, folder: Path) -> StageOutput:
 
     r = _r(ctx)
     loaded, pre, _ = recipe_source(ctx)
-    opts = dict(preprocess=pre, val_split=r.data.val_split, seed=r.seed, limit=r.evaluate.limit,
+    opts = dict(preprocess=pre, val_split=r.data.val_split, seed=r.seed, limit=_cap(r.evaluate.limit, ctx),
                 batch_size=r.evaluate.batch_size, progress=ctx.progress)
     candidates = [("converted", ctx.output("convert", "converted")), ("calibrated", ctx.output("convert", "calibrated")),
                   ("finetuned", ctx.output("finetune", "artifact"))]
@@ -179,7 +218,8 @@ def run_evaluate(ctx: Context, folder: Path) -> StageOutput:
     models.append({"name": stages[-1][0], **_metrics(full["models"][1])})
     write_json(folder / "evaluate.json", full)
     return StageOutput({"data": _data(ctx), "split": full["split"], "images": full["images"], "models": models,
-                        "agreement": full.get("agreement"), "delta": full.get("delta")},
+                        "agreement": full.get("agreement"), "delta": full.get("delta"),
+                        "data_split": full.get("data_split")},
                        {"report": "evaluate.json"})
 
 
@@ -253,7 +293,8 @@ def run_deploy(ctx: Context, folder: Path) -> StageOutput:
     rep = deploy(ctx.output("export", "model"), folder / "bundle", quantize=d.quantize,
                  calib_data=data if d.quantize == "int8" else None, eval_data=data,
                  max_accuracy_drop=d.max_accuracy_drop if data else None, ort_format=d.ort_format,
-                 latency_iters=d.latency_iters, threads=r.bench.threads, seed=r.seed).to_dict()
+                 latency_iters=d.latency_iters, threads=r.bench.threads, seed=r.seed,
+                 val_split=r.data.val_split).to_dict()
     files = [str(p.relative_to(folder)) for p in sorted((folder / "bundle").rglob("*")) if p.is_file()]
     return StageOutput({**rep, "bundle": "bundle", "notes": notes}, {name: name for name in files})
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dsdeploy.artifact import save_artifact, source_record
+from dsdeploy.calibrate import CALIB_BATCHES
 from dsdeploy.errors import DsdeployError
 from dsdeploy.plan import Plan, Policy, make_plan
 from dsdeploy.profile import Profile, profile_model, trace_calls
@@ -72,11 +73,22 @@ def inspect_model(loaded: LoadedModel, policy: Policy, input_shape: tuple[int, .
 
 def convert_to_artifact(loaded: LoadedModel, out: str | Path, policy: Policy,
                         input_shape: tuple[int, ...] | None = None, calib_data: str | None = None,
-                        calib_batches: int | None = None, seed: int = 0) -> ModelReport:
-    """Convert a loaded model, optionally calibrate it on data, and write the ``.dsd`` artifact."""
+                        calib_batches: int | None = CALIB_BATCHES, seed: int = 0,
+                        preprocess: dict[str, Any] | None = None) -> ModelReport:
+    """Convert a loaded model, optionally calibrate it on data, and write the ``.dsd`` artifact.
+
+    The artifact records the input shape and the resolved preprocessing
+    (:func:`dsdeploy.preprocessing.resolve`: ``preprocess`` overrides > the model's own >
+    derived from ``input_shape``), which every later command reads.
+    """
+    from dsdeploy.preprocessing import input_shape_for, resolve
+
     if loaded.artifact is not None:
         raise DsdeployError(f"{loaded.spec} is already converted; convert its source model instead")
-    shape = loaded.shape_or_default(input_shape)
+    pre = resolve(loaded.preprocessing, input_shape or loaded.input_shape, preprocess, data=calib_data,
+                  model=loaded.model)
+    shape = input_shape_for(pre, input_shape, loaded.input_shape, bool(preprocess))
+    loaded.preprocessing = pre.to_dict()
     res = convert(loaded.model, input_shape=shape, rank=policy.rank, energy=policy.energy,
                   mac_budget=policy.mac_budget, include=policy.include, exclude=policy.exclude,
                   convert_stem=policy.convert_stem, layout=policy.layout)
@@ -87,9 +99,13 @@ def convert_to_artifact(loaded: LoadedModel, out: str | Path, policy: Policy,
     if calib_data:
         from dsdeploy.calibrate import calibrate_on_data
 
-        model, entry = calibrate_on_data(model, loaded.model, res.plan, calib_data, loaded.preprocessing,
-                                         max_batches=calib_batches, seed=seed)
+        model, entry = calibrate_on_data(model, loaded.model, res.plan, calib_data, pre,
+                                         max_batches=calib_batches, seed=seed, labels=loaded.labels)
         history.append(entry)
+    from dsdeploy.rewrite import verify_rebuild
+    from dsdeploy.sources import build_source
+
+    verify_rebuild(build_source(loaded.spec, loaded.model_kwargs).model, res.plan, model)
     metadata = {"input_shape": list(shape), "preprocessing": loaded.preprocessing, "labels": loaded.labels,
                 "conv_macs_before": res.before.conv_macs, "conv_macs_after": res.after.conv_macs}
     save_artifact(out, model, res.plan, source_record(loaded.spec, loaded.model_kwargs, loaded.weights),

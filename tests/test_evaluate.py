@@ -85,7 +85,7 @@ def test_class_count_mismatch(tmp_path):
     one = SimpleNamespace(model=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 1)), spec="one",
                           preprocessing={"size": [4, 4], "resize": None, "mean": [0.5], "std": [0.5], "channels": 1},
                           labels=None)
-    with pytest.raises(DataError, match="outputs 1 classes but the data has 2"):
+    with pytest.raises(DataError, match="the data has 2 classes .* but model one has 1 outputs"):
         evaluate(one, str(tmp_path), split="train", val_split=0)
 
 
@@ -122,9 +122,11 @@ def test_preprocess_for_precedence():
 
     own = {"size": [8, 8], "resize": None, "mean": [0.1], "std": [0.2], "channels": 1}
     given = Preprocess(size=(4, 4), resize=None, mean=(0.5,), std=(0.5,), channels=1)
-    m = SimpleNamespace(preprocessing=own, input_shape=(1, 3, 224, 224))
+    m = SimpleNamespace(preprocessing=own, input_shape=(1, 1, 8, 8))
     assert preprocess_for(m, "digits", given) is given
     assert preprocess_for(m, "/data").to_dict()["mean"] == [0.1]
+    resized = preprocess_for(SimpleNamespace(preprocessing=own, input_shape=(1, 1, 12, 12)), "/data")
+    assert resized.size == (12, 12) and resized.mean == (0.1,)  # the model's input shape wins over a stale record
     bare = SimpleNamespace(preprocessing=None, input_shape=(1, 3, 224, 224))
     pre = preprocess_for(bare, "/data")
     assert pre.size == (224, 224) and pre.resize == 256 and pre.channels == 3

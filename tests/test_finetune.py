@@ -86,7 +86,7 @@ def test_finetune_recovers_the_digits_sample_to_within_3_points_of_the_original(
     result = finetune(student, teacher, splits, cfg(epochs=2), out_path=tmp_path / "o.dsd")
     assert result.accuracy_before < result.best_accuracy
     assert result.best_accuracy >= result.teacher_accuracy - 0.03, result  # measured: 0.914 -> 0.989 (teacher 0.997)
-    assert result.stopped == "completed" and result.epochs == 2 and result.steps == 2 * 23
+    assert result.stopped == "completed" and result.epochs == 2 and result.steps == 2 * (len(splits.train) // 64)  # short last batch dropped
     hist = json.loads((tmp_path / "o.history.json").read_text())
     assert [h["epoch"] for h in hist] == [1, 2]
     assert set(hist[0]) >= {"epoch", "train_loss", "train_acc", "val_acc", "lr", "images_per_s", "seconds"}

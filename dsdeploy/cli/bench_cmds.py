@@ -7,7 +7,7 @@ import re
 import click
 
 from dsdeploy.cli import cli
-from dsdeploy.cli.options import echo_json
+from dsdeploy.cli.options import echo_json, preprocess_options
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -39,6 +39,20 @@ def parse_duration(text: str | None) -> float | None:
     return float(m.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
 
 
+def check_report_paths(models, data: str | None, **paths: str | None) -> None:
+    """Refuse report paths that are a benchmarked model, the data, each other, or a file of another kind."""
+    from dsdeploy.fsutil import check_distinct, check_output
+
+    flags = {"json_path": "--json", "csv_path": "--csv", "markdown_path": "--markdown", "plot_path": "--plot"}
+    inputs = [("model", m) for m in models] + [("--data", data)]
+    for key, path in paths.items():
+        if path is not None:
+            png = key == "plot_path"
+            check_output(path, kind="png" if png else "text", suffixes=(".png",) if png else (), inputs=inputs,
+                         what=flags[key])
+    check_distinct((flags[k], v) for k, v in paths.items())
+
+
 @cli.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="MODEL.onnx...")
 @click.option("--providers", default="cpu", show_default=True, metavar="EP,...",
@@ -50,6 +64,7 @@ def parse_duration(text: str | None) -> float | None:
 @click.option("--duration", default=None, metavar="10s", help="Time runs for this long instead of --iters.")
 @click.option("--data", default=None, metavar="DATA",
               help="'digits' or an image folder: real inputs, and top-1 agreement with the CPU EP.")
+@preprocess_options
 @click.option("--ep-option", "ep_options", multiple=True, metavar="EP:KEY=VALUE",
               help="Provider option, repeatable: openvino:precision=bf16, tensorrt:trt_fp16_enable=1, ...")
 @click.option("--skip-unavailable", is_flag=True, help="Skip requested EPs that are not available instead of failing.")
@@ -59,7 +74,7 @@ def parse_duration(text: str | None) -> float | None:
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None, help="Write a Markdown report.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write a PNG latency plot.")
 def bench(models, providers, batch, threads, warmup, iters, duration, data, ep_options, skip_unavailable, seed,
-          json_path, csv_path, markdown_path, plot_path):
+          json_path, csv_path, markdown_path, plot_path, preprocess):
     """Latency of ONNX MODELs on ONNX Runtime EPs, with parity against the CPU EP.
 
     With two or more models the first is the baseline: the table shows each model's
@@ -68,15 +83,18 @@ def bench(models, providers, batch, threads, warmup, iters, duration, data, ep_o
 
     from dsdeploy.bench import BenchConfig
     from dsdeploy.bench_report import render_text, run_and_write
+    from dsdeploy.fsutil import show
     from dsdeploy.providers import parse_ep_options
 
+    check_report_paths(models, data, json_path=json_path, csv_path=csv_path, markdown_path=markdown_path,
+                       plot_path=plot_path)
     secs = parse_duration(duration)
     if secs is not None and iters is not None:
         raise click.BadParameter("give --iters or --duration, not both", param_hint="--duration")
     cfg = BenchConfig(providers=parse_list(providers, "--providers"), batches=parse_ints(batch, "--batch"),
                       threads=threads, warmup=warmup, iters=None if secs else (iters or 50), duration=secs,
                       data=data, ep_options=parse_ep_options(ep_options), skip_unavailable=skip_unavailable,
-                      seed=seed)
+                      seed=seed, preprocess=preprocess)
     total = len(models) * len(cfg.batches) * len(cfg.providers)
     bars: list = []  # opened on the first run, so input errors print one line and no bar
 
@@ -94,7 +112,7 @@ def bench(models, providers, batch, threads, warmup, iters, duration, data, ep_o
             bar.close()
     click.echo(render_text(report))
     for path in written:
-        click.echo(f"wrote {path}", err=True)
+        click.echo(f"wrote {show(path)}", err=True)
     failed = [r for r in report.results if r.status == "error"]
     if failed:
         from dsdeploy.errors import ProviderError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from dsdeploy.cli import cli
-from dsdeploy.cli.options import echo_json, model_options, parse_kwargs, parse_shape
+from dsdeploy.cli.options import echo_json, model_options, parse_kwargs, parse_shape, preprocess_options
 
 
 def _worst(parity: list) -> str:
@@ -27,23 +27,28 @@ def _worst(parity: list) -> str:
 @click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
               help="torch.onnx exporter (torchscript = dynamo=False, robust for CNNs).")
 @click.option("--data", default=None, metavar="DATA", help="Also check parity on real images: 'digits' or a folder.")
+@preprocess_options
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity: absolute tolerance.")
 @click.option("--rtol", type=float, default=1e-4, show_default=True,
               help="Parity: tolerance relative to the output's max |value|.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 def export(model: str, output: str, weights: str | None, model_kwargs: str | None, trust_pickle: bool,
            input_shape: str | None, opset: int, dynamic_batch: bool, simplify: bool, exporter: str,
-           data: str | None, atol: float, rtol: float, as_json: bool) -> None:
+           data: str | None, atol: float, rtol: float, as_json: bool, preprocess: dict | None) -> None:
     """Export MODEL to ONNX, gated by parity against torch on ONNX Runtime (CPU EP)."""
     from dsdeploy.export import export_model
+    from dsdeploy.fsutil import check_output, show
 
+    check_output(output, kind="onnx", suffixes=(".onnx",), what="--output",
+                 inputs=[("model", model), ("--weights file", weights), ("--data", data)])
     rep = export_model(model, output, weights=weights, model_kwargs=parse_kwargs(model_kwargs),
                        trust_pickle=trust_pickle, input_shape=parse_shape(input_shape), data=data, opset=opset,
-                       dynamic_batch=dynamic_batch, simplify=simplify, exporter=exporter, atol=atol, rtol=rtol)
+                       dynamic_batch=dynamic_batch, simplify=simplify, exporter=exporter, atol=atol, rtol=rtol,
+                       preprocess=preprocess)
     if as_json:
         echo_json(rep.to_dict())
         return
-    click.echo(f"wrote {rep.path} ({rep.exporter} exporter, opset {rep.opset}, "
+    click.echo(f"wrote {show(rep.path)} ({rep.exporter} exporter, opset {rep.opset}, "
                f"{'dynamic' if rep.dynamic_batch else 'static'} batch, "
                f"{'simplified' if rep.simplified else 'not simplified'})")
     click.echo(f"parity vs torch: {_worst(rep.parity)} over {len(rep.parity)} checks")
@@ -58,11 +63,13 @@ def export(model: str, output: str, weights: str | None, model_kwargs: str | Non
 
 @cli.command()
 @click.argument("onnx_model", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Bundle folder: new, empty, or an earlier bundle (with --overwrite); other files are never touched.")
 @click.option("--quantize", type=click.Choice(["none", "int8", "int8-dynamic", "fp16"]), default="none",
               show_default=True, help="int8 = static QDQ per-channel (needs --calib-data).")
 @click.option("--calib-data", default=None, metavar="DATA", help="Images to calibrate INT8 on: 'digits' or a folder.")
 @click.option("--eval-data", default=None, metavar="DATA", help="Labelled images: record accuracy vs the fp32 model.")
+@preprocess_options
 @click.option("--max-accuracy-drop", type=float, default=None, metavar="PTS",
               help="Fail (nothing written) when top-1 drops more than PTS points.")
 @click.option("--ort-format", is_flag=True, help="Also write model.ort for ONNX Runtime Mobile.")
@@ -70,20 +77,23 @@ def export(model: str, output: str, weights: str | None, model_kwargs: str | Non
               help="INT8 weights in 7 bits (default: when this CPU lacks VNNI/AMX, whose absence makes "
                    "8-bit weights saturate).")
 @click.option("--threads", type=int, default=None, help="CPU EP threads for the latency measurement.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the files of a bundle deploy wrote earlier in --output (other files there are kept).")
 @click.option("--json", "as_json", is_flag=True, help="Print the deploy report as JSON.")
 def deploy(onnx_model: str, output: str, quantize: str, calib_data: str | None, eval_data: str | None,
            max_accuracy_drop: float | None, ort_format: bool, reduce_range: bool | None, threads: int | None,
-           as_json: bool) -> None:
+           overwrite: bool, as_json: bool, preprocess: dict | None) -> None:
     """Package ONNX_MODEL into a bundle: model, manifest.json, standalone predict.py."""
     from dsdeploy.deploy import deploy as build
+    from dsdeploy.fsutil import show
 
     rep = build(onnx_model, output, quantize=quantize, calib_data=calib_data, eval_data=eval_data,
                 max_accuracy_drop=max_accuracy_drop, ort_format=ort_format, reduce_range=reduce_range,
-                threads=threads)
+                threads=threads, overwrite=overwrite, preprocess=preprocess)
     if as_json:
         echo_json(rep.to_dict())
         return
-    click.echo(f"wrote bundle {rep.bundle}: {', '.join(rep.files)} + manifest.json ({quantize})")
+    click.echo(f"wrote bundle {show(rep.bundle)}: {', '.join(rep.files)} + manifest.json ({quantize})")
     if rep.accuracy:
         a = rep.accuracy
         click.echo(f"top-1 on {a['data']} ({a['images']} images): fp32 {a['fp32_top1']:.2f}% -> "

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from dsdeploy.cli import cli
-from dsdeploy.cli.options import echo_json, model_options, parse_kwargs, parse_shape
+from dsdeploy.cli.options import echo_json, model_options, parse_kwargs, parse_shape, preprocess_options
+from dsdeploy.recipe import CALIB_BATCHES
 
 
 def policy_options(func):
@@ -59,23 +60,26 @@ def inspect(model, weights, model_kwargs, trust_pickle, input_shape, rank, energ
 @policy_options
 @click.option("--calib-data", default=None, metavar="DATA",
               help="Calibrate the pointwise weights on this data (folder or 'digits') after converting.")
-@click.option("--calib-batches", type=int, default=50, show_default=True, help="Calibrate on at most N batches.")
+@click.option("--calib-batches", type=int, default=CALIB_BATCHES, show_default=True,
+              help="Calibrate on at most N batches.")
+@preprocess_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, rank, energy, mac_budget, include,
-            exclude, convert_stem, layout, calib_data, calib_batches, seed, as_json):
+            exclude, convert_stem, layout, calib_data, calib_batches, seed, as_json, preprocess):
     """Rewrite MODEL's convs into depthwise-separable blocks and write a .dsd artifact.
 
     Prints params/MACs before and after and the rank of every layer. Exit status 3 when
     nothing converts (the reasons per conv are listed)."""
     from dsdeploy.sources import load_model
+    from dsdeploy.fsutil import check_output
     from dsdeploy.tasks import convert_to_artifact
 
-    if not output.endswith(".dsd"):
-        raise click.BadParameter("the artifact name must end in .dsd", param_hint="--output")
+    check_output(output, kind="torch", suffixes=(".dsd",), what="--output",
+                 inputs=[("model", model), ("--weights file", weights), ("--calib-data", calib_data)])
     loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle)
     report = convert_to_artifact(loaded, output,
                                  _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout),
                                  parse_shape(input_shape), calib_data=calib_data, calib_batches=calib_batches,
-                                 seed=seed)
+                                 seed=seed, preprocess=preprocess)
     echo_json(report.to_dict()) if as_json else click.echo(report.render())

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
-from typing import Any, Callable
+import logging
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -56,3 +59,92 @@ def model_options(func: Callable) -> Callable:
 def echo_json(obj: Any) -> None:
     """Print ``obj`` as JSON on stdout."""
     click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise click.BadParameter(f"must be comma-separated numbers, got {text!r}", param_hint=flag) from None
+
+
+def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(t) for t in text.replace("x", ",").split(",") if t.strip())
+    except ValueError:
+        raise click.BadParameter(f"must be integers like 224 or 224,224, got {text!r}", param_hint=flag) from None
+    if not values or len(values) > 2 or min(values) <= 0:
+        raise click.BadParameter(f"must be one or two positive integers (H,W), got {text!r}", param_hint=flag)
+    return values
+
+
+class _PrintOnce(logging.Handler):
+    """Prints each distinct preprocessing line once on stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = record.getMessage()
+        if line not in self.seen:
+            self.seen.add(line)
+            click.echo(line, err=True)
+
+
+@contextlib.contextmanager
+def print_preprocessing() -> Iterator[None]:
+    """While active, each distinct resolved-preprocessing line (logger ``dsdeploy.preprocessing``)
+    is printed once on stderr."""
+    logger = logging.getLogger("dsdeploy.preprocessing")
+    handler = _PrintOnce()
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def preprocess_options(func: Callable) -> Callable:
+    """Add --size, --resize, --mean, --std, --channels; the command gets ``preprocess`` (a dict of the
+    keys given, for ``dsdeploy.preprocessing.resolve``) and the resolved preprocessing is printed once."""
+    opts = [
+        click.option("--size", default=None, metavar="H[,W]", help="Model input size (default: the model's own, "
+                     "else its input shape)."),
+        click.option("--resize", default=None, metavar="N|none",
+                     help="Resize the shorter side to N then center-crop --size ('none': resize straight to size; "
+                          "default derived from the size)."),
+        click.option("--mean", default=None, metavar="M[,M,M]", help="Per-channel mean after scaling to [0,1]."),
+        click.option("--std", default=None, metavar="S[,S,S]", help="Per-channel std after scaling to [0,1]."),
+        click.option("--channels", type=click.Choice(["1", "3", "4"]), default=None,
+                     help="Image channels: 1 gray, 3 RGB, 4 RGBA (default: the model's)."),
+    ]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, size=None, resize=None, mean=None, std=None, channels=None, **kwargs: Any):
+        pre: dict[str, Any] = {}
+        if size is not None:
+            pre["size"] = _ints(size, "--size")
+        if resize is not None:
+            pre["resize"] = 0 if resize.strip().lower() in ("none", "0") else _ints(resize, "--resize")[0]
+        if mean is not None:
+            pre["mean"] = _floats(mean, "--mean")
+        if std is not None:
+            pre["std"] = _floats(std, "--std")
+        if channels is not None:
+            pre["channels"] = int(channels)
+        with print_preprocessing():
+            return func(*args, preprocess=pre or None, **kwargs)
+
+    for opt in reversed(opts):
+        wrapper = opt(wrapper)
+    return wrapper

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from dsdeploy.cli import cli
-from dsdeploy.cli.options import echo_json, parse_kwargs
+from dsdeploy.cli.options import echo_json, parse_kwargs, preprocess_options
+from dsdeploy.recipe import CALIB_BATCHES
 
 
 @cli.command()
@@ -23,9 +24,10 @@ from dsdeploy.cli.options import echo_json, parse_kwargs
               help="Held-out fraction when the data has no test/ or val/ folder.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
 @click.option("--limit", type=int, default=None, help="Score at most this many images (seeded subset).")
+@preprocess_options
 @click.option("--json", "as_json", is_flag=True, help="Print the full result (with confusion matrices) as JSON.")
 def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust_pickle, batch_size, split,
-             val_split, seed, limit, as_json):
+             val_split, seed, limit, as_json, preprocess):
     """Accuracy of MODEL (top-1/top-5, macro precision/recall/F1) on labelled DATA,
     side by side with MODEL2 when --compare is given."""
     from dsdeploy.evaluate import evaluate as run_evaluate, summary_rows
@@ -33,7 +35,8 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
 
     result = run_evaluate(model, data, compare=compare, weights=weights, compare_weights=compare_weights,
                           model_kwargs=parse_kwargs(model_kwargs), trust_pickle=trust_pickle, batch_size=batch_size,
-                          split=split, val_split=val_split, seed=seed, limit=limit, progress=not as_json)
+                          split=split, val_split=val_split, seed=seed, limit=limit, progress=not as_json,
+                          preprocess=preprocess)
     if as_json:
         echo_json(result)
         return
@@ -53,25 +56,28 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
 @click.argument("artifact", metavar="IN.dsd")
 @click.option("--data", required=True, help="'digits' or a folder of images (labels optional).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The calibrated .dsd to write.")
-@click.option("--max-batches", type=int, default=None, help="Calibrate on at most N batches (a seeded subset).")
+@click.option("--max-batches", type=int, default=CALIB_BATCHES, show_default=True,
+              help="Calibrate on at most N batches (a seeded subset).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--ridge", type=float, default=1e-6, show_default=True, help="Relative ridge of the least squares.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@preprocess_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_json):
+def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_json, preprocess):
     """Solve each converted layer's pointwise weights by least squares against the original
     model's convs on DATA (training-free), then re-estimate BatchNorm statistics."""
     from dsdeploy.calibrate import calibrate_artifact
+    from dsdeploy.fsutil import check_output, show
 
-    if not output.endswith(".dsd"):
-        raise click.BadParameter("the artifact name must end in .dsd", param_hint="--output")
+    check_output(output, kind="torch", suffixes=(".dsd",), what="--output",
+                 inputs=[("artifact", artifact), ("--data", data)])
     report = calibrate_artifact(artifact, data, output, max_batches=max_batches, batch_size=batch_size, seed=seed,
-                                ridge=ridge, progress=not as_json)
+                                ridge=ridge, progress=not as_json, preprocess=preprocess)
     if as_json:
         echo_json(report.to_dict())
     else:
         click.echo(report.render())
-        click.echo(f"wrote {output}")
+        click.echo(f"wrote {show(output)}")
 
 
 @cli.command()
@@ -109,20 +115,26 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_j
               help="Train in NHWC memory format (about 2x faster convs on CPU).")
 @click.option("--limit", type=int, default=None, help="Use at most N images per split (seeded subset).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@preprocess_options
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt after an interruption.")
 @click.option("--history", "history", type=click.Path(dir_okay=False), default=None,
               help="Per-epoch history JSON (default OUT.history.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, time_budget, batch_size, optimizer, lr,
              momentum, weight_decay, schedule, warmup_epochs, kd_weight, feature_weight, ce_weight, temperature,
-             clip_grad, init, reinit, patience, augment, channels_last, limit, seed, resume, history, as_json):
+             clip_grad, init, reinit, patience, augment, channels_last, limit, seed, resume, history, as_json,
+             preprocess):
     """Recover accuracy by distillation from the original model (logits, optionally the
     replaced blocks' outputs, plus labels when DATA has them)."""
     from dsdeploy.finetune import FinetuneConfig, finetune_artifact
+    from dsdeploy.fsutil import check_distinct, check_output, show
     from dsdeploy.schedule import parse_duration
 
-    if not output.endswith(".dsd"):
-        raise click.BadParameter("the artifact name must end in .dsd", param_hint="--output")
+    inputs = [("artifact", artifact), ("--data", data), ("--teacher", teacher), ("--teacher-weights", teacher_weights)]
+    check_output(output, kind="torch", suffixes=(".dsd",), what="--output", inputs=inputs)
+    if history is not None:
+        check_output(history, kind="text", what="--history", inputs=inputs)
+        check_distinct([("--output", output), ("--history", history)])
     budget = parse_duration(time_budget) if time_budget else None
     config = FinetuneConfig(mode=mode, epochs=epochs if epochs is not None else (None if budget else 10),
                             time_budget=budget, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
@@ -132,7 +144,7 @@ def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, tim
                             patience=patience, augment=augment, channels_last=channels_last, seed=seed,
                             progress=not as_json, history_path=history)
     result = finetune_artifact(artifact, data, output, config, teacher=teacher, teacher_weights=teacher_weights,
-                               resume=resume, limit=limit)
+                               resume=resume, limit=limit, preprocess=preprocess)
     if as_json:
         echo_json(result.to_dict())
         return
@@ -140,4 +152,4 @@ def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, tim
     click.echo(f"teacher {pct(result.teacher_accuracy)}, before {pct(result.accuracy_before)}, best "
                f"{pct(result.best_accuracy)} (epoch {result.best_epoch}); {result.epochs} epochs, "
                f"{result.steps} steps, {result.stopped}, {result.seconds:.0f}s")
-    click.echo(f"wrote {output} (history {result.history_file})")
+    click.echo(f"wrote {show(output)} (history {show(result.history_file)})")

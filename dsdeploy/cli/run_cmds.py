@@ -7,7 +7,7 @@ import sys
 import click
 
 from dsdeploy.cli import cli
-from dsdeploy.cli.options import echo_json
+from dsdeploy.cli.options import echo_json, print_preprocessing
 
 
 def _print_summary(result, as_json: bool) -> None:
@@ -32,18 +32,20 @@ def _print_summary(result, as_json: bool) -> None:
 @click.option("--data", default=None, help="Data for the recipe: 'digits' or a folder of images (overrides data.spec).")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Checkpoint (overrides model.weights).")
 @click.option("-o", "--out", default="dsdeploy-out", show_default=True, type=click.Path(file_okay=False),
-              help="Output folder (one subfolder per stage, state.json for caching).")
+              help="Output folder: new, empty or an earlier run's (one subfolder per stage, state.json for "
+                   "caching; locked while a run uses it).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set finetune.epochs=2 (TOML value; repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def run(recipe, data, weights, out, overrides, as_json):
     """Run RECIPE.toml end to end: inspect, convert (+ calibrate), finetune, evaluate,
     export (+ parity), deploy, bench, report. Stages whose inputs did not change are
-    reported "cached" and skipped."""
+    reported "cached" and skipped; an interrupted fine-tuning continues from its checkpoint."""
     from dsdeploy.runner import run_recipe
 
-    result = run_recipe(recipe, out, data=data, weights=weights, overrides=list(overrides),
-                        progress=sys.stderr.isatty() and not as_json)
+    with print_preprocessing():
+        result = run_recipe(recipe, out, data=data, weights=weights, overrides=list(overrides),
+                            progress=sys.stderr.isatty() and not as_json)
     _print_summary(result, as_json)
 
 

@@ -22,11 +22,26 @@ from PIL import Image
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def to_8bit(im):
+    """16-bit / 32-bit integer grayscale scaled by 255/65535, float in [0, 1] by 255 (as dsdeploy.data)."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(arr * (255 / 65535)), 0, 255).astype(np.uint8), "L")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        scale = 255.0 if arr.size and np.nanmax(arr) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.rint(np.nan_to_num(arr) * scale), 0, 255).astype(np.uint8), "L")
+    return im
+
+
 def load_image(path, pre):
     """Decode, resize (and center-crop) like dsdeploy.data; returns float32 CHW normalised."""
     h, w = pre["size"]
     with Image.open(path) as im:
-        im = im.convert("L" if pre["channels"] == 1 else "RGB")
+        im = to_8bit(im).convert(MODES[int(pre["channels"])])
         if pre.get("resize") is None:
             im = im.resize((w, h), Image.BILINEAR)
         else:

@@ -1,0 +1,54 @@
+"""Range checks for numeric options where they enter the library (config dataclasses).
+
+Every check names the field and the allowed range in one line, so the CLI and recipes
+report the same thing. NaN and infinity are refused everywhere (they compare False with
+every bound, so a plain ``x <= 0`` test lets them through).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import Any
+
+from dsdeploy.errors import DsdeployError
+
+
+class ConfigError(DsdeployError):
+    """An option value outside its valid range (names the field)."""
+
+
+def check_number(value: Any, field: str, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, integer: bool = False,
+                 optional: bool = False) -> None:
+    """Raise ConfigError unless ``value`` is a finite number in the given range.
+
+    Args:
+        value: the value to check.
+        field: the name reported (e.g. ``"finetune lr"``).
+        low, high: bounds (None: unbounded); ``low_open``/``high_open`` exclude them.
+        integer: require an integer (bool is refused).
+        optional: accept None.
+    """
+    if value is None and optional:
+        return
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, Integral if integer else Real):
+        raise ConfigError(f"{field} must be {kind}, got {value!r}")
+    if not math.isfinite(float(value)):
+        raise ConfigError(f"{field} must be a finite number, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        raise ConfigError(f"{field} must be {describe_range(low, high, low_open, high_open)}, got {value!r}")
+
+
+def describe_range(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    """``positive``, ``>= 1``, ``in [0, 1)``... for messages."""
+    if high is None:
+        if low == 0 and low_open:
+            return "positive"
+        return f"{'>' if low_open else '>='} {low:g}" if low is not None else "finite"
+    if low is None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"

@@ -1,0 +1,230 @@
+"""No command destroys data it did not create: outputs that are inputs, wrong suffixes, files of
+another kind, user folders, and paths whose names are not valid UTF-8."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dsdeploy.fsutil import (OutputError, atomic_path, check_output, owned_dir, remove_stale_temps, sniff, write_json,
+                             write_text)
+from tests.clirun import ROOT, invoke
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory):
+    from dsdeploy.export import export_model
+
+    path = tmp_path_factory.mktemp("onnx") / "m.onnx"
+    export_model("sample:digits_cnn", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dsd") / "a.dsd"
+    assert invoke("convert", "sample:digits_cnn", "--rank", "1", "-o", path).returncode == 0
+    return path
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line_error(proc, *words):
+    assert proc.returncode not in (0, 70), proc.stdout + proc.stderr
+    err = proc.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+# ------------------------------------------------------------------------------------------
+# the mechanism
+# ------------------------------------------------------------------------------------------
+
+def test_sniff_tells_the_kinds_apart(tmp_path, onnx_model, artifact):
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    (tmp_path / "r.json").write_text('{"a": 1}')
+    (tmp_path / "e").write_bytes(b"")
+    (tmp_path / "b").write_bytes(bytes(range(256)))
+    assert [sniff(p) for p in (onnx_model, artifact, legacy, tmp_path / "r.json", tmp_path / "e", tmp_path / "b",
+                               tmp_path / "none")] == ["onnx", "torch", "torch", "text", None, "binary", None]
+
+
+def test_atomic_write_never_replaces_a_file_of_another_kind(tmp_path, onnx_model):
+    model = tmp_path / "m.onnx"
+    shutil.copyfile(onnx_model, model)
+    before = model.read_bytes()
+    with pytest.raises(OutputError, match="holds an ONNX model, not a text file"):
+        write_json(model, {"report": 1})
+    assert model.read_bytes() == before and os.listdir(tmp_path) == ["m.onnx"]  # no temp left
+    report = tmp_path / "r.json"
+    write_json(report, {"run": 1})
+    write_json(report, {"run": 2})  # a previous output of the same kind is replaced
+    assert json.loads(report.read_text()) == {"run": 2}
+
+
+def test_check_output_refuses_inputs_links_suffixes_and_folders(tmp_path, artifact):
+    link = tmp_path / "link.dsd"
+    link.symlink_to(artifact)
+    with pytest.raises(OutputError, match="also the artifact"):
+        check_output(link, kind="torch", suffixes=(".dsd",), inputs=[("artifact", artifact)])
+    with pytest.raises(OutputError, match=r"must end in \.onnx"):
+        check_output(tmp_path / "x.dsd", kind="onnx", suffixes=(".onnx",))
+    with pytest.raises(OutputError, match="is a folder"):
+        check_output(tmp_path, kind="text")
+    assert check_output(tmp_path / "new.dsd", kind="torch", suffixes=(".dsd",), inputs=[("artifact", artifact)])
+
+
+def test_owned_dir_keeps_foreign_files_and_replaces_only_its_own(tmp_path):
+    owned = lambda d: set(json.loads((d / "mark.json").read_text())["files"]) if (d / "mark.json").exists() else None  # noqa: E731
+    out = tmp_path / "out"
+    with owned_dir(out, owned=owned) as tmp:
+        (tmp / "a.txt").write_text("1")
+        (tmp / "old.txt").write_text("1")
+        write_json(tmp / "mark.json", {"files": ["a.txt", "old.txt", "mark.json", "../escape"]})
+    (out / "user.txt").write_text("mine")
+    with pytest.raises(OutputError, match="overwrite"):
+        with owned_dir(out, owned=owned) as tmp:
+            pass
+    with owned_dir(out, owned=owned, overwrite=True) as tmp:
+        (tmp / "a.txt").write_text("2")
+        write_json(tmp / "mark.json", {"files": ["a.txt", "mark.json"]})
+    assert sorted(os.listdir(out)) == ["a.txt", "mark.json", "user.txt"]
+    assert (out / "a.txt").read_text() == "2" and (out / "user.txt").read_text() == "mine"
+    with pytest.raises(OutputError, match="user.txt, which dsdeploy did not write"):
+        with owned_dir(out, owned=owned, overwrite=True) as tmp:
+            (tmp / "user.txt").write_text("clobber")
+    assert (out / "user.txt").read_text() == "mine" and not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_stale_temps_are_recognised_by_name_only(tmp_path):
+    import tempfile
+
+    fd, left_file = tempfile.mkstemp(prefix=".f.json.", suffix=".tmp", dir=tmp_path)  # what atomic_path makes
+    os.close(fd)
+    left_dir = tempfile.mkdtemp(prefix=".convert.", suffix=".tmp", dir=tmp_path)  # what atomic_dir makes
+    (tmp_path / ".hidden.tmp").write_text("user")
+    (tmp_path / "notes.tmp").write_text("user")
+    (tmp_path / "stage").mkdir()
+    (tmp_path / ".stage.old").mkdir()
+    (tmp_path / ".mine.old").mkdir()  # no "mine" beside it: not a swap leftover
+    removed = remove_stale_temps(tmp_path)
+    assert sorted(removed) == sorted([os.path.basename(left_file), os.path.basename(left_dir), ".stage.old"])
+    assert sorted(os.listdir(tmp_path)) == [".hidden.tmp", ".mine.old", "notes.tmp", "stage"]
+
+
+# ------------------------------------------------------------------------------------------
+# the commands (cases bench-clobbers-input and deploy-wipes-dir)
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("option", ["--json", "--csv", "--markdown", "--plot"])
+def test_bench_report_over_its_model_is_refused(tmp_path, onnx_model, option):
+    model = tmp_path / "m.png" if option == "--plot" else tmp_path / "m.onnx"
+    shutil.copyfile(onnx_model, model)
+    before = model.read_bytes()
+    one_line_error(invoke("bench", model, "--iters", "2", option, model), "also the model")
+    assert model.read_bytes() == before
+
+
+def test_bench_report_over_another_kind_or_twice_is_refused(tmp_path, onnx_model, artifact):
+    other = tmp_path / "other.json"
+    shutil.copyfile(artifact, other)
+    one_line_error(invoke("bench", onnx_model, "--iters", "2", "--json", other), "PyTorch file")
+    one_line_error(invoke("bench", onnx_model, "--iters", "2", "--json", tmp_path / "r", "--csv", tmp_path / "r"),
+                   "same file")
+    assert other.read_bytes() == artifact.read_bytes() and not (tmp_path / "r").exists()
+
+
+def test_export_over_an_artifact_is_refused(tmp_path, artifact):
+    a = tmp_path / "a.dsd"
+    shutil.copyfile(artifact, a)
+    one_line_error(invoke("export", "sample:digits_cnn", "-o", a), "must end in .onnx")
+    disguised = tmp_path / "a.onnx"
+    shutil.copyfile(artifact, disguised)
+    one_line_error(invoke("export", "sample:digits_cnn", "-o", disguised), "PyTorch file")
+    assert a.read_bytes() == disguised.read_bytes() == artifact.read_bytes()
+
+
+def test_artifact_commands_refuse_their_input_and_foreign_files(tmp_path, artifact, onnx_model):
+    a = tmp_path / "a.dsd"
+    shutil.copyfile(artifact, a)
+    one_line_error(invoke("calibrate", a, "--data", "digits", "-o", a), "also the artifact")
+    one_line_error(invoke("finetune", a, "--data", "digits", "-o", a), "also the artifact")
+    m = tmp_path / "m.dsd"
+    shutil.copyfile(onnx_model, m)
+    one_line_error(invoke("convert", "sample:digits_cnn", "--rank", "1", "-o", m), "ONNX model")
+    assert a.read_bytes() == artifact.read_bytes() and m.read_bytes() == onnx_model.read_bytes()
+
+
+def test_deploy_over_a_populated_folder_keeps_the_users_files(tmp_path, onnx_model):
+    models = tmp_path / "models"
+    (models / "sub").mkdir(parents=True)
+    (models / "notes.txt").write_text("my notes")
+    shutil.copyfile(onnx_model, models / "sub" / "other.onnx")
+    shutil.copyfile(onnx_model, models / "m.onnx")
+    before = snapshot(models)
+    one_line_error(invoke("deploy", models / "m.onnx", "-o", models), "not empty", "not written by dsdeploy")
+    one_line_error(invoke("deploy", models / "m.onnx", "-o", models, "--overwrite"), "not written by dsdeploy")
+    assert snapshot(models) == before
+
+
+def test_deploy_into_the_current_folder(tmp_path, onnx_model, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert invoke("deploy", onnx_model, "-o", ".").returncode == 0
+    assert sorted(os.listdir(here)) == ["manifest.json", "model.onnx", "predict.py"]
+    one_line_error(invoke("deploy", onnx_model, "-o", "."), "--overwrite")
+    (here / "mine.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    shutil.copyfile(onnx_model, tmp_path / "m.onnx")
+    one_line_error(invoke("deploy", "m.onnx", "-o", "."), "not written by dsdeploy")
+
+
+def test_deploy_overwrite_replaces_only_the_previous_bundle(tmp_path, onnx_model):
+    bundle = tmp_path / "bundle"
+    assert invoke("deploy", onnx_model, "-o", bundle, "--ort-format").returncode == 0
+    (bundle / "user.txt").write_text("keep me")
+    one_line_error(invoke("deploy", onnx_model, "-o", bundle), "--overwrite")
+    proc = invoke("deploy", onnx_model, "-o", bundle, "--overwrite", "--quantize", "int8-dynamic")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(bundle)) == ["manifest.json", "model.onnx", "predict.py", "user.txt"]  # model.ort gone
+    assert json.loads((bundle / "manifest.json").read_text())["quantize"] == "int8-dynamic"
+    assert (bundle / "user.txt").read_text() == "keep me"
+    one_line_error(invoke("deploy", bundle / "model.onnx", "-o", bundle, "--overwrite"), "file of the bundle")
+
+
+# ------------------------------------------------------------------------------------------
+# names that are not valid UTF-8
+# ------------------------------------------------------------------------------------------
+
+def test_paths_that_are_not_utf8_give_a_result(tmp_path):
+    def run(*args):
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        return subprocess.run([sys.executable, "-m", "dsdeploy", *args], cwd=tmp_path, env=env, capture_output=True,
+                              timeout=600)
+
+    for args in [("export", "sample:digits_cnn", "-o", b"\xff.onnx"),
+                 ("convert", "sample:digits_cnn", "--rank", "1", "-o", b"\xfe.dsd"),
+                 ("export", b"\xfe.dsd", "-o", b"\xfe.onnx"),
+                 ("bench", b"\xff.onnx", b"\xfe.onnx", "--iters", "2", "--json", b"\xff.json", "--plot", b"\xff.png",
+                  "--csv", b"\xff.csv", "--markdown", b"\xff.md"),
+                 ("deploy", b"\xff.onnx", "-o", b"\xffdir")]:
+        proc = run(*args)
+        assert proc.returncode == 0, (args, proc.stderr[-500:])
+    names = set(os.listdir(os.fsencode(tmp_path)))
+    assert {b"\xff.onnx", b"\xfe.dsd", b"\xfe.onnx", b"\xff.json", b"\xff.png", b"\xffdir"} <= names
+    proc = run("export", "sample:digits_cnn", "-o", b"\xff.dsd")
+    assert proc.returncode == 2 and proc.stderr.count(b"\n") == 1 and b"\\xff.dsd" in proc.stderr
+    write_text(tmp_path / os.fsdecode(b"\xffr.txt"), "from " + os.fsdecode(b"x/y\xff"))
+    assert (tmp_path / os.fsdecode(b"\xffr.txt")).read_text(encoding="utf-8") == "from x/y\\xff"
