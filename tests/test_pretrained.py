@@ -54,15 +54,17 @@ def user_code(monkeypatch):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    """A CIFAR-shaped ImageFolder: 10 classes x 3 random 32x32 RGB PNGs."""
+    """A CIFAR-shaped ImageFolder of random 32x32 RGB PNGs: train/ 10 classes x 3, test/ 10 classes x 1."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("cifar_like")
     rng = np.random.default_rng(0)
-    for c in range(10):
-        (root / f"class{c}").mkdir()
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    for split, n in (("train", 3), ("test", 1)):
+        for c in range(10):
+            (root / split / f"class{c}").mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    root / split / f"class{c}" / f"{i}.png")
     return root
 
 
@@ -123,7 +125,7 @@ def test_cli_convert_with_calibration_keeps_the_checkpoint_and_its_preprocessing
                 "linear.bias"):
         assert torch.equal(sd[key], ck[key]), key
     history = payload["history"]
-    assert [h["stage"] for h in history] == ["convert", "calibrate"] and history[1]["images"] == 30
+    assert [h["stage"] for h in history] == ["convert", "calibrate"] and history[1]["images"] == 30  # all of train/
     # the images were read at the model's 32x32, not resized/cropped to an ImageNet size
     pre = payload["metadata"]["preprocessing"]
     assert pre is not None, "the artifact must record the preprocessing calibration used"
