@@ -137,12 +137,18 @@ FAST = ["--set", "finetune.epochs=1", "--set", "bench.iters=10", "--set", "bench
         "--set", "bench.batch=[1]", "--set", "calibrate.batches=4", "--set", "finetune.limit=400"]
 
 
+def _stage_lines(stderr: str) -> list[str]:
+    """The `[i/n] stage ... status` lines of a run's stderr (other lines, e.g. the resolved preprocessing, dropped)."""
+    return [l for l in stderr.strip().splitlines() if l.startswith("[")]
+
+
 def test_digits_recipe_end_to_end(tmp_path):
     """digits_cnn.toml through every stage, then a re-run that is all cached, then a --set that reruns."""
     out = tmp_path / "run"
     proc = dsdeploy("run", DIGITS, "--out", out, "--json", *FAST)
     summary = json_out(proc)
-    lines = proc.stderr.strip().splitlines()
+    lines = _stage_lines(proc.stderr)
+    assert sum(l.startswith("preprocessing: ") for l in proc.stderr.splitlines()) == 1, proc.stderr
     assert [l.split(" ... ")[0] for l in lines[-8:]] == [
         "[1/8] inspect", "[2/8] convert", "[3/8] finetune", "[4/8] evaluate", "[5/8] export", "[6/8] deploy",
         "[7/8] bench", "[8/8] report"]
@@ -177,13 +183,13 @@ def test_digits_recipe_end_to_end(tmp_path):
 
     again = dsdeploy("run", DIGITS, "--out", out, *FAST)
     assert again.returncode == 0, again.stderr
-    assert all(l.endswith("... cached") for l in again.stderr.strip().splitlines()[-8:]), again.stderr
+    assert all(l.endswith("... cached") for l in _stage_lines(again.stderr)[-8:]), again.stderr
     assert "top-1 accuracy" in again.stdout and "latency cpu b1" in again.stdout
 
     # a changed bench setting reruns bench and the report only
     third = dsdeploy("run", DIGITS, "--out", out, *FAST, "--set", "bench.iters=5")
     assert third.returncode == 0, third.stderr
-    status = {l.split(" ... ")[0].split()[1]: l.split(" ... ")[1] for l in third.stderr.strip().splitlines()[-8:]}
+    status = {l.split(" ... ")[0].split()[1]: l.split(" ... ")[1] for l in _stage_lines(third.stderr)[-8:]}
     assert [n for n, st in status.items() if st != "cached"] == ["bench", "report"], third.stderr
 
 
