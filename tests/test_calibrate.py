@@ -174,7 +174,8 @@ def test_calibrate_cli_writes_a_calibrated_artifact_with_history(digits, tmp_pat
     assert entry["accuracy_after"] > entry["accuracy_before"] + 0.2
     assert entry["images"] == 8 * 64
     val = make_loader(splits.val, 256, shuffle=False)
-    assert evaluate(art.model, val) == pytest.approx(entry["accuracy_after"])
+    # measured in another process, possibly in other batches: a borderline image may round the other way
+    assert evaluate(art.model, val) == pytest.approx(entry["accuracy_after"], abs=2 / len(splits.val) + 1e-9)
     assert set(ds_blocks(art.model)) == {d.name for d in art.plan.converted}
     # same inputs + seed -> same file
     out2 = tmp_path / "cal2.dsd"

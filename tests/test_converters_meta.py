@@ -25,6 +25,7 @@ E2E = "end-to-end"
 RECIPES: dict[str, str | list[int]] = {
     "digits_cnn.toml": E2E,
     "cifar_resnet.toml": [1, 3, 32, 32],
+    "cifar10_resnet_pretrained.toml": [1, 3, 32, 32],  # with the real checkpoint: tests/test_pretrained.py
     "torchvision_resnet18.toml": [1, 3, 64, 64],
     "torchvision_resnet50.toml": [1, 3, 64, 64],
     "torchvision_mobilenet_v2.toml": [1, 3, 64, 64],

@@ -84,7 +84,9 @@ def test_plain_bundle_manifest_and_predict_agree_with_torch(digits, fp32, pngs, 
     assert len(by_file) == len(files) == len(x)
     for f, p in zip(sorted(map(str, files)), probs):
         top = by_file[f]["top"]
-        assert len(top) == 3 and top[0]["index"] == int(p.argmax()) and top[0]["label"] == digits.labels[p.argmax()]
+        assert len(top) == 3 and top[0]["label"] == digits.labels[top[0]["index"]]
+        # ONNX Runtime and torch round differently: the same top class unless two classes tie within that
+        assert top[0]["index"] == int(p.argmax()) or p[top[0]["index"]] >= p.max() - 1e-4
         assert top[0]["score"] == pytest.approx(float(p.max()), abs=1e-4)
 
 
@@ -114,7 +116,7 @@ def test_int8_static_is_qdq_per_channel_and_measured(fp32, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["int8-dynamic", "fp16"])
-def test_dynamic_int8_and_fp16_keep_fp32_io(mode, fp32, tmp_path):
+def test_dynamic_int8_and_fp16_keep_fp32_io(mode, digits, fp32, tmp_path):
     out = tmp_path / mode
     if mode == "fp16":
         with pytest.warns(UserWarning, match="few fp16 kernels"):
@@ -124,10 +126,15 @@ def test_dynamic_int8_and_fp16_keep_fp32_io(mode, fp32, tmp_path):
         deploy(fp32, out, quantize=mode, latency_iters=0)
     sess = cpu_session(out / "model.onnx")
     assert sess.get_inputs()[0].type == "tensor(float)" and sess.get_outputs()[0].type == "tensor(float)"
-    x = np.random.default_rng(1).standard_normal((4, 1, 16, 16)).astype(np.float32)
+    # real digits, not noise: on noise the logits nearly tie, and which way a tie breaks after quantization
+    # depends on the CPU's int8/fp16 kernels
+    from dsdeploy.data import Preprocess, load_data
+
+    val = load_data("digits", Preprocess.from_dict(digits.preprocessing), limit=64).val
+    x = torch.stack([val[i][0] for i in range(len(val))]).numpy()
     ref, got = _outputs(fp32, x), _outputs(out / "model.onnx", x)
     assert np.abs(ref - got).max() <= 0.05 * np.abs(ref).max()
-    assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.75
+    assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.95
 
 
 def test_accuracy_gate_fails_and_writes_nothing(fp32, tmp_path):

@@ -28,7 +28,8 @@ def test_evaluate_loaded_model_matches_recorded_accuracy():
     _, meta = load_sample("digits_cnn")
     assert res["images"] == 359 and res["classes"] == [str(i) for i in range(10)]
     (only,) = res["models"]
-    assert only["metrics"]["top1"] == pytest.approx(meta["accuracy"], abs=1e-3)
+    # recorded on the machine that trained it: another CPU may round a borderline image the other way
+    assert only["metrics"]["top1"] == pytest.approx(meta["accuracy"], abs=2 / res["images"] + 1e-9)
     assert only["preprocessing"]["size"] == [16, 16]
     assert "delta" not in res
 

