@@ -2,7 +2,7 @@
 
 Exports the converted model (a fine-tuned ``.dsd`` from benchmarks/recover_cifar.py when
 present, else one converted + calibrated here, and the report says which), builds the
-bundles with ``dsdeploy.deploy.deploy`` (the code behind ``dsdeploy deploy``), and writes
+bundles with ``dsdeploy.export.bundle.deploy`` (the code behind ``dsdeploy deploy``), and writes
 benchmarks/RESULTS-deploy.md: top-1 on the CIFAR-10 test split vs the fp32 model, CPU EP
 latency vs fp32, and the CPU's flags (INT8 speed depends on VNNI/AMX).
 
@@ -50,9 +50,9 @@ def converted_artifact(source: str, data: Path, work: Path, seed: int) -> tuple[
     for p in RECOVERED:
         if p.is_file():
             return p, f"`{p}` from benchmarks/recover_cifar.py ({p.stem})"
-    from dsdeploy.plan import Policy
-    from dsdeploy.sources import load_model
-    from dsdeploy.tasks import convert_to_artifact
+    from dsdeploy.convert.loading import load_model
+    from dsdeploy.convert.plan import Policy
+    from dsdeploy.convert.workflow import convert_to_artifact
 
     out = work / "converted_calibrated.dsd"
     convert_to_artifact(load_model(source), out, Policy(mac_budget=0.25), calib_data=str(data),
@@ -95,8 +95,8 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    from dsdeploy.deploy import deploy, latency
-    from dsdeploy.export import export_model
+    from dsdeploy.export.bundle import deploy, latency
+    from dsdeploy.export.onnx_export import export_model
     from dsdeploy.fsutil import write_text
 
     data = extract(args.data)

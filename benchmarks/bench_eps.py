@@ -7,10 +7,10 @@ Usage (the command behind benchmarks/RESULTS-bench.md):
 For each of ResNet-18, MobileNetV2 and VGG-16 (torchvision, random init: nothing can be
 downloaded here, and latency does not depend on weight values) it builds three ONNX
 files at 3x224x224 with a dynamic batch axis: the original, the DS conversion at rank 1,
-and the DS conversion under ``--mac-budget 0.25`` (``dsdeploy.rewrite.convert``), each
+and the DS conversion under ``--mac-budget 0.25`` (``dsdeploy.convert.rewrite.convert``), each
 carrying its conv MACs in the ``dsdeploy.conv_macs`` metadata. MobileNetV2's only
 standard conv is its stem, so it converts with ``convert_stem=True``. Then
-``dsdeploy.bench.bench`` measures each family (original first = baseline) on every EP
+``dsdeploy.runtime.bench.bench`` measures each family (original first = baseline) on every EP
 and batch size, and one Markdown file collects the tables.
 """
 
@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from dsdeploy.bench import BenchConfig, bench
-from dsdeploy.bench_inputs import META_CONV_MACS, META_PREPROCESSING
-from dsdeploy.bench_report import method_notes, model_notes, render_markdown
+from dsdeploy.convert.rewrite import convert
 from dsdeploy.errors import DsdeployError
 from dsdeploy.fsutil import write_json, write_text
-from dsdeploy.providers import parse_ep_options
-from dsdeploy.rewrite import convert
+from dsdeploy.runtime.bench import BenchConfig, bench
+from dsdeploy.runtime.bench_report import method_notes, model_notes, render_markdown
+from dsdeploy.runtime.inputs import META_CONV_MACS, META_PREPROCESSING
+from dsdeploy.runtime.providers import parse_ep_options
 
 ITERS = {"resnet18": 30, "mobilenet_v2": 50, "vgg16": 10}  # VGG-16 batch 8 is ~1-2 s per run on 2 cores
 EXTRA = {"mobilenet_v2": {"convert_stem": True}}

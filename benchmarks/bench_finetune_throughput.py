@@ -28,12 +28,13 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsdeploy.data import Preprocess, load_data, make_loader  # noqa: E402
-from dsdeploy.distill import kd_loss  # noqa: E402
-from dsdeploy.finetune import FinetuneConfig, epoch_seed, finetune  # noqa: E402
+from dsdeploy.convert.loading import load_model  # noqa: E402
+from dsdeploy.convert.rewrite import convert  # noqa: E402
+from dsdeploy.data.datasets import Preprocess, load_data, make_loader  # noqa: E402
 from dsdeploy.fsutil import write_text  # noqa: E402
-from dsdeploy.rewrite import convert  # noqa: E402
-from dsdeploy.sources import load_model  # noqa: E402
+from dsdeploy.recover.config import FinetuneConfig  # noqa: E402
+from dsdeploy.recover.distill import kd_loss  # noqa: E402
+from dsdeploy.recover.finetune import epoch_seed, finetune  # noqa: E402
 
 
 def bare_loop(student, teacher, train, epochs: int, batch_size: int, with_teacher: bool,

@@ -15,9 +15,9 @@ import sys
 import tempfile
 import time
 
+from dsdeploy.convert.loading import load_model
+from dsdeploy.convert.rewrite import convert
 from dsdeploy.fsutil import write_text
-from dsdeploy.rewrite import convert
-from dsdeploy.sources import load_model
 from dsdeploy.tables import markdown_table
 
 SHAPE = (1, 3, 224, 224)

@@ -1,3 +1,5 @@
+"""`python -m dsdeploy`: the same command line as the `dsdeploy` script."""
+
 from dsdeploy.cli import main
 
 main()

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsdeploy.data import DIGITS_PREPROCESS, Preprocess, load_data, make_loader  # noqa: E402
+from dsdeploy.data.datasets import DIGITS_PREPROCESS, Preprocess, load_data, make_loader  # noqa: E402
 from dsdeploy.fsutil import atomic_path, sha256_file, write_json  # noqa: E402
-from dsdeploy.samples import SAMPLES, sample_arch  # noqa: E402
+from dsdeploy.models.samples import SAMPLES, sample_arch  # noqa: E402
 
 DEFAULT_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 CIFAR_PRE = Preprocess(size=(32, 32), resize=None, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
@@ -119,7 +119,7 @@ def main() -> None:
             torch.save(state, p)
         digest = sha256_file(out / f"{name}.pt")
         write_json(out / f"{name}.json", {
-            "name": name, "arch": f"dsdeploy.samples.{type(model).__name__}",
+            "name": name, "arch": f"dsdeploy.models.samples.{type(model).__name__}",
             "description": SAMPLES[name].description, "dataset": args.dataset,
             "input_shape": list(pre.input_shape(1)), "preprocessing": base_pre.to_dict(),
             "labels": splits.classes, "accuracy": round(acc, 4),

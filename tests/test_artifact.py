@@ -5,10 +5,17 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dsdeploy.artifact import FORMAT, load_artifact, load_source_model, read_payload, save_artifact, source_record
+from dsdeploy.convert.artifact import (
+    FORMAT,
+    load_artifact,
+    load_source_model,
+    read_payload,
+    save_artifact,
+    source_record,
+)
+from dsdeploy.convert.loading import load_model
+from dsdeploy.convert.rewrite import convert
 from dsdeploy.errors import ArtifactError, DsdeployError
-from dsdeploy.rewrite import convert
-from dsdeploy.sources import load_model
 
 SHAPE = (2, 3, 16, 16)
 FACTORY = "tests.conftest:small_net"

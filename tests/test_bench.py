@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from dsdeploy import providers as eps
-from dsdeploy.bench import BenchConfig, bench
-from dsdeploy.bench_inputs import META_CONV_MACS, conv_macs_from_graph, model_info
-from dsdeploy.bench_report import render_markdown, render_text, write_outputs
 from dsdeploy.errors import InputShapeError, ProviderError
+from dsdeploy.runtime import providers as eps
+from dsdeploy.runtime.bench import BenchConfig, bench
+from dsdeploy.runtime.bench_report import render_markdown, render_text, write_outputs
+from dsdeploy.runtime.inputs import META_CONV_MACS, conv_macs_from_graph, model_info
 from tests.clirun import invoke
 
 OV_OK = any(p.name == "OpenVINOExecutionProvider" and p.available for p in eps.list_providers())

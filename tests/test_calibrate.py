@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsdeploy.artifact import load_artifact, save_artifact, source_record
-from dsdeploy.calibrate import calibrate, recalibrate_bn
-from dsdeploy.decompose import full_rank
-from dsdeploy.data import Preprocess, load_data, make_loader
-from dsdeploy.distill import evaluate
-from dsdeploy.layers import DSConv
-from dsdeploy.plan import LayerDecision, Plan
-from dsdeploy.rewrite import convert, ds_blocks
+from dsdeploy.convert.artifact import load_artifact, save_artifact, source_record
+from dsdeploy.convert.block import DSConv
+from dsdeploy.convert.decompose import full_rank
+from dsdeploy.convert.plan import LayerDecision, Plan
+from dsdeploy.convert.rewrite import convert, ds_blocks
+from dsdeploy.data.datasets import Preprocess, load_data, make_loader
+from dsdeploy.recover.distill import evaluate
+from dsdeploy.recover.reconstruct import calibrate, recalibrate_bn
 from tests.clirun import dsdeploy
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: thread sync costs more than it saves on a shared CPU
@@ -139,7 +139,7 @@ def test_calibration_beats_naive_svd_on_digits(digits):
 
 def sample_digits():
     """sample:digits_cnn (engineer A's trained 1x16x16 digits CNN) with its own preprocessing."""
-    from dsdeploy.sources import load_model
+    from dsdeploy.convert.loading import load_model
 
     loaded = load_model("sample:digits_cnn")
     return loaded.model, load_data("digits", Preprocess.from_dict(loaded.preprocessing))

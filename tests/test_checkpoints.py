@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsdeploy.checkpoints import load_weights
 from dsdeploy.errors import WeightsError
+from dsdeploy.models.weights import load_weights
 
 PRETRAINED = Path("/work/shared/data/pretrained/resnet32-d509ac18.th")
 REPO_PRETRAINED = Path(__file__).resolve().parents[2] / "shared/data/pretrained/resnet32-d509ac18.th"

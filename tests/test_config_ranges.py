@@ -8,11 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsdeploy.calibrate import CalibrationParams
 from dsdeploy.errors import DsdeployError
-from dsdeploy.finetune import FinetuneConfig
-from dsdeploy.numbers import ConfigError
-from dsdeploy.schedule import Schedule
+from dsdeploy.ranges import ConfigError
+from dsdeploy.recover.config import CalibrationParams, FinetuneConfig
+from dsdeploy.recover.schedule import Schedule
 from tests.clirun import invoke
 
 NAN, INF = float("nan"), float("inf")
@@ -136,7 +135,7 @@ RECIPE_BAD = [("calibrate", "ridge", NAN, "calibrate ridge"), ("calibrate", "rid
 @pytest.mark.parametrize("section,key,value,named", RECIPE_BAD)
 def test_recipe_bad_numbers_are_refused_on_load(section, key, value, named):
     from dsdeploy.errors import RecipeError
-    from dsdeploy.recipe import recipe_from_dict
+    from dsdeploy.pipeline.recipe import recipe_from_dict
 
     with pytest.raises(RecipeError) as err:
         recipe_from_dict({"model": {"spec": "sample:digits_cnn"}, section: {key: value}}, "r.toml")

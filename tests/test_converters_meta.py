@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from dsdeploy.recipe import load_recipe
-from dsdeploy.samples import SAMPLES
-from dsdeploy.runner import converters_dir, inspect_recipe
+from dsdeploy.models.samples import SAMPLES
+from dsdeploy.pipeline.recipe import load_recipe
+from dsdeploy.pipeline.runner import converters_dir, inspect_recipe
 
 CONVERTERS = converters_dir()
 E2E = "end-to-end"

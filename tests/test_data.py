@@ -1,4 +1,4 @@
-"""dsdeploy.data: digits and image folders, splits, skipping, determinism, errors."""
+"""dsdeploy.data.datasets: digits and image folders, splits, skipping, determinism, errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dsdeploy.data import DIGITS_PREPROCESS, ImageDataset, Preprocess, load_data, make_loader
+from dsdeploy.data.datasets import (
+    DIGITS_PREPROCESS,
+    ImageDataset,
+    Preprocess,
+    load_data,
+    make_loader,
+)
 from dsdeploy.errors import DataError
 
 PRE = Preprocess(size=(8, 8), resize=None, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), channels=3)
@@ -69,7 +75,7 @@ def test_class_tree_split_skips_corrupt_and_non_images(tmp_path, caplog):
     (tmp_path / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
     (tmp_path / "green" / "notes.txt").write_text("not an image")
     (tmp_path / ".hidden").mkdir()
-    with caplog.at_level(logging.WARNING, logger="dsdeploy.data"):
+    with caplog.at_level(logging.WARNING, logger="dsdeploy.data.datasets"):
         s = load_data(str(tmp_path), PRE, val_split=0.2, seed=0)
         assert s.classes == ["blue", "green", "red"]
         assert s.skipped == 1  # the text file, found by the scan
@@ -186,7 +192,7 @@ def test_lazy_file_dataset_matches_cache(tmp_path, monkeypatch):
     _tree(tmp_path, COLORS, 3)
     cached = load_data(str(tmp_path), PRE, val_split=0)
     assert len(cached.train) == 9  # decoded into the cache on first use
-    monkeypatch.setattr("dsdeploy.data.CACHE_BYTES", 0)
+    monkeypatch.setattr("dsdeploy.data.datasets.CACHE_BYTES", 0)
     lazy = load_data(str(tmp_path), PRE, val_split=0)
     assert len(lazy.train) == len(cached.train) == 9
     assert lazy.train.files is not None and lazy.train.images is None and cached.train.images is not None

@@ -8,9 +8,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dsdeploy.decompose import (energy_curve, factorize, full_rank, rank_for_energy, reconstruct, relative_error,
-                                solve_least_squares)
-from dsdeploy.layers import CONV_TYPES, LAYOUTS, DSConv
+from dsdeploy.convert.block import CONV_TYPES, LAYOUTS, DSConv
+from dsdeploy.convert.decompose import (
+    energy_curve,
+    factorize,
+    full_rank,
+    rank_for_energy,
+    reconstruct,
+    relative_error,
+    solve_least_squares,
+)
 
 
 @st.composite
@@ -104,8 +111,8 @@ def test_least_squares_recovers_known_solution():
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_cost_formula_matches_counted_macs(layout):
-    from dsdeploy.plan import ds_mac_ratio
-    from dsdeploy.profile import profile_model
+    from dsdeploy.convert.opcount import profile_model
+    from dsdeploy.convert.plan import ds_mac_ratio
 
     conv = nn.Conv2d(32, 64, 3, padding=1)
     block = DSConv.from_conv(conv, 2, layout)

@@ -11,12 +11,12 @@ import onnx
 import pytest
 import torch
 
-from dsdeploy.deploy import deploy, host_has_int8_dot
+from dsdeploy.convert.loading import load_model
 from dsdeploy.errors import DeployError
-from dsdeploy.export import export_onnx, provenance
+from dsdeploy.export.bundle import deploy, host_has_int8_dot
+from dsdeploy.export.onnx_export import export_onnx, provenance
+from dsdeploy.export.parity import cpu_session
 from dsdeploy.fsutil import sha256_file
-from dsdeploy.parity import cpu_session
-from dsdeploy.sources import load_model
 from tests.clirun import invoke, json_out
 
 
@@ -73,7 +73,7 @@ def test_plain_bundle_manifest_and_predict_agree_with_torch(digits, fp32, pngs, 
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
-    from dsdeploy.data import Preprocess, load_data
+    from dsdeploy.data.datasets import Preprocess, load_data
 
     ds = load_data(str(files[0].parent), Preprocess.from_dict(digits.preprocessing), labelled=False,
                    val_split=0).train
@@ -128,7 +128,7 @@ def test_dynamic_int8_and_fp16_keep_fp32_io(mode, digits, fp32, tmp_path):
     assert sess.get_inputs()[0].type == "tensor(float)" and sess.get_outputs()[0].type == "tensor(float)"
     # real digits, not noise: on noise the logits nearly tie, and which way a tie breaks after quantization
     # depends on the CPU's int8/fp16 kernels
-    from dsdeploy.data import Preprocess, load_data
+    from dsdeploy.data.datasets import Preprocess, load_data
 
     val = load_data("digits", Preprocess.from_dict(digits.preprocessing), limit=64).val
     x = torch.stack([val[i][0] for i in range(len(val))]).numpy()

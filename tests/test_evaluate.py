@@ -1,4 +1,4 @@
-"""dsdeploy.evaluate and the ``dsdeploy evaluate`` CLI on real data."""
+"""dsdeploy.recover.evaluate and the ``dsdeploy evaluate`` CLI on real data."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from dsdeploy.errors import DataError
-from dsdeploy.evaluate import evaluate
-from dsdeploy.samples import load_sample
+from dsdeploy.models.samples import load_sample
+from dsdeploy.recover.evaluate import evaluate
 from tests.clirun import dsdeploy
 
 
@@ -117,8 +117,8 @@ def test_cli_evaluate_bad_data_is_one_line():
 def test_preprocess_for_precedence():
     from types import SimpleNamespace
 
-    from dsdeploy.data import DIGITS_PREPROCESS, Preprocess
-    from dsdeploy.evaluate import preprocess_for
+    from dsdeploy.data.datasets import DIGITS_PREPROCESS, Preprocess
+    from dsdeploy.recover.evaluate import preprocess_for
 
     own = {"size": [8, 8], "resize": None, "mean": [0.1], "std": [0.2], "channels": 1}
     given = Preprocess(size=(4, 4), resize=None, mean=(0.5,), std=(0.5,), channels=1)

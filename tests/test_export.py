@@ -9,13 +9,20 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from dsdeploy.convert.loading import load_model
+from dsdeploy.convert.opcount import profile_model
+from dsdeploy.convert.rewrite import convert
 from dsdeploy.errors import ExportError
-from dsdeploy.export import export_model, export_onnx
-from dsdeploy.onnx_check import META_CONV_MACS, META_LABELS, META_PREPROCESSING, load_onnx, metadata, summarize
-from dsdeploy.parity import cpu_session
-from dsdeploy.profile import profile_model
-from dsdeploy.rewrite import convert
-from dsdeploy.sources import load_model
+from dsdeploy.export.graph import (
+    META_CONV_MACS,
+    META_LABELS,
+    META_PREPROCESSING,
+    load_onnx,
+    metadata,
+    summarize,
+)
+from dsdeploy.export.onnx_export import export_model, export_onnx
+from dsdeploy.export.parity import cpu_session
 from tests.clirun import dsdeploy, invoke, json_out
 from tests.conftest import small_net
 
@@ -60,7 +67,7 @@ def test_static_batch_fixes_axis_0(digits, tmp_path):
 
 
 def test_converted_artifact_export_records_plan_and_counts_before_after(digits, tmp_path):
-    from dsdeploy.artifact import save_artifact, source_record
+    from dsdeploy.convert.artifact import save_artifact, source_record
 
     res = convert(digits.model, input_shape=DIGITS_SHAPE, rank=1)
     art = tmp_path / "digits_ds.dsd"
@@ -116,7 +123,7 @@ def test_simplification_that_breaks_parity_is_discarded(digits, tmp_path, monkey
         rep = export_onnx(digits.model, out, DIGITS_SHAPE)
     assert not rep.simplified and all(p.ok for p in rep.parity)
     assert all(not p.inputs.startswith("simplification") for p in rep.parity)
-    from dsdeploy.parity import check_parity
+    from dsdeploy.export.parity import check_parity
 
     assert all(r.ok for r in check_parity(digits.model, out, (4, 1, 16, 16)))
 

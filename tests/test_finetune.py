@@ -15,16 +15,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsdeploy.artifact import load_artifact, save_artifact, source_record
-from dsdeploy.calibrate import calibrate
-from dsdeploy.checkpoint import CheckpointError, load_checkpoint
-from dsdeploy.data import load_data, make_loader
-from dsdeploy.distill import (Distiller, LossWeights, evaluate, following_norms, fresh_parameters, init_parameters,
-                              kd_loss)
-from dsdeploy.finetune import FinetuneConfig, finetune
-from dsdeploy.rewrite import convert, ds_blocks
+from dsdeploy.convert.artifact import load_artifact, save_artifact, source_record
+from dsdeploy.convert.rewrite import convert, ds_blocks
+from dsdeploy.data.datasets import load_data, make_loader
+from dsdeploy.recover.config import FinetuneConfig
+from dsdeploy.recover.distill import (
+    Distiller,
+    LossWeights,
+    evaluate,
+    following_norms,
+    fresh_parameters,
+    init_parameters,
+    kd_loss,
+)
+from dsdeploy.recover.finetune import finetune
+from dsdeploy.recover.reconstruct import calibrate
+from dsdeploy.recover.resume import CheckpointError, load_checkpoint
 from tests.clirun import ROOT, dsdeploy
-from tests.test_calibrate import DIGITS8, ONE_THREAD, one_thread, sample_digits, train_digits  # noqa: F401 (fixture)
+from tests.test_calibrate import (  # noqa: F401 (fixture)
+    DIGITS8,
+    ONE_THREAD,
+    one_thread,
+    sample_digits,
+    train_digits,
+)
 
 FACTORY = "tests.test_calibrate:tiny_digits_cnn"
 

@@ -12,14 +12,21 @@ import sys
 import pytest
 import torch
 
-from dsdeploy.fsutil import (OutputError, atomic_path, check_output, owned_dir, remove_stale_temps, sniff, write_json,
-                             write_text)
+from dsdeploy.fsutil import (
+    OutputError,
+    check_output,
+    owned_dir,
+    remove_stale_temps,
+    sniff,
+    write_json,
+    write_text,
+)
 from tests.clirun import ROOT, invoke
 
 
 @pytest.fixture(scope="module")
 def onnx_model(tmp_path_factory):
-    from dsdeploy.export import export_model
+    from dsdeploy.export.onnx_export import export_model
 
     path = tmp_path_factory.mktemp("onnx") / "m.onnx"
     export_model("sample:digits_cnn", path)

@@ -1,4 +1,4 @@
-"""dsdeploy.metrics against hand-computed values, and predict on a real model."""
+"""dsdeploy.recover.metrics against hand-computed values, and predict on a real model."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from dsdeploy.data import load_data, make_loader
+from dsdeploy.data.datasets import load_data, make_loader
 from dsdeploy.errors import DataError, DsdeployError
-from dsdeploy.metrics import classification_metrics, predict
+from dsdeploy.recover.metrics import classification_metrics, predict
 
 
 def test_hand_computed_three_classes():

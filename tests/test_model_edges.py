@@ -11,16 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dsdeploy.artifact import load_artifact
-from dsdeploy.calibrate import calibrate
+from dsdeploy.convert.artifact import load_artifact
+from dsdeploy.convert.loading import load_model
+from dsdeploy.convert.opcount import profile_model, trace_calls
+from dsdeploy.convert.plan import Policy
+from dsdeploy.convert.rewrite import ModelError, convert, copy_model
+from dsdeploy.convert.workflow import convert_to_artifact
 from dsdeploy.errors import DsdeployError, ExportError, InputShapeError
-from dsdeploy.export import export_onnx
-from dsdeploy.onnx_check import load_onnx, summarize
-from dsdeploy.plan import Policy
-from dsdeploy.profile import profile_model, trace_calls
-from dsdeploy.rewrite import ModelError, convert, copy_model
-from dsdeploy.sources import load_model
-from dsdeploy.tasks import convert_to_artifact
+from dsdeploy.export.graph import load_onnx, summarize
+from dsdeploy.export.onnx_export import export_onnx
+from dsdeploy.recover.reconstruct import calibrate
 
 # -- factories (pkg.module:factory specs point here) --------------------------------------------
 
@@ -184,8 +184,8 @@ def test_bn_reestimation_survives_a_one_image_last_batch(n, batch):
 def test_bn_reestimation_with_only_single_images_is_one_line():
     from torch.utils.data import DataLoader, TensorDataset
 
-    from dsdeploy.calibrate import recalibrate_bn
     from dsdeploy.errors import DataError
+    from dsdeploy.recover.reconstruct import recalibrate_bn
 
     res = convert(necknet().eval(), input_shape=(1, 3, 8, 8), rank=1)
     with pytest.raises(DataError, match="at least 2 images"):
@@ -197,7 +197,7 @@ def test_bn_reestimation_with_only_single_images_is_one_line():
 def test_training_batches_never_hold_one_image_when_avoidable(n, batch):
     from torch.utils.data import TensorDataset
 
-    from dsdeploy.finetune import steps_per_epoch, train_loader
+    from dsdeploy.recover.finetune import steps_per_epoch, train_loader
 
     sizes = [len(b[0]) for b in train_loader(TensorDataset(torch.zeros(n, 1)), batch, seed=0)]
     assert len(sizes) == steps_per_epoch(n, batch)
@@ -210,8 +210,9 @@ def test_training_batches_never_hold_one_image_when_avoidable(n, batch):
 def test_finetune_with_batchnorm1d_and_a_one_image_remainder(tmp_path):
     from torch.utils.data import TensorDataset
 
-    from dsdeploy.data import DataSplits
-    from dsdeploy.finetune import FinetuneConfig, finetune
+    from dsdeploy.data.datasets import DataSplits
+    from dsdeploy.recover.config import FinetuneConfig
+    from dsdeploy.recover.finetune import finetune
 
     teacher = necknet().eval()
     student = convert(teacher, input_shape=(1, 3, 8, 8), rank=1).model
@@ -229,7 +230,7 @@ def test_finetune_with_batchnorm1d_and_a_one_image_remainder(tmp_path):
 
 @pytest.mark.parametrize("n", [65, 3])
 def test_int8_static_calibration_of_a_fixed_batch_model(tmp_path, n):
-    from dsdeploy.deploy import _Calibration, quantize_model
+    from dsdeploy.export.bundle import _Calibration, quantize_model
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),

@@ -10,8 +10,8 @@ from onnx import numpy_helper
 from torch import nn
 
 from dsdeploy.errors import ExportError, ParityError
-from dsdeploy.export import export_onnx
-from dsdeploy.parity import ATOL, check_parity, compare_outputs, flatten_outputs
+from dsdeploy.export.onnx_export import export_onnx
+from dsdeploy.export.parity import ATOL, check_parity, compare_outputs, flatten_outputs
 
 
 class TwoHeads(nn.Module):

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from dsdeploy.errors import DataError, DsdeployError
-from dsdeploy.pipeline import Context, Stage, StageError, StageOutput, load_state, run_pipeline
+from dsdeploy.pipeline.engine import (
+    Context,
+    Stage,
+    StageError,
+    StageOutput,
+    load_state,
+    run_pipeline,
+)
 from tests.clirun import dsdeploy, json_out
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,8 +219,8 @@ def test_stage_failure_from_the_cli_names_the_stage(tmp_path):
 
 def test_user_code_factory_from_the_recipe_folder(tmp_path):
     """model.spec = pkg.module:factory with model.pythonpath relative to the recipe's folder."""
-    from dsdeploy.recipe import load_recipe
-    from dsdeploy.runner import inspect_recipe
+    from dsdeploy.pipeline.recipe import load_recipe
+    from dsdeploy.pipeline.runner import inspect_recipe
 
     (tmp_path / "code").mkdir()
     (tmp_path / "code" / "mynet.py").write_text(

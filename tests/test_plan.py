@@ -3,9 +3,9 @@
 import pytest
 from torch import nn
 
+from dsdeploy.convert.opcount import trace_calls
+from dsdeploy.convert.plan import Plan, Policy, ds_mac_ratio, make_plan
 from dsdeploy.errors import PlanError
-from dsdeploy.plan import Plan, Policy, ds_mac_ratio, make_plan
-from dsdeploy.profile import trace_calls
 
 SHAPE = (1, 3, 16, 16)
 

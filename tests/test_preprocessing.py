@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dsdeploy.data import load_data
+from dsdeploy.data.datasets import load_data
+from dsdeploy.data.preprocessing import Preprocess, describe, resolve
 from dsdeploy.errors import DataError
-from dsdeploy.preprocessing import Preprocess, describe, resolve
 from tests.clirun import invoke
 
 HERE = "tests.test_preprocessing"
@@ -145,8 +145,8 @@ def test_first_conv_gives_channels_when_the_shape_is_unknown():
 
 
 def test_recipe_size_without_resize(tmp_path):
-    from dsdeploy.recipe import recipe_from_dict
-    from dsdeploy.stages import recipe_source
+    from dsdeploy.pipeline.recipe import recipe_from_dict
+    from dsdeploy.pipeline.stages import recipe_source
 
     images(tmp_path / "imgs", "RGB", size=(32, 32))
     recipe = recipe_from_dict({"model": {"spec": "torchvision:resnet18", "input_shape": [1, 3, 32, 32]},
@@ -217,7 +217,7 @@ def test_16bit_png_scores_like_its_8bit_twin(tmp_path):
     xa = torch.stack([a[i][0] for i in range(len(a))])
     xb = torch.stack([b[i][0] for i in range(len(b))])
     assert (xa - xb).abs().max() <= 2 / 255 / 0.5 + 1e-6  # one 8-bit step (after /std)
-    from dsdeploy.evaluate import evaluate
+    from dsdeploy.recover.evaluate import evaluate
 
     model = SimpleNamespace(model=_bright_model(), spec="bright", preprocessing=pre.to_dict(), labels=None,
                             input_shape=(1, 1, 12, 12))
@@ -279,8 +279,8 @@ def test_class_mismatch_is_one_line_in_commands(tmp_path):
 @pytest.mark.parametrize("factory,shape,mode", [("rgbnet", (1, 3, 20, 24), "RGB"), ("rgbd", (1, 4, 16, 16), "RGBA"),
                                                 ("graynet", (1, 1, 16, 16), "L")])
 def test_bundle_predicts_for_factory_models(tmp_path, factory, shape, mode):
-    from dsdeploy.deploy import deploy
-    from dsdeploy.export import export_model
+    from dsdeploy.export.bundle import deploy
+    from dsdeploy.export.onnx_export import export_model
 
     export_model(f"{HERE}:{factory}", tmp_path / "m.onnx", input_shape=shape)
     deploy(tmp_path / "m.onnx", tmp_path / "bundle", latency_iters=0)
@@ -296,12 +296,12 @@ def test_bundle_predicts_for_factory_models(tmp_path, factory, shape, mode):
 
 
 def test_predict_py_decodes_like_dsdeploy_data(tmp_path):
-    """The bundle's standalone decoder and dsdeploy.data agree (16-bit gray, RGBA, crop path)."""
+    """The bundle's standalone decoder and dsdeploy.data.datasets agree (16-bit gray, RGBA, crop path)."""
     import importlib.util
 
-    from dsdeploy.data import _decode
+    from dsdeploy.data.datasets import _decode
 
-    spec = importlib.util.spec_from_file_location("predict", Path(__file__).parents[1] / "dsdeploy" / "templates"
+    spec = importlib.util.spec_from_file_location("predict", Path(__file__).parents[1] / "dsdeploy" / "export" / "templates"
                                                   / "predict.py")
     predict = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(predict)
@@ -323,7 +323,7 @@ def test_predict_py_decodes_like_dsdeploy_data(tmp_path):
 
 
 def test_run_makes_one_split_for_every_stage(tmp_path):
-    from dsdeploy.runner import run_recipe
+    from dsdeploy.pipeline.runner import run_recipe
 
     data = images(tmp_path / "imgs", n=20, size=(16, 16))
     recipe = tmp_path / "r.toml"

@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from dsdeploy import providers as eps
 from dsdeploy.errors import ProviderError
+from dsdeploy.runtime import providers as eps
 from tests.clirun import invoke
 
 

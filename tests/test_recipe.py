@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from dsdeploy.errors import RecipeError
-from dsdeploy.recipe import Recipe, load_recipe, parse_override, recipe_from_dict
+from dsdeploy.pipeline.recipe import (
+    Recipe,
+    load_recipe,
+    parse_override,
+    recipe_from_dict,
+)
 
 MINIMAL = '[model]\nspec = "sample:digits_cnn"\n'
 
@@ -140,8 +145,8 @@ def test_parse_override():
 def test_nothing_in_a_recipe_runs_in_a_shell(tmp_path):
     """A spec or path full of shell syntax is only ever a name: it fails to resolve, nothing runs."""
     from dsdeploy.errors import SourceError
-    from dsdeploy.pipeline import Context
-    from dsdeploy.stages import run_inspect
+    from dsdeploy.pipeline.engine import Context
+    from dsdeploy.pipeline.stages import run_inspect
 
     marker = tmp_path / "pwned"
     path = write(tmp_path, f'[model]\nspec = "$(touch {marker}):x"\nweights = "`touch {marker}`"\n')

@@ -6,8 +6,14 @@ import json
 
 import pytest
 
-from dsdeploy.recipe import recipe_from_dict
-from dsdeploy.report import latency_rows, render_html, summarize, summary_rows, write_report
+from dsdeploy.pipeline.recipe import recipe_from_dict
+from dsdeploy.pipeline.report import (
+    latency_rows,
+    render_html,
+    summarize,
+    summary_rows,
+    write_report,
+)
 
 RECIPE = recipe_from_dict({"name": "toy <b>", "model": {"spec": "sample:digits_cnn"}})
 

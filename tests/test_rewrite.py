@@ -7,9 +7,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dsdeploy.convert.block import DSConv
+from dsdeploy.convert.rewrite import convert, ds_blocks, original_convs
 from dsdeploy.errors import NothingToConvertError
-from dsdeploy.layers import DSConv
-from dsdeploy.rewrite import convert, ds_blocks, original_convs
 
 SHAPE = (2, 3, 16, 16)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from dsdeploy.checkpoint import load_checkpoint, run_identity
-from dsdeploy.pipeline import LOCK_FILE
+from dsdeploy.pipeline.engine import LOCK_FILE
+from dsdeploy.recover.resume import load_checkpoint, run_identity
 from tests.clirun import ROOT, dsdeploy, invoke
 
 DIGITS = ROOT / "converters" / "digits_cnn.toml"

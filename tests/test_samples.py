@@ -1,4 +1,4 @@
-"""dsdeploy.samples: the shipped sample models load, verify and reach their recorded accuracy."""
+"""dsdeploy.models.samples: the shipped sample models load, verify and reach their recorded accuracy."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from dsdeploy import samples
-from dsdeploy.data import Preprocess, load_data, make_loader
+from dsdeploy.data.datasets import Preprocess, load_data, make_loader
 from dsdeploy.errors import SourceError
-from dsdeploy.metrics import predict
+from dsdeploy.models import samples
+from dsdeploy.recover.metrics import predict
 
 
 def _meta(name):
@@ -71,7 +71,7 @@ def test_missing_weights_and_checksum_mismatch(tmp_path, monkeypatch):
     monkeypatch.setenv("DSDEPLOY_SAMPLES", str(tmp_path))
     with pytest.raises(SourceError, match="pip install -e"):
         samples.load_sample("digits_cnn")
-    shutil.copy(samples.__file__.replace("dsdeploy/samples.py", "sample_models/digits_cnn.json"), tmp_path)
+    shutil.copy(samples.__file__.replace("dsdeploy/models/samples.py", "sample_models/digits_cnn.json"), tmp_path)
     with pytest.raises(SourceError, match="pip install -e"):
         samples.load_sample("digits_cnn")
     torch.save(samples.sample_arch("digits_cnn").state_dict(), tmp_path / "digits_cnn.pt")

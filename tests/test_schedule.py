@@ -5,7 +5,7 @@ import math
 import pytest
 
 from dsdeploy.errors import DsdeployError
-from dsdeploy.schedule import Schedule, parse_duration, steps_for_budget
+from dsdeploy.recover.schedule import Schedule, parse_duration, steps_for_budget
 
 
 def test_linear_warmup_then_cosine_to_min():

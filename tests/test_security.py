@@ -23,10 +23,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dsdeploy.artifact import FORMAT, FORMAT_VERSION, load_artifact, save_artifact, source_record
+from dsdeploy.convert.artifact import (
+    FORMAT,
+    FORMAT_VERSION,
+    load_artifact,
+    save_artifact,
+    source_record,
+)
+from dsdeploy.convert.loading import load_model
+from dsdeploy.convert.rewrite import convert
 from dsdeploy.errors import ArtifactError, DsdeployError
-from dsdeploy.rewrite import convert
-from dsdeploy.sources import load_model
 from tests.clirun import dsdeploy, invoke
 from tests.conftest import small_net
 
@@ -316,8 +322,8 @@ def test_export_of_an_artifact_does_not_need_the_source_weights(net, tmp_path):
 def bundle(tmp_path_factory):
     from PIL import Image
 
-    from dsdeploy.deploy import deploy
-    from dsdeploy.export import export_onnx, provenance
+    from dsdeploy.export.bundle import deploy
+    from dsdeploy.export.onnx_export import export_onnx, provenance
 
     root = tmp_path_factory.mktemp("bundle")
     digits = load_model("sample:digits_cnn")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from dsdeploy.convert.loading import load_model
 from dsdeploy.errors import SourceError, WeightsError
-from dsdeploy.sources import load_model
 from tests.conftest import small_net
 
 FACTORY = "tests.conftest:small_net"

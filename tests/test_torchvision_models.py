@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from dsdeploy.plan import Policy
-from dsdeploy.profile import run_model
-from dsdeploy.rewrite import convert, ds_blocks
-from dsdeploy.sources import load_model
-from dsdeploy.tasks import inspect_model
+from dsdeploy.convert.loading import load_model
+from dsdeploy.convert.opcount import run_model
+from dsdeploy.convert.plan import Policy
+from dsdeploy.convert.rewrite import convert, ds_blocks
+from dsdeploy.convert.workflow import inspect_model
 
 MAX_PARAMS = 100_000_000
 FULL_RANK_TOL = 1e-4

@@ -81,10 +81,10 @@ def bench(models, providers, batch, threads, warmup, iters, duration, data, ep_o
     speedup per EP and batch next to its conv-MAC reduction."""
     from tqdm import tqdm
 
-    from dsdeploy.bench import BenchConfig
-    from dsdeploy.bench_report import render_text, run_and_write
     from dsdeploy.fsutil import show
-    from dsdeploy.providers import parse_ep_options
+    from dsdeploy.runtime.bench import BenchConfig, run_and_write
+    from dsdeploy.runtime.bench_report import render_text
+    from dsdeploy.runtime.providers import parse_ep_options
 
     check_report_paths(models, data, json_path=json_path, csv_path=csv_path, markdown_path=markdown_path,
                        plot_path=plot_path)
@@ -125,7 +125,7 @@ def bench(models, providers, batch, threads, warmup, iters, duration, data, ep_o
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def providers(as_json):
     """ONNX Runtime execution providers here (built-in and plugin), their devices and versions."""
-    from dsdeploy.providers import list_providers
+    from dsdeploy.runtime.providers import list_providers
     from dsdeploy.tables import format_table
 
     infos = list_providers()

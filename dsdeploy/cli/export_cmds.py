@@ -5,7 +5,13 @@ from __future__ import annotations
 import click
 
 from dsdeploy.cli import cli
-from dsdeploy.cli.options import echo_json, model_options, parse_kwargs, parse_shape, preprocess_options
+from dsdeploy.cli.options import (
+    echo_json,
+    model_options,
+    parse_kwargs,
+    parse_shape,
+    preprocess_options,
+)
 
 
 def _worst(parity: list) -> str:
@@ -37,7 +43,7 @@ def export(model: str, output: str, weights: str | None, model_kwargs: str | Non
            data: str | None, atol: float, rtol: float, as_json: bool, preprocess: dict | None,
            trust_code: bool) -> None:
     """Export MODEL to ONNX, gated by parity against torch on ONNX Runtime (CPU EP)."""
-    from dsdeploy.export import export_model
+    from dsdeploy.export.onnx_export import export_model
     from dsdeploy.fsutil import check_output, show
 
     check_output(output, kind="onnx", suffixes=(".onnx",), what="--output",
@@ -85,7 +91,7 @@ def deploy(onnx_model: str, output: str, quantize: str, calib_data: str | None, 
            max_accuracy_drop: float | None, ort_format: bool, reduce_range: bool | None, threads: int | None,
            overwrite: bool, as_json: bool, preprocess: dict | None) -> None:
     """Package ONNX_MODEL into a bundle: model, manifest.json, standalone predict.py."""
-    from dsdeploy.deploy import deploy as build
+    from dsdeploy.export.bundle import deploy as build
     from dsdeploy.fsutil import show
 
     rep = build(onnx_model, output, quantize=quantize, calib_data=calib_data, eval_data=eval_data,

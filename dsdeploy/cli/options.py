@@ -106,9 +106,9 @@ class _PrintOnce(logging.Handler):
 
 @contextlib.contextmanager
 def print_preprocessing() -> Iterator[None]:
-    """While active, each distinct resolved-preprocessing line (logger ``dsdeploy.preprocessing``)
+    """While active, each distinct resolved-preprocessing line (logger ``dsdeploy.data.preprocessing``)
     is printed once on stderr."""
-    logger = logging.getLogger("dsdeploy.preprocessing")
+    logger = logging.getLogger("dsdeploy.data.preprocessing")
     handler = _PrintOnce()
     level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
@@ -124,7 +124,7 @@ def print_preprocessing() -> Iterator[None]:
 
 def preprocess_options(func: Callable) -> Callable:
     """Add --size, --resize, --mean, --std, --channels; the command gets ``preprocess`` (a dict of the
-    keys given, for ``dsdeploy.preprocessing.resolve``) and the resolved preprocessing is printed once."""
+    keys given, for ``dsdeploy.data.preprocessing.resolve``) and the resolved preprocessing is printed once."""
     opts = [
         click.option("--size", default=None, metavar="H[,W]", help="Model input size (default: the model's own, "
                      "else its input shape)."),

@@ -5,8 +5,13 @@ from __future__ import annotations
 import click
 
 from dsdeploy.cli import cli
-from dsdeploy.cli.options import echo_json, parse_kwargs, preprocess_options, trust_code_option
-from dsdeploy.recipe import CALIB_BATCHES
+from dsdeploy.cli.options import (
+    echo_json,
+    parse_kwargs,
+    preprocess_options,
+    trust_code_option,
+)
+from dsdeploy.recover.config import CALIB_BATCHES
 
 
 @cli.command()
@@ -31,7 +36,8 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
              val_split, seed, limit, as_json, preprocess, trust_code):
     """Accuracy of MODEL (top-1/top-5, macro precision/recall/F1) on labelled DATA,
     side by side with MODEL2 when --compare is given."""
-    from dsdeploy.evaluate import evaluate as run_evaluate, summary_rows
+    from dsdeploy.recover.evaluate import evaluate as run_evaluate
+    from dsdeploy.recover.evaluate import summary_rows
     from dsdeploy.tables import format_table
 
     result = run_evaluate(model, data, compare=compare, weights=weights, compare_weights=compare_weights,
@@ -68,8 +74,8 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
 def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_json, preprocess, trust_code):
     """Solve each converted layer's pointwise weights by least squares against the original
     model's convs on DATA (training-free), then re-estimate BatchNorm statistics."""
-    from dsdeploy.calibrate import calibrate_artifact
     from dsdeploy.fsutil import check_output, show
+    from dsdeploy.recover.reconstruct import calibrate_artifact
 
     check_output(output, kind="torch", suffixes=(".dsd",), what="--output",
                  inputs=[("artifact", artifact), ("--data", data)])
@@ -129,9 +135,10 @@ def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, tim
              preprocess, trust_code):
     """Recover accuracy by distillation from the original model (logits, optionally the
     replaced blocks' outputs, plus labels when DATA has them)."""
-    from dsdeploy.finetune import FinetuneConfig, finetune_artifact
     from dsdeploy.fsutil import check_distinct, check_output, show
-    from dsdeploy.schedule import parse_duration
+    from dsdeploy.recover.config import FinetuneConfig
+    from dsdeploy.recover.finetune import finetune_artifact
+    from dsdeploy.recover.schedule import parse_duration
 
     inputs = [("artifact", artifact), ("--data", data), ("--teacher", teacher), ("--teacher-weights", teacher_weights)]
     check_output(output, kind="torch", suffixes=(".dsd",), what="--output", inputs=inputs)

@@ -11,7 +11,7 @@ from dsdeploy.cli.options import echo_json, print_preprocessing, trust_code_opti
 
 
 def _print_summary(result, as_json: bool) -> None:
-    from dsdeploy.report import summarize, summary_rows
+    from dsdeploy.pipeline.report import summarize, summary_rows
     from dsdeploy.tables import format_table
 
     summary = (result.records.get("report") or {}).get("result", {}).get("summary") or summarize(result.records,
@@ -44,7 +44,7 @@ def run(recipe, data, weights, out, overrides, as_json, trust_code):
     reported "cached" and skipped; an interrupted fine-tuning continues from its checkpoint.
     A recipe is code you chose: its model.spec factory is imported (model.pythonpath is
     searched after installed packages); only model factories are called."""
-    from dsdeploy.runner import run_recipe
+    from dsdeploy.pipeline.runner import run_recipe
 
     with print_preprocessing():
         result = run_recipe(recipe, out, data=data, weights=weights, overrides=list(overrides),
@@ -61,7 +61,7 @@ def run(recipe, data, weights, out, overrides, as_json, trust_code):
 def demo(out, overrides, as_json, trust_code):
     """Run the built-in digits recipe end to end, offline (a few minutes on 2 CPU cores), and
     print the before/after table: params, MACs, accuracy, latency per execution provider."""
-    from dsdeploy.runner import run_demo
+    from dsdeploy.pipeline.runner import run_demo
 
     result = run_demo(out, overrides=list(overrides), progress=sys.stderr.isatty() and not as_json,
                       trust_code=trust_code)

@@ -1,0 +1,250 @@
+"""Which convs convert, at what rank, and why the others are skipped.
+
+A plan is data (JSON-able): it is stored in the ``.dsd`` artifact and is enough,
+with the source model's architecture, to rebuild the converted model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from dsdeploy.convert.block import CONV_TYPES, LAYOUTS
+from dsdeploy.convert.decompose import (
+    channel_svd,
+    energy_curve,
+    full_rank,
+    rank_for_energy,
+    relative_error,
+)
+from dsdeploy.errors import PlanError
+
+TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@dataclass
+class LayerDecision:
+    """The decision for one conv: convert at ``rank`` or skip with ``reason``."""
+
+    name: str
+    type: str
+    in_channels: int
+    out_channels: int
+    kernel_size: list[int]
+    groups: int
+    convert: bool = False
+    reason: str = ""
+    rank: int | None = None
+    full_rank: int | None = None
+    energy: float | None = None
+    error: float | None = None
+    macs: int | None = None
+    macs_after: int | None = None
+    params: int = 0
+    params_after: int | None = None
+
+
+@dataclass
+class Plan:
+    """Per-conv decisions plus the options that produced them."""
+
+    layers: list[LayerDecision] = field(default_factory=list)
+    layout: str = "branches"
+    policy: dict[str, Any] = field(default_factory=dict)
+    input_shape: list[int] = field(default_factory=list)
+
+    @property
+    def converted(self) -> list[LayerDecision]:
+        return [d for d in self.layers if d.convert]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        layers = [LayerDecision(**d) for d in data.get("layers", [])]
+        return cls(layers=layers, layout=data.get("layout", "branches"), policy=dict(data.get("policy", {})),
+                   input_shape=list(data.get("input_shape", [])))
+
+    def digest(self) -> str:
+        """sha256 of the plan's canonical JSON (identifies a conversion)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Policy:
+    """How ranks are chosen: exactly one of rank / energy / mac_budget (default rank 1)."""
+
+    rank: int | None = None
+    energy: float | None = None
+    mac_budget: float | None = None
+    include: str | None = None
+    exclude: str | None = None
+    convert_stem: bool = False
+    layout: str = "branches"
+    require_gain: bool = True  # False: convert even where a DS block costs more (exactness checks)
+
+    def validate(self) -> None:
+        chosen = [k for k in ("rank", "energy", "mac_budget") if getattr(self, k) is not None]
+        if len(chosen) > 1:
+            raise PlanError(f"choose one of --rank, --energy, --mac-budget (got {', '.join(chosen)})")
+        if not chosen:
+            self.rank = 1
+        if self.rank is not None and self.rank < 1:
+            raise PlanError(f"--rank must be >= 1, got {self.rank}")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise PlanError(f"--energy must be in (0, 1], got {self.energy}")
+        if self.mac_budget is not None and not 0 < self.mac_budget <= 1:
+            raise PlanError(f"--mac-budget must be in (0, 1], got {self.mac_budget}")
+        if self.layout not in LAYOUTS:
+            raise PlanError(f"unknown layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}")
+        for opt in ("include", "exclude"):
+            pattern = getattr(self, opt)
+            if pattern:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise PlanError(f"--{opt} is not a valid regular expression: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None and k not in ("layout", "require_gain")}
+
+
+def ds_mac_ratio(conv: nn.Module, rank: int) -> float:
+    """MACs of a rank-``rank`` DS block relative to the dense conv (spatial size cancels)."""
+    window = math.prod(conv.kernel_size)
+    cin, cout, g = conv.in_channels, conv.out_channels, conv.groups
+    return rank * (cin * window + cout * (cin // g)) / (cout * (cin // g) * window)
+
+
+def max_gainful_rank(conv: nn.Module) -> int:
+    """Largest rank whose DS block is cheaper than the conv (0 if none)."""
+    r = full_rank(tuple(conv.weight.shape), conv.groups)
+    while r > 0 and ds_mac_ratio(conv, r) >= 1.0:
+        r -= 1
+    return r
+
+
+def skip_reason(name: str, mod: nn.Module, policy: Policy) -> str | None:
+    """Why ``mod`` cannot or should not convert, before ranks are considered."""
+    if isinstance(mod, TRANSPOSED):
+        return "transposed conv"
+    base = CONV_TYPES.get(len(getattr(mod, "kernel_size", ())))
+    if type(mod) is not base:
+        for attr in ("forward", "_conv_forward"):
+            if getattr(type(mod), attr) is not getattr(base, attr):
+                return f"{type(mod).__name__} has its own {attr} (a custom conv)"
+    if math.prod(mod.kernel_size) == 1:
+        return "1x1 kernel (already pointwise)"
+    if mod.groups == mod.in_channels and mod.in_channels > 1:
+        return "already depthwise"
+    if policy.include and not re.search(policy.include, name):
+        return "not matched by --include"
+    if policy.exclude and re.search(policy.exclude, name):
+        return "excluded by --exclude"
+    if mod.in_channels <= 4 and not policy.convert_stem:
+        return f"stem ({mod.in_channels} input channels; --convert-stem to convert)"
+    return None
+
+
+def conv_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """All standard and transposed convs of ``model``, in module order."""
+    kinds = tuple(CONV_TYPES.values()) + TRANSPOSED
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def make_plan(model: nn.Module, policy: Policy, calls: dict[str, tuple[list[int], list[int], int]],
+              input_shape: tuple[int, ...], svd_cache: dict[str, tuple] | None = None) -> Plan:
+    """Decide every conv of ``model`` under ``policy``.
+
+    Args:
+        model: the original model (read only).
+        policy: rank policy and filters.
+        calls: per-layer (in shape, out shape, MACs) from :func:`dsdeploy.convert.opcount.trace_calls`.
+        input_shape: the shape ``calls`` was traced at.
+        svd_cache: when given, filled with each candidate's :func:`channel_svd` (name -> U, S, Vh).
+    """
+    policy.validate()
+    plan = Plan(layout=policy.layout, policy=policy.to_dict(), input_shape=list(input_shape))
+    spectra: dict[str, torch.Tensor] = {}
+    mods: dict[str, nn.Module] = {}
+    for name, mod in conv_modules(model):
+        d = LayerDecision(name=name, type=type(mod).__name__, in_channels=mod.in_channels,
+                          out_channels=mod.out_channels, kernel_size=list(mod.kernel_size), groups=mod.groups,
+                          params=sum(p.numel() for p in mod.parameters(recurse=False)))
+        d.macs = calls[name][2] if name in calls else None
+        plan.layers.append(d)
+        reason = skip_reason(name, mod, policy)
+        if reason is None and name not in calls:
+            reason = "not run in a forward pass at this input shape"
+        if reason is None and policy.require_gain and max_gainful_rank(mod) == 0:
+            reason = "no gain at any rank (a DS block would cost more MACs)"
+        if reason:
+            d.reason = reason
+            continue
+        d.full_rank = full_rank(tuple(mod.weight.shape), mod.groups)
+        svd = channel_svd(mod.weight, mod.groups)
+        spectra[name] = svd[1]
+        if svd_cache is not None:
+            svd_cache[name] = svd
+        mods[name] = mod
+    if policy.mac_budget is not None:
+        ranks = _budget_ranks(plan, mods, spectra, policy.mac_budget)
+    else:
+        ranks = {n: (min(policy.rank, plan_full(plan, n)) if policy.rank is not None
+                     else rank_for_energy(s, policy.energy)) for n, s in spectra.items()}
+    by_name = {d.name: d for d in plan.layers}
+    for name, rank in ranks.items():
+        d, mod = by_name[name], mods[name]
+        if policy.require_gain and ds_mac_ratio(mod, rank) >= 1.0:
+            d.reason = f"no gain at rank {rank} (DS block costs {ds_mac_ratio(mod, rank):.2f}x the conv's MACs)"
+            continue
+        d.convert, d.rank, d.reason = True, rank, "converted"
+        d.error = round(relative_error(spectra[name], rank), 6)
+        d.energy = round(1.0 - d.error ** 2, 6)
+        d.macs_after = round(d.macs * ds_mac_ratio(mod, rank)) if d.macs is not None else None
+    return plan
+
+
+def plan_full(plan: Plan, name: str) -> int:
+    return next(d.full_rank for d in plan.layers if d.name == name)
+
+
+def _budget_ranks(plan: Plan, mods: dict[str, nn.Module], spectra: dict[str, torch.Tensor],
+                  budget: float) -> dict[str, int]:
+    """Greedy: start at rank 1; add the rank step with the best error reduction per MAC that fits."""
+    macs = {d.name: d.macs for d in plan.layers if d.name in mods}
+    cost = {n: macs[n] * ds_mac_ratio(mods[n], 1) for n in mods}  # MACs per unit of rank
+    limit = budget * sum(macs.values())
+    ranks = {n: 1 for n in mods}
+    used = sum(cost.values())
+    if used > limit + 1e-9:
+        floor = used / max(1, sum(macs.values()))
+        raise PlanError(f"--mac-budget {budget} is below what rank 1 everywhere costs ({floor:.3f}); "
+                        f"raise it or exclude layers")
+    cap = {n: max_gainful_rank(mods[n]) for n in mods}
+    curves = {n: energy_curve(spectra[n]).tolist() for n in mods}
+
+    def sq_err(n: str, r: int) -> float:
+        return max(0.0, 1.0 - curves[n][r - 1])
+
+    while True:
+        best, best_gain = None, 0.0
+        for n in mods:
+            r = ranks[n]
+            if r >= cap[n] or used + cost[n] > limit:
+                continue
+            gain = (sq_err(n, r) - sq_err(n, r + 1)) / cost[n]
+            if gain > best_gain:
+                best, best_gain = n, gain
+        if best is None:
+            return ranks
+        ranks[best] += 1
+        used += cost[best]

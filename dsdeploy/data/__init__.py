@@ -1,0 +1,1 @@
+"""Datasets and the one preprocessing rule: image folders and digits, preprocessing resolution, class labels."""

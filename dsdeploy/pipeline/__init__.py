@@ -1,0 +1,1 @@
+"""Recipes, the stages of `dsdeploy run`, the staged engine with caching, the report."""

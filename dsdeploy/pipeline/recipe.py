@@ -1,0 +1,377 @@
+"""Conversion recipes: one TOML file per model family or use case, loaded into dataclasses.
+
+``load_recipe(path, overrides)`` reads the file with :mod:`tomllib`, applies
+``--set section.key=value`` overrides (values parsed as TOML), checks every key and type
+against the schema below and resolves relative paths against the recipe's folder
+(override paths against the current folder). Unknown keys and wrong types raise
+:class:`RecipeError` naming the key and the file. Nothing in a recipe is ever run by a
+shell: specs name Python callables, paths name files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import tomllib
+
+from dsdeploy.errors import DsdeployError, RecipeError
+from dsdeploy.pipeline.tomltypes import coerce, describe, type_name
+from dsdeploy.recover.config import CALIB_BATCHES, CalibrationParams
+
+LAYOUTS = ("branches", "concat", "multiplier")
+FINETUNE_MODES = ("none", "partial", "full")
+QUANTIZE = ("none", "int8", "int8-dynamic", "fp16")
+
+
+@dataclass
+class ModelSection:
+    """[model]: what to convert (``torchvision:NAME``, ``sample:NAME``, ``pkg.module:factory``)."""
+
+    spec: str = ""
+    weights: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    input_shape: list[int] | None = None
+    trust_pickle: bool = False
+    pythonpath: list[str] = field(default_factory=list)  # folders added to sys.path for user code
+
+
+@dataclass
+class PreprocessSection:
+    """[preprocess]: overrides of the model's preprocessing (dsdeploy.data.preprocessing.resolve); unset keys
+    come from the model. ``size`` without ``resize`` derives resize from the size; ``resize = 0`` resizes
+    straight to ``size``."""
+
+    size: list[int] | None = None
+    resize: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    channels: int | None = None
+
+
+@dataclass
+class ConvertSection:
+    """[convert]: the rank policy (one of rank / energy / mac_budget) and layer filters."""
+
+    rank: int | None = None
+    energy: float | None = None
+    mac_budget: float | None = None
+    include: str | None = None
+    exclude: str | None = None
+    convert_stem: bool = False
+    layout: str = "branches"
+
+
+@dataclass
+class CalibrateSection:
+    """[calibrate]: least-squares pointwise weights + BatchNorm re-estimation (needs data)."""
+
+    enabled: bool = True
+    batches: int = CALIB_BATCHES  # a seeded subset of batches * batch_size training images
+    batch_size: int = 64
+    ridge: float = 1e-6
+
+
+@dataclass
+class FinetuneSection:
+    """[finetune]: distillation from the original model (needs data); mode "none" skips it."""
+
+    mode: str = "full"
+    epochs: int | None = None
+    time_budget: str | float | None = None
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    kd_weight: float = 1.0
+    feature_weight: float = 0.0
+    ce_weight: float = 0.5
+    temperature: float = 4.0
+    clip_grad: float | None = 5.0
+    patience: int | None = None
+    augment: bool = False
+    limit: int | None = None
+
+
+@dataclass
+class EvaluateSection:
+    """[evaluate]: accuracy of the original and of each recovery stage's model."""
+
+    enabled: bool = True
+    batch_size: int = 256
+    limit: int | None = None
+
+
+@dataclass
+class ExportSection:
+    """[export]: ONNX export of the original and converted models, each gated by parity with torch."""
+
+    enabled: bool = True
+    opset: int = 17
+    dynamic_batch: bool = True
+    simplify: bool = True  # onnxsim; kept only when the result keeps parity
+    exporter: str = "torchscript"  # or "dynamo"
+    atol: float = 1e-4  # parity gate: max|onnx - torch| <= atol + rtol * max|torch|
+    rtol: float = 1e-4
+
+
+@dataclass
+class DeploySection:
+    """[deploy]: the deployment bundle (optional quantization / ORT format, accuracy gate)."""
+
+    enabled: bool = True
+    quantize: str = "none"  # none | int8 (static QDQ, calibrated on the data) | int8-dynamic | fp16
+    ort_format: bool = False
+    max_accuracy_drop: float | None = None  # top-1 points the bundle may lose against the fp32 ONNX model
+    latency_iters: int = 0  # the bundle's own batch-1 latency check (the bench stage measures latency)
+
+
+@dataclass
+class BenchSection:
+    """[bench]: latency on these execution providers (missing ones are reported, not fatal)."""
+
+    enabled: bool = True
+    providers: list[str] = field(default_factory=lambda: ["cpu", "openvino"])
+    batch: list[int] = field(default_factory=lambda: [1])
+    iters: int = 50
+    warmup: int = 5
+    threads: int | None = None
+
+
+@dataclass
+class DataSection:
+    """[data]: ``digits`` or a folder of images (None: give ``--data``; data stages are skipped without).
+
+    ``val_split`` and ``limit`` (images per split) make the run's ONE split, used by calibration,
+    fine-tuning and evaluation alike and recorded in the report."""
+
+    spec: str | None = None
+    val_split: float = 0.2
+    limit: int | None = None
+
+
+@dataclass
+class Recipe:
+    """A whole recipe. ``path`` is the file it came from (None when built in code)."""
+
+    name: str = ""
+    description: str = ""
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    preprocess: PreprocessSection = field(default_factory=PreprocessSection)
+    convert: ConvertSection = field(default_factory=ConvertSection)
+    calibrate: CalibrateSection = field(default_factory=CalibrateSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    deploy: DeploySection = field(default_factory=DeploySection)
+    bench: BenchSection = field(default_factory=BenchSection)
+    data: DataSection = field(default_factory=DataSection)
+    path: str | None = None
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One section (or a top-level value) as plain data, for hashing and records."""
+        value = getattr(self, name)
+        return asdict(value) if dataclasses.is_dataclass(value) else value
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "path"}
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe) if f.name not in ("path",)}
+# Keys holding file paths (resolved against the recipe's folder); data/model specs only when they look like paths.
+PATH_KEYS = {("model", "weights"), ("model", "pythonpath"), ("model", "spec"), ("data", "spec")}
+
+
+def _unknown(key: str, known: list[str], where: str, src: str) -> RecipeError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+    return RecipeError(f"{src}: unknown key {where}{key!r}{hint}")
+
+
+def _build(cls: type, table: dict[str, Any], section: str, src: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    args = {}
+    for key, value in table.items():
+        if key not in known:
+            raise _unknown(key, known, f"in [{section}] ", src)
+        ok, v = coerce(value, hints[key])
+        if not ok:
+            raise RecipeError(f"{src}: {section}.{key} must be {type_name(hints[key])}, got {describe(value)}")
+        args[key] = v
+    return cls(**args)
+
+
+def recipe_from_dict(data: dict[str, Any], src: str = "<recipe>") -> Recipe:
+    """Build and validate a Recipe from parsed TOML (no path resolution)."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{src}: a recipe is a TOML table")
+    hints = typing.get_type_hints(Recipe)
+    args: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in SECTIONS:
+            raise _unknown(key, list(SECTIONS), "", src)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise RecipeError(f"{src}: [{key}] must be a table, got {describe(value)}")
+            args[key] = _build(tp, value, key, src)
+        else:
+            ok, v = coerce(value, tp)
+            if not ok:
+                raise RecipeError(f"{src}: {key} must be {type_name(tp)}, got {describe(value)}")
+            args[key] = v
+    recipe = Recipe(**args)
+    validate(recipe, src)
+    return recipe
+
+
+def _choice(value: str, choices: tuple[str, ...], key: str, src: str) -> None:
+    if value not in choices:
+        raise RecipeError(f"{src}: {key} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def validate(r: Recipe, src: str) -> None:
+    """Check values (ranges, choices, exclusive options) beyond their types."""
+    if not r.model.spec:
+        raise RecipeError(f"{src}: model.spec is required (torchvision:NAME, sample:NAME or pkg.module:factory)")
+    if r.model.input_shape is not None and (len(r.model.input_shape) < 3 or min(r.model.input_shape) < 1):
+        raise RecipeError(f"{src}: model.input_shape must be positive integers like [1, 3, 224, 224]")
+    c = r.convert
+    chosen = [k for k in ("rank", "energy", "mac_budget") if getattr(c, k) is not None]
+    if len(chosen) > 1:
+        raise RecipeError(f"{src}: [convert] takes one of rank, energy, mac_budget (got {', '.join(chosen)})")
+    if c.rank is not None and c.rank < 1:
+        raise RecipeError(f"{src}: convert.rank must be >= 1, got {c.rank}")
+    for key in ("energy", "mac_budget"):
+        v = getattr(c, key)
+        if v is not None and not 0 < v <= 1:
+            raise RecipeError(f"{src}: convert.{key} must be in (0, 1], got {v}")
+    _choice(c.layout, LAYOUTS, "convert.layout", src)
+    _choice(r.finetune.mode, FINETUNE_MODES, "finetune.mode", src)
+    _choice(r.finetune.optimizer, ("sgd", "adamw"), "finetune.optimizer", src)
+    _choice(r.deploy.quantize, QUANTIZE, "deploy.quantize", src)
+    _choice(r.export.exporter, ("torchscript", "dynamo"), "export.exporter", src)
+    if r.finetune.time_budget is not None:
+        from dsdeploy.recover.schedule import parse_duration
+
+        try:
+            parse_duration(r.finetune.time_budget)
+        except DsdeployError as exc:
+            raise RecipeError(f"{src}: finetune.time_budget: {exc}") from None
+    p = r.preprocess
+    if p.size is not None and len(p.size) not in (1, 2):
+        raise RecipeError(f"{src}: preprocess.size must be [H, W], got {p.size}")
+    if p.channels is not None and p.channels not in (1, 3, 4):
+        raise RecipeError(f"{src}: preprocess.channels must be 1, 3 or 4, got {p.channels}")
+    if p.resize is not None and p.resize < 0:
+        raise RecipeError(f"{src}: preprocess.resize must be >= 0 (0: resize straight to size), got {p.resize}")
+    if r.data.limit is not None and r.data.limit < 1:
+        raise RecipeError(f"{src}: data.limit must be >= 1, got {r.data.limit}")
+    if not 0 <= r.data.val_split < 1:
+        raise RecipeError(f"{src}: data.val_split must be in [0, 1), got {r.data.val_split}")
+    positive = {"finetune.batch_size": r.finetune.batch_size, "calibrate.batch_size": r.calibrate.batch_size,
+                "evaluate.batch_size": r.evaluate.batch_size, "bench.iters": r.bench.iters, "export.opset": r.export.opset}
+    for key, v in positive.items():
+        if v < 1:
+            raise RecipeError(f"{src}: {key} must be >= 1, got {v}")
+    if not r.bench.batch or min(r.bench.batch) < 1:
+        raise RecipeError(f"{src}: bench.batch must be a non-empty list of positive integers")
+    if r.deploy.max_accuracy_drop is not None and r.deploy.max_accuracy_drop < 0:
+        raise RecipeError(f"{src}: deploy.max_accuracy_drop must be >= 0 (top-1 points)")
+    if r.bench.warmup < 0 or r.deploy.latency_iters < 0:
+        raise RecipeError(f"{src}: bench.warmup and deploy.latency_iters must be >= 0")
+    _check_numbers(r, src)
+
+
+def _check_numbers(r: Recipe, src: str) -> None:
+    """The calibrate/finetune numbers, checked by the library's own config dataclasses."""
+    from dsdeploy.recover.config import FinetuneConfig
+
+    c, f = r.calibrate, r.finetune
+    try:
+        CalibrationParams(ridge=c.ridge, max_batches=c.batches, batch_size=c.batch_size)
+    except DsdeployError as exc:
+        raise RecipeError(f"{src}: {str(exc).replace('calibrate max_batches', 'calibrate.batches')}") from None
+    numbers = {k: getattr(f, k) for k in ("lr", "momentum", "weight_decay", "warmup_epochs", "kd_weight",
+                                          "feature_weight", "ce_weight", "temperature", "clip_grad", "patience",
+                                          "batch_size")}
+    try:
+        FinetuneConfig(mode=f.mode, epochs=f.epochs if f.epochs is not None else 10, **numbers)
+    except DsdeployError as exc:
+        raise RecipeError(f"{src}: {str(exc).replace('finetune ', 'finetune.', 1)}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# loading, overrides, paths
+# ----------------------------------------------------------------------------------------------
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"finetune.epochs=2"`` -> (["finetune", "epochs"], 2); the value is TOML, else a plain string."""
+    key, sep, raw = text.partition("=")
+    parts = [p.strip() for p in key.split(".")]
+    if not sep or not all(parts) or len(parts) > 2:
+        raise RecipeError(f"--set {text!r}: use section.key=value (e.g. finetune.epochs=2) or key=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word such as digits or a path
+    return parts, value
+
+
+def _resolve(section: str, key: str, value: Any, base: Path) -> Any:
+    """``value`` with relative paths made absolute against ``base`` (specs only when they name files)."""
+    if (section, key) not in PATH_KEYS or value is None or (section, value) == ("data", "digits") or (
+            (section, key) == ("model", "spec") and not str(value).endswith(".dsd")):
+        return value
+    absolute = lambda v: str((base / Path(v).expanduser()).resolve()) if isinstance(v, str) else v  # noqa: E731
+    return [absolute(v) for v in value] if isinstance(value, list) else absolute(value)
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str | tuple[str, str, Any]] = (), *,
+                cwd: str | Path | None = None) -> Recipe:
+    """Read, override, validate and resolve a recipe file.
+
+    Args:
+        path: the TOML file.
+        overrides: ``section.key=value`` strings; values are TOML (``2``, ``"x"``, ``[1, 2]``,
+            ``true``), or a bare string when not valid TOML; or ``(section, key, value)`` tuples
+            (``--data``/``--weights``). Paths in overrides resolve against ``cwd``.
+        cwd: folder for override paths (default: the current folder).
+
+    Raises:
+        RecipeError: missing/unreadable file, TOML syntax, unknown keys, wrong types or bad values.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe not found: {p}")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{p}: not valid TOML ({exc})") from None
+    for section, table in data.items():
+        if isinstance(table, dict):
+            table.update({k: _resolve(section, k, v, p.resolve().parent) for k, v in table.items()})
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    for item in overrides:
+        parts, value = parse_override(item) if isinstance(item, str) else (list(item[:-1]), item[-1])
+        text = item if isinstance(item, str) else ".".join(parts)
+        if len(parts) == 1:
+            data[parts[0]] = value
+            continue
+        section, key = parts
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise RecipeError(f"--set {text!r}: {section} is not a section")
+        table[key] = _resolve(section, key, value, base.resolve())
+    recipe = recipe_from_dict(data, str(p))
+    recipe.path = str(p.resolve())
+    return recipe

@@ -1,0 +1,131 @@
+"""The recovery stages' numeric options and their one set of defaults (light: no torch import).
+
+Recipes, the CLI and the library read the defaults from here, so each is defined once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from dsdeploy.errors import DsdeployError
+from dsdeploy.ranges import check_number
+from dsdeploy.recover.schedule import Schedule
+
+CALIB_BATCHES = 50  # calibration batches by default: [calibrate] batches, convert/calibrate CLI, library
+
+
+@dataclass
+class CalibrationParams:
+    """The numeric options of calibration, validated on construction (one line naming the field).
+
+    Attributes:
+        ridge: relative ridge of the least squares, ``>= 0`` and finite.
+        max_batches: use at most this many batches (None: all), ``>= 1``.
+        batch_size: images per calibration batch, ``>= 1``.
+    """
+
+    ridge: float = 1e-6
+    max_batches: int | None = CALIB_BATCHES
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        check_number(self.ridge, "calibrate ridge", low=0)
+        check_number(self.max_batches, "calibrate max_batches", low=1, integer=True, optional=True)
+        check_number(self.batch_size, "calibrate batch_size", low=1, integer=True)
+
+
+MODES = ("none", "partial", "full")
+# options that may change between a run and its resume (the stored schedule fixes the step count)
+NOT_TRAJECTORY = ("progress", "history_path", "checkpoint_path", "time_budget")
+
+
+@dataclass
+class FinetuneConfig:
+    """Every fine-tuning option (defaults suit a calibrated student and its original as teacher)."""
+
+    mode: str = "full"  # none | partial (DS blocks + their norms) | full
+    epochs: int | None = 10
+    time_budget: float | None = None  # seconds; sizes the schedule instead of `epochs`
+    batch_size: int = 64
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # step | cosine | cosine-restarts | constant
+    warmup_epochs: float = 0.0
+    kd_weight: float = 1.0
+    feature_weight: float = 0.0
+    ce_weight: float = 0.5
+    temperature: float = 4.0
+    clip_grad: float | None = 5.0
+    init: str = "he"  # xavier | he | none: for parameters not initialised from the original
+    reinit: str | None = None  # regex of module names to treat as not from the original
+    patience: int | None = None  # epochs without val improvement before stopping
+    augment: bool = False
+    channels_last: bool = True  # NHWC while training: ~2x faster convs on CPU; the model is given back NCHW
+    seed: int = 0
+    progress: bool = True
+    history_path: str | None = None
+    checkpoint_path: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a DsdeployError naming the first option out of range (NaN/inf always are)."""
+        if self.mode not in MODES:
+            raise DsdeployError(f"unknown finetune mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise DsdeployError(f"unknown finetune optimizer {self.optimizer!r}; choose sgd or adamw")
+        if self.init not in ("xavier", "he", "none"):
+            raise DsdeployError(f"unknown finetune init {self.init!r}; choose xavier, he or none")
+        check_number(self.epochs, "finetune epochs", low=0, integer=True, optional=True)
+        check_number(self.time_budget, "finetune time_budget (seconds)", low=0, low_open=True, optional=True)
+        if self.mode != "none" and not self.epochs and not self.time_budget:
+            raise DsdeployError("finetune needs epochs >= 1 or a time_budget")
+        check_number(self.batch_size, "finetune batch_size", low=1, integer=True)
+        check_number(self.lr, "finetune lr", low=0, low_open=True)
+        check_number(self.momentum, "finetune momentum", low=0, high=1, high_open=True)
+        check_number(self.weight_decay, "finetune weight_decay", low=0)
+        check_number(self.warmup_epochs, "finetune warmup_epochs", low=0)
+        for name in ("kd_weight", "feature_weight", "ce_weight"):
+            check_number(getattr(self, name), f"finetune {name}", low=0)
+        if self.kd_weight + self.feature_weight + self.ce_weight <= 0:
+            raise DsdeployError("finetune kd_weight, feature_weight and ce_weight are all 0: nothing to train for")
+        check_number(self.temperature, "finetune temperature", low=0, low_open=True)
+        check_number(self.clip_grad, "finetune clip_grad (0 or None disables it)", low=0, optional=True)
+        check_number(self.patience, "finetune patience", low=0, integer=True, optional=True)
+        check_number(self.seed, "finetune seed", low=0, integer=True)
+        Schedule(self.schedule, self.lr)
+
+    def trajectory(self) -> dict[str, Any]:
+        """The options that determine the weights (compared on resume)."""
+        return {k: v for k, v in asdict(self).items() if k not in NOT_TRAJECTORY}
+
+
+@dataclass
+class FinetuneResult:
+    """Outcome: best validation accuracy/epoch, why it stopped, the per-epoch history."""
+
+    best_accuracy: float | None
+    best_epoch: int
+    epochs: int
+    steps: int
+    stopped: str  # completed | early-stop | budget | none
+    accuracy_before: float | None
+    teacher_accuracy: float | None
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: str | None = None
+    history_file: str | None = None
+    resumed_from: int | None = None
+    split: dict[str, Any] | None = None  # the data split used (dsdeploy.data.labels.split_record)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def history_entry(self, config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
+        """The artifact history record ``{"stage": "finetune", ...}``."""
+        d = {k: v for k, v in self.to_dict().items() if k not in ("history", "checkpoint", "history_file")}
+        return {"stage": "finetune", **d, "config": config.trajectory(), **extra}

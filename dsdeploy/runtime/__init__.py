@@ -1,0 +1,1 @@
+"""ONNX Runtime execution providers, sessions, benchmarks and their reports, system information."""

@@ -1,0 +1,295 @@
+"""Latency of ONNX models on ONNX Runtime execution providers, with parity against the CPU EP.
+
+Protocol per (model, EP, batch): create the session (timed; profiling on), run once
+(first-inference time), read from the profile which EP ran each node (silent CPU
+fallback shows here), then ``warmup`` untimed runs and ``iters`` timed runs (or as many
+as fit in ``duration`` seconds), each timed with ``time.perf_counter_ns``. Peak memory
+is sampled throughout. Each EP's outputs are compared with the CPU EP's on the same
+inputs. Raw samples are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from dsdeploy.errors import ExportError, InputShapeError, ProviderError
+from dsdeploy.runtime import providers as eps
+from dsdeploy.runtime.inputs import (
+    ModelInfo,
+    data_images,
+    input_shape,
+    model_info,
+    random_feed,
+)
+
+SCHEMA = "dsdeploy.bench/1"
+
+
+@dataclass
+class BenchConfig:
+    """What to measure. ``providers`` are aliases or EP names; ``ep_options`` is {EP name: {key: value}}."""
+
+    providers: list[str] = field(default_factory=lambda: ["cpu"])
+    batches: list[int] = field(default_factory=lambda: [1])
+    threads: int | None = None
+    warmup: int = 5
+    iters: int | None = 50
+    duration: float | None = None
+    data: str | None = None
+    ep_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    skip_unavailable: bool = False
+    parity_items: int = 64
+    seed: int = 0
+    preprocess: dict[str, Any] | None = None  # overrides of the --data preprocessing (dsdeploy.data.preprocessing)
+
+    def validate(self) -> None:
+        if not self.providers or not self.batches:
+            raise ProviderError("give at least one provider and one batch size")
+        if any(b <= 0 for b in self.batches) or self.warmup < 0 or (self.threads is not None and self.threads <= 0):
+            raise InputShapeError("batch sizes and threads must be positive and warmup >= 0")
+        if (self.iters is None) == (self.duration is None) or (self.iters or 1) <= 0 or (self.duration or 1) <= 0:
+            raise InputShapeError("give exactly one of iters (> 0) or duration (> 0 seconds)")
+
+
+@dataclass
+class Stats:
+    """Latency statistics in milliseconds over ``n`` timed runs; p99 is unreliable below 100 samples."""
+
+    n: int
+    mean_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    min_ms: float
+    max_ms: float
+    std_ms: float
+    p99_reliable: bool
+
+    @classmethod
+    def of(cls, samples_ms: list[float]) -> "Stats":
+        a = np.asarray(samples_ms, dtype=np.float64)
+        p50, p90, p99 = (float(v) for v in np.percentile(a, [50, 90, 99]))
+        return cls(len(a), float(a.mean()), p50, p90, p99, float(a.min()), float(a.max()), float(a.std()),
+                   len(a) >= 100)
+
+
+@dataclass
+class EPResult:
+    """One (model, EP, batch) measurement; ``status`` is ``ok``, ``skipped`` or ``error`` (with ``note``)."""
+
+    model: str
+    ep: str
+    alias: str
+    batch: int
+    status: str = "ok"
+    note: str = ""
+    device: str = ""
+    precision: str = ""
+    ep_options: dict[str, str] = field(default_factory=dict)
+    threads: int | None = None
+    session_create_ms: float | None = None
+    first_inference_ms: float | None = None
+    stats: Stats | None = None
+    throughput_items_s: float | None = None
+    memory: dict[str, Any] = field(default_factory=dict)
+    fallback: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] | None = None
+    samples_ms: list[float] = field(default_factory=list)
+
+
+@dataclass
+class BenchReport:
+    """Everything one ``bench`` call measured, plus the environment and the config."""
+
+    models: list[ModelInfo]
+    results: list[EPResult]
+    environment: dict[str, Any]
+    config: dict[str, Any]
+    providers: list[dict[str, Any]]
+    skipped_providers: list[dict[str, str]] = field(default_factory=list)
+    comparisons: list[dict[str, Any]] = field(default_factory=list)
+    created: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {"schema": SCHEMA, **d}
+
+    def ok(self) -> list[EPResult]:
+        return [r for r in self.results if r.status == "ok"]
+
+
+# ---------------------------------------------------------------------------------- measuring
+
+
+def _run_all(session, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    return [session.run(None, f) for f in feeds]
+
+
+def parity(outputs: list[list[np.ndarray]], reference: list[list[np.ndarray]], inputs: str) -> dict[str, Any]:
+    """Max abs / relative difference of every output against the CPU EP's, and top-1 agreement of output 0."""
+    max_abs, ref_max, agree, total = 0.0, 0.0, 0, 0
+    for outs, refs in zip(outputs, reference):
+        for o, r in zip(outs, refs):
+            o64, r64 = np.asarray(o, np.float64), np.asarray(r, np.float64)
+            max_abs = max(max_abs, float(np.abs(o64 - r64).max()) if o64.size else 0.0)
+            ref_max = max(ref_max, float(np.abs(r64).max()) if r64.size else 0.0)
+        if outs and np.ndim(outs[0]) == 2 and np.shape(outs[0])[1] > 1:
+            agree += int((np.argmax(outs[0], 1) == np.argmax(refs[0], 1)).sum())
+            total += len(outs[0])
+    return {"reference": "CPUExecutionProvider", "inputs": inputs, "max_abs_diff": max_abs,
+            "rel_diff": max_abs / ref_max if ref_max else max_abs,
+            "top1_agreement": agree / total if total else None, "top1_items": total}
+
+
+def _time_runs(session, feed, cfg: BenchConfig) -> list[float]:
+    for _ in range(cfg.warmup):
+        session.run(None, feed)
+    samples: list[float] = []
+    deadline = time.perf_counter_ns() + int((cfg.duration or 0) * 1e9)
+    while (len(samples) < cfg.iters) if cfg.iters else (not samples or time.perf_counter_ns() < deadline):
+        t0 = time.perf_counter_ns()
+        session.run(None, feed)
+        samples.append((time.perf_counter_ns() - t0) / 1e6)
+    return samples
+
+
+def measure(info: ModelInfo, ep: eps.EPConfig, batch: int, cfg: BenchConfig, feed: dict[str, np.ndarray] | None,
+            parity_feeds: list[dict[str, np.ndarray]] | None, reference: list | None, profile_dir: str
+            ) -> tuple[EPResult, list, dict[str, np.ndarray]]:
+    """Measure one (model, EP, batch); returns the result, this EP's outputs on the parity
+    feeds (default: the timing feed) and the timing feed (generated when ``feed`` is None)."""
+    from dsdeploy.runtime.sysinfo import PeakMemory
+
+    res = EPResult(info.name, ep.name, ep.alias, batch, precision=ep.precision, ep_options=dict(ep.options),
+                   threads=cfg.threads)
+    with PeakMemory() as mem:
+        t0 = time.perf_counter_ns()
+        sess = eps.create_session(info.path, ep, cfg.threads, os.path.join(profile_dir, f"{info.name}_{ep.alias}"))
+        res.session_create_ms = (time.perf_counter_ns() - t0) / 1e6
+        if feed is None:
+            feed = random_feed(sess, batch, info.preprocessing, cfg.seed + batch)
+        t0 = time.perf_counter_ns()
+        sess.run(None, feed)
+        res.first_inference_ms = (time.perf_counter_ns() - t0) / 1e6
+        prof = sess.end_profiling()
+        nodes = eps.nodes_by_provider(prof)
+        os.remove(prof)
+        res.samples_ms = _time_runs(sess, feed, cfg)
+    res.memory = mem.to_dict()
+    res.fallback = eps.fallback_report(ep.name, sess.get_providers(), nodes)
+    res.device = "CPU" if res.fallback["status"] == "full" else eps.device_label(ep.name, ep.options)
+    res.stats = Stats.of(res.samples_ms)
+    res.throughput_items_s = batch * 1000.0 / res.stats.mean_ms if res.stats.mean_ms > 0 else None
+    feeds = parity_feeds or [feed]
+    outs = _run_all(sess, feeds)
+    if reference is not None:
+        res.parity = parity(outs, reference, "data" if parity_feeds else "random")
+    return res, outs, feed
+
+
+def _resolve(cfg: BenchConfig) -> tuple[list[eps.EPConfig], list[dict[str, str]]]:
+    names = list(dict.fromkeys(eps.resolve_ep_name(p) for p in cfg.providers))
+    names.sort(key=lambda n: n != "CPUExecutionProvider")  # CPU first: its outputs are the parity reference
+    usable, skipped = [], []
+    for name in names:
+        try:
+            eps.check_available(name)
+        except ProviderError as exc:
+            if not cfg.skip_unavailable:
+                raise
+            skipped.append({"ep": name, "reason": str(exc)})
+            continue
+        usable.append(eps.ep_config(name, cfg.ep_options.get(name), cfg.threads))
+    return usable, skipped
+
+
+def bench(model_paths: list[str], cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchReport:
+    """Benchmark every model on every requested EP and batch size (see the module docstring).
+
+    The first model is the baseline for side-by-side comparisons. Raises ProviderError
+    for an unavailable EP (naming the available ones) unless ``cfg.skip_unavailable``.
+    """
+    from datetime import datetime, timezone
+
+    from dsdeploy.runtime.bench_report import compare
+    from dsdeploy.runtime.sysinfo import environment
+
+    cfg.validate()
+    if not model_paths:
+        raise ExportError("give at least one ONNX model to benchmark")
+    configs, skipped = _resolve(cfg)
+    infos = [model_info(p) for p in model_paths]
+    seen: dict[str, int] = {}
+    for info in infos:  # names key the results: make them unique
+        seen[info.name] = seen.get(info.name, 0) + 1
+        info.name += f"#{seen[info.name]}" if seen[info.name] > 1 else ""
+    cpu = eps.ep_config("CPUExecutionProvider", cfg.ep_options.get("CPUExecutionProvider"), cfg.threads)
+    results: list[EPResult] = []
+    with tempfile.TemporaryDirectory(prefix="dsdeploy-bench-") as tmp:
+        for info in infos:
+            images = data_images(cfg.data, info, cfg.parity_items, cfg.seed, cfg.preprocess) if cfg.data else None
+            for batch in cfg.batches:
+                try:
+                    feed, pfeeds = _feeds(info, batch, images)
+                except InputShapeError as exc:
+                    results += [EPResult(info.name, c.name, c.alias, batch, "skipped", str(exc)) for c in configs]
+                    continue
+                reference = None
+                for c in configs:
+                    if progress:
+                        progress(f"{info.name} {c.alias} batch {batch}")
+                    if reference is None and c.name != "CPUExecutionProvider":
+                        sess = eps.create_session(info.path, cpu, cfg.threads)
+                        feed = feed or random_feed(sess, batch, info.preprocessing, cfg.seed + batch)
+                        reference = _run_all(sess, pfeeds or [feed])
+                        del sess
+                    try:
+                        res, outs, feed = measure(info, c, batch, cfg, feed, pfeeds, reference, tmp)
+                    except ProviderError as exc:  # this EP cannot run this model: say so, measure the rest
+                        results.append(EPResult(info.name, c.name, c.alias, batch, "error", str(exc)))
+                        continue
+                    if c.name == "CPUExecutionProvider":
+                        reference = outs
+                        res.parity = parity(outs, outs, "data" if pfeeds else "random")
+                    results.append(res)
+    report = BenchReport(infos, results, environment(), _config_dict(cfg, configs),
+                         [p.to_dict() for p in eps.list_providers()], skipped,
+                         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    report.comparisons = compare(report)
+    return report
+
+
+def _feeds(info: ModelInfo, batch: int, images: np.ndarray | None):
+    """Timing feed and parity feeds for one batch size (None, None = random, generated from the session)."""
+    for inp in info.inputs:  # raises InputShapeError for a fixed other batch or an unknown dynamic axis
+        input_shape(inp["name"], inp["shape"], batch, info.preprocessing)
+    if images is None:
+        return None, None
+    name = info.inputs[0]["name"]
+    n = max(batch, len(images) // batch * batch)
+    idx = np.arange(n) % len(images)
+    pfeeds = [{name: images[idx[i:i + batch]]} for i in range(0, n, batch)]
+    return pfeeds[0], pfeeds
+
+
+def _config_dict(cfg: BenchConfig, configs: list[eps.EPConfig]) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["resolved_providers"] = [c.to_dict() for c in configs]
+    d["intra_op_threads"] = cfg.threads or "onnxruntime default (one per physical core)"
+    return d
+
+
+def run_and_write(model_paths: list[str], cfg, *, json_path: str | None = None, csv_path: str | None = None,
+                  markdown_path: str | None = None, plot_path: str | None = None, progress=None):
+    """:func:`bench` then ``bench_report.write_outputs``; returns ``(report, paths written)``."""
+    from dsdeploy.runtime.bench_report import write_outputs
+
+    report = bench(model_paths, cfg, progress)
+    return report, write_outputs(report, json_path=json_path, csv_path=csv_path, markdown_path=markdown_path,
+                                 plot_path=plot_path)

@@ -1,0 +1,127 @@
+"""The package's structure: stage folders, no import cycles, one stated responsibility per module.
+
+The import graph is read from the source (``ast``), function-local imports included, so a
+cycle hidden inside a function is still a cycle. Imports under ``if TYPE_CHECKING:`` are
+type hints only and are left out.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "dsdeploy"
+STAGES = ("models", "convert", "recover", "data", "export", "runtime", "pipeline", "cli")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PKG.rglob("*.py")) if "templates" not in p.parts}
+
+
+def _type_checking_lines(tree: ast.Module) -> set[int]:
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for sub in node.body:
+                lines.update(range(sub.lineno, (sub.end_lineno or sub.lineno) + 1))
+    return lines
+
+
+def imports_of(name: str) -> set[str]:
+    """The dsdeploy modules ``name`` imports (top-level or inside functions; not type-checking-only)."""
+    path = MODULES[name]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip = _type_checking_lines(tree)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if getattr(node, "lineno", None) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            targets = [f"{base}.{a.name}" for a in node.names] + [base]
+        else:
+            continue
+        for t in targets:
+            while t and t not in MODULES:
+                t = t.rpartition(".")[0]
+            if t and t != name and t.startswith("dsdeploy"):
+                found.add(t)
+    return found
+
+
+GRAPH = {name: imports_of(name) for name in MODULES}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+    assert _cycles(GRAPH) == []
+
+
+def test_the_library_never_imports_the_cli():
+    offenders = {m: sorted(d for d in deps if d.startswith("dsdeploy.cli"))
+                 for m, deps in GRAPH.items() if not m.startswith("dsdeploy.cli") and m != "dsdeploy.__main__"}
+    assert {m: d for m, d in offenders.items() if d} == {}
+
+
+def test_the_package_is_laid_out_by_pipeline_stage():
+    folders = sorted(p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").is_file())
+    assert folders == sorted(STAGES)
+    loose = sorted(p.stem for p in PKG.glob("*.py"))
+    assert loose == ["__init__", "__main__", "errors", "fsutil", "ranges", "tables"]
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_every_module_states_its_one_responsibility(name):
+    doc = ast.get_docstring(ast.parse(MODULES[name].read_text(encoding="utf-8")))
+    assert doc and doc.strip().splitlines()[0].strip(), f"{name} has no docstring stating its responsibility"
+    assert len(MODULES[name].read_text(encoding="utf-8").splitlines()) <= 450, f"{name} is too long: split it"
