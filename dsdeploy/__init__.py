@@ -22,8 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from dsdeploy.errors import DsdeployError  # noqa: F401
-
-__version__ = "0.1.0"
+from dsdeploy.version import __version__
 
 API = ("ConvertedModel", "convert", "calibrate", "finetune", "evaluate", "export_onnx", "benchmark", "save", "load")
 __all__ = ["DsdeployError", "__version__", *API]
