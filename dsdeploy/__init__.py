@@ -29,7 +29,15 @@ __all__ = ["DsdeployError", "__version__", *API]
 
 
 def __getattr__(name: str) -> Any:
-    """Import :mod:`dsdeploy.api` on first use of one of its names (it imports torch)."""
+    """Import :mod:`dsdeploy.api` on first use of one of its names (it imports torch).
+
+    ``convert`` is the stage package :mod:`dsdeploy.convert`, which is callable as
+    :func:`dsdeploy.api.convert` (the package and the function share the name).
+    """
+    if name == "convert":
+        import dsdeploy.convert
+
+        return dsdeploy.convert
     if name in API:
         from dsdeploy import api
 

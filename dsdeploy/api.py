@@ -72,7 +72,8 @@ class ConvertedModel:
 
     def loaded(self) -> LoadedModel:
         """The converted model as the library's commands see a loaded model."""
-        return LoadedModel(self.model, self.spec or type(self.original).__name__, dict(self.model_kwargs),
+        name = f"{self.spec or type(self.original).__name__} (converted)"
+        return LoadedModel(self.model, name, dict(self.model_kwargs),
                            input_shape=self.input_shape, preprocessing=self.preprocessing, labels=self.labels)
 
 
