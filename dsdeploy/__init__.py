@@ -3,8 +3,47 @@
 Rewrites standard convolutions into depthwise-separable blocks initialised from the
 pretrained kernels, recovers accuracy, exports to ONNX and measures the result on
 ONNX Runtime execution providers.
+
+The Python API (:mod:`dsdeploy.api`), one call per stage::
+
+    import dsdeploy
+    m = dsdeploy.convert(model, rank=4)          # -> ConvertedModel (model, plan, op counts)
+    dsdeploy.calibrate(m, "digits")              # least squares on activations, in place
+    dsdeploy.finetune(m, "digits", epochs=2)     # distillation from the original
+    dsdeploy.evaluate(m, "digits"); dsdeploy.export_onnx(m, "m.onnx"); dsdeploy.benchmark("m.onnx")
+    dsdeploy.save(m, "m.dsd"); model = dsdeploy.load("m.dsd")
+
+They are imported on first use, so ``import dsdeploy`` (and ``dsdeploy --help``) stays
+light and does not import torch.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from dsdeploy.errors import DsdeployError  # noqa: E402,F401
+from typing import Any
+
+from dsdeploy.errors import DsdeployError  # noqa: F401
+from dsdeploy.version import __version__
+
+API = ("ConvertedModel", "convert", "calibrate", "finetune", "evaluate", "export_onnx", "benchmark", "save", "load")
+__all__ = ["DsdeployError", "__version__", *API]
+
+
+def __getattr__(name: str) -> Any:
+    """Import :mod:`dsdeploy.api` on first use of one of its names (it imports torch).
+
+    ``convert`` is the stage package :mod:`dsdeploy.convert`, which is callable as
+    :func:`dsdeploy.api.convert` (the package and the function share the name).
+    """
+    if name == "convert":
+        import dsdeploy.convert
+
+        return dsdeploy.convert
+    if name in API:
+        from dsdeploy import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'dsdeploy' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(API))

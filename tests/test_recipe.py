@@ -55,7 +55,7 @@ batch = [1, 8]
     assert r.model.model_kwargs == {"num_classes": 10}
     assert r.convert.energy == 1.0 and isinstance(r.convert.energy, float)
     assert isinstance(r.finetune.lr, float) and r.preprocess.mean == [0.0]
-    assert r.finetune.time_budget == "10m" and r.bench.batch == [1, 8]
+    assert r.finetune.time_budget == 600.0 and r.bench.batch == [1, 8]  # a duration, kept in seconds
     assert r.convert.include == "features\\."
 
 

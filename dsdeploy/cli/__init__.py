@@ -11,7 +11,7 @@ import importlib
 
 import click
 
-from dsdeploy import __version__
+from dsdeploy.version import __version__
 from dsdeploy.errors import DsdeployError
 
 # Modules that register commands on ``cli``; imported lazily by ``main`` so that

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dsdeploy import __version__
+from dsdeploy.version import __version__
 from dsdeploy.convert.artifact_check import check_payload, plan_of, rebuild, show
 from dsdeploy.convert.plan import Plan
 from dsdeploy.errors import ArtifactError, SourceError, WeightsError

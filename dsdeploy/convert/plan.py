@@ -92,26 +92,27 @@ class Policy:
     require_gain: bool = True  # False: convert even where a DS block costs more (exactness checks)
 
     def validate(self) -> None:
+        """Raise PlanError naming the field (``convert.FIELD``) out of range; no policy chosen: rank 1."""
         chosen = [k for k in ("rank", "energy", "mac_budget") if getattr(self, k) is not None]
         if len(chosen) > 1:
-            raise PlanError(f"choose one of --rank, --energy, --mac-budget (got {', '.join(chosen)})")
+            raise PlanError(f"convert: choose one of rank, energy, mac_budget (got {', '.join(chosen)})")
         if not chosen:
             self.rank = 1
         if self.rank is not None and self.rank < 1:
-            raise PlanError(f"--rank must be >= 1, got {self.rank}")
+            raise PlanError(f"convert.rank must be >= 1, got {self.rank}")
         if self.energy is not None and not 0 < self.energy <= 1:
-            raise PlanError(f"--energy must be in (0, 1], got {self.energy}")
+            raise PlanError(f"convert.energy must be in (0, 1], got {self.energy}")
         if self.mac_budget is not None and not 0 < self.mac_budget <= 1:
-            raise PlanError(f"--mac-budget must be in (0, 1], got {self.mac_budget}")
+            raise PlanError(f"convert.mac_budget must be in (0, 1], got {self.mac_budget}")
         if self.layout not in LAYOUTS:
-            raise PlanError(f"unknown layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}")
+            raise PlanError(f"convert.layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         for opt in ("include", "exclude"):
             pattern = getattr(self, opt)
             if pattern:
                 try:
                     re.compile(pattern)
                 except re.error as exc:
-                    raise PlanError(f"--{opt} is not a valid regular expression: {exc}") from None
+                    raise PlanError(f"convert.{opt} is not a valid regular expression: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None and k not in ("layout", "require_gain")}

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from dsdeploy import __version__
+from dsdeploy.version import __version__
 from dsdeploy.errors import DataError, DeployError, ExportError
 from dsdeploy.export.graph import (
     META_LABELS,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsdeploy import __version__
+from dsdeploy.version import __version__
 from dsdeploy.errors import DsdeployError, ExportError, InputShapeError, ParityError
 from dsdeploy.export.graph import (
     META_CONV_MACS,

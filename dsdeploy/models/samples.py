@@ -103,9 +103,7 @@ def samples_dir() -> Path:
     env = os.environ.get("DSDEPLOY_SAMPLES")
     if env:
         return Path(env)
-    import dsdeploy
-
-    return Path(dsdeploy.__file__).resolve().parents[1] / "sample_models"
+    return Path(__file__).resolve().parents[2] / "sample_models"
 
 
 def _info(name: str) -> SampleInfo:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
-from dsdeploy import __version__
+from dsdeploy.version import __version__
 from dsdeploy.errors import DsdeployError
 from dsdeploy.fsutil import (
     OutputError,

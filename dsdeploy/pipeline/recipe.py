@@ -15,16 +15,16 @@ import difflib
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import tomllib
 
+from dsdeploy.convert.plan import Policy
 from dsdeploy.errors import DsdeployError, RecipeError
 from dsdeploy.pipeline.tomltypes import coerce, describe, type_name
-from dsdeploy.recover.config import CALIB_BATCHES, CalibrationParams
+from dsdeploy.recover.config import CALIB_BATCHES, CalibrationParams, FinetuneConfig
+from dsdeploy.recover.schedule import parse_duration
 
-LAYOUTS = ("branches", "concat", "multiplier")
-FINETUNE_MODES = ("none", "partial", "full")
 QUANTIZE = ("none", "int8", "int8-dynamic", "fp16")
 
 
@@ -53,17 +53,8 @@ class PreprocessSection:
     channels: int | None = None
 
 
-@dataclass
-class ConvertSection:
-    """[convert]: the rank policy (one of rank / energy / mac_budget) and layer filters."""
-
-    rank: int | None = None
-    energy: float | None = None
-    mac_budget: float | None = None
-    include: str | None = None
-    exclude: str | None = None
-    convert_stem: bool = False
-    layout: str = "branches"
+# [convert] IS the library's rank policy (dsdeploy.convert.plan.Policy): one definition, one validation.
+ConvertSection = Policy
 
 
 @dataclass
@@ -77,27 +68,39 @@ class CalibrateSection:
 
 
 @dataclass
-class FinetuneSection:
-    """[finetune]: distillation from the original model (needs data); mode "none" skips it."""
+class FinetuneSection(FinetuneConfig):
+    """[finetune]: the library's :class:`FinetuneConfig` itself, validated by it, plus the run's image cap.
 
-    mode: str = "full"
+    ``time_budget`` may be a duration (``"10m"``, ``"90s"``, ``"1h30m"``) and is kept in seconds;
+    ``epochs`` unset means 10, or as many as ``time_budget`` allows.
+    """
+
     epochs: int | None = None
     time_budget: str | float | None = None
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    kd_weight: float = 1.0
-    feature_weight: float = 0.0
-    ce_weight: float = 0.5
-    temperature: float = 4.0
-    clip_grad: float | None = 5.0
-    patience: int | None = None
-    augment: bool = False
-    limit: int | None = None
+    limit: int | None = None  # images per split for this stage (within data.limit)
+
+    # FinetuneConfig fields a recipe does not set, and why (the run sets them)
+    RECIPE_EXCLUDED: ClassVar[dict[str, str]] = {
+        "seed": "the recipe's top-level seed is used",
+        "progress": "the run's --quiet decides",
+        "history_path": "the run writes it into its output folder",
+        "checkpoint_path": "the run keeps it under OUT/resume to resume",
+    }
+
+    def __post_init__(self) -> None:
+        if self.time_budget is not None:
+            try:
+                self.time_budget = parse_duration(self.time_budget)
+            except DsdeployError as exc:
+                raise DsdeployError(f"finetune.time_budget: {exc}") from None
+        if self.epochs is None and self.time_budget is None:
+            self.epochs = 10
+        super().__post_init__()
+
+    def config(self, **run: Any) -> FinetuneConfig:
+        """The :class:`FinetuneConfig` to train with: these options plus what the run sets (``run``)."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(FinetuneConfig)}
+        return FinetuneConfig(**{**own, **run})
 
 
 @dataclass
@@ -179,10 +182,14 @@ class Recipe:
     def section(self, name: str) -> dict[str, Any]:
         """One section (or a top-level value) as plain data, for hashing and records."""
         value = getattr(self, name)
-        return asdict(value) if dataclasses.is_dataclass(value) else value
+        if not dataclasses.is_dataclass(value):
+            return value
+        excluded = getattr(value, "RECIPE_EXCLUDED", {})
+        return {k: v for k, v in asdict(value).items() if k not in excluded}
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "path"}
+        """The recipe as TOML-able data (what a recipe file may hold)."""
+        return {f.name: self.section(f.name) for f in dataclasses.fields(self) if f.name != "path"}
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe) if f.name not in ("path",)}
@@ -198,16 +205,25 @@ def _unknown(key: str, known: list[str], where: str, src: str) -> RecipeError:
 
 def _build(cls: type, table: dict[str, Any], section: str, src: str) -> Any:
     hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
+    excluded = getattr(cls, "RECIPE_EXCLUDED", {})
+    known = [f.name for f in dataclasses.fields(cls) if f.name not in excluded]
     args = {}
     for key, value in table.items():
+        if key in excluded:
+            raise RecipeError(f"{src}: {section}.{key} cannot be set in a recipe: {excluded[key]}")
         if key not in known:
             raise _unknown(key, known, f"in [{section}] ", src)
         ok, v = coerce(value, hints[key])
         if not ok:
             raise RecipeError(f"{src}: {section}.{key} must be {type_name(hints[key])}, got {describe(value)}")
         args[key] = v
-    return cls(**args)
+    try:  # the library's config validates itself (messages name section.field)
+        obj = cls(**args)
+        if hasattr(obj, "validate"):
+            dataclasses.replace(obj).validate()  # on a copy: Policy.validate fills in the default rank
+    except DsdeployError as exc:
+        raise RecipeError(f"{src}: {exc}") from None
+    return obj
 
 
 def recipe_from_dict(data: dict[str, Any], src: str = "<recipe>") -> Recipe:
@@ -245,28 +261,8 @@ def validate(r: Recipe, src: str) -> None:
         raise RecipeError(f"{src}: model.spec is required (torchvision:NAME, sample:NAME or pkg.module:factory)")
     if r.model.input_shape is not None and (len(r.model.input_shape) < 3 or min(r.model.input_shape) < 1):
         raise RecipeError(f"{src}: model.input_shape must be positive integers like [1, 3, 224, 224]")
-    c = r.convert
-    chosen = [k for k in ("rank", "energy", "mac_budget") if getattr(c, k) is not None]
-    if len(chosen) > 1:
-        raise RecipeError(f"{src}: [convert] takes one of rank, energy, mac_budget (got {', '.join(chosen)})")
-    if c.rank is not None and c.rank < 1:
-        raise RecipeError(f"{src}: convert.rank must be >= 1, got {c.rank}")
-    for key in ("energy", "mac_budget"):
-        v = getattr(c, key)
-        if v is not None and not 0 < v <= 1:
-            raise RecipeError(f"{src}: convert.{key} must be in (0, 1], got {v}")
-    _choice(c.layout, LAYOUTS, "convert.layout", src)
-    _choice(r.finetune.mode, FINETUNE_MODES, "finetune.mode", src)
-    _choice(r.finetune.optimizer, ("sgd", "adamw"), "finetune.optimizer", src)
     _choice(r.deploy.quantize, QUANTIZE, "deploy.quantize", src)
     _choice(r.export.exporter, ("torchscript", "dynamo"), "export.exporter", src)
-    if r.finetune.time_budget is not None:
-        from dsdeploy.recover.schedule import parse_duration
-
-        try:
-            parse_duration(r.finetune.time_budget)
-        except DsdeployError as exc:
-            raise RecipeError(f"{src}: finetune.time_budget: {exc}") from None
     p = r.preprocess
     if p.size is not None and len(p.size) not in (1, 2):
         raise RecipeError(f"{src}: preprocess.size must be [H, W], got {p.size}")
@@ -278,7 +274,7 @@ def validate(r: Recipe, src: str) -> None:
         raise RecipeError(f"{src}: data.limit must be >= 1, got {r.data.limit}")
     if not 0 <= r.data.val_split < 1:
         raise RecipeError(f"{src}: data.val_split must be in [0, 1), got {r.data.val_split}")
-    positive = {"finetune.batch_size": r.finetune.batch_size, "calibrate.batch_size": r.calibrate.batch_size,
+    positive = {"calibrate.batch_size": r.calibrate.batch_size,
                 "evaluate.batch_size": r.evaluate.batch_size, "bench.iters": r.bench.iters, "export.opset": r.export.opset}
     for key, v in positive.items():
         if v < 1:
@@ -293,21 +289,12 @@ def validate(r: Recipe, src: str) -> None:
 
 
 def _check_numbers(r: Recipe, src: str) -> None:
-    """The calibrate/finetune numbers, checked by the library's own config dataclasses."""
-    from dsdeploy.recover.config import FinetuneConfig
-
-    c, f = r.calibrate, r.finetune
+    """The calibrate numbers, checked by the library's own config dataclass."""
+    c = r.calibrate
     try:
         CalibrationParams(ridge=c.ridge, max_batches=c.batches, batch_size=c.batch_size)
     except DsdeployError as exc:
         raise RecipeError(f"{src}: {str(exc).replace('calibrate max_batches', 'calibrate.batches')}") from None
-    numbers = {k: getattr(f, k) for k in ("lr", "momentum", "weight_decay", "warmup_epochs", "kd_weight",
-                                          "feature_weight", "ce_weight", "temperature", "clip_grad", "patience",
-                                          "batch_size")}
-    try:
-        FinetuneConfig(mode=f.mode, epochs=f.epochs if f.epochs is not None else 10, **numbers)
-    except DsdeployError as exc:
-        raise RecipeError(f"{src}: {str(exc).replace('finetune ', 'finetune.', 1)}") from None
 
 
 # ----------------------------------------------------------------------------------------------

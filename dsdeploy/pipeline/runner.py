@@ -59,9 +59,7 @@ def inspect_recipe(recipe: Recipe, *, out: str | Path = ".", trust_code: bool = 
 
 def converters_dir() -> Path:
     """The repository's ``converters/`` folder (recipes shipped with dsdeploy)."""
-    import dsdeploy
-
-    return Path(dsdeploy.__file__).resolve().parents[1] / "converters"
+    return Path(__file__).resolve().parents[2] / "converters"
 
 
 def demo_recipe() -> Path:

@@ -67,11 +67,10 @@ def _cap(stage_limit: int | None, ctx: Context) -> int | None:
 
 
 def recipe_policy(ctx: Context):
-    from dsdeploy.convert.plan import Policy
+    """The recipe's [convert] section, which is a :class:`dsdeploy.convert.plan.Policy` (a copy: validate fills it in)."""
+    import dataclasses
 
-    c = _r(ctx).convert
-    return Policy(rank=c.rank, energy=c.energy, mac_budget=c.mac_budget, include=c.include, exclude=c.exclude,
-                  convert_stem=c.convert_stem, layout=c.layout)
+    return dataclasses.replace(_r(ctx).convert)
 
 
 def _final_artifact(ctx: Context) -> Path | None:
@@ -156,22 +155,14 @@ def run_finetune(ctx: Context, folder: Path) -> StageOutput:
     when the stage succeeds.
     """
     from dsdeploy.fsutil import write_json
-    from dsdeploy.recover.config import FinetuneConfig
     from dsdeploy.recover.finetune import finetune_artifact
     from dsdeploy.recover.resume import CheckpointError, TrainingInterrupted
-    from dsdeploy.recover.schedule import parse_duration
 
     r = _r(ctx)
     f = r.finetune
-    budget = parse_duration(f.time_budget) if f.time_budget is not None else None
     ckpt = ctx.resume_path("finetune", "ckpt")
-    config = FinetuneConfig(
-        mode=f.mode, epochs=f.epochs if f.epochs is not None else (None if budget else 10), time_budget=budget,
-        batch_size=f.batch_size, optimizer=f.optimizer, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay,
-        schedule=f.schedule, warmup_epochs=f.warmup_epochs, kd_weight=f.kd_weight, feature_weight=f.feature_weight,
-        ce_weight=f.ce_weight, temperature=f.temperature, clip_grad=f.clip_grad or None, patience=f.patience,
-        augment=f.augment, seed=r.seed, progress=ctx.progress, history_path=str(folder / "history.json"),
-        checkpoint_path=str(ckpt))
+    config = f.config(seed=r.seed, progress=ctx.progress, history_path=str(folder / "history.json"),
+                      checkpoint_path=str(ckpt))
     args = (ctx.output("convert", "artifact"), _data(ctx), folder / "finetuned.dsd", config)
     opts = dict(val_split=r.data.val_split, limit=_cap(f.limit, ctx))
     notes = []

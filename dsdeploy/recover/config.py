@@ -75,28 +75,28 @@ class FinetuneConfig:
     def validate(self) -> None:
         """Raise a DsdeployError naming the first option out of range (NaN/inf always are)."""
         if self.mode not in MODES:
-            raise DsdeployError(f"unknown finetune mode {self.mode!r}; choose one of {', '.join(MODES)}")
+            raise DsdeployError(f"finetune.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.optimizer not in ("sgd", "adamw"):
-            raise DsdeployError(f"unknown finetune optimizer {self.optimizer!r}; choose sgd or adamw")
+            raise DsdeployError(f"finetune.optimizer must be one of sgd, adamw, got {self.optimizer!r}")
         if self.init not in ("xavier", "he", "none"):
-            raise DsdeployError(f"unknown finetune init {self.init!r}; choose xavier, he or none")
-        check_number(self.epochs, "finetune epochs", low=0, integer=True, optional=True)
-        check_number(self.time_budget, "finetune time_budget (seconds)", low=0, low_open=True, optional=True)
+            raise DsdeployError(f"finetune.init must be one of xavier, he, none, got {self.init!r}")
+        check_number(self.epochs, "finetune.epochs", low=0, integer=True, optional=True)
+        check_number(self.time_budget, "finetune.time_budget (seconds)", low=0, low_open=True, optional=True)
         if self.mode != "none" and not self.epochs and not self.time_budget:
             raise DsdeployError("finetune needs epochs >= 1 or a time_budget")
-        check_number(self.batch_size, "finetune batch_size", low=1, integer=True)
-        check_number(self.lr, "finetune lr", low=0, low_open=True)
-        check_number(self.momentum, "finetune momentum", low=0, high=1, high_open=True)
-        check_number(self.weight_decay, "finetune weight_decay", low=0)
-        check_number(self.warmup_epochs, "finetune warmup_epochs", low=0)
+        check_number(self.batch_size, "finetune.batch_size", low=1, integer=True)
+        check_number(self.lr, "finetune.lr", low=0, low_open=True)
+        check_number(self.momentum, "finetune.momentum", low=0, high=1, high_open=True)
+        check_number(self.weight_decay, "finetune.weight_decay", low=0)
+        check_number(self.warmup_epochs, "finetune.warmup_epochs", low=0)
         for name in ("kd_weight", "feature_weight", "ce_weight"):
-            check_number(getattr(self, name), f"finetune {name}", low=0)
+            check_number(getattr(self, name), f"finetune.{name}", low=0)
         if self.kd_weight + self.feature_weight + self.ce_weight <= 0:
             raise DsdeployError("finetune kd_weight, feature_weight and ce_weight are all 0: nothing to train for")
-        check_number(self.temperature, "finetune temperature", low=0, low_open=True)
-        check_number(self.clip_grad, "finetune clip_grad (0 or None disables it)", low=0, optional=True)
-        check_number(self.patience, "finetune patience", low=0, integer=True, optional=True)
-        check_number(self.seed, "finetune seed", low=0, integer=True)
+        check_number(self.temperature, "finetune.temperature", low=0, low_open=True)
+        check_number(self.clip_grad, "finetune.clip_grad (0 or None disables it)", low=0, optional=True)
+        check_number(self.patience, "finetune.patience", low=0, integer=True, optional=True)
+        check_number(self.seed, "finetune.seed", low=0, integer=True)
         Schedule(self.schedule, self.lr)
 
     def trajectory(self) -> dict[str, Any]:
