@@ -11,11 +11,8 @@ import math
 from numbers import Integral, Real
 from typing import Any
 
-from dsdeploy.errors import DsdeployError
+from dsdeploy.errors import ConfigError
 
-
-class ConfigError(DsdeployError):
-    """An option value outside its valid range (names the field)."""
 
 
 def check_number(value: Any, field: str, *, low: float | None = None, high: float | None = None,

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsdeploy.errors import DsdeployError
-from dsdeploy.ranges import ConfigError
+from dsdeploy.errors import ConfigError
 from dsdeploy.recover.config import CalibrationParams, FinetuneConfig
 from dsdeploy.recover.schedule import Schedule
 from tests.clirun import invoke

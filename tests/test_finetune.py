@@ -30,7 +30,8 @@ from dsdeploy.recover.distill import (
 )
 from dsdeploy.recover.finetune import finetune
 from dsdeploy.recover.reconstruct import calibrate
-from dsdeploy.recover.resume import CheckpointError, load_checkpoint
+from dsdeploy.errors import CheckpointError
+from dsdeploy.recover.resume import load_checkpoint
 from tests.clirun import ROOT, dsdeploy
 from tests.test_calibrate import (  # noqa: F401 (fixture)
     DIGITS8,

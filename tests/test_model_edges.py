@@ -15,7 +15,8 @@ from dsdeploy.convert.artifact import load_artifact
 from dsdeploy.convert.loading import load_model
 from dsdeploy.convert.opcount import profile_model, trace_calls
 from dsdeploy.convert.plan import Policy
-from dsdeploy.convert.rewrite import ModelError, convert, copy_model
+from dsdeploy.convert.rewrite import convert, copy_model
+from dsdeploy.errors import ModelError
 from dsdeploy.convert.workflow import convert_to_artifact
 from dsdeploy.errors import DsdeployError, ExportError, InputShapeError
 from dsdeploy.export.graph import load_onnx, summarize

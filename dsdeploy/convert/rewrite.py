@@ -17,11 +17,8 @@ from torch import nn
 from dsdeploy.convert.block import DSConv
 from dsdeploy.convert.opcount import Profile, profile_model, trace_calls
 from dsdeploy.convert.plan import Plan, Policy, make_plan
-from dsdeploy.errors import DsdeployError, NothingToConvertError
+from dsdeploy.errors import DsdeployError, ModelError, NothingToConvertError
 
-
-class ModelError(DsdeployError):
-    """A model whose numbers or structure make it unusable for conversion (names the layer)."""
 
 
 @dataclass

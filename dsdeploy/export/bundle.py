@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from dsdeploy import __version__
-from dsdeploy.errors import DataError, DeployError, ExportError
+from dsdeploy.errors import DataError, DeployError, ExportError, OutputError
 from dsdeploy.export.graph import (
     META_LABELS,
     META_PREPROCESSING,
@@ -42,7 +42,6 @@ from dsdeploy.export.graph import (
     toposort,
 )
 from dsdeploy.fsutil import (
-    OutputError,
     check_dir,
     owned_dir,
     sha256_file,

@@ -158,7 +158,7 @@ def run_finetune(ctx: Context, folder: Path) -> StageOutput:
     from dsdeploy.fsutil import write_json
     from dsdeploy.recover.config import FinetuneConfig
     from dsdeploy.recover.finetune import finetune_artifact
-    from dsdeploy.recover.resume import CheckpointError, TrainingInterrupted
+    from dsdeploy.errors import CheckpointError, TrainingInterrupted
     from dsdeploy.recover.schedule import parse_duration
 
     r = _r(ctx)

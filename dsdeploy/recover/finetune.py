@@ -32,7 +32,6 @@ from dsdeploy.recover.distill import (
 )
 from dsdeploy.recover.resume import (
     SignalGuard,
-    TrainingInterrupted,  # noqa: F401 (raised from here; importable from here)
     check_resumable,
     cpu_state_dict,
     interrupted,
