@@ -138,14 +138,14 @@ def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, tim
     from dsdeploy.fsutil import check_distinct, check_output, show
     from dsdeploy.recover.config import FinetuneConfig
     from dsdeploy.recover.finetune import finetune_artifact
-    from dsdeploy.recover.schedule import parse_duration
+    from dsdeploy.ranges import parse_duration
 
     inputs = [("artifact", artifact), ("--data", data), ("--teacher", teacher), ("--teacher-weights", teacher_weights)]
     check_output(output, kind="torch", suffixes=(".dsd",), what="--output", inputs=inputs)
     if history is not None:
         check_output(history, kind="text", what="--history", inputs=inputs)
         check_distinct([("--output", output), ("--history", history)])
-    budget = parse_duration(time_budget) if time_budget else None
+    budget = parse_duration(time_budget, "time budget") if time_budget else None
     config = FinetuneConfig(mode=mode, epochs=epochs if epochs is not None else (None if budget else 10),
                             time_budget=budget, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
                             weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,

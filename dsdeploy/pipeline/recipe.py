@@ -261,10 +261,10 @@ def validate(r: Recipe, src: str) -> None:
     _choice(r.deploy.quantize, QUANTIZE, "deploy.quantize", src)
     _choice(r.export.exporter, ("torchscript", "dynamo"), "export.exporter", src)
     if r.finetune.time_budget is not None:
-        from dsdeploy.recover.schedule import parse_duration
+        from dsdeploy.ranges import parse_duration
 
         try:
-            parse_duration(r.finetune.time_budget)
+            parse_duration(r.finetune.time_budget, "time budget")
         except DsdeployError as exc:
             raise RecipeError(f"{src}: finetune.time_budget: {exc}") from None
     p = r.preprocess

@@ -159,11 +159,11 @@ def run_finetune(ctx: Context, folder: Path) -> StageOutput:
     from dsdeploy.recover.config import FinetuneConfig
     from dsdeploy.recover.finetune import finetune_artifact
     from dsdeploy.errors import CheckpointError, TrainingInterrupted
-    from dsdeploy.recover.schedule import parse_duration
+    from dsdeploy.ranges import parse_duration
 
     r = _r(ctx)
     f = r.finetune
-    budget = parse_duration(f.time_budget) if f.time_budget is not None else None
+    budget = parse_duration(f.time_budget, "time budget") if f.time_budget is not None else None
     ckpt = ctx.resume_path("finetune", "ckpt")
     config = FinetuneConfig(
         mode=f.mode, epochs=f.epochs if f.epochs is not None else (None if budget else 10), time_budget=budget,
