@@ -15,7 +15,7 @@ from dsdeploy.convert.loading import load_model
 from dsdeploy.errors import DeployError
 from dsdeploy.export.bundle import deploy, host_has_int8_dot
 from dsdeploy.export.onnx_export import export_onnx, provenance
-from dsdeploy.export.parity import cpu_session
+from dsdeploy.runtime.sessions import cpu_session
 from dsdeploy.fsutil import sha256_file
 from tests.clirun import invoke, json_out
 

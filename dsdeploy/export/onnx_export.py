@@ -43,11 +43,11 @@ from dsdeploy.export.parity import (
     RTOL,
     OutputParity,
     check_parity,
-    cpu_session,
     flatten_outputs,
     raise_failures,
     random_inputs,
 )
+from dsdeploy.runtime.sessions import cpu_session
 from dsdeploy.fsutil import atomic_path
 
 log = logging.getLogger(__name__)
