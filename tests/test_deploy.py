@@ -13,7 +13,8 @@ import torch
 
 from dsdeploy.convert.loading import load_model
 from dsdeploy.errors import DeployError
-from dsdeploy.export.bundle import deploy, host_has_int8_dot
+from dsdeploy.export.bundle import deploy
+from dsdeploy.export.quantize import host_has_int8_dot
 from dsdeploy.export.onnx_export import export_onnx, provenance
 from dsdeploy.runtime.sessions import cpu_session
 from dsdeploy.fsutil import sha256_file

@@ -231,7 +231,7 @@ def test_finetune_with_batchnorm1d_and_a_one_image_remainder(tmp_path):
 
 @pytest.mark.parametrize("n", [65, 3])
 def test_int8_static_calibration_of_a_fixed_batch_model(tmp_path, n):
-    from dsdeploy.export.bundle import _Calibration, quantize_model
+    from dsdeploy.export.quantize import _Calibration, quantize_model
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),

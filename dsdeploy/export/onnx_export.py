@@ -47,8 +47,8 @@ from dsdeploy.export.parity import (
     raise_failures,
     random_inputs,
 )
-from dsdeploy.runtime.sessions import cpu_session
 from dsdeploy.fsutil import atomic_path
+from dsdeploy.runtime.sessions import cpu_session
 
 log = logging.getLogger(__name__)
 
