@@ -138,3 +138,10 @@ def test_every_error_class_lives_in_errors_py():
                        and ({ast.unparse(b).rpartition(".")[2] for b in node.bases} & errors
                             or node.name.endswith("Error")))
     assert elsewhere == []
+
+
+def test_no_comment_names_who_wrote_the_code():
+    offenders = [f"{p.relative_to(PKG.parent)}:{i}" for p in [*PKG.rglob("*.py"), *(PKG.parent / "tests").glob("*.py")]
+                 for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+                 if any(f"engineer {c}" in line.lower() for c in "abcdef")]
+    assert offenders == []

@@ -56,7 +56,7 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
 
 
 # ---------------------------------------------------------------------------------------------
-# calibrate / finetune (engineer B)
+# calibrate / finetune
 # ---------------------------------------------------------------------------------------------
 
 @cli.command()

@@ -20,7 +20,6 @@ from dsdeploy.convert.plan import Plan, Policy, make_plan
 from dsdeploy.errors import DsdeployError, ModelError, NothingToConvertError
 
 
-
 @dataclass
 class ConversionResult:
     """The converted model, its plan, and profiles before/after at the plan's input shape."""
@@ -170,11 +169,6 @@ def convert(model: nn.Module, *, input_shape: tuple[int, ...], rank: int | None 
         d.macs_after = after.macs_under(d.name)
         d.params_after = sum(p.numel() for p in new.get_submodule(d.name).parameters())
     return ConversionResult(model=new, plan=plan, before=before, after=after)
-
-
-def ds_blocks(model: nn.Module) -> dict[str, DSConv]:
-    """Every DSConv in ``model``, by module name, in network order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, DSConv)}
 
 
 def original_convs(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:

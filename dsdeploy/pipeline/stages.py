@@ -230,7 +230,7 @@ def _metrics(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# export (+ parity), deploy, bench: thin adapters over engineer C's and D's modules
+# export (+ parity), deploy, bench: thin adapters over the export and runtime modules
 # ----------------------------------------------------------------------------------------------
 
 def _export_one(loaded: Any, path: Path, shape: tuple[int, ...], ctx: Context) -> dict[str, Any]:
