@@ -356,3 +356,27 @@ enabled = false
     assert not set(s.train.files or []) & set(s.val.files or [])
     report = (tmp_path / "out" / "report" / "report.md").read_text()
     assert f"digest {splits[0]['digest']}" in report
+
+
+def eightnet() -> nn.Module:
+    """A model whose input has 8 channels: no image can be made into its input."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+
+
+def test_image_data_for_a_model_images_cannot_feed_is_one_line(tmp_path):
+    """8 input channels: resolve refuses when data is given (with or without a known input shape);
+    without data (e.g. a bundle of such a model) it still resolves."""
+    with pytest.raises(DataError, match="takes 8-channel inputs"):
+        resolve(None, (1, 8, 16, 16), data="digits")
+    with pytest.raises(DataError, match="takes 8-channel inputs"):
+        resolve(None, None, data=str(tmp_path), model=eightnet())
+    assert resolve(None, (1, 8, 16, 16)).size == (16, 16)
+    data = images(tmp_path / "imgs", "RGB", n=4)
+    for args in (("evaluate", f"{HERE}:eightnet", "--data", data),
+                 ("convert", f"{HERE}:eightnet", "--input-shape", "1,8,16,16", "--rank", "1",
+                  "--calib-data", data, "-o", tmp_path / "e.dsd")):
+        proc = invoke(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().count("\n") == 0 and "takes 8-channel inputs" in proc.stderr, proc.stderr
+    assert not (tmp_path / "e.dsd").exists()

@@ -171,7 +171,8 @@ def resolve(recorded: Mapping[str, Any] | Preprocess | None = None, input_shape:
         A :class:`Preprocess` whose ``source`` says where it came from.
 
     Raises:
-        DataError: invalid values (channels not 1/3/4, mean/std lengths, non-positive sizes).
+        DataError: invalid values (channels not 1/3/4, mean/std lengths, non-positive sizes), or
+            ``data`` given for a model whose input channels images cannot make (not 1, 3 or 4).
     """
     if isinstance(recorded, Preprocess) and not overrides:  # already resolved: keep it (and its source)
         return replace(recorded, augment=augment or recorded.augment)
@@ -179,6 +180,10 @@ def resolve(recorded: Mapping[str, Any] | Preprocess | None = None, input_shape:
     over = normalise_overrides(overrides)
     digits = data == "digits"
     fixed = _image_shape(input_shape)
+    takes = fixed[0] if fixed is not None else first_conv_channels(model)
+    if data and takes is not None and takes not in CHANNELS:
+        raise DataError(f"the model takes {takes}-channel inputs, but images give 1, 3 or 4 channels: "
+                        f"image data ({data}) cannot be fed to it")
     if recorded:
         base = Preprocess.from_dict(recorded, source="recorded with the model")
         if fixed is not None and (base.channels, base.size) != fixed:
