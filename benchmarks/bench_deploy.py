@@ -95,7 +95,8 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    from dsdeploy.export.bundle import deploy, latency
+    from dsdeploy.export.bundle import deploy
+    from dsdeploy.export.measure import latency
     from dsdeploy.export.onnx_export import export_model
     from dsdeploy.fsutil import write_text
 

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from dsdeploy.convert.artifact import load_artifact, save_artifact, source_record
+from dsdeploy.convert.block import ds_blocks
 from dsdeploy.convert.opcount import Profile
 from dsdeploy.convert.plan import Plan, Policy
-from dsdeploy.convert.rewrite import ConversionResult, ds_blocks, verify_rebuild
+from dsdeploy.convert.rewrite import ConversionResult, verify_rebuild
 from dsdeploy.convert.rewrite import convert as rewrite_convert
 from dsdeploy.data.preprocessing import input_shape_for, resolve
 from dsdeploy.errors import ArtifactError, DataError, DsdeployError

@@ -65,3 +65,34 @@ class DeployError(DsdeployError):
     """A deployment step that failed (quantization, accuracy gate)."""
 
     exit_code = 5
+
+
+class OutputError(DsdeployError):
+    """An output path the command may not write (an input, the wrong suffix, someone else's file or folder)."""
+
+
+class ConfigError(DsdeployError):
+    """An option value outside its valid range (names the field)."""
+
+
+class ModelError(DsdeployError):
+    """A model whose numbers or structure make it unusable for conversion (names the layer)."""
+
+
+class CheckpointError(DsdeployError):
+    """A training checkpoint that is missing, corrupt, or from a different run."""
+
+
+class TrainingInterrupted(DsdeployError):
+    """SIGINT/SIGTERM during training: nothing partial was saved."""
+
+    exit_code = 130
+
+
+class StageError(DsdeployError):
+    """A pipeline stage failed; the message names the stage, the exit status is the cause's."""
+
+    def __init__(self, stage: str, message: str, exit_code: int = 2) -> None:
+        super().__init__(f"stage {stage} failed: {message}")
+        self.stage = stage
+        self.exit_code = exit_code

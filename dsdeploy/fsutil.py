@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from dsdeploy.errors import DsdeployError
+from dsdeploy.errors import DsdeployError, OutputError
 
 
 def _umask() -> int:
@@ -31,9 +31,6 @@ def _umask() -> int:
     os.umask(mask)
     return mask
 
-
-class OutputError(DsdeployError):
-    """An output path the command may not write (an input, the wrong suffix, someone else's file or folder)."""
 
 
 def show(path: str | os.PathLike) -> str:

@@ -1,4 +1,4 @@
-"""Range checks for numeric options where they enter the library (config dataclasses).
+"""Numeric option values where they enter the library: range checks and the one duration grammar.
 
 Every check names the field and the allowed range in one line, so the CLI and recipes
 report the same thing. NaN and infinity are refused everywhere (they compare False with
@@ -8,14 +8,11 @@ every bound, so a plain ``x <= 0`` test lets them through).
 from __future__ import annotations
 
 import math
+import re
 from numbers import Integral, Real
 from typing import Any
 
-from dsdeploy.errors import DsdeployError
-
-
-class ConfigError(DsdeployError):
-    """An option value outside its valid range (names the field)."""
+from dsdeploy.errors import ConfigError
 
 
 def check_number(value: Any, field: str, *, low: float | None = None, high: float | None = None,
@@ -52,3 +49,31 @@ def describe_range(low: float | None, high: float | None, low_open: bool, high_o
     if low is None:
         return f"{'<' if high_open else '<='} {high:g}"
     return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+_NUM = r"(\d+(?:\.\d*)?|\.\d+)"
+_DURATION = re.compile(rf"(?:{_NUM}h)?(?:{_NUM}m)?(?:{_NUM}s)?(?:{_NUM}ms)?|{_NUM}")
+_UNIT_SECONDS = (3600.0, 60.0, 1.0, 1e-3, 1.0)  # h, m, s, ms, a bare number
+
+
+def parse_duration(text: str | float | int, field: str = "duration") -> float:
+    """Seconds in a duration: ``"500ms"``, ``"90s"``, ``"10m"``, ``"2h"``, combinations in
+    that order (``"1h30m"``, ``"1m30s"``, ``"2s500ms"``), or a bare number of seconds
+    (``"45"``, ``12``, ``0.5``). Case and white space are ignored.
+
+    Raises ConfigError (naming ``field``) for text that is no duration, and for a duration
+    that is not positive and finite.
+    """
+    if isinstance(text, bool):
+        raise ConfigError(f"cannot read the {field} {text!r}: use e.g. 500ms, 90s, 10m, 1h30m")
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        s = re.sub(r"\s+", "", str(text).lower())
+        parts = _DURATION.fullmatch(s) if s else None
+        if parts is None:
+            raise ConfigError(f"cannot read the {field} {text!r}: use e.g. 500ms, 90s, 10m, 1h30m")
+        seconds = sum(float(v) * unit for v, unit in zip(parts.groups(), _UNIT_SECONDS) if v)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"the {field} must be positive, got {text!r}")
+    return seconds

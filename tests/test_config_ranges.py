@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsdeploy.errors import DsdeployError
-from dsdeploy.ranges import ConfigError
+from dsdeploy.errors import ConfigError, DsdeployError
 from dsdeploy.recover.config import CalibrationParams, FinetuneConfig
 from dsdeploy.recover.schedule import Schedule
 from tests.clirun import invoke

@@ -13,10 +13,11 @@ import torch
 
 from dsdeploy.convert.loading import load_model
 from dsdeploy.errors import DeployError
-from dsdeploy.export.bundle import deploy, host_has_int8_dot
+from dsdeploy.export.bundle import deploy
 from dsdeploy.export.onnx_export import export_onnx, provenance
-from dsdeploy.export.parity import cpu_session
+from dsdeploy.export.quantize import host_has_int8_dot
 from dsdeploy.fsutil import sha256_file
+from dsdeploy.runtime.sessions import cpu_session
 from tests.clirun import invoke, json_out
 
 

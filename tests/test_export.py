@@ -22,7 +22,7 @@ from dsdeploy.export.graph import (
     summarize,
 )
 from dsdeploy.export.onnx_export import export_model, export_onnx
-from dsdeploy.export.parity import cpu_session
+from dsdeploy.runtime.sessions import cpu_session
 from tests.clirun import dsdeploy, invoke, json_out
 from tests.conftest import small_net
 

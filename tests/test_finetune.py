@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsdeploy.convert.artifact import load_artifact, save_artifact, source_record
-from dsdeploy.convert.rewrite import convert, ds_blocks
+from dsdeploy.convert.block import ds_blocks
+from dsdeploy.convert.rewrite import convert
 from dsdeploy.data.datasets import load_data, make_loader
+from dsdeploy.errors import CheckpointError
 from dsdeploy.recover.config import FinetuneConfig
 from dsdeploy.recover.distill import (
     Distiller,
@@ -30,7 +32,7 @@ from dsdeploy.recover.distill import (
 )
 from dsdeploy.recover.finetune import finetune
 from dsdeploy.recover.reconstruct import calibrate
-from dsdeploy.recover.resume import CheckpointError, load_checkpoint
+from dsdeploy.recover.resume import load_checkpoint
 from tests.clirun import ROOT, dsdeploy
 from tests.test_calibrate import (  # noqa: F401 (fixture)
     DIGITS8,

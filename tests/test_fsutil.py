@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
+from dsdeploy.errors import OutputError
 from dsdeploy.fsutil import (
-    OutputError,
     check_output,
     owned_dir,
     remove_stale_temps,

@@ -125,3 +125,23 @@ def test_every_module_states_its_one_responsibility(name):
     doc = ast.get_docstring(ast.parse(MODULES[name].read_text(encoding="utf-8")))
     assert doc and doc.strip().splitlines()[0].strip(), f"{name} has no docstring stating its responsibility"
     assert len(MODULES[name].read_text(encoding="utf-8").splitlines()) <= 450, f"{name} is too long: split it"
+
+
+def test_every_error_class_lives_in_errors_py():
+    """A user-facing error class defined anywhere but dsdeploy/errors.py is one the CLI and the docs may miss."""
+    errors = {n.name for n in ast.walk(ast.parse((PKG / "errors.py").read_text(encoding="utf-8")))
+              if isinstance(n, ast.ClassDef)}
+    assert "DsdeployError" in errors
+    elsewhere = sorted(f"{name}.{node.name}" for name, path in MODULES.items() if name != "dsdeploy.errors"
+                       for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                       if isinstance(node, ast.ClassDef)
+                       and ({ast.unparse(b).rpartition(".")[2] for b in node.bases} & errors
+                            or node.name.endswith("Error")))
+    assert elsewhere == []
+
+
+def test_no_comment_names_who_wrote_the_code():
+    offenders = [f"{p.relative_to(PKG.parent)}:{i}" for p in [*PKG.rglob("*.py"), *(PKG.parent / "tests").glob("*.py")]
+                 for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+                 if any(f"engineer {c}" in line.lower() for c in "abcdef")]
+    assert offenders == []

@@ -15,9 +15,9 @@ from dsdeploy.convert.artifact import load_artifact
 from dsdeploy.convert.loading import load_model
 from dsdeploy.convert.opcount import profile_model, trace_calls
 from dsdeploy.convert.plan import Policy
-from dsdeploy.convert.rewrite import ModelError, convert, copy_model
+from dsdeploy.convert.rewrite import convert, copy_model
 from dsdeploy.convert.workflow import convert_to_artifact
-from dsdeploy.errors import DsdeployError, ExportError, InputShapeError
+from dsdeploy.errors import DsdeployError, ExportError, InputShapeError, ModelError
 from dsdeploy.export.graph import load_onnx, summarize
 from dsdeploy.export.onnx_export import export_onnx
 from dsdeploy.recover.reconstruct import calibrate
@@ -230,7 +230,7 @@ def test_finetune_with_batchnorm1d_and_a_one_image_remainder(tmp_path):
 
 @pytest.mark.parametrize("n", [65, 3])
 def test_int8_static_calibration_of_a_fixed_batch_model(tmp_path, n):
-    from dsdeploy.export.bundle import _Calibration, quantize_model
+    from dsdeploy.export.quantize import _Calibration, quantize_model
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),

@@ -3,6 +3,7 @@
 import pytest
 from torch import nn
 
+from dsdeploy.convert.decompose import channel_svd, energy_curve
 from dsdeploy.convert.opcount import trace_calls
 from dsdeploy.convert.plan import Plan, Policy, ds_mac_ratio, make_plan
 from dsdeploy.errors import PlanError
@@ -62,14 +63,20 @@ def test_no_gain_rank_is_skipped_with_reason():
 
 def test_energy_policy_picks_smallest_sufficient_rank(net):
     plan = plan_for(net, energy=0.9)
+    assert plan.converted, "the fixture has convertible convs: an energy policy that converts none is a bug"
+    mods = dict(net.named_modules())
     for d in plan.converted:
         assert d.energy >= 0.9 - 1e-6
+        curve = energy_curve(channel_svd(mods[d.name].weight, mods[d.name].groups)[1])
+        assert float(curve[d.rank - 1]) >= 0.9 - 1e-6  # sufficient
+        assert d.rank == 1 or float(curve[d.rank - 2]) < 0.9  # and the smallest such rank
 
 
 @pytest.mark.parametrize("budget", [0.2, 0.35, 0.6])
 def test_mac_budget_is_respected_and_used(net, budget):
     plan = plan_for(net, mac_budget=budget)
     conv = {d.name: d for d in plan.converted}
+    assert conv, f"a budget of {budget} leaves room for rank 1 on the fixture's convs: something must convert"
     spent = sum(d.macs_after for d in conv.values())
     total = sum(d.macs for d in conv.values())
     assert spent <= budget * total * 1.001

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,6 +15,7 @@ from onnx import TensorProto, helper
 
 from dsdeploy.errors import ProviderError
 from dsdeploy.runtime import providers as eps
+from dsdeploy.runtime import sessions
 from tests.clirun import invoke
 
 
@@ -68,7 +72,33 @@ def test_list_providers_has_cpu_and_plugin_entries():
 
 def test_plugin_registration_is_idempotent():
     first = eps.register_plugins()
+    installed = {ep for ep, (module, _dist) in eps.PLUGINS.items() if importlib.util.find_spec(module)}
+    # every installed plugin is registered or its failure recorded; nothing else is registered
+    assert set(first) | set(eps._register_errors) == installed
+    assert set(first) <= installed
+    for ep, path in first.items():  # the library the installed package ships
+        assert Path(path).is_file()
+        assert Path(importlib.util.find_spec(eps.PLUGINS[ep][0]).origin).parent in Path(path).parents
     assert eps.register_plugins() == first  # a second call registers nothing and raises nothing
+
+
+def test_a_plugin_that_fails_to_load_is_recorded_once_not_raised(tmp_path, monkeypatch):
+    """Runs without any plugin installed: a real package whose library ONNX Runtime cannot load."""
+    pkg = tmp_path / "dsdeploy_test_broken_ep"
+    pkg.mkdir()
+    (pkg / "not_a_library.so").write_bytes(b"not an ELF file")
+    (pkg / "__init__.py").write_text("import os\ncalls = []\n\ndef get_library_path():\n    calls.append(1)\n"
+                                     "    return os.path.join(os.path.dirname(__file__), 'not_a_library.so')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(eps, "PLUGINS", {"BrokenTestExecutionProvider": ("dsdeploy_test_broken_ep", "dsdeploy-broken")})
+    monkeypatch.setattr(eps, "_registered", {})
+    monkeypatch.setattr(eps, "_register_errors", {})
+    assert eps.register_plugins() == {}
+    assert list(eps._register_errors) == ["BrokenTestExecutionProvider"]
+    assert eps._register_errors["BrokenTestExecutionProvider"].strip()
+    mod = importlib.import_module("dsdeploy_test_broken_ep")
+    assert mod.calls == [1]
+    assert eps.register_plugins() == {} and mod.calls == [1]  # not retried
 
 
 def test_unavailable_provider_error_names_available_ones():
@@ -117,7 +147,7 @@ def test_gpu_ep_precision_labels():
 
 def test_cpu_session_profile_counts_nodes_per_provider(conv_model, tmp_path):
     cfg = eps.ep_config("CPUExecutionProvider")
-    sess = eps.create_session(conv_model, cfg, threads=1, profile_prefix=str(tmp_path / "p"))
+    sess = sessions.create_session(conv_model, cfg, threads=1, profile_prefix=str(tmp_path / "p"))
     sess.run(None, {"x": np.ones((2, 3, 8, 8), np.float32)})
     nodes = eps.nodes_by_provider(sess.end_profiling())
     assert set(nodes) == {"CPUExecutionProvider"} and nodes["CPUExecutionProvider"] >= 2
@@ -142,15 +172,15 @@ def test_creating_a_session_on_a_bad_file_is_one_line_provider_error(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
     with pytest.raises(ProviderError, match="could not create a session") as err:
-        eps.create_session(str(bad), eps.ep_config("CPUExecutionProvider"))
+        sessions.create_session(str(bad), eps.ep_config("CPUExecutionProvider"))
     assert "\n" not in str(err.value)
 
 
 @OPENVINO
 def test_openvino_fp32_session_matches_cpu(conv_model, tmp_path):
     x = {"x": np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)}
-    ref = eps.create_session(conv_model, eps.ep_config("CPUExecutionProvider")).run(None, x)[0]
-    sess = eps.create_session(conv_model, eps.ep_config("OpenVINOExecutionProvider", {}, 1),
+    ref = sessions.create_session(conv_model, eps.ep_config("CPUExecutionProvider")).run(None, x)[0]
+    sess = sessions.create_session(conv_model, eps.ep_config("OpenVINOExecutionProvider", {}, 1),
                               profile_prefix=str(tmp_path / "ov"))
     out = sess.run(None, x)[0]
     nodes = eps.nodes_by_provider(sess.end_profiling())
@@ -160,14 +190,14 @@ def test_openvino_fp32_session_matches_cpu(conv_model, tmp_path):
 
 @pytest.mark.skipif(not _available("CUDAExecutionProvider"), reason=_why_not("CUDAExecutionProvider"))
 def test_cuda_session_runs(conv_model):
-    sess = eps.create_session(conv_model, eps.ep_config("CUDAExecutionProvider"))
+    sess = sessions.create_session(conv_model, eps.ep_config("CUDAExecutionProvider"))
     assert "CUDAExecutionProvider" in sess.get_providers()
 
 
 @pytest.mark.skipif(not _available("TensorrtExecutionProvider"), reason=_why_not("TensorrtExecutionProvider"))
 def test_tensorrt_fp16_session_runs(conv_model):
     cfg = eps.ep_config("TensorrtExecutionProvider", {"trt_fp16_enable": "1"})
-    out = eps.create_session(conv_model, cfg).run(None, {"x": np.ones((1, 3, 8, 8), np.float32)})[0]
+    out = sessions.create_session(conv_model, cfg).run(None, {"x": np.ones((1, 3, 8, 8), np.float32)})[0]
     assert out.shape == (1, 8)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -140,3 +141,49 @@ def test_latency_rows_empty_without_bench():
 def test_html_cells_escape(value, text):
     page = render_html([("table", ["h"], [[value]])], "t")
     assert f"<td>{text}</td>" in page
+
+
+def _key_paths(value, prefix=""):
+    """Every dict key path in ``value`` (list items merged under ``[]``), e.g. ``summary.macs``, ``layers[].rank``."""
+    paths = set()
+    if isinstance(value, dict):
+        for k, v in value.items():
+            paths.add(f"{prefix}{k}")
+            paths |= _key_paths(v, f"{prefix}{k}.")
+    elif isinstance(value, list):
+        for item in value:
+            paths |= _key_paths(item, f"{prefix[:-1]}[].")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def real_records(tmp_path_factory):
+    """The records pipeline/stages.py really writes for inspect and convert (+ calibrate) on the digits sample."""
+    from dsdeploy.pipeline.engine import Context, run_pipeline
+    from dsdeploy.pipeline.recipe import load_recipe
+    from dsdeploy.pipeline.runner import converters_dir
+    from dsdeploy.pipeline.stages import STAGES
+
+    recipe = load_recipe(converters_dir() / "digits_cnn.toml", [("calibrate", "batches", 2)])
+    ctx = Context(recipe, tmp_path_factory.mktemp("run") / "run")
+    stages = [s for s in STAGES if s.name in ("inspect", "convert")]
+    result = run_pipeline(stages, ctx, log=io.StringIO())
+    return result.records
+
+
+def test_hand_built_records_have_the_shape_the_stages_write(tmp_path, real_records):
+    """The hand-built records above stand in for stages that take minutes; they may only use keys
+    that pipeline/stages.py really writes, or these report tests would pass on records no run makes."""
+    hand = full_records(tmp_path)
+    for stage in ("inspect", "convert"):
+        assert real_records[stage]["status"] == "done"
+        missing = _key_paths(hand[stage]["result"]) - _key_paths(real_records[stage]["result"])
+        assert not missing, f"{stage}: the report tests use keys the stage does not write: {sorted(missing)}"
+
+
+def test_summary_of_real_stage_records(real_records, tmp_path):
+    s = summarize(real_records)
+    conv = real_records["convert"]["result"]["summary"]
+    assert s["params"] == [conv["params"], conv["params_after"]]
+    assert s["conv_macs"] == [conv["conv_macs"], conv["conv_macs_after"]]
+    assert s["conv_macs"][1] < s["conv_macs"][0]

@@ -5,7 +5,8 @@ import math
 import pytest
 
 from dsdeploy.errors import DsdeployError
-from dsdeploy.recover.schedule import Schedule, parse_duration, steps_for_budget
+from dsdeploy.ranges import parse_duration
+from dsdeploy.recover.schedule import Schedule, steps_for_budget
 
 
 def test_linear_warmup_then_cosine_to_min():
@@ -45,12 +46,14 @@ def test_constant_and_validation():
 
 
 @pytest.mark.parametrize("text,seconds", [("10m", 600), ("90s", 90), ("1h30m", 5400), ("45", 45), ("0.5m", 30),
-                                          (12, 12)])
+                                          (12, 12), ("500ms", 0.5), ("2h", 7200), ("1m30s", 90), ("2s500ms", 2.5),
+                                          ("1h 30m", 5400), ("3.5", 3.5), (".5s", 0.5), ("10M", 600)])
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("bad", ["", "ten minutes", "5x", "0s"])
+@pytest.mark.parametrize("bad", ["", "ten minutes", "5x", "0s", "0ms", "30m1h", "1.2.3s", "-5s", "inf", float("nan"),
+                                 True])
 def test_parse_duration_rejects(bad):
     with pytest.raises(DsdeployError):
         parse_duration(bad)

@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from dsdeploy.convert.block import ds_blocks
 from dsdeploy.convert.loading import load_model
 from dsdeploy.convert.opcount import run_model
 from dsdeploy.convert.plan import Policy
-from dsdeploy.convert.rewrite import convert, ds_blocks
+from dsdeploy.convert.rewrite import convert
 from dsdeploy.convert.workflow import inspect_model
 
 MAX_PARAMS = 100_000_000

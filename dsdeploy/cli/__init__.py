@@ -11,8 +11,8 @@ import importlib
 
 import click
 
-from dsdeploy.version import __version__
 from dsdeploy.errors import DsdeployError
+from dsdeploy.version import __version__
 
 # Modules that register commands on ``cli``; imported lazily by ``main`` so that
 # importing this package stays cheap. Each holds only argument parsing and printing.

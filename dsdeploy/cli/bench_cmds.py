@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import click
 
 from dsdeploy.cli import cli
@@ -30,13 +28,14 @@ def parse_ints(text: str, what: str) -> list[int]:
 
 
 def parse_duration(text: str | None) -> float | None:
-    """``"10s"``, ``"500ms"``, ``"2m"`` or ``"3.5"`` (seconds) -> seconds."""
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m)?\s*", text)
-    if not m or float(m.group(1)) <= 0:
-        raise click.BadParameter(f"must look like 10s, 500ms or 2m, got {text!r}", param_hint="--duration")
-    return float(m.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+    """``--duration`` text -> seconds by the library's one grammar (:func:`dsdeploy.ranges.parse_duration`)."""
+    from dsdeploy.errors import ConfigError
+    from dsdeploy.ranges import parse_duration as seconds
+
+    try:
+        return None if text is None else seconds(text)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--duration") from None
 
 
 def check_report_paths(models, data: str | None, **paths: str | None) -> None:

@@ -77,12 +77,12 @@ def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, ran
 
     Prints params/MACs before and after and the rank of every layer. Exit status 3 when
     nothing converts (the reasons per conv are listed)."""
+    from dsdeploy.convert.artifact import check_artifact_output
     from dsdeploy.convert.loading import load_model
     from dsdeploy.convert.workflow import convert_to_artifact
-    from dsdeploy.fsutil import check_output
 
-    check_output(output, kind="torch", suffixes=(".dsd",), what="--output",
-                 inputs=[("model", model), ("--weights file", weights), ("--calib-data", calib_data)])
+    check_artifact_output(output, what="--output",
+                          inputs=[("model", model), ("--weights file", weights), ("--calib-data", calib_data)])
     loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle, trust_code=trust_code)
     report = convert_to_artifact(loaded, output,
                                  _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout),

@@ -56,7 +56,7 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
 
 
 # ---------------------------------------------------------------------------------------------
-# calibrate / finetune (engineer B)
+# calibrate / finetune
 # ---------------------------------------------------------------------------------------------
 
 @cli.command()
@@ -74,11 +74,12 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
 def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_json, preprocess, trust_code):
     """Solve each converted layer's pointwise weights by least squares against the original
     model's convs on DATA (training-free), then re-estimate BatchNorm statistics."""
-    from dsdeploy.fsutil import check_output, show
+    from dsdeploy.convert.artifact import check_artifact_output
+    from dsdeploy.fsutil import show
     from dsdeploy.recover.reconstruct import calibrate_artifact
 
-    check_output(output, kind="torch", suffixes=(".dsd",), what="--output",
-                 inputs=[("artifact", artifact), ("--data", data)])
+    check_artifact_output(output, what="--output",
+                          inputs=[("artifact", artifact), ("--data", data)])
     report = calibrate_artifact(artifact, data, output, max_batches=max_batches, batch_size=batch_size, seed=seed,
                                 ridge=ridge, progress=not as_json, preprocess=preprocess, trust_code=trust_code)
     if as_json:
@@ -135,17 +136,18 @@ def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, tim
              preprocess, trust_code):
     """Recover accuracy by distillation from the original model (logits, optionally the
     replaced blocks' outputs, plus labels when DATA has them)."""
+    from dsdeploy.convert.artifact import check_artifact_output
     from dsdeploy.fsutil import check_distinct, check_output, show
+    from dsdeploy.ranges import parse_duration
     from dsdeploy.recover.config import FinetuneConfig
     from dsdeploy.recover.finetune import finetune_artifact
-    from dsdeploy.recover.schedule import parse_duration
 
     inputs = [("artifact", artifact), ("--data", data), ("--teacher", teacher), ("--teacher-weights", teacher_weights)]
-    check_output(output, kind="torch", suffixes=(".dsd",), what="--output", inputs=inputs)
+    check_artifact_output(output, what="--output", inputs=inputs)
     if history is not None:
         check_output(history, kind="text", what="--history", inputs=inputs)
         check_distinct([("--output", output), ("--history", history)])
-    budget = parse_duration(time_budget) if time_budget else None
+    budget = parse_duration(time_budget, "time budget") if time_budget else None
     config = FinetuneConfig(mode=mode, epochs=epochs if epochs is not None else (None if budget else 10),
                             time_budget=budget, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
                             weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,

@@ -9,23 +9,33 @@ Nothing time-dependent is stored: the same conversion gives byte-identical files
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from dsdeploy.version import __version__
 from dsdeploy.convert.artifact_check import check_payload, plan_of, rebuild, show
 from dsdeploy.convert.plan import Plan
 from dsdeploy.errors import ArtifactError, SourceError, WeightsError
-from dsdeploy.fsutil import atomic_path, sha256_file
+from dsdeploy.fsutil import atomic_path, check_output, sha256_file
 from dsdeploy.models.sources import build_source
 from dsdeploy.models.weights import load_weights, torch_load
+from dsdeploy.version import __version__
 
 FORMAT = "dsdeploy-artifact"
 FORMAT_VERSION = 1
+
+SUFFIX = ".dsd"
+
+
+def check_artifact_output(path: str | os.PathLike, *, what: str = "out",
+                          inputs: Iterable[tuple[str, str | os.PathLike | None]] = ()) -> Path:
+    """Refuse, before any work, a path an artifact may not be written to (not ``.dsd``, an input,
+    a file of another kind); the one home of the ``.dsd`` suffix rule (:func:`dsdeploy.fsutil.check_output`)."""
+    return check_output(path, kind="torch", suffixes=(SUFFIX,), what=what, inputs=inputs)
 
 
 @dataclass

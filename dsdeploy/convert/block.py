@@ -147,3 +147,8 @@ class DSConv(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
                 f"layout={self.layout}, stride={self.stride}, groups={self.groups}")
+
+
+def ds_blocks(model: nn.Module) -> dict[str, DSConv]:
+    """Every DSConv in ``model``, by module name, in network order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, DSConv)}

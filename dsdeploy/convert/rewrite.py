@@ -17,11 +17,7 @@ from torch import nn
 from dsdeploy.convert.block import DSConv
 from dsdeploy.convert.opcount import Profile, profile_model, trace_calls
 from dsdeploy.convert.plan import Plan, Policy, make_plan
-from dsdeploy.errors import DsdeployError, NothingToConvertError
-
-
-class ModelError(DsdeployError):
-    """A model whose numbers or structure make it unusable for conversion (names the layer)."""
+from dsdeploy.errors import DsdeployError, ModelError, NothingToConvertError
 
 
 @dataclass
@@ -173,11 +169,6 @@ def convert(model: nn.Module, *, input_shape: tuple[int, ...], rank: int | None 
         d.macs_after = after.macs_under(d.name)
         d.params_after = sum(p.numel() for p in new.get_submodule(d.name).parameters())
     return ConversionResult(model=new, plan=plan, before=before, after=after)
-
-
-def ds_blocks(model: nn.Module) -> dict[str, DSConv]:
-    """Every DSConv in ``model``, by module name, in network order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, DSConv)}
 
 
 def original_convs(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:

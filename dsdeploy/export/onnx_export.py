@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsdeploy.version import __version__
+from dsdeploy.convert.block import ds_blocks
 from dsdeploy.errors import DsdeployError, ExportError, InputShapeError, ParityError
 from dsdeploy.export.graph import (
     META_CONV_MACS,
@@ -43,12 +43,13 @@ from dsdeploy.export.parity import (
     RTOL,
     OutputParity,
     check_parity,
-    cpu_session,
     flatten_outputs,
     raise_failures,
     random_inputs,
 )
 from dsdeploy.fsutil import atomic_path
+from dsdeploy.runtime.sessions import cpu_session
+from dsdeploy.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
     for w in warns:
         warnings.warn(w, stacklevel=2)
     summary = summarize(final, shape)
-    blocks = _ds_blocks(model)
+    blocks = _ds_block_shapes(model)
     problems = check_ds_structure(final, blocks) if blocks else None
     set_metadata(final, {"dsdeploy.version": __version__, "dsdeploy.exporter": exporter,
                          "dsdeploy.opset": str(used_opset), "dsdeploy.input_shape": list(shape),
@@ -297,10 +298,8 @@ def _check_runs(model: nn.Module, shape: tuple[int, ...], dynamic_batch: bool, s
     return n_outputs
 
 
-def _ds_blocks(model: nn.Module) -> dict[str, dict[str, int]]:
+def _ds_block_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
     """Expected depthwise/pointwise Conv counts per DS block of ``model``."""
-    from dsdeploy.convert.rewrite import ds_blocks
-
     out = {}
     for name, b in ds_blocks(model).items():
         n_dw = len(b.depthwise)

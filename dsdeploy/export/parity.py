@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dsdeploy.errors import ExportError, ParityError
-from dsdeploy.fsutil import ort_model
+from dsdeploy.runtime.sessions import cpu_session
 
 ATOL = 1e-4
 RTOL = 1e-4
@@ -82,21 +82,6 @@ def as_inputs(inputs: Any, seed: int = 0) -> tuple[list[torch.Tensor], str]:
     if isinstance(inputs, (tuple, list)) and inputs and all(isinstance(t, torch.Tensor) for t in inputs):
         return list(inputs), "given"
     raise TypeError("inputs must be a shape tuple, a tensor or a sequence of tensors")
-
-
-def cpu_session(onnx_path: str | Path, threads: int | None = None):
-    """An ONNX Runtime session on the CPU EP; a model ORT cannot load -> one-line ExportError."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(ort_model(onnx_path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types for bad models
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ExportError(f"ONNX Runtime cannot load {onnx_path}: {first}") from None
 
 
 def torch_outputs(model: nn.Module, inputs: list[torch.Tensor]) -> list[np.ndarray]:

@@ -26,10 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
-from dsdeploy.version import __version__
-from dsdeploy.errors import DsdeployError
+from dsdeploy.errors import DsdeployError, OutputError, StageError
 from dsdeploy.fsutil import (
-    OutputError,
     atomic_dir,
     check_dir,
     remove_stale_temps,
@@ -37,6 +35,7 @@ from dsdeploy.fsutil import (
     show,
     write_json,
 )
+from dsdeploy.version import __version__
 
 STATE_FILE = "state.json"
 STATE_FORMAT = "dsdeploy-run"
@@ -44,14 +43,6 @@ RECORD_FILE = "stage.json"
 LOCK_FILE = "run.lock"
 RESUME_DIR = "resume"
 
-
-class StageError(DsdeployError):
-    """A pipeline stage failed; the message names the stage, the exit status is the cause's."""
-
-    def __init__(self, stage: str, message: str, exit_code: int = 2) -> None:
-        super().__init__(f"stage {stage} failed: {message}")
-        self.stage = stage
-        self.exit_code = exit_code
 
 
 @dataclass

@@ -22,8 +22,8 @@ import tomllib
 from dsdeploy.convert.plan import Policy
 from dsdeploy.errors import DsdeployError, RecipeError
 from dsdeploy.pipeline.tomltypes import coerce, describe, type_name
+from dsdeploy.ranges import parse_duration
 from dsdeploy.recover.config import CALIB_BATCHES, CalibrationParams, FinetuneConfig
-from dsdeploy.recover.schedule import parse_duration
 
 QUANTIZE = ("none", "int8", "int8-dynamic", "fp16")
 
@@ -90,7 +90,7 @@ class FinetuneSection(FinetuneConfig):
     def __post_init__(self) -> None:
         if self.time_budget is not None:
             try:
-                self.time_budget = parse_duration(self.time_budget)
+                self.time_budget = parse_duration(self.time_budget, "time budget")
             except DsdeployError as exc:
                 raise DsdeployError(f"finetune.time_budget: {exc}") from None
         if self.epochs is None and self.time_budget is None:

@@ -154,9 +154,9 @@ def run_finetune(ctx: Context, folder: Path) -> StageOutput:
     other inputs is discarded (the tool wrote it) and training starts afresh. It is removed
     when the stage succeeds.
     """
+    from dsdeploy.errors import CheckpointError, TrainingInterrupted
     from dsdeploy.fsutil import write_json
     from dsdeploy.recover.finetune import finetune_artifact
-    from dsdeploy.recover.resume import CheckpointError, TrainingInterrupted
 
     r = _r(ctx)
     f = r.finetune
@@ -221,7 +221,7 @@ def _metrics(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# export (+ parity), deploy, bench: thin adapters over engineer C's and D's modules
+# export (+ parity), deploy, bench: thin adapters over the export and runtime modules
 # ----------------------------------------------------------------------------------------------
 
 def _export_one(loaded: Any, path: Path, shape: tuple[int, ...], ctx: Context) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsdeploy.convert.block import DSConv
+from dsdeploy.convert.block import DSConv, ds_blocks
 
 
 @dataclass
@@ -87,7 +87,7 @@ class Distiller(nn.Module):
         self.s_taps = self.t_taps = None
         if weights.feature > 0 and teacher is not None:
             t_names = dict(teacher.named_modules())
-            names = [n for n in (layers if layers is not None else ds_names(student)) if n in t_names]
+            names = [n for n in (layers if layers is not None else list(ds_blocks(student))) if n in t_names]
             self.s_taps = FeatureTaps({n: student.get_submodule(n) for n in names})
             self.t_taps = FeatureTaps({n: teacher.get_submodule(n) for n in names})
 
@@ -128,16 +128,11 @@ class Distiller(nn.Module):
                 taps.close()
 
 
-def ds_names(model: nn.Module) -> list[str]:
-    """Names of the DSConv blocks in ``model``."""
-    return [n for n, m in model.named_modules() if isinstance(m, DSConv)]
-
-
 def call_order(model: nn.Module, x: torch.Tensor) -> list[str]:
     """Names of leaf modules (DSConv counted as a leaf) in the order one forward pass calls them."""
     order: list[str] = []
     handles = []
-    ds = ds_names(model)
+    ds = list(ds_blocks(model))
     for name, mod in model.named_modules():
         inside_ds = any(name.startswith(n + ".") for n in ds)
         if name and not inside_ds and (isinstance(mod, DSConv) or not list(mod.children())):
@@ -176,7 +171,7 @@ def fresh_parameters(student: nn.Module, teacher: nn.Module | None, reinit: str 
     its module name matches the ``reinit`` regex.
     """
     t_params = {n: p.shape for n, p in teacher.named_parameters()} if teacher is not None else None
-    ds = ds_names(student)
+    ds = list(ds_blocks(student))
     pattern = re.compile(reinit) if reinit else None
     fresh = []
     for name, p in student.named_parameters():

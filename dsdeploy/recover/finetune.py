@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from dsdeploy.convert.block import ds_blocks
 from dsdeploy.errors import DataError
 from dsdeploy.fsutil import write_json
 from dsdeploy.recover.config import FinetuneConfig, FinetuneResult
@@ -32,7 +33,6 @@ from dsdeploy.recover.distill import (
 )
 from dsdeploy.recover.resume import (
     SignalGuard,
-    TrainingInterrupted,  # noqa: F401 (raised from here; importable from here)
     check_resumable,
     cpu_state_dict,
     interrupted,
@@ -83,9 +83,7 @@ def trainable_modules(student: nn.Module, mode: str, example: torch.Tensor) -> l
         return [student]
     norms = following_norms(student, example)
     names = list(norms) + list(norms.values())
-    from dsdeploy.recover.distill import ds_names
-
-    names += [n for n in ds_names(student) if n not in norms]
+    names += [n for n in ds_blocks(student) if n not in norms]
     return [student.get_submodule(n) for n in sorted(set(names))]
 
 

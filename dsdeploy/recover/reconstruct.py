@@ -18,9 +18,9 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from dsdeploy.convert.block import DSConv
+from dsdeploy.convert.block import DSConv, ds_blocks
 from dsdeploy.convert.plan import Plan
-from dsdeploy.convert.rewrite import ds_blocks, original_convs
+from dsdeploy.convert.rewrite import original_convs
 from dsdeploy.errors import DataError
 from dsdeploy.recover.config import CALIB_BATCHES, CalibrationParams
 from dsdeploy.recover.distill import call_order, evaluate

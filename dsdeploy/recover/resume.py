@@ -20,15 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsdeploy.errors import DsdeployError
+from dsdeploy.errors import CheckpointError, TrainingInterrupted
 from dsdeploy.fsutil import atomic_path, digest_tree, sha256_file, show
 
 CHECKPOINT_FORMAT = "dsdeploy-finetune-checkpoint"
 CHECKPOINT_VERSION = 2  # 2: records the run identity
 
-
-class CheckpointError(DsdeployError):
-    """A training checkpoint that is missing, corrupt, or from a different run."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -123,11 +120,6 @@ def check_resumable(ck: dict[str, Any], options: dict[str, Any], identity: dict[
         raise CheckpointError(f"checkpoint {show(path)} was written with different options ({'; '.join(diff[:3])});"
                               f" rerun with the same options or start afresh without resume")
 
-
-class TrainingInterrupted(DsdeployError):
-    """SIGINT/SIGTERM during training: nothing partial was saved."""
-
-    exit_code = 130
 
 
 class SignalGuard:

@@ -9,7 +9,6 @@ time-budget mode sizes it from the measured speed of the first steps).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -96,22 +95,6 @@ class Schedule:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def parse_duration(text: str | float | int) -> float:
-    """``"10m"``, ``"90s"``, ``"1h30m"``, ``"45"`` (seconds) -> seconds; DsdeployError on bad text."""
-    if isinstance(text, (int, float)):
-        seconds = float(text)
-    else:
-        s = text.strip().lower()
-        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", s)
-        if not s or parts is None:
-            raise DsdeployError(f"cannot read the duration {text!r}: use e.g. 10m, 90s, 1h30m")
-        h, m, sec = (float(p) if p else 0.0 for p in parts.groups())
-        seconds = 3600 * h + 60 * m + sec
-    if seconds <= 0:
-        raise DsdeployError(f"the time budget must be positive, got {text!r}")
-    return seconds
 
 
 def steps_for_budget(budget_s: float, elapsed_s: float, step_s: float, steps_per_epoch: int,

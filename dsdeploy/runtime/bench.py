@@ -14,12 +14,14 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 import numpy as np
 
 from dsdeploy.errors import ExportError, InputShapeError, ProviderError
 from dsdeploy.runtime import providers as eps
+from dsdeploy.runtime.bench_report import compare, write_outputs
 from dsdeploy.runtime.inputs import (
     ModelInfo,
     data_images,
@@ -27,8 +29,10 @@ from dsdeploy.runtime.inputs import (
     model_info,
     random_feed,
 )
-
-SCHEMA = "dsdeploy.bench/1"
+from dsdeploy.runtime.results import BenchReport, EPResult
+from dsdeploy.runtime.sessions import create_session
+from dsdeploy.runtime.sysinfo import PeakMemory, environment
+from dsdeploy.runtime.timing import Stats, time_runs
 
 
 @dataclass
@@ -57,73 +61,6 @@ class BenchConfig:
             raise InputShapeError("give exactly one of iters (> 0) or duration (> 0 seconds)")
 
 
-@dataclass
-class Stats:
-    """Latency statistics in milliseconds over ``n`` timed runs; p99 is unreliable below 100 samples."""
-
-    n: int
-    mean_ms: float
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    min_ms: float
-    max_ms: float
-    std_ms: float
-    p99_reliable: bool
-
-    @classmethod
-    def of(cls, samples_ms: list[float]) -> "Stats":
-        a = np.asarray(samples_ms, dtype=np.float64)
-        p50, p90, p99 = (float(v) for v in np.percentile(a, [50, 90, 99]))
-        return cls(len(a), float(a.mean()), p50, p90, p99, float(a.min()), float(a.max()), float(a.std()),
-                   len(a) >= 100)
-
-
-@dataclass
-class EPResult:
-    """One (model, EP, batch) measurement; ``status`` is ``ok``, ``skipped`` or ``error`` (with ``note``)."""
-
-    model: str
-    ep: str
-    alias: str
-    batch: int
-    status: str = "ok"
-    note: str = ""
-    device: str = ""
-    precision: str = ""
-    ep_options: dict[str, str] = field(default_factory=dict)
-    threads: int | None = None
-    session_create_ms: float | None = None
-    first_inference_ms: float | None = None
-    stats: Stats | None = None
-    throughput_items_s: float | None = None
-    memory: dict[str, Any] = field(default_factory=dict)
-    fallback: dict[str, Any] = field(default_factory=dict)
-    parity: dict[str, Any] | None = None
-    samples_ms: list[float] = field(default_factory=list)
-
-
-@dataclass
-class BenchReport:
-    """Everything one ``bench`` call measured, plus the environment and the config."""
-
-    models: list[ModelInfo]
-    results: list[EPResult]
-    environment: dict[str, Any]
-    config: dict[str, Any]
-    providers: list[dict[str, Any]]
-    skipped_providers: list[dict[str, str]] = field(default_factory=list)
-    comparisons: list[dict[str, Any]] = field(default_factory=list)
-    created: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {"schema": SCHEMA, **d}
-
-    def ok(self) -> list[EPResult]:
-        return [r for r in self.results if r.status == "ok"]
-
-
 # ---------------------------------------------------------------------------------- measuring
 
 
@@ -147,30 +84,16 @@ def parity(outputs: list[list[np.ndarray]], reference: list[list[np.ndarray]], i
             "top1_agreement": agree / total if total else None, "top1_items": total}
 
 
-def _time_runs(session, feed, cfg: BenchConfig) -> list[float]:
-    for _ in range(cfg.warmup):
-        session.run(None, feed)
-    samples: list[float] = []
-    deadline = time.perf_counter_ns() + int((cfg.duration or 0) * 1e9)
-    while (len(samples) < cfg.iters) if cfg.iters else (not samples or time.perf_counter_ns() < deadline):
-        t0 = time.perf_counter_ns()
-        session.run(None, feed)
-        samples.append((time.perf_counter_ns() - t0) / 1e6)
-    return samples
-
-
 def measure(info: ModelInfo, ep: eps.EPConfig, batch: int, cfg: BenchConfig, feed: dict[str, np.ndarray] | None,
             parity_feeds: list[dict[str, np.ndarray]] | None, reference: list | None, profile_dir: str
             ) -> tuple[EPResult, list, dict[str, np.ndarray]]:
     """Measure one (model, EP, batch); returns the result, this EP's outputs on the parity
     feeds (default: the timing feed) and the timing feed (generated when ``feed`` is None)."""
-    from dsdeploy.runtime.sysinfo import PeakMemory
-
     res = EPResult(info.name, ep.name, ep.alias, batch, precision=ep.precision, ep_options=dict(ep.options),
                    threads=cfg.threads)
     with PeakMemory() as mem:
         t0 = time.perf_counter_ns()
-        sess = eps.create_session(info.path, ep, cfg.threads, os.path.join(profile_dir, f"{info.name}_{ep.alias}"))
+        sess = create_session(info.path, ep, cfg.threads, os.path.join(profile_dir, f"{info.name}_{ep.alias}"))
         res.session_create_ms = (time.perf_counter_ns() - t0) / 1e6
         if feed is None:
             feed = random_feed(sess, batch, info.preprocessing, cfg.seed + batch)
@@ -180,7 +103,7 @@ def measure(info: ModelInfo, ep: eps.EPConfig, batch: int, cfg: BenchConfig, fee
         prof = sess.end_profiling()
         nodes = eps.nodes_by_provider(prof)
         os.remove(prof)
-        res.samples_ms = _time_runs(sess, feed, cfg)
+        res.samples_ms = time_runs(sess, feed, warmup=cfg.warmup, iters=cfg.iters, duration=cfg.duration)
     res.memory = mem.to_dict()
     res.fallback = eps.fallback_report(ep.name, sess.get_providers(), nodes)
     res.device = "CPU" if res.fallback["status"] == "full" else eps.device_label(ep.name, ep.options)
@@ -215,10 +138,6 @@ def bench(model_paths: list[str], cfg: BenchConfig, progress: Callable[[str], No
     The first model is the baseline for side-by-side comparisons. Raises ProviderError
     for an unavailable EP (naming the available ones) unless ``cfg.skip_unavailable``.
     """
-    from datetime import datetime, timezone
-
-    from dsdeploy.runtime.bench_report import compare
-    from dsdeploy.runtime.sysinfo import environment
 
     cfg.validate()
     if not model_paths:
@@ -245,7 +164,7 @@ def bench(model_paths: list[str], cfg: BenchConfig, progress: Callable[[str], No
                     if progress:
                         progress(f"{info.name} {c.alias} batch {batch}")
                     if reference is None and c.name != "CPUExecutionProvider":
-                        sess = eps.create_session(info.path, cpu, cfg.threads)
+                        sess = create_session(info.path, cpu, cfg.threads)
                         feed = feed or random_feed(sess, batch, info.preprocessing, cfg.seed + batch)
                         reference = _run_all(sess, pfeeds or [feed])
                         del sess
@@ -288,8 +207,6 @@ def _config_dict(cfg: BenchConfig, configs: list[eps.EPConfig]) -> dict[str, Any
 def run_and_write(model_paths: list[str], cfg, *, json_path: str | None = None, csv_path: str | None = None,
                   markdown_path: str | None = None, plot_path: str | None = None, progress=None):
     """:func:`bench` then ``bench_report.write_outputs``; returns ``(report, paths written)``."""
-    from dsdeploy.runtime.bench_report import write_outputs
-
     report = bench(model_paths, cfg, progress)
     return report, write_outputs(report, json_path=json_path, csv_path=csv_path, markdown_path=markdown_path,
                                  plot_path=plot_path)

@@ -10,13 +10,11 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dsdeploy.fsutil import atomic_path, utf8, write_json, write_text
+from dsdeploy.runtime.results import BenchReport, EPResult
 from dsdeploy.tables import format_table, markdown_table
-
-if TYPE_CHECKING:
-    from dsdeploy.runtime.bench import BenchReport, EPResult
 
 RESULT_HEADERS = ["model", "EP", "device", "precision", "batch", "create ms", "first ms", "mean ms", "p50 ms",
                   "p90 ms", "p99 ms", "items/s", "peak MB (+run)", "fallback", "nodes EP/all", "max abs diff", "top1 agree"]
@@ -24,7 +22,7 @@ COMPARE_HEADERS = ["model", "vs", "EP", "precision", "batch", "baseline p50 ms",
                    "conv-MAC ratio", "MAC limit", "of limit"]
 
 
-def compare(report: "BenchReport") -> list[dict[str, Any]]:
+def compare(report: BenchReport) -> list[dict[str, Any]]:
     """Per (model, EP, batch) with a baseline result: latencies, speedup, conv-MAC ratio, fraction of the limit."""
     if len(report.models) < 2:
         return []
@@ -47,11 +45,11 @@ def compare(report: "BenchReport") -> list[dict[str, Any]]:
     return rows
 
 
-def _p99(r: "EPResult") -> str:
+def _p99(r: EPResult) -> str:
     return f"{r.stats.p99_ms:.3g}" + ("" if r.stats.p99_reliable else "*")
 
 
-def _result_row(r: "EPResult") -> list[Any]:
+def _result_row(r: EPResult) -> list[Any]:
     if r.status != "ok":
         return [r.model, r.alias, "-", "-", r.batch] + ["-"] * 8 + [f"{r.status}: {r.note}"] + ["-"] * 3
     fb, par = r.fallback, r.parity or {}
@@ -72,7 +70,7 @@ def _compare_row(c: dict[str, Any]) -> list[Any]:
             f(c["mac_limit_speedup"], ".2f") + "x", f(c["fraction_of_limit"], ".0%")]
 
 
-def method_notes(report: "BenchReport") -> list[str]:
+def method_notes(report: BenchReport) -> list[str]:
     """How the numbers were taken: machine, threads, timer, memory method, parity, node counts, skipped EPs."""
     mem = next((r.memory.get("method") for r in report.ok()), "")
     env = report.environment
@@ -91,17 +89,17 @@ def method_notes(report: "BenchReport") -> list[str]:
     return notes + [f"Skipped {s['ep']}: {s['reason']}" for s in report.skipped_providers]
 
 
-def model_notes(report: "BenchReport") -> list[str]:
+def model_notes(report: BenchReport) -> list[str]:
     """One line per model: conv MACs per item and their source, file hash."""
     return [f"{m.name}: conv MACs/item {m.conv_macs if m.conv_macs is not None else '?'} ({m.conv_macs_source}); "
             f"sha256 {m.sha256[:12]}" for m in report.models]
 
 
-def _notes(report: "BenchReport") -> list[str]:
+def _notes(report: BenchReport) -> list[str]:
     return method_notes(report) + model_notes(report)
 
 
-def render_text(report: "BenchReport") -> str:
+def render_text(report: BenchReport) -> str:
     """The terminal report: results table, side-by-side table, notes."""
     parts = [format_table(RESULT_HEADERS, [_result_row(r) for r in report.results])]
     if report.comparisons:
@@ -110,7 +108,7 @@ def render_text(report: "BenchReport") -> str:
     return "\n\n".join(parts)
 
 
-def render_markdown(report: "BenchReport", title: str = "Benchmark results", preamble: str = "", *, level: int = 1,
+def render_markdown(report: BenchReport, title: str = "Benchmark results", preamble: str = "", *, level: int = 1,
                     notes: bool = True) -> str:
     """Markdown: heading ``title`` at ``level``, optional preamble, results and side-by-side tables, notes."""
     h = "#" * level
@@ -125,7 +123,7 @@ def render_markdown(report: "BenchReport", title: str = "Benchmark results", pre
     return "\n\n".join(parts) + "\n"
 
 
-def render_csv(report: "BenchReport") -> str:
+def render_csv(report: BenchReport) -> str:
     """One CSV row per result (no raw samples; those are in the JSON)."""
     fields = ["model", "ep", "alias", "device", "precision", "batch", "status", "note", "threads",
               "session_create_ms", "first_inference_ms", "n", "mean_ms", "p50_ms", "p90_ms", "p99_ms",
@@ -149,7 +147,7 @@ def render_csv(report: "BenchReport") -> str:
     return buf.getvalue()
 
 
-def write_plot(report: "BenchReport", path: str | Path) -> None:
+def write_plot(report: BenchReport, path: str | Path) -> None:
     """PNG: p50 latency per (EP, batch), one bar per model (log scale), speedups over the baseline annotated."""
     import matplotlib
 
@@ -183,7 +181,7 @@ def write_plot(report: "BenchReport", path: str | Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(report: "BenchReport", *, json_path: str | None = None, csv_path: str | None = None,
+def write_outputs(report: BenchReport, *, json_path: str | None = None, csv_path: str | None = None,
                   markdown_path: str | None = None, plot_path: str | None = None, title: str = "Benchmark results",
                   preamble: str = "") -> list[str]:
     """Write each requested file atomically; returns the paths written."""

@@ -1,4 +1,4 @@
-"""ONNX Runtime execution providers (EPs): discovery, plugin registration, sessions.
+"""ONNX Runtime execution providers (EPs): discovery, plugin registration, per-EP configuration.
 
 Built-in EPs come from ``onnxruntime.get_available_providers()``; plugin EPs (the
 OpenVINO plugin ``onnxruntime-ep-openvino``) are registered once per process with
@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dsdeploy.errors import ProviderError
-from dsdeploy.fsutil import ort_model, utf8
 
 ALIASES: dict[str, str] = {
     "cpu": "CPUExecutionProvider",
@@ -300,46 +299,6 @@ def ep_config(ep_name: str, options: dict[str, str] | None = None, threads: int 
         elif opts.get("trt_fp16_enable", "0").lower() in ("1", "true"):
             precision = "fp16 (TensorRT mixed)"
     return EPConfig(ep_name, opts, precision)
-
-
-def session_options(threads: int | None, profile_prefix: str | None = None):
-    """``onnxruntime.SessionOptions`` with intra-op threads and optional profiling."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    so.log_severity_level = 3
-    if profile_prefix:
-        so.enable_profiling = True
-        so.profile_file_prefix = utf8(profile_prefix)  # the binding takes UTF-8 only
-    return so
-
-
-def create_session(model_path: str, cfg: EPConfig, threads: int | None = None, profile_prefix: str | None = None):
-    """An InferenceSession of ``model_path`` on ``cfg`` (nodes it cannot run fall back to CPU).
-
-    Plugin EPs are attached with ``add_provider_for_devices``; built-ins by name.
-    Raises ProviderError when the EP is unavailable or rejects the model.
-    """
-    import onnxruntime as ort
-
-    so = session_options(threads, profile_prefix)
-    try:
-        if cfg.name in PLUGINS:
-            opts = dict(cfg.options)
-            device = pick_device(cfg.name, opts.pop("device_type", None))
-            so.add_provider_for_devices([device], opts)
-            return ort.InferenceSession(ort_model(model_path), so)
-        providers: list[Any] = [(cfg.name, cfg.options)]
-        if cfg.name != "CPUExecutionProvider":
-            providers.append(("CPUExecutionProvider", {}))
-        return ort.InferenceSession(ort_model(model_path), so, providers=providers)
-    except ProviderError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - ORT's pybind errors: one actionable line for the user
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ProviderError(f"{cfg.alias} could not create a session for {model_path}: {msg}") from exc
 
 
 def nodes_by_provider(profile_path: str) -> dict[str, int]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
+import threading
 from importlib import metadata
 from typing import Any
 
@@ -99,8 +101,7 @@ class PeakMemory:
 
     @staticmethod
     def _maxrss_mb() -> float:
-        import resource
-        import sys
+        import resource  # Unix only: this fallback never runs on Windows
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
@@ -112,8 +113,6 @@ class PeakMemory:
                 self.peak_mb = rss
 
     def __enter__(self) -> "PeakMemory":
-        import threading
-
         rss = self._rss_mb()
         if rss is None:
             self.method = "resource.getrusage ru_maxrss delta (process peak; no /proc)"
