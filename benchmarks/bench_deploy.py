@@ -50,9 +50,9 @@ def converted_artifact(source: str, data: Path, work: Path, seed: int) -> tuple[
     for p in RECOVERED:
         if p.is_file():
             return p, f"`{p}` from benchmarks/recover_cifar.py ({p.stem})"
-    from dsdeploy.convert.loading import load_model
-    from dsdeploy.convert.plan import Policy
-    from dsdeploy.convert.workflow import convert_to_artifact
+    from dsdeploy.conversion.loading import load_model
+    from dsdeploy.conversion.plan import Policy
+    from dsdeploy.conversion.workflow import convert_to_artifact
 
     out = work / "converted_calibrated.dsd"
     convert_to_artifact(load_model(source), out, Policy(mac_budget=0.25), calib_data=str(data),

@@ -7,7 +7,7 @@ Usage (the command behind benchmarks/RESULTS-bench.md):
 For each of ResNet-18, MobileNetV2 and VGG-16 (torchvision, random init: nothing can be
 downloaded here, and latency does not depend on weight values) it builds three ONNX
 files at 3x224x224 with a dynamic batch axis: the original, the DS conversion at rank 1,
-and the DS conversion under ``--mac-budget 0.25`` (``dsdeploy.convert.rewrite.convert``), each
+and the DS conversion under ``--mac-budget 0.25`` (``dsdeploy.conversion.rewrite.convert``), each
 carrying its conv MACs in the ``dsdeploy.conv_macs`` metadata. MobileNetV2's only
 standard conv is its stem, so it converts with ``convert_stem=True``. Then
 ``dsdeploy.runtime.bench.bench`` measures each family (original first = baseline) on every EP
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dsdeploy.convert.rewrite import convert
+from dsdeploy.conversion.rewrite import convert
 from dsdeploy.errors import DsdeployError
 from dsdeploy.fsutil import write_json, write_text
 from dsdeploy.runtime.bench import BenchConfig, bench

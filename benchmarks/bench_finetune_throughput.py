@@ -28,8 +28,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsdeploy.convert.loading import load_model  # noqa: E402
-from dsdeploy.convert.rewrite import convert  # noqa: E402
+from dsdeploy.conversion.loading import load_model  # noqa: E402
+from dsdeploy.conversion.rewrite import convert  # noqa: E402
 from dsdeploy.data.datasets import Preprocess, load_data, make_loader  # noqa: E402
 from dsdeploy.fsutil import write_text  # noqa: E402
 from dsdeploy.recover.config import FinetuneConfig  # noqa: E402

@@ -15,8 +15,8 @@ import sys
 import tempfile
 import time
 
-from dsdeploy.convert.loading import load_model
-from dsdeploy.convert.rewrite import convert
+from dsdeploy.conversion.loading import load_model
+from dsdeploy.conversion.rewrite import convert
 from dsdeploy.fsutil import write_text
 from dsdeploy.tables import markdown_table
 

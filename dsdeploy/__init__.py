@@ -31,13 +31,9 @@ __all__ = ["DsdeployError", "__version__", *API]
 def __getattr__(name: str) -> Any:
     """Import :mod:`dsdeploy.api` on first use of one of its names (it imports torch).
 
-    ``convert`` is the stage package :mod:`dsdeploy.convert`, which is callable as
-    :func:`dsdeploy.api.convert` (the package and the function share the name).
+    The conversion stage's package is :mod:`dsdeploy.conversion`, so ``dsdeploy.convert`` is
+    only ever the API function, whatever was imported before.
     """
-    if name == "convert":
-        import dsdeploy.convert
-
-        return dsdeploy.convert
     if name in API:
         from dsdeploy import api
 

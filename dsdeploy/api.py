@@ -16,12 +16,12 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from dsdeploy.convert.artifact import load_artifact, save_artifact, source_record
-from dsdeploy.convert.block import ds_blocks
-from dsdeploy.convert.opcount import Profile
-from dsdeploy.convert.plan import Plan, Policy
-from dsdeploy.convert.rewrite import ConversionResult, verify_rebuild
-from dsdeploy.convert.rewrite import convert as rewrite_convert
+from dsdeploy.conversion.artifact import load_artifact, save_artifact, source_record
+from dsdeploy.conversion.block import ds_blocks
+from dsdeploy.conversion.opcount import Profile
+from dsdeploy.conversion.plan import Plan, Policy
+from dsdeploy.conversion.rewrite import ConversionResult, verify_rebuild
+from dsdeploy.conversion.rewrite import convert as rewrite_convert
 from dsdeploy.data.preprocessing import input_shape_for, resolve
 from dsdeploy.errors import ArtifactError, DataError, DsdeployError
 from dsdeploy.fsutil import atomic_path
@@ -93,13 +93,13 @@ def convert(model: nn.Module | str, *, policy: Policy | None = None, input_shape
     """Rewrite the convolutions of a COPY of ``model`` into depthwise-separable blocks (the input is untouched).
 
     Method: per input channel, an SVD of the conv kernel's slice; the top ``rank`` terms give the
-    depthwise filters and the pointwise weights (:mod:`dsdeploy.convert.decompose`); at full rank the
+    depthwise filters and the pointwise weights (:mod:`dsdeploy.conversion.decompose`); at full rank the
     block reproduces the conv exactly.
 
     Args:
         model: any ``nn.Module`` taking one image batch, or a spec (``torchvision:NAME``,
             ``sample:NAME``, ``pkg.module:factory``; ``weights``/``model_kwargs`` as for the CLI).
-        policy: a :class:`dsdeploy.convert.plan.Policy`; ``options`` set its fields by name:
+        policy: a :class:`dsdeploy.conversion.plan.Policy`; ``options`` set its fields by name:
             ``rank`` (int >= 1) | ``energy`` (kept singular-value energy, (0, 1]) | ``mac_budget``
             (fraction of conv MACs, (0, 1]), ``include``/``exclude`` (regex of layer names),
             ``convert_stem``, ``layout`` ("branches" | ...), ``require_gain``. Default: rank 1.
@@ -117,7 +117,7 @@ def convert(model: nn.Module | str, *, policy: Policy | None = None, input_shape
     policy = _options(Policy, policy, options, "convert")
     policy.validate()
     if isinstance(model, str):
-        from dsdeploy.convert.loading import load_model
+        from dsdeploy.conversion.loading import load_model
 
         loaded = load_model(model, weights=weights, model_kwargs=model_kwargs)
         if loaded.artifact is not None:

@@ -14,7 +14,7 @@ import torchvision
 from torch import nn
 
 import dsdeploy
-from dsdeploy.convert.artifact import read_payload
+from dsdeploy.conversion.artifact import read_payload
 from dsdeploy.errors import ArtifactError, DsdeployError, PlanError, SourceError
 from tests.conftest import SmallNet, small_net
 
@@ -35,6 +35,13 @@ def test_import_dsdeploy_does_not_import_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "True"
+
+
+def test_dsdeploy_convert_is_the_function_whatever_was_imported_first():
+    import dsdeploy
+    import dsdeploy.conversion.plan  # noqa: F401  (the stage package is imported: the name is not taken)
+
+    assert dsdeploy.convert.__module__ == "dsdeploy.api" and dsdeploy.convert.__name__ == "convert"
 
 
 def test_convert_full_rank_is_exact_and_leaves_the_input_alone(net):

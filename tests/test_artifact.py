@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dsdeploy.convert.artifact import (
+from dsdeploy.conversion.artifact import (
     FORMAT,
     load_artifact,
     load_source_model,
@@ -13,8 +13,8 @@ from dsdeploy.convert.artifact import (
     save_artifact,
     source_record,
 )
-from dsdeploy.convert.loading import load_model
-from dsdeploy.convert.rewrite import convert
+from dsdeploy.conversion.loading import load_model
+from dsdeploy.conversion.rewrite import convert
 from dsdeploy.errors import ArtifactError, DsdeployError
 
 SHAPE = (2, 3, 16, 16)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dsdeploy.convert.artifact import load_artifact, read_payload
+from dsdeploy.conversion.artifact import load_artifact, read_payload
 from dsdeploy.errors import ArtifactError, DsdeployError
 from tests.clirun import invoke
 from tests.test_security import good, one_line_error  # noqa: F401  (fixture)

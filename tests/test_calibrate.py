@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsdeploy.convert.artifact import load_artifact, save_artifact, source_record
-from dsdeploy.convert.block import DSConv, ds_blocks
-from dsdeploy.convert.decompose import full_rank
-from dsdeploy.convert.plan import LayerDecision, Plan
-from dsdeploy.convert.rewrite import convert
+from dsdeploy.conversion.artifact import load_artifact, save_artifact, source_record
+from dsdeploy.conversion.block import DSConv, ds_blocks
+from dsdeploy.conversion.decompose import full_rank
+from dsdeploy.conversion.plan import LayerDecision, Plan
+from dsdeploy.conversion.rewrite import convert
 from dsdeploy.data.datasets import Preprocess, load_data, make_loader
 from dsdeploy.recover.distill import evaluate
 from dsdeploy.recover.reconstruct import calibrate, recalibrate_bn
@@ -139,7 +139,7 @@ def test_calibration_beats_naive_svd_on_digits(digits):
 
 def sample_digits():
     """sample:digits_cnn (the shipped, trained 1x16x16 digits CNN) with its own preprocessing."""
-    from dsdeploy.convert.loading import load_model
+    from dsdeploy.conversion.loading import load_model
 
     loaded = load_model("sample:digits_cnn")
     return loaded.model, load_data("digits", Preprocess.from_dict(loaded.preprocessing))

@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dsdeploy.convert.block import CONV_TYPES, LAYOUTS, DSConv
-from dsdeploy.convert.decompose import (
+from dsdeploy.conversion.block import CONV_TYPES, LAYOUTS, DSConv
+from dsdeploy.conversion.decompose import (
     energy_curve,
     factorize,
     full_rank,
@@ -111,8 +111,8 @@ def test_least_squares_recovers_known_solution():
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_cost_formula_matches_counted_macs(layout):
-    from dsdeploy.convert.opcount import profile_model
-    from dsdeploy.convert.plan import ds_mac_ratio
+    from dsdeploy.conversion.opcount import profile_model
+    from dsdeploy.conversion.plan import ds_mac_ratio
 
     conv = nn.Conv2d(32, 64, 3, padding=1)
     block = DSConv.from_conv(conv, 2, layout)

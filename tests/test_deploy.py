@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 
-from dsdeploy.convert.loading import load_model
+from dsdeploy.conversion.loading import load_model
 from dsdeploy.errors import DeployError
 from dsdeploy.export.bundle import deploy
 from dsdeploy.export.onnx_export import export_onnx, provenance

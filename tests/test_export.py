@@ -9,9 +9,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from dsdeploy.convert.loading import load_model
-from dsdeploy.convert.opcount import profile_model
-from dsdeploy.convert.rewrite import convert
+from dsdeploy.conversion.loading import load_model
+from dsdeploy.conversion.opcount import profile_model
+from dsdeploy.conversion.rewrite import convert
 from dsdeploy.errors import ExportError
 from dsdeploy.export.graph import (
     META_CONV_MACS,
@@ -67,7 +67,7 @@ def test_static_batch_fixes_axis_0(digits, tmp_path):
 
 
 def test_converted_artifact_export_records_plan_and_counts_before_after(digits, tmp_path):
-    from dsdeploy.convert.artifact import save_artifact, source_record
+    from dsdeploy.conversion.artifact import save_artifact, source_record
 
     res = convert(digits.model, input_shape=DIGITS_SHAPE, rank=1)
     art = tmp_path / "digits_ds.dsd"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "dsdeploy"
-STAGES = ("models", "convert", "recover", "data", "export", "runtime", "pipeline", "cli")
+STAGES = ("models", "conversion", "recover", "data", "export", "runtime", "pipeline", "cli")
 
 
 def module_name(path: Path) -> str:

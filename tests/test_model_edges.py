@@ -11,12 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dsdeploy.convert.artifact import load_artifact
-from dsdeploy.convert.loading import load_model
-from dsdeploy.convert.opcount import profile_model, trace_calls
-from dsdeploy.convert.plan import Policy
-from dsdeploy.convert.rewrite import convert, copy_model
-from dsdeploy.convert.workflow import convert_to_artifact
+from dsdeploy.conversion.artifact import load_artifact
+from dsdeploy.conversion.loading import load_model
+from dsdeploy.conversion.opcount import profile_model, trace_calls
+from dsdeploy.conversion.plan import Policy
+from dsdeploy.conversion.rewrite import convert, copy_model
+from dsdeploy.conversion.workflow import convert_to_artifact
 from dsdeploy.errors import DsdeployError, ExportError, InputShapeError, ModelError
 from dsdeploy.export.graph import load_onnx, summarize
 from dsdeploy.export.onnx_export import export_onnx

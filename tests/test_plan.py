@@ -3,9 +3,9 @@
 import pytest
 from torch import nn
 
-from dsdeploy.convert.decompose import channel_svd, energy_curve
-from dsdeploy.convert.opcount import trace_calls
-from dsdeploy.convert.plan import Plan, Policy, ds_mac_ratio, make_plan
+from dsdeploy.conversion.decompose import channel_svd, energy_curve
+from dsdeploy.conversion.opcount import trace_calls
+from dsdeploy.conversion.plan import Plan, Policy, ds_mac_ratio, make_plan
 from dsdeploy.errors import PlanError
 
 SHAPE = (1, 3, 16, 16)

@@ -82,7 +82,7 @@ def test_every_checkpoint_is_covered():
 
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
 def test_library_loads_it_as_torch_does(name, user_code):
-    from dsdeploy.convert.loading import load_model
+    from dsdeploy.conversion.loading import load_model
 
     ref = torch_reference(name)
     loaded = load_model(f"cifar_resnet:resnet{CHECKPOINTS[name]}", weights=str(checkpoint(name)))

@@ -7,8 +7,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dsdeploy.convert.block import DSConv, ds_blocks
-from dsdeploy.convert.rewrite import convert, original_convs
+from dsdeploy.conversion.block import DSConv, ds_blocks
+from dsdeploy.conversion.rewrite import convert, original_convs
 from dsdeploy.errors import NothingToConvertError
 
 SHAPE = (2, 3, 16, 16)

@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 
 from dsdeploy.cli import load_commands
-from dsdeploy.convert.plan import Policy
+from dsdeploy.conversion.plan import Policy
 from dsdeploy.errors import RecipeError
 from dsdeploy.pipeline.recipe import Recipe, recipe_from_dict
 from dsdeploy.recover.config import CalibrationParams, FinetuneConfig

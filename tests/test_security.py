@@ -23,15 +23,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dsdeploy.convert.artifact import (
+from dsdeploy.conversion.artifact import (
     FORMAT,
     FORMAT_VERSION,
     load_artifact,
     save_artifact,
     source_record,
 )
-from dsdeploy.convert.loading import load_model
-from dsdeploy.convert.rewrite import convert
+from dsdeploy.conversion.loading import load_model
+from dsdeploy.conversion.rewrite import convert
 from dsdeploy.errors import ArtifactError, DsdeployError
 from tests.clirun import dsdeploy, invoke
 from tests.conftest import small_net

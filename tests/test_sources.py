@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dsdeploy.convert.loading import load_model
+from dsdeploy.conversion.loading import load_model
 from dsdeploy.errors import SourceError, WeightsError
 from tests.conftest import small_net
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from dsdeploy.convert.block import ds_blocks
-from dsdeploy.convert.loading import load_model
-from dsdeploy.convert.opcount import run_model
-from dsdeploy.convert.plan import Policy
-from dsdeploy.convert.rewrite import convert
-from dsdeploy.convert.workflow import inspect_model
+from dsdeploy.conversion.block import ds_blocks
+from dsdeploy.conversion.loading import load_model
+from dsdeploy.conversion.opcount import run_model
+from dsdeploy.conversion.plan import Policy
+from dsdeploy.conversion.rewrite import convert
+from dsdeploy.conversion.workflow import inspect_model
 
 MAX_PARAMS = 100_000_000
 FULL_RANK_TOL = 1e-4

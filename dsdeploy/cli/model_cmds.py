@@ -35,7 +35,7 @@ def policy_options(func):
 
 
 def _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout):
-    from dsdeploy.convert.plan import Policy
+    from dsdeploy.conversion.plan import Policy
 
     return Policy(rank=rank, energy=energy, mac_budget=mac_budget, include=include, exclude=exclude,
                   convert_stem=convert_stem, layout=layout)
@@ -50,8 +50,8 @@ def inspect(model, weights, model_kwargs, trust_pickle, input_shape, rank, energ
             convert_stem, layout, as_json, trust_code):
     """Show MODEL's convs: what would convert (and at which rank), why others would not,
     and params/MACs at the input shape."""
-    from dsdeploy.convert.loading import load_model
-    from dsdeploy.convert.workflow import inspect_model
+    from dsdeploy.conversion.loading import load_model
+    from dsdeploy.conversion.workflow import inspect_model
 
     loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle, trust_code=trust_code)
     report = inspect_model(loaded, _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout),
@@ -77,9 +77,9 @@ def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, ran
 
     Prints params/MACs before and after and the rank of every layer. Exit status 3 when
     nothing converts (the reasons per conv are listed)."""
-    from dsdeploy.convert.artifact import check_artifact_output
-    from dsdeploy.convert.loading import load_model
-    from dsdeploy.convert.workflow import convert_to_artifact
+    from dsdeploy.conversion.artifact import check_artifact_output
+    from dsdeploy.conversion.loading import load_model
+    from dsdeploy.conversion.workflow import convert_to_artifact
 
     check_artifact_output(output, what="--output",
                           inputs=[("model", model), ("--weights file", weights), ("--calib-data", calib_data)])

@@ -74,7 +74,7 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
 def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_json, preprocess, trust_code):
     """Solve each converted layer's pointwise weights by least squares against the original
     model's convs on DATA (training-free), then re-estimate BatchNorm statistics."""
-    from dsdeploy.convert.artifact import check_artifact_output
+    from dsdeploy.conversion.artifact import check_artifact_output
     from dsdeploy.fsutil import show
     from dsdeploy.recover.reconstruct import calibrate_artifact
 
@@ -136,7 +136,7 @@ def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, tim
              preprocess, trust_code):
     """Recover accuracy by distillation from the original model (logits, optionally the
     replaced blocks' outputs, plus labels when DATA has them)."""
-    from dsdeploy.convert.artifact import check_artifact_output
+    from dsdeploy.conversion.artifact import check_artifact_output
     from dsdeploy.fsutil import check_distinct, check_output, show
     from dsdeploy.ranges import parse_duration
     from dsdeploy.recover.config import FinetuneConfig

@@ -22,7 +22,7 @@ from typing import Any
 
 import onnx
 
-from dsdeploy.convert.artifact import read_payload
+from dsdeploy.conversion.artifact import read_payload
 from dsdeploy.errors import DeployError, OutputError
 from dsdeploy.export.graph import (
     META_LABELS,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsdeploy.convert.block import ds_blocks
+from dsdeploy.conversion.block import ds_blocks
 from dsdeploy.errors import DsdeployError, ExportError, InputShapeError, ParityError
 from dsdeploy.export.graph import (
     META_CONV_MACS,
@@ -86,7 +86,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _is_detection(model: nn.Module) -> bool:
-    from dsdeploy.convert.opcount import _wants_image_list
+    from dsdeploy.conversion.opcount import _wants_image_list
 
     return _wants_image_list(model)
 
@@ -341,7 +341,7 @@ def export_model(spec: str, out: str | Path, *, weights: str | None = None, mode
                  trust_pickle: bool = False, input_shape: tuple[int, ...] | None = None, data: str | None = None,
                  compare_original: bool = True, preprocess: dict[str, Any] | None = None, trust_code: bool = False,
                  **kwargs: Any) -> ExportReport:
-    """``dsdeploy export``: load ``spec`` (dsdeploy.convert.loading.load_model) and :func:`export_onnx` it with provenance.
+    """``dsdeploy export``: load ``spec`` (dsdeploy.conversion.loading.load_model) and :func:`export_onnx` it with provenance.
 
     The ONNX metadata records the resolved preprocessing (``preprocess`` overrides > the model's
     own > derived from the input shape; :mod:`dsdeploy.data.preprocessing`) so bundles can predict.
@@ -351,7 +351,7 @@ def export_model(spec: str, out: str | Path, *, weights: str | None = None, mode
     holds op counts and conv MACs before/after conversion. ``trust_code``: import the
     ``pkg.module:factory`` a ``.dsd`` records. A failure leaves no ``out`` behind.
     """
-    from dsdeploy.convert.loading import load_model
+    from dsdeploy.conversion.loading import load_model
     from dsdeploy.data.preprocessing import input_shape_for, resolve
 
     loaded = load_model(spec, weights=weights, model_kwargs=model_kwargs, trust_pickle=trust_pickle,
@@ -363,7 +363,7 @@ def export_model(spec: str, out: str | Path, *, weights: str | None = None, mode
     samples = data_samples(data, loaded.preprocessing, shape, seed=kwargs.get("seed", 0)) if data else None
     original = None
     if compare_original and loaded.artifact is not None:
-        from dsdeploy.convert.artifact import source_architecture
+        from dsdeploy.conversion.artifact import source_architecture
 
         arch = source_architecture(loaded.artifact)
         keep = {k: v for k, v in kwargs.items() if k in ("opset", "exporter", "dynamic_batch", "simplify")}

@@ -86,7 +86,7 @@ def as_inputs(inputs: Any, seed: int = 0) -> tuple[list[torch.Tensor], str]:
 
 def torch_outputs(model: nn.Module, inputs: list[torch.Tensor]) -> list[np.ndarray]:
     """Run ``model`` (eval, no_grad) and return its flattened outputs as numpy arrays."""
-    from dsdeploy.convert.opcount import run_model
+    from dsdeploy.conversion.opcount import run_model
 
     with torch.no_grad():
         out = run_model(model, inputs[0]) if len(inputs) == 1 else model(*inputs)

@@ -37,7 +37,7 @@ class LoadedModel:
     input_shape: tuple[int, ...] | None = None
     preprocessing: dict[str, Any] | None = None
     labels: list[str] | None = None
-    artifact: Any = None  # dsdeploy.convert.artifact.Artifact for .dsd specs
+    artifact: Any = None  # dsdeploy.conversion.artifact.Artifact for .dsd specs
     weights: str | None = None
     builder: Callable[..., Any] | None = None  # the factory that built a pkg.module:factory spec
 

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Sequence
 
 import tomllib
 
-from dsdeploy.convert.plan import Policy
+from dsdeploy.conversion.plan import Policy
 from dsdeploy.errors import DsdeployError, RecipeError
 from dsdeploy.pipeline.tomltypes import coerce, describe, type_name
 from dsdeploy.ranges import parse_duration
@@ -53,7 +53,7 @@ class PreprocessSection:
     channels: int | None = None
 
 
-# [convert] IS the library's rank policy (dsdeploy.convert.plan.Policy): one definition, one validation.
+# [convert] IS the library's rank policy (dsdeploy.conversion.plan.Policy): one definition, one validation.
 ConvertSection = Policy
 
 

@@ -49,7 +49,7 @@ def run_recipe(path: str | Path, out: str | Path, *, data: str | None = None, we
 
 def inspect_recipe(recipe: Recipe, *, out: str | Path = ".", trust_code: bool = False) -> Any:
     """Plan a recipe's model without converting (``tasks.ModelReport``): the cheap check of a recipe."""
-    from dsdeploy.convert.workflow import inspect_model
+    from dsdeploy.conversion.workflow import inspect_model
 
     ctx = Context(recipe, Path(out))
     with _user_code(recipe, trust_code):

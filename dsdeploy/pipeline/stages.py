@@ -35,7 +35,7 @@ def recipe_source(ctx: Context) -> tuple[Any, Any, tuple[int, ...]]:
     as overrides (``size`` without ``resize`` derives ``resize`` from the size); a
     ``model.input_shape`` the preprocessing does not produce is one RecipeError line.
     """
-    from dsdeploy.convert.loading import load_model
+    from dsdeploy.conversion.loading import load_model
     from dsdeploy.data.preprocessing import input_shape_for, resolve
     from dsdeploy.errors import InputShapeError, RecipeError
 
@@ -67,7 +67,7 @@ def _cap(stage_limit: int | None, ctx: Context) -> int | None:
 
 
 def recipe_policy(ctx: Context):
-    """The recipe's [convert] section, which is a :class:`dsdeploy.convert.plan.Policy` (a copy: validate fills it in)."""
+    """The recipe's [convert] section, which is a :class:`dsdeploy.conversion.plan.Policy` (a copy: validate fills it in)."""
     import dataclasses
 
     return dataclasses.replace(_r(ctx).convert)
@@ -105,7 +105,7 @@ def _data_input(ctx: Context) -> list[Any]:
 
 def run_inspect(ctx: Context, folder: Path) -> StageOutput:
     """``tasks.inspect_model``: the plan and profile without converting."""
-    from dsdeploy.convert.workflow import inspect_model
+    from dsdeploy.conversion.workflow import inspect_model
     from dsdeploy.fsutil import write_json
 
     loaded, pre, shape = recipe_source(ctx)
@@ -117,7 +117,7 @@ def run_inspect(ctx: Context, folder: Path) -> StageOutput:
 
 def run_convert(ctx: Context, folder: Path) -> StageOutput:
     """``tasks.convert_to_artifact`` then, with data, ``calibrate.calibrate_artifact``."""
-    from dsdeploy.convert.workflow import convert_to_artifact
+    from dsdeploy.conversion.workflow import convert_to_artifact
     from dsdeploy.fsutil import write_json
 
     r = _r(ctx)
@@ -245,7 +245,7 @@ def _export_one(loaded: Any, path: Path, shape: tuple[int, ...], ctx: Context) -
 
 def run_export(ctx: Context, folder: Path) -> StageOutput:
     """ONNX for the original and the final converted model, each with its parity figures against torch."""
-    from dsdeploy.convert.loading import load_model
+    from dsdeploy.conversion.loading import load_model
 
     loaded, _, shape = recipe_source(ctx)
     final = load_model(str(_final_artifact(ctx)))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsdeploy.convert.block import DSConv, ds_blocks
+from dsdeploy.conversion.block import DSConv, ds_blocks
 
 
 @dataclass
@@ -232,14 +232,14 @@ def load_teacher(artifact, spec: str | None = None, weights: str | None = None, 
                  trust_code: bool = False) -> nn.Module:
     """The distillation teacher: ``spec`` (+ ``weights``) when given, else the artifact's source model.
 
-    ``trust_code`` as in :func:`dsdeploy.convert.loading.load_model` (a ``.dsd`` teacher's or the
+    ``trust_code`` as in :func:`dsdeploy.conversion.loading.load_model` (a ``.dsd`` teacher's or the
     artifact's recorded factory); a source whose weights are gone names the ``teacher`` argument.
     """
     if spec:
-        from dsdeploy.convert.loading import load_model
+        from dsdeploy.conversion.loading import load_model
 
         return load_model(spec, weights, trust_code=trust_code).model.eval()
-    from dsdeploy.convert.artifact import load_source_model
+    from dsdeploy.conversion.artifact import load_source_model
     from dsdeploy.errors import ArtifactError
 
     try:

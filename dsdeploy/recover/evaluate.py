@@ -29,7 +29,7 @@ def _loaded(model: Any, weights: str | None, model_kwargs: dict | None, trust_pi
             trust_code: bool = False) -> Any:
     """A spec string -> ``convert.loading.load_model``; anything with ``.model`` is used as is; a bare module is wrapped."""
     if isinstance(model, str):
-        from dsdeploy.convert.loading import load_model
+        from dsdeploy.conversion.loading import load_model
 
         return load_model(model, weights=weights, model_kwargs=model_kwargs, trust_pickle=trust_pickle,
                           trust_code=trust_code)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dsdeploy.convert.block import ds_blocks
+from dsdeploy.conversion.block import ds_blocks
 from dsdeploy.errors import DataError
 from dsdeploy.fsutil import write_json
 from dsdeploy.recover.config import FinetuneConfig, FinetuneResult
@@ -318,7 +318,7 @@ def finetune_artifact(student_path: str | Path, data: str, out: str | Path, conf
     mapped to the artifact's recorded labels by name; more data classes than outputs is a DataError.
     ``trust_code``: import the ``pkg.module:factory`` the artifact (or a ``.dsd`` teacher) records.
     """
-    from dsdeploy.convert.artifact import load_artifact, save_artifact
+    from dsdeploy.conversion.artifact import load_artifact, save_artifact
     from dsdeploy.data.datasets import load_data
     from dsdeploy.data.labels import check_outputs, output_count
     from dsdeploy.data.preprocessing import resolve

@@ -18,9 +18,9 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from dsdeploy.convert.block import DSConv, ds_blocks
-from dsdeploy.convert.plan import Plan
-from dsdeploy.convert.rewrite import original_convs
+from dsdeploy.conversion.block import DSConv, ds_blocks
+from dsdeploy.conversion.plan import Plan
+from dsdeploy.conversion.rewrite import original_convs
 from dsdeploy.errors import DataError
 from dsdeploy.recover.config import CALIB_BATCHES, CalibrationParams
 from dsdeploy.recover.distill import call_order, evaluate
@@ -345,7 +345,7 @@ def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: 
     preprocessing and input shape with ``preprocess`` overrides; ``out`` records what was used.
     ``trust_code``: import the ``pkg.module:factory`` the artifact records (see :mod:`dsdeploy.models.trust`).
     """
-    from dsdeploy.convert.artifact import (
+    from dsdeploy.conversion.artifact import (
         load_artifact,
         load_source_model,
         save_artifact,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsdeploy.convert.decompose import factorize, reconstruct
+from dsdeploy.conversion.decompose import factorize, reconstruct
 
 LAYOUTS = ("branches", "concat", "multiplier")
 CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -70,7 +70,7 @@ class DSConv(nn.Module):
     def from_conv(cls, conv: nn.Module, rank: int, layout: str = "branches", svd=None) -> "DSConv":
         """A block initialised from ``conv``'s kernel by per-channel SVD (exact at full rank).
 
-        ``svd`` may pass a precomputed :func:`dsdeploy.convert.decompose.channel_svd` of the kernel.
+        ``svd`` may pass a precomputed :func:`dsdeploy.conversion.decompose.channel_svd` of the kernel.
         """
         block = cls(conv, rank, layout)
         f = factorize(conv.weight.detach(), rank, conv.groups, svd=svd)

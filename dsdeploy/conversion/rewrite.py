@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dsdeploy.convert.block import DSConv
-from dsdeploy.convert.opcount import Profile, profile_model, trace_calls
-from dsdeploy.convert.plan import Plan, Policy, make_plan
+from dsdeploy.conversion.block import DSConv
+from dsdeploy.conversion.opcount import Profile, profile_model, trace_calls
+from dsdeploy.conversion.plan import Plan, Policy, make_plan
 from dsdeploy.errors import DsdeployError, ModelError, NothingToConvertError
 
 
@@ -82,7 +82,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, init_from_weights: bool = True,
 
     Args:
         model: the original model (not modified).
-        plan: decisions from :func:`dsdeploy.convert.plan.make_plan` (or loaded from an artifact).
+        plan: decisions from :func:`dsdeploy.conversion.plan.make_plan` (or loaded from an artifact).
         init_from_weights: initialise blocks by SVD of the conv kernels; False builds the
             structure only (weights are loaded afterwards, e.g. from an artifact).
         svd_cache: per-conv SVDs already computed by :func:`make_plan`.
@@ -100,12 +100,12 @@ def apply_plan(model: nn.Module, plan: Plan, *, init_from_weights: bool = True,
 def verify_rebuild(fresh: nn.Module, plan: Plan, converted: nn.Module) -> None:
     """Check that an artifact of ``converted`` will load: rebuild it as loading does.
 
-    ``fresh`` is a newly built source model (as :func:`dsdeploy.convert.artifact.load_artifact`
+    ``fresh`` is a newly built source model (as :func:`dsdeploy.conversion.artifact.load_artifact`
     builds it); the plan's structure is applied to it and ``converted``'s state_dict loaded
     strictly, then both models run once on the plan's input shape and must agree. Raises
     ModelError naming the step that failed, so no unloadable artifact is ever written.
     """
-    from dsdeploy.convert.opcount import run_model
+    from dsdeploy.conversion.opcount import run_model
     from dsdeploy.models.weights import load_state_checked
 
     try:

@@ -6,10 +6,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsdeploy.convert.artifact import save_artifact, source_record
-from dsdeploy.convert.opcount import Profile, profile_model, trace_calls
-from dsdeploy.convert.plan import Plan, Policy, make_plan
-from dsdeploy.convert.rewrite import convert
+from dsdeploy.conversion.artifact import save_artifact, source_record
+from dsdeploy.conversion.opcount import Profile, profile_model, trace_calls
+from dsdeploy.conversion.plan import Plan, Policy, make_plan
+from dsdeploy.conversion.rewrite import convert
 from dsdeploy.errors import DsdeployError
 from dsdeploy.models.sources import LoadedModel
 from dsdeploy.recover.config import CALIB_BATCHES
@@ -102,7 +102,7 @@ def convert_to_artifact(loaded: LoadedModel, out: str | Path, policy: Policy,
         model, entry = calibrate_on_data(model, loaded.model, res.plan, calib_data, pre,
                                          max_batches=calib_batches, seed=seed, labels=loaded.labels)
         history.append(entry)
-    from dsdeploy.convert.rewrite import verify_rebuild
+    from dsdeploy.conversion.rewrite import verify_rebuild
     from dsdeploy.models.sources import build_source
 
     verify_rebuild(build_source(loaded.spec, loaded.model_kwargs).model, res.plan, model)

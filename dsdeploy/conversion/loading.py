@@ -1,14 +1,14 @@
 """Open the model a command names: a ``.dsd`` artifact (converted) or a source spec with its weights.
 
 It sits above :mod:`dsdeploy.models.sources` (specs -> architectures) and
-:mod:`dsdeploy.convert.artifact` (the ``.dsd`` file), so neither needs the other's loader.
+:mod:`dsdeploy.conversion.artifact` (the ``.dsd`` file), so neither needs the other's loader.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from dsdeploy.convert.artifact import load_artifact
+from dsdeploy.conversion.artifact import load_artifact
 from dsdeploy.errors import SourceError
 from dsdeploy.models.sources import LoadedModel, build_source, is_artifact_spec
 from dsdeploy.models.weights import load_weights

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsdeploy.convert.block import CONV_TYPES, LAYOUTS
-from dsdeploy.convert.decompose import (
+from dsdeploy.conversion.block import CONV_TYPES, LAYOUTS
+from dsdeploy.conversion.decompose import (
     channel_svd,
     energy_curve,
     full_rank,
@@ -168,7 +168,7 @@ def make_plan(model: nn.Module, policy: Policy, calls: dict[str, tuple[list[int]
     Args:
         model: the original model (read only).
         policy: rank policy and filters.
-        calls: per-layer (in shape, out shape, MACs) from :func:`dsdeploy.convert.opcount.trace_calls`.
+        calls: per-layer (in shape, out shape, MACs) from :func:`dsdeploy.conversion.opcount.trace_calls`.
         input_shape: the shape ``calls`` was traced at.
         svd_cache: when given, filled with each candidate's :func:`channel_svd` (name -> U, S, Vh).
     """

@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from dsdeploy.convert.artifact_check import check_payload, plan_of, rebuild, show
-from dsdeploy.convert.plan import Plan
+from dsdeploy.conversion.artifact_check import check_payload, plan_of, rebuild, show
+from dsdeploy.conversion.plan import Plan
 from dsdeploy.errors import ArtifactError, SourceError, WeightsError
 from dsdeploy.fsutil import atomic_path, check_output, sha256_file
 from dsdeploy.models.sources import build_source

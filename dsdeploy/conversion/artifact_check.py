@@ -1,6 +1,6 @@
 """Checks of a ``.dsd`` payload's parts before they are used: a crafted file ends in one ArtifactError.
 
-:func:`check_payload` validates the types of everything :func:`dsdeploy.convert.artifact.read_payload`
+:func:`check_payload` validates the types of everything :func:`dsdeploy.conversion.artifact.read_payload`
 returns (source record, plan, metadata, history, state_dict); :func:`rebuild` applies the
 plan to the source architecture and loads the state_dict, turning any mismatch into one line.
 """
@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsdeploy.convert.block import CONV_TYPES, LAYOUTS
-from dsdeploy.convert.plan import Plan
+from dsdeploy.conversion.block import CONV_TYPES, LAYOUTS
+from dsdeploy.conversion.plan import Plan
 from dsdeploy.errors import ArtifactError, DsdeployError
 
 MAX_SPEC = 1000
@@ -135,7 +135,7 @@ def rebuild(base: nn.Module, plan: Plan, state: dict[str, torch.Tensor], origin:
         ArtifactError: a converted layer that is not a conv of ``base``, a rank out of range,
         or a state_dict that does not fit.
     """
-    from dsdeploy.convert.rewrite import apply_plan
+    from dsdeploy.conversion.rewrite import apply_plan
     from dsdeploy.models.weights import load_state_checked
 
     for d in plan.converted:
