@@ -149,3 +149,30 @@ def test_recipe_runs_on_the_real_checkpoint(images, tmp_path):
     assert pre["size"] == [32, 32] and pre["resize"] is None and pre["channels"] == 3
     assert pre["mean"] == pytest.approx(MEAN) and pre["std"] == pytest.approx(STD)
     assert (out / "export" / "model.onnx").is_file()
+
+
+def _printed_preprocessing(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("preprocessing: ")]
+
+
+def test_cli_evaluate_and_calibrate_it_with_the_right_preprocessing_printed(images, tmp_path):
+    """evaluate the checkpoint (options say its 32x32 preprocessing), convert it, calibrate the
+    artifact, evaluate that: each command prints the resolved preprocessing once, and it is the
+    checkpoint's (3x32x32, no resize, ImageNet mean/std), not an ImageNet 224 crop."""
+    ck = checkpoint("resnet32-d509ac18.th")
+    want = "preprocessing: 3x32x32, resize to 32x32, mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225]"
+    opts = ["--size", "32", "--resize", "none", "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"]
+    proc = dsdeploy("evaluate", "cifar_resnet:resnet32", "--weights", ck, "--data", images, *opts, "--json",
+                    env=USER_CODE, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert [line.startswith(want) for line in _printed_preprocessing(proc.stderr)] == [True], proc.stderr
+    assert json.loads(proc.stdout)["images"] == 10  # test/ holds the evaluation images
+    dsd, cal = tmp_path / "r32.dsd", tmp_path / "r32-cal.dsd"
+    assert dsdeploy("convert", "cifar_resnet:resnet32", "--weights", ck, "--input-shape", "1,3,32,32", "--rank", "2",
+                    "-o", dsd, env=USER_CODE, timeout=300).returncode == 0
+    for args in (("calibrate", dsd, "--data", images, "--max-batches", "1", "-o", cal, *opts),
+                 ("evaluate", cal, "--data", images)):
+        proc = dsdeploy(*args, "--trust-code", env=USER_CODE, timeout=300)  # the .dsd records the user's factory
+        assert proc.returncode == 0, (args[0], proc.stderr)
+        assert [line.startswith(want) for line in _printed_preprocessing(proc.stderr)] == [True], (args[0], proc.stderr)
+    assert [h["stage"] for h in torch.load(cal, weights_only=True)["history"]] == ["convert", "calibrate"]
