@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsdeploy.fsutil import written_by_dsdeploy
 from dsdeploy.conversion.artifact import load_artifact, save_artifact, source_record
 from dsdeploy.conversion.block import ds_blocks
 from dsdeploy.conversion.rewrite import convert
 from dsdeploy.data.datasets import load_data, make_loader
 from dsdeploy.errors import CheckpointError
+from dsdeploy.fsutil import written_by_dsdeploy
 from dsdeploy.recover.config import FinetuneConfig
 from dsdeploy.recover.distill import (
     Distiller,
