@@ -75,6 +75,7 @@ batch = [1, 8]
     (MINIMAL + "[convert]\nlayout = \"fancy\"\n", "convert.layout must be one of branches, concat, multiplier"),
     (MINIMAL + "[finetune]\nmode = \"most\"\n", "finetune.mode must be one of none, partial, full"),
     (MINIMAL + "[finetune]\ntime_budget = \"ten minutes\"\n", "finetune.time_budget"),
+    (MINIMAL + "[finetune]\nepochs = 0\n", "finetune.epochs must be >= 1 unless finetune.time_budget is set, got 0"),
     (MINIMAL + "[deploy]\nquantize = \"int4\"\n", "deploy.quantize must be one of"),
     (MINIMAL + "[data]\nval_split = 1.0\n", "data.val_split must be in [0, 1)"),
     (MINIMAL + "[bench]\nbatch = []\n", "bench.batch must be a non-empty list"),
@@ -109,6 +110,13 @@ def test_relative_paths_resolve_against_the_recipe_folder(tmp_path, monkeypatch)
     assert load_recipe(write(sub, '[model]\nspec = "pkg.mod:factory"\n', "f.toml")).model.spec == "pkg.mod:factory"
     art = load_recipe(write(sub, '[model]\nspec = "m.dsd"\n', "a.toml"))
     assert art.model.spec == str((sub / "m.dsd").resolve())
+
+
+def test_zero_epochs_with_a_time_budget_is_accepted_as_on_the_command_line(tmp_path):
+    """``--epochs 0 --time-budget 5s`` works in ``finetune``; the recipe takes the same pair."""
+    r = load_recipe(write(tmp_path, MINIMAL + "[finetune]\nepochs = 0\ntime_budget = \"5s\"\n"))
+    assert (r.finetune.epochs, r.finetune.time_budget) == (0, 5.0)
+    assert load_recipe(write(tmp_path, MINIMAL), ["finetune.epochs=0", 'finetune.time_budget="5s"']).finetune.epochs == 0
 
 
 def test_overrides_are_toml_values_validated_like_the_file(tmp_path):
