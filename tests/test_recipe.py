@@ -79,6 +79,11 @@ batch = [1, 8]
     (MINIMAL + "[deploy]\nquantize = \"int4\"\n", "deploy.quantize must be one of"),
     (MINIMAL + "[data]\nval_split = 1.0\n", "data.val_split must be in [0, 1)"),
     (MINIMAL + "[bench]\nbatch = []\n", "bench.batch must be a non-empty list"),
+    (MINIMAL + "[bench]\nthreads = -1\n", "bench.threads must be >= 1, got -1"),
+    (MINIMAL + "[bench]\nwarmup = -1\n", "bench.warmup must be >= 0, got -1"),
+    (MINIMAL + "[bench]\niters = 0\n", "bench.iters must be >= 1, got 0"),
+    (MINIMAL + "[bench]\nbatch = [1, 0]\n", "bench.batch must be >= 1, got 0"),
+    (MINIMAL + "[bench]\nproviders = []\n", "bench.providers must name at least one provider"),
     (MINIMAL + "[model]\n", "not valid TOML"),
 ])
 def test_bad_recipes_name_the_key_and_the_file(tmp_path, text, needle):
@@ -130,6 +135,8 @@ def test_overrides_are_toml_values_validated_like_the_file(tmp_path):
         load_recipe(path, ["finetune.epochs=two"])
     with pytest.raises(RecipeError, match="unknown key in \\[finetune\\] 'epoch'"):
         load_recipe(path, ["finetune.epoch=2"])
+    with pytest.raises(RecipeError, match="bench.threads must be >= 1, got -1"):  # at load, not at stage 7
+        load_recipe(path, ["bench.threads=-1"])
     with pytest.raises(RecipeError, match="use section.key=value"):
         load_recipe(path, ["finetune.epochs"])
 
