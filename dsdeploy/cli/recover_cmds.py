@@ -148,7 +148,7 @@ def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, tim
     inputs = [("artifact", artifact), ("--data", data), ("--teacher", teacher), ("--teacher-weights", teacher_weights)]
     check_artifact_output(output, what="--output", inputs=inputs)
     if history is not None:
-        check_output(history, kind="text", what="--history", inputs=inputs)
+        check_output(history, kind="text", suffixes=(".json",), what="--history", inputs=inputs)
         check_distinct([("--output", output), ("--history", history)])
     budget = parse_duration(time_budget, "time budget") if time_budget else None
     config = FinetuneConfig(mode=mode, epochs=epochs if epochs is not None else (None if budget else 10),
