@@ -3,9 +3,7 @@
 Every file goes to a temporary name first and is renamed into place: a failure at any
 point (exception, disk full, permission denied, kill) leaves any previous file at the
 destination intact and no partial file under the final name. And a command writes only
-what it owns: :func:`check_output` refuses an output that is also an input, has the
-wrong suffix for its format, or would replace a file of another kind or a text file dsdeploy
-did not write (:func:`written_by_dsdeploy`); :func:`atomic_path`
+what it owns (:mod:`dsdeploy.outputs` checks a path before any work); :func:`atomic_path`
 refuses (at rename time) to replace a file whose content is of another kind than the one
 written; :func:`owned_dir` writes a folder of outputs without touching files it did not
 write. Temporary names (``.NAME.XXXXXXXX.tmp``) are recognisable: :func:`remove_stale_temps`
@@ -22,7 +20,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 from dsdeploy.errors import DsdeployError, OutputError
 
@@ -113,97 +111,6 @@ def sniff(path: str | os.PathLike) -> str | None:
             if exc.start >= len(head) - 3:  # a character cut by the 8 KiB window
                 return "text"
     return "binary"
-
-
-REPORT_MARK = "<!-- written by dsdeploy -->"
-"""First line of every Markdown report dsdeploy writes to a path the user names."""
-CSV_HEADER_START = "model,ep,alias,"
-"""How the header line of a bench CSV (``bench_report.render_csv``) starts."""
-
-
-def written_by_dsdeploy(path: str | os.PathLike) -> bool:
-    """Whether the existing text file ``path`` is one of dsdeploy's own reports (so a rerun may replace it).
-
-    Recognised: JSON objects whose ``schema`` starts ``dsdeploy.`` (bench results), a JSON list of
-    fine-tuning epoch records (objects with ``epoch`` and ``train_loss``: the ``--history`` file),
-    a first line :data:`REPORT_MARK` (Markdown reports) or starting :data:`CSV_HEADER_START` (bench CSV).
-    Anything else (notes, configs, other data) is the user's.
-    """
-    try:
-        if os.path.getsize(path) > (256 << 20):
-            return False
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return False
-    first = text.split("\n", 1)[0].strip()
-    if first == REPORT_MARK or first.startswith(CSV_HEADER_START):
-        return True
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        return False
-    if isinstance(obj, dict):
-        return str(obj.get("schema", "")).startswith("dsdeploy.")
-    return isinstance(obj, list) and bool(obj) and all(
-        isinstance(r, dict) and "epoch" in r and "train_loss" in r for r in obj)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _same_path(a: Path, b: Path) -> bool:
-    return _same_file(a, b) or os.path.abspath(a) == os.path.abspath(b)
-
-
-def check_output(path: str | os.PathLike, *, kind: str, suffixes: Iterable[str] = (),
-                 inputs: Iterable[tuple[str, str | os.PathLike | None]] = (), what: str = "output") -> Path:
-    """Refuse, before any work, an output path the command must not write; return it as a Path.
-
-    Args:
-        path: the file to write.
-        kind: what will be written (a :data:`KIND_NAMES` key); an existing file there of
-            another kind is refused, one of the same kind (a previous output) may be replaced;
-            an existing ``text`` file only when :func:`written_by_dsdeploy`.
-        suffixes: accepted name endings where the format is fixed (e.g. ``(".onnx",)``).
-        inputs: ``(role, path)`` of everything the command reads; the output may be none of them
-            (checked with ``os.path.samefile``, so links and other spellings count).
-        what: the output's role in messages.
-
-    Raises:
-        OutputError: one line naming the path and the fix.
-    """
-    p = Path(path)
-    name = show(p)
-    suffixes = tuple(suffixes)
-    for role, src in inputs:
-        if src is not None and str(src) != "" and _same_path(p, Path(src)):
-            raise OutputError(f"{what} {name} is also the {role} this command reads; writing it would destroy "
-                              f"the input: choose another path")
-    if suffixes and not p.name.lower().endswith(suffixes):
-        raise OutputError(f"{what} {name} must end in {' or '.join(suffixes)}: it will hold {KIND_NAMES[kind]}; "
-                          f"choose a name with that suffix")
-    if p.is_dir():
-        raise OutputError(f"{what} {name} is a folder: give a file name")
-    _check_kind(p, kind, what)
-    if kind == "text" and sniff(p) == "text" and not written_by_dsdeploy(p):
-        raise OutputError(f"{what} {name} exists and was not written by dsdeploy: choose another path")
-    return p
-
-
-def check_distinct(outputs: Iterable[tuple[str, str | os.PathLike | None]]) -> None:
-    """Refuse two outputs of one command that name the same file (one line naming both roles)."""
-    seen: list[tuple[str, Path]] = []
-    for role, path in outputs:
-        if path is None:
-            continue
-        for other, q in seen:
-            if _same_path(Path(path), q):
-                raise OutputError(f"{role} and {other} are the same file {show(path)}: give each its own path")
-        seen.append((role, Path(path)))
 
 
 def _check_kind(dest: Path, kind: str | None, what: str = "output") -> None:

@@ -20,7 +20,7 @@ from dsdeploy.conversion.block import ds_blocks
 from dsdeploy.conversion.rewrite import convert
 from dsdeploy.data.datasets import load_data, make_loader
 from dsdeploy.errors import CheckpointError
-from dsdeploy.fsutil import written_by_dsdeploy
+from dsdeploy.outputs import written_by_dsdeploy
 from dsdeploy.recover.config import FinetuneConfig
 from dsdeploy.recover.distill import (
     Distiller,

@@ -13,15 +13,8 @@ import pytest
 import torch
 
 from dsdeploy.errors import OutputError
-from dsdeploy.fsutil import (
-    check_output,
-    owned_dir,
-    remove_stale_temps,
-    sniff,
-    write_json,
-    write_text,
-    written_by_dsdeploy,
-)
+from dsdeploy.fsutil import owned_dir, remove_stale_temps, sniff, write_json, write_text
+from dsdeploy.outputs import check_output, written_by_dsdeploy
 from tests.clirun import ROOT, invoke
 
 

@@ -117,6 +117,7 @@ def test_library_builder_as_factory_never_downloads(monkeypatch, spec, kwargs, k
     """A torchvision builder named as pkg.module:factory refuses download kwargs before any call,
     exactly like the torchvision:NAME path; no network is touched (a download attempt fails the test)."""
     import socket
+
     import torch.hub
 
     def no_network(*a, **k):

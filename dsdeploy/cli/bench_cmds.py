@@ -41,7 +41,7 @@ def parse_duration(text: str | None) -> float | None:
 def check_report_paths(models, data: str | None, **paths: str | None) -> None:
     """Refuse report paths that are a benchmarked model, the data, each other, lack their format's suffix
     (.json, .csv, .md, .png), or name an existing file dsdeploy did not write."""
-    from dsdeploy.fsutil import check_distinct, check_output
+    from dsdeploy.outputs import check_distinct, check_output
 
     flags = {"json_path": "--json", "csv_path": "--csv", "markdown_path": "--markdown", "plot_path": "--plot"}
     inputs = [("model", m) for m in models] + [("--data", data)]

@@ -44,7 +44,8 @@ def export(model: str, output: str, weights: str | None, model_kwargs: str | Non
            trust_code: bool) -> None:
     """Export MODEL to ONNX, gated by parity against torch on ONNX Runtime (CPU EP)."""
     from dsdeploy.export.onnx_export import export_model
-    from dsdeploy.fsutil import check_output, show
+    from dsdeploy.fsutil import show
+    from dsdeploy.outputs import check_output
 
     check_output(output, kind="onnx", suffixes=(".onnx",), what="--output",
                  inputs=[("model", model), ("--weights file", weights), ("--data", data)])

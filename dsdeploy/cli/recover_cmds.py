@@ -140,7 +140,8 @@ def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, tim
     """Recover accuracy by distillation from the original model (logits, optionally the
     replaced blocks' outputs, plus labels when DATA has them)."""
     from dsdeploy.conversion.artifact import check_artifact_output
-    from dsdeploy.fsutil import check_distinct, check_output, show
+    from dsdeploy.fsutil import show
+    from dsdeploy.outputs import check_distinct, check_output
     from dsdeploy.ranges import parse_duration
     from dsdeploy.recover.config import FinetuneConfig
     from dsdeploy.recover.finetune import finetune_artifact

@@ -20,9 +20,10 @@ from torch import nn
 from dsdeploy.conversion.artifact_check import check_payload, plan_of, rebuild, show
 from dsdeploy.conversion.plan import Plan
 from dsdeploy.errors import ArtifactError, SourceError, WeightsError
-from dsdeploy.fsutil import atomic_path, check_output, sha256_file
+from dsdeploy.fsutil import atomic_path, sha256_file
 from dsdeploy.models.sources import build_source
 from dsdeploy.models.weights import load_weights, torch_load
+from dsdeploy.outputs import check_output
 from dsdeploy.version import __version__
 
 FORMAT = "dsdeploy-artifact"

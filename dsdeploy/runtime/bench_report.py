@@ -12,7 +12,8 @@ import io
 from pathlib import Path
 from typing import Any
 
-from dsdeploy.fsutil import REPORT_MARK, atomic_path, utf8, write_json, write_text
+from dsdeploy.fsutil import atomic_path, utf8, write_json, write_text
+from dsdeploy.outputs import REPORT_MARK
 from dsdeploy.runtime.results import BenchReport, EPResult
 from dsdeploy.tables import format_table, markdown_table
 
