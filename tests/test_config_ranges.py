@@ -139,3 +139,20 @@ def test_recipe_bad_numbers_are_refused_on_load(section, key, value, named):
     with pytest.raises(RecipeError) as err:
         recipe_from_dict({"model": {"spec": "sample:digits_cnn"}, section: {key: value}}, "r.toml")
     assert str(err.value).startswith("r.toml:") and named in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"seed": -1}, "data seed"), ({"limit": -1}, "data limit"), ({"limit": 0}, "data limit"),
+    ({"limit": -300}, "data limit"),
+])
+def test_load_data_refuses_negative_seed_and_limit(kwargs, field):
+    from dsdeploy.data.datasets import load_data
+    with pytest.raises(ConfigError, match=field):
+        load_data("digits", **kwargs)
+
+
+def test_make_loader_refuses_batch_size_zero():
+    import torch
+    from dsdeploy.data.datasets import make_loader
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        make_loader(torch.utils.data.TensorDataset(torch.zeros(2)), 0, shuffle=False)
