@@ -22,7 +22,7 @@ import tomllib
 from dsdeploy.conversion.plan import Policy
 from dsdeploy.errors import DsdeployError, RecipeError
 from dsdeploy.pipeline.tomltypes import coerce, describe, type_name
-from dsdeploy.ranges import parse_duration
+from dsdeploy.ranges import check_number, parse_duration
 from dsdeploy.recover.config import CALIB_BATCHES, CalibrationParams, FinetuneConfig
 
 QUANTIZE = ("none", "int8", "int8-dynamic", "fp16")
@@ -289,12 +289,18 @@ def validate(r: Recipe, src: str) -> None:
 
 
 def _check_numbers(r: Recipe, src: str) -> None:
-    """The calibrate numbers, checked by the library's own config dataclass."""
+    """The calibrate numbers (checked by the library's own config dataclass), the seed and export tolerances."""
     c = r.calibrate
     try:
         CalibrationParams(ridge=c.ridge, max_batches=c.batches, batch_size=c.batch_size)
     except DsdeployError as exc:
         raise RecipeError(f"{src}: {str(exc).replace('calibrate max_batches', 'calibrate.batches')}") from None
+    try:
+        check_number(r.seed, "seed", low=0, integer=True)
+        check_number(r.export.atol, "export.atol", low=0)
+        check_number(r.export.rtol, "export.rtol", low=0)
+    except DsdeployError as exc:
+        raise RecipeError(f"{src}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ class BenchConfig:
             raise ProviderError("give at least one provider and one batch size")
         if any(b <= 0 for b in self.batches) or self.warmup < 0 or (self.threads is not None and self.threads <= 0):
             raise InputShapeError("batch sizes and threads must be positive and warmup >= 0")
-        if (self.iters is None) == (self.duration is None) or (self.iters or 1) <= 0 or (self.duration or 1) <= 0:
+        if (self.iters is None) == (self.duration is None) or (self.iters is not None and self.iters <= 0) or (
+                self.duration is not None and self.duration <= 0):
             raise InputShapeError("give exactly one of iters (> 0) or duration (> 0 seconds)")
 
 
