@@ -203,3 +203,10 @@ def test_recipe_seed_and_export_tolerances(tmp_path, text, words):
     (tmp_path / "r.toml").write_text(f'{top}[model]\nspec = "sample:digits_cnn"\n' + (f"[{table}" if table else ""))
     with pytest.raises(RecipeError, match=words):
         load_recipe(tmp_path / "r.toml")
+
+
+def test_torchvision_kwargs_that_break_the_builder_are_one_source_error():
+    from dsdeploy.errors import SourceError
+    from dsdeploy.models.sources import build_source
+    with pytest.raises(SourceError, match="cannot be built"):
+        build_source("torchvision:resnet18", {"num_classes": -5})
