@@ -4,7 +4,8 @@ Every file goes to a temporary name first and is renamed into place: a failure a
 point (exception, disk full, permission denied, kill) leaves any previous file at the
 destination intact and no partial file under the final name. And a command writes only
 what it owns: :func:`check_output` refuses an output that is also an input, has the
-wrong suffix for its format, or would replace a file of another kind; :func:`atomic_path`
+wrong suffix for its format, or would replace a file of another kind or a text file dsdeploy
+did not write (:func:`written_by_dsdeploy`); :func:`atomic_path`
 refuses (at rename time) to replace a file whose content is of another kind than the one
 written; :func:`owned_dir` writes a folder of outputs without touching files it did not
 write. Temporary names (``.NAME.XXXXXXXX.tmp``) are recognisable: :func:`remove_stale_temps`
@@ -114,6 +115,39 @@ def sniff(path: str | os.PathLike) -> str | None:
     return "binary"
 
 
+REPORT_MARK = "<!-- written by dsdeploy -->"
+"""First line of every Markdown report dsdeploy writes to a path the user names."""
+CSV_HEADER_START = "model,ep,alias,"
+"""How the header line of a bench CSV (``bench_report.render_csv``) starts."""
+
+
+def written_by_dsdeploy(path: str | os.PathLike) -> bool:
+    """Whether the existing text file ``path`` is one of dsdeploy's own reports (so a rerun may replace it).
+
+    Recognised: JSON objects whose ``schema`` starts ``dsdeploy.`` (bench results), a JSON list of
+    fine-tuning epoch records (objects with ``epoch`` and ``train_loss``: the ``--history`` file),
+    a first line :data:`REPORT_MARK` (Markdown reports) or starting :data:`CSV_HEADER_START` (bench CSV).
+    Anything else (notes, configs, other data) is the user's.
+    """
+    try:
+        if os.path.getsize(path) > (256 << 20):
+            return False
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    first = text.split("\n", 1)[0].strip()
+    if first == REPORT_MARK or first.startswith(CSV_HEADER_START):
+        return True
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return False
+    if isinstance(obj, dict):
+        return str(obj.get("schema", "")).startswith("dsdeploy.")
+    return isinstance(obj, list) and bool(obj) and all(
+        isinstance(r, dict) and "epoch" in r and "train_loss" in r for r in obj)
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b)
@@ -132,7 +166,8 @@ def check_output(path: str | os.PathLike, *, kind: str, suffixes: Iterable[str] 
     Args:
         path: the file to write.
         kind: what will be written (a :data:`KIND_NAMES` key); an existing file there of
-            another kind is refused, one of the same kind (a previous output) may be replaced.
+            another kind is refused, one of the same kind (a previous output) may be replaced;
+            an existing ``text`` file only when :func:`written_by_dsdeploy`.
         suffixes: accepted name endings where the format is fixed (e.g. ``(".onnx",)``).
         inputs: ``(role, path)`` of everything the command reads; the output may be none of them
             (checked with ``os.path.samefile``, so links and other spellings count).
@@ -144,16 +179,18 @@ def check_output(path: str | os.PathLike, *, kind: str, suffixes: Iterable[str] 
     p = Path(path)
     name = show(p)
     suffixes = tuple(suffixes)
+    for role, src in inputs:
+        if src is not None and str(src) != "" and _same_path(p, Path(src)):
+            raise OutputError(f"{what} {name} is also the {role} this command reads; writing it would destroy "
+                              f"the input: choose another path")
     if suffixes and not p.name.lower().endswith(suffixes):
         raise OutputError(f"{what} {name} must end in {' or '.join(suffixes)}: it will hold {KIND_NAMES[kind]}; "
                           f"choose a name with that suffix")
     if p.is_dir():
         raise OutputError(f"{what} {name} is a folder: give a file name")
-    for role, src in inputs:
-        if src is not None and str(src) != "" and _same_path(p, Path(src)):
-            raise OutputError(f"{what} {name} is also the {role} this command reads; writing it would destroy "
-                              f"the input: choose another path")
     _check_kind(p, kind, what)
+    if kind == "text" and sniff(p) == "text" and not written_by_dsdeploy(p):
+        raise OutputError(f"{what} {name} exists and was not written by dsdeploy: choose another path")
     return p
 
 

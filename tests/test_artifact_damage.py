@@ -57,6 +57,7 @@ MUTATIONS = {
     "metadata-not-a-table": lambda p: p.update(metadata=[1]),
     "metadata-shape-text": lambda p: p["metadata"].update(input_shape="abc"),
     "metadata-labels-ints": lambda p: p["metadata"].update(labels=[1, 2]),
+    "metadata-labels-duplicate": lambda p: p["metadata"].update(labels=["a\nb"] * 2 + [str(i) for i in range(8)]),
     "metadata-input-shape-huge": lambda p: p["metadata"].update(input_shape=[1, 1, 10 ** 9, 10 ** 9]),
     "metadata-preprocessing-text-size": lambda p: p["metadata"]["preprocessing"].update(size="x"),
     "metadata-preprocessing-huge-size": lambda p: p["metadata"]["preprocessing"].update(size=[10 ** 9, 10 ** 9]),
@@ -77,6 +78,28 @@ def test_crafted_internals_are_one_line(good, tmp_path, name):
     assert len(str(err.value).splitlines()) == 1
     one_line_error(invoke("inspect", path))
     one_line_error(invoke("evaluate", path, "--data", "digits", "--limit", "16"))
+
+
+def test_labels_with_newlines_keep_errors_one_line(good, tmp_path):
+    """Crafted labels holding newlines are shown through repr: the data-vs-labels error stays one line."""
+    from dsdeploy.data.labels import check_outputs, to_model_labels
+    from dsdeploy.errors import DataError
+
+    labels = [f"evil\nline {i}\r" for i in range(10)]
+    with pytest.raises(DataError) as err:
+        to_model_labels(["0", "x\ny"], labels)
+    assert len(str(err.value).splitlines()) == 1
+    with pytest.raises(DataError) as err:
+        check_outputs([f"c\n{i}" for i in range(12)], 10)
+    assert len(str(err.value).splitlines()) == 1
+    payload = read_payload(good)
+    payload["metadata"]["labels"] = labels
+    path = tmp_path / "newlines.dsd"
+    torch.save(payload, path)
+    proc = invoke("evaluate", path, "--data", "digits", "--limit", "16")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1].startswith("error: data class '0'"), proc.stderr
+    assert all(line.startswith(("error: ", "preprocessing: ")) for line in lines), proc.stderr
 
 
 LEAF = st.one_of(st.none(), st.booleans(), st.integers(-3, 10 ** 10), st.floats(allow_nan=True), st.text(max_size=6),

@@ -11,7 +11,7 @@ from PIL import Image
 from dsdeploy.errors import DataError
 from dsdeploy.models.samples import load_sample
 from dsdeploy.recover.evaluate import evaluate
-from tests.clirun import dsdeploy
+from tests.clirun import dsdeploy, invoke
 
 
 def _loaded(name="digits_cnn"):
@@ -133,3 +133,30 @@ def test_preprocess_for_precedence():
     assert preprocess_for(SimpleNamespace(preprocessing=None, input_shape=None), "digits") == DIGITS_PREPROCESS
     small = preprocess_for(SimpleNamespace(preprocessing=None, input_shape=(1, 3, 32, 32)), "digits")
     assert small.size == (32, 32) and small.channels == 3 and small.resize is None
+
+
+def _folder(root, side):
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (side, side), (40 * i, 200 if c == "a" else 0, 90)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_evaluate_input_shape_and_warning_for_small_images_at_default_size(tmp_path):
+    """A factory model with no recorded shape gets the 224x224 default: images far smaller than that
+    (32x32) draw one warning naming the size to give; --input-shape / --size size the preprocessing."""
+    small = _folder(tmp_path / "small", 32)
+    spec = "tests.conftest:small_net"
+    proc = invoke("evaluate", spec, "--data", small)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "--size 32x32" in warnings[0] and "--input-shape 1,3,32,32" in warnings[0]
+    for extra in (["--input-shape", "1,3,32,32"], ["--size", "32x32"]):
+        proc = invoke("evaluate", spec, "--data", small, *extra)
+        assert proc.returncode == 0 and "warning:" not in proc.stderr, proc.stderr
+        assert "preprocessing: 3x32x32" in proc.stderr
+    proc = invoke("evaluate", spec, "--data", _folder(tmp_path / "big", 160))  # not much smaller: no warning
+    assert proc.returncode == 0 and "warning:" not in proc.stderr, proc.stderr
+    result = evaluate(spec, str(small), input_shape=(1, 3, 32, 32))
+    assert result["models"][0]["preprocessing"]["size"] == [32, 32]

@@ -20,6 +20,7 @@ from dsdeploy.conversion.block import ds_blocks
 from dsdeploy.conversion.rewrite import convert
 from dsdeploy.data.datasets import load_data, make_loader
 from dsdeploy.errors import CheckpointError
+from dsdeploy.fsutil import written_by_dsdeploy
 from dsdeploy.recover.config import FinetuneConfig
 from dsdeploy.recover.distill import (
     Distiller,
@@ -268,6 +269,7 @@ def test_sigterm_stops_without_saving_partial_work_and_says_how_to_resume(digits
     assert "--resume" in err and "Traceback" not in err
     ck = load_checkpoint(tmp_path / "t.ckpt")
     assert ck["epoch"] == len(ck["history"]) == len(json.loads((tmp_path / "t.history.json").read_text()))
+    assert written_by_dsdeploy(tmp_path / "t.history.json")  # a rerun may replace it, a user's JSON not
     # options that change the trajectory cannot be mixed into a resume
     art = load_artifact(student, trust_code=True)
     with pytest.raises(CheckpointError, match="different options.*lr"):

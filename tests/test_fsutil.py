@@ -20,6 +20,7 @@ from dsdeploy.fsutil import (
     sniff,
     write_json,
     write_text,
+    written_by_dsdeploy,
 )
 from tests.clirun import ROOT, invoke
 
@@ -150,6 +151,36 @@ def test_bench_report_over_another_kind_or_twice_is_refused(tmp_path, onnx_model
     one_line_error(invoke("bench", onnx_model, "--iters", "2", "--json", tmp_path / "r", "--csv", tmp_path / "r"),
                    "same file")
     assert other.read_bytes() == artifact.read_bytes() and not (tmp_path / "r").exists()
+
+
+def test_text_reports_replace_only_files_dsdeploy_wrote(tmp_path, onnx_model, artifact):
+    """A user's notes/config/data/readme under a report name is kept; dsdeploy's own reports are replaced."""
+    users = {"--json": ("cfg.json", '{"lr": 1}\n'), "--csv": ("data.csv", "a,b\n1,2\n"),
+             "--markdown": ("README.md", "# My project\n")}
+    for option, (name, text) in users.items():
+        (tmp_path / name).write_text(text)
+        one_line_error(invoke("bench", onnx_model, "--iters", "2", option, tmp_path / name),
+                       "exists and was not written by dsdeploy")
+        assert (tmp_path / name).read_text() == text
+    (tmp_path / "notes.txt").write_text("mine\n")
+    for option, suffix in (("--json", ".json"), ("--csv", ".csv"), ("--markdown", ".md"), ("--plot", ".png")):
+        one_line_error(invoke("bench", onnx_model, "--iters", "2", option, tmp_path / "notes.txt"),
+                       f"must end in {suffix}")
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"
+    # the same command twice: the second run replaces the reports the first wrote
+    own = ("--json", tmp_path / "r.json", "--csv", tmp_path / "r.csv", "--markdown", tmp_path / "r.md")
+    for _ in range(2):
+        proc = invoke("bench", onnx_model, "--iters", "2", "--warmup", "0", *own)
+        assert proc.returncode == 0, proc.stderr
+    assert all(written_by_dsdeploy(p) for p in own[1::2])
+    # finetune --history: a user's JSON is kept, a history finetune wrote is dsdeploy's
+    one_line_error(invoke("finetune", artifact, "--data", "digits", "-o", tmp_path / "f.dsd", "--history",
+                          tmp_path / "cfg.json"), "--history", "not written by dsdeploy")
+    one_line_error(invoke("finetune", artifact, "--data", "digits", "-o", tmp_path / "f.dsd", "--history",
+                          tmp_path / "notes.txt"), "must end in .json")
+    assert (tmp_path / "cfg.json").read_text() == '{"lr": 1}\n' and not (tmp_path / "f.dsd").exists()
+    write_json(tmp_path / "h.json", [{"epoch": 1, "train_loss": 0.5, "val_acc": 0.9}])
+    assert written_by_dsdeploy(tmp_path / "h.json") and not written_by_dsdeploy(tmp_path / "notes.txt")
 
 
 def test_export_over_an_artifact_is_refused(tmp_path, artifact):

@@ -75,9 +75,15 @@ batch = [1, 8]
     (MINIMAL + "[convert]\nlayout = \"fancy\"\n", "convert.layout must be one of branches, concat, multiplier"),
     (MINIMAL + "[finetune]\nmode = \"most\"\n", "finetune.mode must be one of none, partial, full"),
     (MINIMAL + "[finetune]\ntime_budget = \"ten minutes\"\n", "finetune.time_budget"),
+    (MINIMAL + "[finetune]\nepochs = 0\n", "finetune.epochs must be >= 1 unless finetune.time_budget is set, got 0"),
     (MINIMAL + "[deploy]\nquantize = \"int4\"\n", "deploy.quantize must be one of"),
     (MINIMAL + "[data]\nval_split = 1.0\n", "data.val_split must be in [0, 1)"),
     (MINIMAL + "[bench]\nbatch = []\n", "bench.batch must be a non-empty list"),
+    (MINIMAL + "[bench]\nthreads = -1\n", "bench.threads must be >= 1, got -1"),
+    (MINIMAL + "[bench]\nwarmup = -1\n", "bench.warmup must be >= 0, got -1"),
+    (MINIMAL + "[bench]\niters = 0\n", "bench.iters must be >= 1, got 0"),
+    (MINIMAL + "[bench]\nbatch = [1, 0]\n", "bench.batch must be >= 1, got 0"),
+    (MINIMAL + "[bench]\nproviders = []\n", "bench.providers must name at least one provider"),
     (MINIMAL + "[model]\n", "not valid TOML"),
 ])
 def test_bad_recipes_name_the_key_and_the_file(tmp_path, text, needle):
@@ -111,6 +117,13 @@ def test_relative_paths_resolve_against_the_recipe_folder(tmp_path, monkeypatch)
     assert art.model.spec == str((sub / "m.dsd").resolve())
 
 
+def test_zero_epochs_with_a_time_budget_is_accepted_as_on_the_command_line(tmp_path):
+    """``--epochs 0 --time-budget 5s`` works in ``finetune``; the recipe takes the same pair."""
+    r = load_recipe(write(tmp_path, MINIMAL + "[finetune]\nepochs = 0\ntime_budget = \"5s\"\n"))
+    assert (r.finetune.epochs, r.finetune.time_budget) == (0, 5.0)
+    assert load_recipe(write(tmp_path, MINIMAL), ["finetune.epochs=0", 'finetune.time_budget="5s"']).finetune.epochs == 0
+
+
 def test_overrides_are_toml_values_validated_like_the_file(tmp_path):
     path = write(tmp_path, MINIMAL + "[finetune]\nepochs = 5\n")
     r = load_recipe(path, ["finetune.epochs=2", "bench.batch=[1, 4]", "convert.convert_stem=true",
@@ -122,6 +135,8 @@ def test_overrides_are_toml_values_validated_like_the_file(tmp_path):
         load_recipe(path, ["finetune.epochs=two"])
     with pytest.raises(RecipeError, match="unknown key in \\[finetune\\] 'epoch'"):
         load_recipe(path, ["finetune.epoch=2"])
+    with pytest.raises(RecipeError, match="bench.threads must be >= 1, got -1"):  # at load, not at stage 7
+        load_recipe(path, ["bench.threads=-1"])
     with pytest.raises(RecipeError, match="use section.key=value"):
         load_recipe(path, ["finetune.epochs"])
 

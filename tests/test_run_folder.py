@@ -150,6 +150,18 @@ def test_finetune_resume_refuses_a_checkpoint_of_another_run(tmp_path, students)
     assert (tmp_path / "ft.ckpt").read_bytes() == before
 
 
+def test_finetune_resume_refuses_changed_preprocessing(tmp_path, students):
+    r1, _ = students
+    out = tmp_path / "ft.dsd"
+    common = ("--data", "digits", "-o", out, "--epochs", "1", "--batch-size", "32", "--limit", "96")
+    proc = invoke("finetune", r1, *common)
+    assert proc.returncode == 0, proc.stderr
+    before = (tmp_path / "ft.ckpt").read_bytes()
+    for change in (("--size", "12"), ("--mean", "0.9", "--std", "0.1"), ("--resize", "64")):
+        one_line_error(invoke("finetune", r1, *common, *change, "--resume"), "different run", "preprocessing")
+    assert (tmp_path / "ft.ckpt").read_bytes() == before
+
+
 def test_data_identity_follows_content_not_location(tmp_path, students):
     a = tmp_path / "a" / "cls"
     a.mkdir(parents=True)

@@ -381,3 +381,48 @@ def test_bundle_runs_only_its_own_verified_model(bundle, tmp_path, how):
     assert proc.returncode != 0 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+
+
+def _pre(b: Path, **changes) -> None:
+    man = json.loads((b / "manifest.json").read_text())
+    _manifest(b, preprocessing={**man["preprocessing"], **changes})
+
+
+DAMAGE = {
+    "garbage-manifest": lambda b: (b / "manifest.json").write_bytes(b"\x00{garbage\xff"),
+    "manifest-not-object": lambda b: (b / "manifest.json").write_text("[1, 2]"),
+    "no-preprocessing": lambda b: _manifest(b, preprocessing=None),
+    "channels-7": lambda b: _pre(b, channels=7),
+    "std-zero": lambda b: _pre(b, std=[0]),
+    "std-nan": lambda b: _pre(b, std=[float("nan")]),  # json.dumps writes NaN
+    "mean-wrong-length": lambda b: _pre(b, mean=[0.1, 0.2]),
+    "huge-size": lambda b: _pre(b, size=[100000, 100000]),
+    "size-not-ints": lambda b: _pre(b, size=[16.5, "16"]),
+    "size-not-model": lambda b: _pre(b, size=[20, 20]),
+    "huge-resize": lambda b: _pre(b, resize=10**9),
+    "labels-short": lambda b: _manifest(b, labels=["a", "b"]),
+    "labels-not-strings": lambda b: _manifest(b, labels=list(range(10))),
+}
+
+
+@pytest.mark.parametrize("how", sorted(DAMAGE))
+def test_bundle_refuses_damaged_manifest_in_one_line(bundle, tmp_path, how):
+    """predict.py validates manifest.json (preprocessing ranges, labels against the model's
+    outputs) before any image: every damage is one "error: ..." line and exit 2, no NaN scores."""
+    root, image = bundle
+    b = tmp_path / "b"
+    shutil.copytree(root / "b", b)
+    DAMAGE[how](b)
+    proc = predict(b, image)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and proc.stdout == "", (proc.stdout, proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+
+
+def test_bundle_missing_or_bad_model_argument_is_one_line(bundle, tmp_path):
+    root, image = bundle
+    for model in (tmp_path / "missing.onnx", image):  # absent, and a file that is not ONNX
+        proc = subprocess.run([sys.executable, str(root / "b" / "predict.py"), str(image), "--model", str(model)],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr

@@ -105,3 +105,28 @@ def test_any_garbage_reads_as_corrupt(tmp_path, seed):
     path.write_bytes(random.Random(seed).randbytes(random.Random(seed).randint(1, 5000)))
     with pytest.raises(WeightsError, match="corrupt|pickled"):
         load_model(FACTORY, weights=str(path))
+
+
+@pytest.mark.parametrize("spec, kwargs, key", [
+    ("torchvision.models:resnet18", {"weights": "IMAGENET1K_V1"}, "weights"),
+    ("torchvision.models:get_model", {"name": "resnet18", "weights": "DEFAULT"}, "weights"),
+    ("torchvision.models.detection:fasterrcnn_mobilenet_v3_large_320_fpn", {"weights_backbone": "DEFAULT"}, "weights_backbone"),
+    ("torchvision.models:resnet18", {"pretrained": True}, "pretrained"),
+])
+def test_library_builder_as_factory_never_downloads(monkeypatch, spec, kwargs, key):
+    """A torchvision builder named as pkg.module:factory refuses download kwargs before any call,
+    exactly like the torchvision:NAME path; no network is touched (a download attempt fails the test)."""
+    import socket
+    import torch.hub
+
+    def no_network(*a, **k):
+        raise AssertionError("tried the network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    with pytest.raises(SourceError, match=f"may not set '{key}'") as exc:
+        load_model(spec, model_kwargs=kwargs)
+    assert "\n" not in str(exc.value)
+    # weights=None (and a detection builder's backbone) build without any download
+    load_model("torchvision.models:get_model", model_kwargs={"name": "resnet18", "weights": None})
+    load_model("torchvision.models.detection:fasterrcnn_mobilenet_v3_large_320_fpn", model_kwargs={"num_classes": 3})

@@ -39,17 +39,18 @@ def parse_duration(text: str | None) -> float | None:
 
 
 def check_report_paths(models, data: str | None, **paths: str | None) -> None:
-    """Refuse report paths that are a benchmarked model, the data, each other, or a file of another kind."""
+    """Refuse report paths that are a benchmarked model, the data, each other, lack their format's suffix
+    (.json, .csv, .md, .png), or name an existing file dsdeploy did not write."""
     from dsdeploy.fsutil import check_distinct, check_output
 
     flags = {"json_path": "--json", "csv_path": "--csv", "markdown_path": "--markdown", "plot_path": "--plot"}
     inputs = [("model", m) for m in models] + [("--data", data)]
+    suffixes = {"json_path": ".json", "csv_path": ".csv", "markdown_path": ".md", "plot_path": ".png"}
+    check_distinct((flags[k], v) for k, v in paths.items())
     for key, path in paths.items():
         if path is not None:
-            png = key == "plot_path"
-            check_output(path, kind="png" if png else "text", suffixes=(".png",) if png else (), inputs=inputs,
-                         what=flags[key])
-    check_distinct((flags[k], v) for k, v in paths.items())
+            check_output(path, kind="png" if key == "plot_path" else "text", suffixes=(suffixes[key],),
+                         inputs=inputs, what=flags[key])
 
 
 @cli.command()

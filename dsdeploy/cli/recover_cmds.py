@@ -8,6 +8,7 @@ from dsdeploy.cli import cli
 from dsdeploy.cli.options import (
     echo_json,
     parse_kwargs,
+    parse_shape,
     preprocess_options,
     trust_code_option,
 )
@@ -23,6 +24,8 @@ from dsdeploy.recover.config import CALIB_BATCHES
 @click.option("--model-kwargs", default=None, metavar="JSON", help="Keyword arguments for the model builder(s).")
 @click.option("--trust-pickle", is_flag=True, help="Allow checkpoints that are whole pickled models.")
 @trust_code_option
+@click.option("--input-shape", default=None, metavar="N,C,H,W",
+              help="The model's input shape when it records none (sizes the preprocessing; default 224x224).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True,
               help="Which split to score (val = test/ or val/ folder, or the held-out part).")
@@ -32,8 +35,8 @@ from dsdeploy.recover.config import CALIB_BATCHES
 @click.option("--limit", type=int, default=None, help="Score at most this many images (seeded subset).")
 @preprocess_options
 @click.option("--json", "as_json", is_flag=True, help="Print the full result (with confusion matrices) as JSON.")
-def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust_pickle, batch_size, split,
-             val_split, seed, limit, as_json, preprocess, trust_code):
+def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust_pickle, input_shape, batch_size,
+             split, val_split, seed, limit, as_json, preprocess, trust_code):
     """Accuracy of MODEL (top-1/top-5, macro precision/recall/F1) on labelled DATA,
     side by side with MODEL2 when --compare is given."""
     from dsdeploy.recover.evaluate import evaluate as run_evaluate
@@ -43,7 +46,7 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
     result = run_evaluate(model, data, compare=compare, weights=weights, compare_weights=compare_weights,
                           model_kwargs=parse_kwargs(model_kwargs), trust_pickle=trust_pickle, batch_size=batch_size,
                           split=split, val_split=val_split, seed=seed, limit=limit, progress=not as_json,
-                          preprocess=preprocess, trust_code=trust_code)
+                          preprocess=preprocess, trust_code=trust_code, input_shape=parse_shape(input_shape))
     if as_json:
         echo_json(result)
         return
@@ -145,7 +148,7 @@ def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, tim
     inputs = [("artifact", artifact), ("--data", data), ("--teacher", teacher), ("--teacher-weights", teacher_weights)]
     check_artifact_output(output, what="--output", inputs=inputs)
     if history is not None:
-        check_output(history, kind="text", what="--history", inputs=inputs)
+        check_output(history, kind="text", suffixes=(".json",), what="--history", inputs=inputs)
         check_distinct([("--output", output), ("--history", history)])
     budget = parse_duration(time_budget, "time budget") if time_budget else None
     config = FinetuneConfig(mode=mode, epochs=epochs if epochs is not None else (None if budget else 10),

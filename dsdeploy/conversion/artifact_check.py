@@ -73,6 +73,11 @@ def _check_metadata(meta: Any, history: Any, origin: str) -> None:
     labels = meta.get("labels")
     if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
         raise ArtifactError(f"{origin}: metadata.labels must be a list of strings; the file is damaged")
+    if labels is not None and len(set(labels)) != len(labels):
+        seen: set[str] = set()
+        dup = next(x for x in labels if x in seen or seen.add(x))
+        raise ArtifactError(f"{origin}: metadata.labels holds {show(dup)} more than once (labels name distinct "
+                            f"outputs); the file is damaged")
     if not _opt(meta.get("preprocessing"), dict):
         raise ArtifactError(f"{origin}: metadata.preprocessing must be a table; the file is damaged")
     _check_preprocessing(meta.get("preprocessing") or {}, origin)

@@ -27,6 +27,7 @@ from dsdeploy.data.preprocessing import (  # noqa: F401 (re-exported)
     IMAGENET_STD,
     Preprocess,
     announce,
+    warn_if_images_small,
 )
 from dsdeploy.errors import DataError
 from dsdeploy.ranges import check_number
@@ -357,6 +358,7 @@ def load_data(spec: str, preprocess: Preprocess | None = None, *, val_split: flo
         tr, va = _split(labels, val_split, seed)
     tr, va = _cap(tr, limit, seed), _cap(va, limit, seed + 1)
     announce(pre)
+    warn_if_images_small(pre, files)
     if skipped:
         log.warning("skipped %d non-image files in %s", skipped, root)
     if classes is not None and model_labels:

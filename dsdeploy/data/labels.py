@@ -15,8 +15,15 @@ from typing import Any, Sequence
 from dsdeploy.errors import DataError
 
 
+def show_label(name: Any, width: int = 40) -> str:
+    """A label or class name for a message: ``repr`` on one line, at most ``width`` characters
+    (names come from files and folders and may hold newlines or control characters)."""
+    text = repr(str(name))
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def _preview(names: Sequence[str], n: int = 5) -> str:
-    return ", ".join(map(str, names[:n])) + (", ..." if len(names) > n else "")
+    return ", ".join(map(show_label, names[:n])) + (", ..." if len(names) > n else "")
 
 
 def to_model_labels(classes: Sequence[str], model_labels: Sequence[str], used: set[int] | None = None,
@@ -35,7 +42,7 @@ def to_model_labels(classes: Sequence[str], model_labels: Sequence[str], used: s
     index = {str(name): i for i, name in enumerate(model_labels)}
     unknown = [c for i, c in enumerate(classes) if str(c) not in index and (used is None or i in used)]
     if unknown:
-        raise DataError(f"data class {unknown[0]!r} in {where} is not one of the model's {len(model_labels)} "
+        raise DataError(f"data class {show_label(unknown[0])} in {where} is not one of the model's {len(model_labels)} "
                         f"labels ({_preview(list(model_labels))}); give data whose class folders use the model's "
                         f"label names")
     return [index.get(str(c), -1) for c in classes]

@@ -34,6 +34,7 @@ MAX_SIDE = 4096  # the largest size/resize side accepted (larger: a typo, and no
 SMALL_SIDE = 64  # inputs whose shorter side is at most this many pixels resize straight to size
 CHANNELS = (1, 3, 4)
 OVERRIDE_KEYS = ("size", "resize", "mean", "std", "channels")
+DEFAULT_SOURCES = ("ImageNet defaults", "224x224 defaults")  # sources of a preprocessing nobody chose
 
 
 @dataclass
@@ -207,9 +208,9 @@ def resolve(recorded: Mapping[str, Any] | Preprocess | None = None, input_shape:
                                                                             "digits defaults")
     else:
         channels = first_conv_channels(model)
-        base = Preprocess(source="ImageNet defaults (the model's input shape is unknown)")
+        base = Preprocess(source=f"{DEFAULT_SOURCES[0]} (the model's input shape is unknown)")
         if channels in CHANNELS and channels != 3:
-            base = _from_shape(channels, (224, 224), False, f"224x224 defaults; channels from the model's "
+            base = _from_shape(channels, (224, 224), False, f"{DEFAULT_SOURCES[1]}; channels from the model's "
                                                             f"first conv, its input shape is unknown")
     if not over:
         return replace(base, augment=augment)
@@ -226,6 +227,37 @@ def resolve(recorded: Mapping[str, Any] | Preprocess | None = None, input_shape:
     args["augment"] = bool(over.get("augment", augment))
     named = ", ".join(k for k in OVERRIDE_KEYS if k in over)
     return Preprocess(**args, source=f"{named} given, rest {base.source}" if named else base.source)
+
+
+def is_default(pre: Preprocess) -> bool:
+    """Whether ``pre`` is the 224x224 default: not recorded with the model, not given, not from a shape."""
+    return pre.source.startswith(DEFAULT_SOURCES)
+
+
+def warn_if_images_small(pre: Preprocess, files: Sequence[Any], n: int = 8) -> bool:
+    """Log one warning when ``pre`` is a default (:func:`is_default`) and the first ``n`` image
+    ``files`` are all much smaller (both sides at most half) than its size: a 32x32 model scored at
+    224x224 is a wrong preprocessing, not a bad model. Only image headers are read. Returns whether
+    it warned."""
+    from PIL import Image
+
+    if not is_default(pre) or not files:
+        return False
+    h, w = pre.size
+    sizes = []
+    for path in list(files)[:n]:
+        try:
+            with Image.open(path) as im:
+                sizes.append(im.size)
+        except (OSError, ValueError, SyntaxError):
+            continue  # corrupt files are reported where they are decoded
+    if not sizes or any(iw * 2 > w or ih * 2 > h for iw, ih in sizes):
+        return False
+    iw, ih = max(sizes)
+    log.warning("warning: the images are about %dx%d but the model's input size is unknown, so they are scaled "
+                "to the %dx%d default; if the model takes %dx%d give that size (CLI: --size %dx%d or --input-shape 1,%d,%d,%d)",
+                ih, iw, h, w, ih, iw, ih, iw, pre.channels, ih, iw)
+    return True
 
 
 def describe(pre: Preprocess) -> str:

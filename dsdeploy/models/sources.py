@@ -19,6 +19,7 @@ from torch import nn
 from dsdeploy.errors import ArtifactError, SourceError
 from dsdeploy.models.trust import (
     check_plain,
+    library_builder_kwargs,
     may_resolve,
     refuse_recorded,
     resolve_factory,
@@ -74,8 +75,9 @@ def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
 
 
 def _call(factory: Callable[..., Any], spec: str, kwargs: dict[str, Any]) -> nn.Module:
+    call_kwargs = library_builder_kwargs(factory, spec, kwargs)  # refuses download kwargs before any call
     try:
-        model = factory(**kwargs)
+        model = factory(**call_kwargs)
     except Exception as exc:  # user code: any failure becomes one clear line
         raise SourceError(f"factory {spec!r} raised {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):

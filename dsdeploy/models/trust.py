@@ -112,6 +112,35 @@ def _allowed_library_builder(func: Callable) -> bool:
     return False
 
 
+WEIGHT_KWARGS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
+
+
+def library_builder_kwargs(func: Callable, spec: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The kwargs to call ``func`` with, refusing any that would download weights.
+
+    For a torchvision/timm model builder (see :func:`check_factory`): ``weights``,
+    ``weights_backbone``, ``pretrained`` or ``pretrained_backbone`` set to anything but
+    None/False raises SourceError (weights come from a checkpoint file only), and a
+    torchvision builder's ``weights_backbone`` defaults to None (never a download). Other
+    factories get ``kwargs`` unchanged.
+    """
+    if not (inspect.isfunction(func) and _allowed_library_builder(func)):
+        return kwargs
+    given = [k for k in WEIGHT_KWARGS if kwargs.get(k) not in (None, False)]
+    if given:
+        raise SourceError(f"{spec!r} model_kwargs may not set {given[0]!r} (dsdeploy never downloads); "
+                          f"give the checkpoint file as the weights argument")
+    target = func
+    if (func.__module__ or "").startswith("torchvision.models"):
+        import torchvision.models as tvm
+
+        if func is tvm.get_model and kwargs.get("name") in tvm.list_models():
+            target = tvm.get_model_builder(kwargs["name"])
+        if target is not tvm.get_model and "weights_backbone" in inspect.signature(target).parameters:
+            return {"weights_backbone": None, **kwargs}  # never download a backbone
+    return kwargs
+
+
 def check_factory(obj: Any, spec: str) -> None:
     """Raise SourceError unless ``obj`` is an ``nn.Module`` subclass or a plain function that may build one."""
     if inspect.isclass(obj):

@@ -275,22 +275,23 @@ def validate(r: Recipe, src: str) -> None:
     if not 0 <= r.data.val_split < 1:
         raise RecipeError(f"{src}: data.val_split must be in [0, 1), got {r.data.val_split}")
     positive = {"calibrate.batch_size": r.calibrate.batch_size,
-                "evaluate.batch_size": r.evaluate.batch_size, "bench.iters": r.bench.iters, "export.opset": r.export.opset}
+                "evaluate.batch_size": r.evaluate.batch_size, "export.opset": r.export.opset}
     for key, v in positive.items():
         if v < 1:
             raise RecipeError(f"{src}: {key} must be >= 1, got {v}")
-    if not r.bench.batch or min(r.bench.batch) < 1:
-        raise RecipeError(f"{src}: bench.batch must be a non-empty list of positive integers")
     if r.deploy.max_accuracy_drop is not None and r.deploy.max_accuracy_drop < 0:
         raise RecipeError(f"{src}: deploy.max_accuracy_drop must be >= 0 (top-1 points)")
-    if r.bench.warmup < 0 or r.deploy.latency_iters < 0:
-        raise RecipeError(f"{src}: bench.warmup and deploy.latency_iters must be >= 0")
+    if r.deploy.latency_iters < 0:
+        raise RecipeError(f"{src}: deploy.latency_iters must be >= 0")
     _check_numbers(r, src)
 
 
 def _check_numbers(r: Recipe, src: str) -> None:
-    """The calibrate numbers (checked by the library's own config dataclass), the seed and export tolerances."""
-    c = r.calibrate
+    """The calibrate and bench numbers, checked by the library's own config dataclasses (when the recipe loads),
+    the seed and the export tolerances."""
+    from dsdeploy.runtime.bench import BenchConfig
+
+    c, b = r.calibrate, r.bench
     try:
         CalibrationParams(ridge=c.ridge, max_batches=c.batches, batch_size=c.batch_size)
     except DsdeployError as exc:
@@ -299,6 +300,8 @@ def _check_numbers(r: Recipe, src: str) -> None:
         check_number(r.seed, "seed", low=0, integer=True)
         check_number(r.export.atol, "export.atol", low=0)
         check_number(r.export.rtol, "export.rtol", low=0)
+        BenchConfig(providers=list(b.providers), batches=list(b.batch), threads=b.threads, warmup=b.warmup,
+                    iters=b.iters).validate(lambda f: "bench.batch" if f == "batches" else f"bench.{f}")
     except DsdeployError as exc:
         raise RecipeError(f"{src}: {exc}") from None
 

@@ -89,7 +89,7 @@ class FinetuneConfig:
         check_number(self.epochs, "finetune.epochs", low=0, integer=True, optional=True)
         check_number(self.time_budget, "finetune.time_budget (seconds)", low=0, low_open=True, optional=True)
         if self.mode != "none" and not self.epochs and not self.time_budget:
-            raise DsdeployError("finetune needs epochs >= 1 or a time_budget")
+            raise DsdeployError(f"finetune.epochs must be >= 1 unless finetune.time_budget is set, got {self.epochs}")
         check_number(self.batch_size, "finetune.batch_size", low=1, integer=True)
         check_number(self.lr, "finetune.lr", low=0, low_open=True)
         check_number(self.momentum, "finetune.momentum", low=0, high=1, high_open=True)

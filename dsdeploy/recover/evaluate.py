@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -41,13 +41,15 @@ def _loaded(model: Any, weights: str | None, model_kwargs: dict | None, trust_pi
     return model
 
 
-def preprocess_for(loaded: Any, data: str, override: Preprocess | dict | None = None) -> Preprocess:
+def preprocess_for(loaded: Any, data: str, override: Preprocess | dict | None = None,
+                   input_shape: Sequence[int] | None = None) -> Preprocess:
     """The preprocessing to evaluate ``loaded`` with (:func:`dsdeploy.data.preprocessing.resolve`):
-    a whole ``Preprocess`` override is used as is; a dict overrides the keys it gives."""
+    a whole ``Preprocess`` override is used as is; a dict overrides the keys it gives;
+    ``input_shape`` (N, C, H, W) replaces the model's own input shape."""
     if isinstance(override, Preprocess):
         return override
-    return resolve(getattr(loaded, "preprocessing", None), getattr(loaded, "input_shape", None), override,
-                   data=data, model=getattr(loaded, "model", None))
+    return resolve(getattr(loaded, "preprocessing", None), input_shape or getattr(loaded, "input_shape", None),
+                   override, data=data, model=getattr(loaded, "model", None))
 
 
 def _score(loaded: Any, splits: DataSplits, split: str, batch_size: int, progress: bool) -> dict[str, Any]:
@@ -73,7 +75,7 @@ def evaluate(model: Any, data: str, *, compare: Any = None, weights: str | None 
              compare_weights: str | None = None, model_kwargs: dict | None = None, trust_pickle: bool = False,
              batch_size: int = 256, split: str = "val", val_split: float = 0.2, seed: int = 0,
              limit: int | None = None, preprocess: Preprocess | dict | None = None, progress: bool = False,
-             trust_code: bool = False) -> dict[str, Any]:
+             trust_code: bool = False, input_shape: Sequence[int] | None = None) -> dict[str, Any]:
     """Evaluate ``model`` (and ``compare``, side by side) on ``data``; return a JSON-able dict.
 
     ``model``/``compare``: a spec for ``convert.loading.load_model``, a ``LoadedModel``-like object
@@ -85,6 +87,8 @@ def evaluate(model: Any, data: str, *, compare: Any = None, weights: str | None 
     "metrics", "seconds", "preprocessing"}, ...]}`` plus, with ``compare``, ``"delta"``
     (compare minus model, per metric) and ``"agreement"`` (fraction of equal predictions).
     ``trust_code``: import the ``pkg.module:factory`` a ``.dsd`` spec records (:mod:`dsdeploy.models.trust`).
+    ``input_shape``: (N, C, H, W) for models that record none (a factory's 32x32 CIFAR net); it
+    sizes the preprocessing of every model evaluated, like the models' own recorded shape would.
     """
     if split not in ("train", "val"):
         raise DataError(f"split must be 'train' or 'val', got {split!r}")
@@ -94,7 +98,7 @@ def evaluate(model: Any, data: str, *, compare: Any = None, weights: str | None 
     cache: dict[str, DataSplits] = {}
     results = []
     for loaded in entries:
-        pre = preprocess_for(loaded, data, preprocess)
+        pre = preprocess_for(loaded, data, preprocess, input_shape)
         labels = list(loaded.labels) if getattr(loaded, "labels", None) else None
         key = repr((pre.to_dict(), labels))
         if key not in cache:

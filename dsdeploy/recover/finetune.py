@@ -311,7 +311,8 @@ def finetune_artifact(student_path: str | Path, data: str, out: str | Path, conf
     """``dsdeploy finetune``: fine-tune a .dsd against its source model (or ``teacher``); write the best to ``out``.
 
     ``out`` is rewritten whenever validation improves, so it always holds the best weights so far.
-    The checkpoint records the digests of the student, data, split and teacher; ``resume`` with
+    The checkpoint records the digests of the student, data, split, teacher and the resolved
+    preprocessing (size, resize, mean, std, channels); ``resume`` with
     any of them changed raises CheckpointError naming what differs.
     Data: ``load_data(data, val_split=, seed=config.seed, limit=)`` preprocessed per
     :func:`dsdeploy.data.preprocessing.resolve` (the artifact's own, ``preprocess`` overrides), labels
@@ -326,12 +327,12 @@ def finetune_artifact(student_path: str | Path, data: str, out: str | Path, conf
 
     config.validate()
     started = time.perf_counter()
-    identity = run_identity(student=student_path, data=data, limit=limit, val_split=val_split, teacher=teacher,
-                            teacher_weights=teacher_weights)
     art = load_artifact(student_path, trust_code=trust_code)
     teacher_model = load_teacher(art, teacher, teacher_weights, trust_code=trust_code)
     pre = resolve(art.metadata.get("preprocessing"), art.metadata.get("input_shape"), preprocess, data=data,
                   model=art.model, augment=config.augment)
+    identity = run_identity(student=student_path, data=data, limit=limit, val_split=val_split, teacher=teacher,
+                            teacher_weights=teacher_weights, preprocessing=pre.to_dict())
     splits = load_data(data, pre, seed=config.seed, labelled=False, limit=limit, val_split=val_split,
                        model_labels=art.metadata.get("labels"))
     if splits.classes and splits.train is not None and len(splits.train):

@@ -4,7 +4,7 @@ A checkpoint is a plain dict of tensors and Python scalars/containers (model,
 optimizer, schedule step, RNG states, epoch, best score and best weights), so it loads
 with ``torch.load(weights_only=True)``. Writes go to a temporary file renamed into
 place: a kill at any moment leaves the previous checkpoint intact. It records the run's
-identity (digests of the student, data, split and teacher: :func:`run_identity`) next to
+identity (digests of the student, data, split, teacher and preprocessing: :func:`run_identity`) next to
 the options, and a resume with any of them changed is refused (:func:`check_resumable`).
 """
 
@@ -87,18 +87,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def run_identity(*, student: str | Path, data: str, limit: int | None, val_split: float,
-                 teacher: str | None = None, teacher_weights: str | None = None) -> dict[str, Any]:
+                 teacher: str | None = None, teacher_weights: str | None = None,
+                 preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Digests of everything besides the options that determines a fine-tuning trajectory.
 
     ``student``: the artifact's sha256 (it also fixes the default teacher, its source model);
     ``data``: ``digits`` or the digest of the folder's file names and sizes (not its path);
-    ``split``: limit and held-out fraction; ``teacher``: an explicit teacher spec and its weights' sha256.
+    ``split``: limit and held-out fraction; ``teacher``: an explicit teacher spec and its weights' sha256;
+    ``preprocessing``: the resolved size, resize, mean, std and channels the images become inputs by
+    (``Preprocess.to_dict()``; other keys are ignored).
     """
+    pre = None if preprocessing is None else {k: preprocessing.get(k)
+                                              for k in ("size", "resize", "mean", "std", "channels")}
     return {"student": sha256_file(student),
             "data": data if data == "digits" else digest_tree(data),
             "split": {"limit": limit, "val_split": val_split},
             "teacher": None if not teacher else {"spec": teacher,
-                                                 "weights": sha256_file(teacher_weights) if teacher_weights else None}}
+                                                 "weights": sha256_file(teacher_weights) if teacher_weights else None},
+            "preprocessing": pre}
 
 
 def check_resumable(ck: dict[str, Any], options: dict[str, Any], identity: dict[str, Any] | None, path: Path) -> None:

@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dsdeploy.errors import ExportError, InputShapeError, ProviderError
+from dsdeploy.errors import ConfigError, ExportError, InputShapeError, ProviderError
+from dsdeploy.ranges import check_number
 from dsdeploy.runtime import providers as eps
 from dsdeploy.runtime.bench_report import compare, write_outputs
 from dsdeploy.runtime.inputs import (
@@ -52,14 +53,26 @@ class BenchConfig:
     seed: int = 0
     preprocess: dict[str, Any] | None = None  # overrides of the --data preprocessing (dsdeploy.data.preprocessing)
 
-    def validate(self) -> None:
-        if not self.providers or not self.batches:
-            raise ProviderError("give at least one provider and one batch size")
-        if any(b <= 0 for b in self.batches) or self.warmup < 0 or (self.threads is not None and self.threads <= 0):
-            raise InputShapeError("batch sizes and threads must be positive and warmup >= 0")
-        if (self.iters is None) == (self.duration is None) or (self.iters is not None and self.iters <= 0) or (
-                self.duration is not None and self.duration <= 0):
-            raise InputShapeError("give exactly one of iters (> 0) or duration (> 0 seconds)")
+    def validate(self, name: Callable[[str], str] = str) -> None:
+        """Raise ProviderError/InputShapeError naming the first field out of range.
+
+        ``name`` maps a field to what the caller calls it (the recipe: ``bench.batch`` for ``batches``).
+        """
+        if not self.providers:
+            raise ProviderError(f"{name('providers')} must name at least one provider")
+        if not self.batches:
+            raise InputShapeError(f"{name('batches')} must be a non-empty list of positive integers")
+        try:
+            for b in self.batches:
+                check_number(b, name("batches"), low=1, integer=True)
+            check_number(self.threads, name("threads"), low=1, integer=True, optional=True)
+            check_number(self.warmup, name("warmup"), low=0, integer=True)
+            check_number(self.iters, name("iters"), low=1, integer=True, optional=True)
+            check_number(self.duration, f"{name('duration')} (seconds)", low=0, low_open=True, optional=True)
+        except ConfigError as exc:
+            raise InputShapeError(str(exc)) from None
+        if (self.iters is None) == (self.duration is None):
+            raise InputShapeError(f"give exactly one of {name('iters')} or {name('duration')}")
 
 
 # ---------------------------------------------------------------------------------- measuring

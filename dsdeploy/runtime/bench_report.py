@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from dsdeploy.fsutil import atomic_path, utf8, write_json, write_text
+from dsdeploy.fsutil import REPORT_MARK, atomic_path, utf8, write_json, write_text
 from dsdeploy.runtime.results import BenchReport, EPResult
 from dsdeploy.tables import format_table, markdown_table
 
@@ -184,7 +184,10 @@ def write_plot(report: BenchReport, path: str | Path) -> None:
 def write_outputs(report: BenchReport, *, json_path: str | None = None, csv_path: str | None = None,
                   markdown_path: str | None = None, plot_path: str | None = None, title: str = "Benchmark results",
                   preamble: str = "") -> list[str]:
-    """Write each requested file atomically; returns the paths written."""
+    """Write each requested file atomically; returns the paths written.
+
+    The Markdown file's first line is ``fsutil.REPORT_MARK`` (so a rerun knows it may replace it).
+    """
     written = []
     if json_path:
         write_json(json_path, report.to_dict())
@@ -193,7 +196,7 @@ def write_outputs(report: BenchReport, *, json_path: str | None = None, csv_path
         write_text(csv_path, render_csv(report))
         written.append(csv_path)
     if markdown_path:
-        write_text(markdown_path, render_markdown(report, title, preamble))
+        write_text(markdown_path, f"{REPORT_MARK}\n" + render_markdown(report, title, preamble))
         written.append(markdown_path)
     if plot_path:
         write_plot(report, plot_path)
