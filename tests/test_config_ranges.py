@@ -139,3 +139,74 @@ def test_recipe_bad_numbers_are_refused_on_load(section, key, value, named):
     with pytest.raises(RecipeError) as err:
         recipe_from_dict({"model": {"spec": "sample:digits_cnn"}, section: {key: value}}, "r.toml")
     assert str(err.value).startswith("r.toml:") and named in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"seed": -1}, "data seed"), ({"limit": -1}, "data limit"), ({"limit": 0}, "data limit"),
+    ({"limit": -300}, "data limit"),
+])
+def test_load_data_refuses_negative_seed_and_limit(kwargs, field):
+    from dsdeploy.data.datasets import load_data
+    with pytest.raises(ConfigError, match=field):
+        load_data("digits", **kwargs)
+
+
+def test_make_loader_refuses_batch_size_zero():
+    import torch
+    from dsdeploy.data.datasets import make_loader
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        make_loader(torch.utils.data.TensorDataset(torch.zeros(2)), 0, shuffle=False)
+
+
+def test_finetune_reinit_must_be_a_regex():
+    with pytest.raises(DsdeployError, match="finetune.reinit is not a valid regular expression"):
+        FinetuneConfig(reinit="(")
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"atol": NAN}, "export atol must be a finite"), ({"rtol": -1.0}, "export rtol must be >= 0"),
+])
+def test_export_tolerances_are_checked_before_exporting(tmp_path, kwargs, words):
+    from torch import nn
+    from dsdeploy.export.onnx_export import export_onnx
+    with pytest.raises(ConfigError, match=words):
+        export_onnx(nn.Conv2d(1, 2, 3), tmp_path / "m.onnx", (1, 1, 8, 8), **kwargs)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"max_accuracy_drop": NAN, "eval_data": "digits"}, "max_accuracy_drop .* finite"),
+    ({"max_accuracy_drop": -1.0, "eval_data": "digits"}, "max_accuracy_drop .* >= 0"),
+    ({"threads": 0}, "threads must be >= 1"),
+])
+def test_deploy_refuses_gate_and_threads_out_of_range(tmp_path, kwargs, words):
+    from dsdeploy.export.bundle import deploy
+    with pytest.raises(ConfigError, match=words):
+        deploy(tmp_path / "missing.onnx", tmp_path / "b", **kwargs)
+    assert not (tmp_path / "b").exists()
+
+
+def test_bench_iters_zero_is_refused_not_replaced():
+    from dsdeploy.runtime.bench import BenchConfig
+    with pytest.raises(DsdeployError, match="iters"):
+        BenchConfig(providers=["cpu"], batches=[1], iters=0).validate()
+
+
+@pytest.mark.parametrize("text, words", [
+    ("seed = -1\n", "seed must be >= 0"), ("[export]\natol = nan\n", "export.atol must be a finite"),
+    ("[export]\nrtol = -1.0\n", "export.rtol must be >= 0"),
+])
+def test_recipe_seed_and_export_tolerances(tmp_path, text, words):
+    from dsdeploy.errors import RecipeError
+    from dsdeploy.pipeline.recipe import load_recipe
+    top, _, table = text.rpartition("[") if text.startswith("[") else (text, "", "")
+    (tmp_path / "r.toml").write_text(f'{top}[model]\nspec = "sample:digits_cnn"\n' + (f"[{table}" if table else ""))
+    with pytest.raises(RecipeError, match=words):
+        load_recipe(tmp_path / "r.toml")
+
+
+def test_torchvision_kwargs_that_break_the_builder_are_one_source_error():
+    from dsdeploy.errors import SourceError
+    from dsdeploy.models.sources import build_source
+    with pytest.raises(SourceError, match="cannot be built"):
+        build_source("torchvision:resnet18", {"num_classes": -5})

@@ -380,3 +380,35 @@ def test_image_data_for_a_model_images_cannot_feed_is_one_line(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip().count("\n") == 0 and "takes 8-channel inputs" in proc.stderr, proc.stderr
     assert not (tmp_path / "e.dsd").exists()
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"mean": (float("nan"),)}, "mean must be finite"),
+    ({"mean": (float("inf"),)}, "mean must be finite"),
+    ({"std": (float("inf"),)}, "std must be positive finite"),
+    ({"std": (float("nan"),)}, "std must be positive finite"),
+    ({"size": (100000, 100000)}, "at most 4096"),
+    ({"size": (16, 16), "resize": 10**6}, "at most 4096"),
+])
+def test_preprocess_refuses_non_finite_stats_and_huge_sizes(kwargs, words):
+    from dsdeploy.data.preprocessing import Preprocess
+    from dsdeploy.errors import DataError
+    args = {"size": (16, 16), "resize": None, "mean": (0.3,), "std": (0.32,), "channels": 1, **kwargs}
+    with pytest.raises(DataError, match=words):
+        Preprocess(**args)
+
+
+def test_channels_override_that_the_model_input_shape_cannot_take_is_refused():
+    from dsdeploy.data.preprocessing import resolve
+    from dsdeploy.errors import DataError
+    with pytest.raises(DataError, match="channels 3 do not fit"):
+        resolve(None, (1, 1, 16, 16), {"channels": 3}, data="digits")
+
+
+def test_images_too_small_for_the_model_fail_as_one_line():
+    from dsdeploy.errors import InputShapeError
+    from dsdeploy.recover.metrics import predict
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.LazyLinear(3))
+    loader = [(torch.zeros(2, 1, 3, 3), torch.zeros(2, dtype=torch.long))]
+    with pytest.raises(InputShapeError, match=r"shape 2,1,3,3 \(check size/channels\)"):
+        predict(model, loader)

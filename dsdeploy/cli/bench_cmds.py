@@ -92,7 +92,7 @@ def bench(models, providers, batch, threads, warmup, iters, duration, data, ep_o
     if secs is not None and iters is not None:
         raise click.BadParameter("give --iters or --duration, not both", param_hint="--duration")
     cfg = BenchConfig(providers=parse_list(providers, "--providers"), batches=parse_ints(batch, "--batch"),
-                      threads=threads, warmup=warmup, iters=None if secs else (iters or 50), duration=secs,
+                      threads=threads, warmup=warmup, iters=None if secs else (50 if iters is None else iters), duration=secs,
                       data=data, ep_options=parse_ep_options(ep_options), skip_unavailable=skip_unavailable,
                       seed=seed, preprocess=preprocess)
     total = len(models) * len(cfg.batches) * len(cfg.providers)

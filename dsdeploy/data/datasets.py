@@ -30,6 +30,7 @@ from dsdeploy.data.preprocessing import (  # noqa: F401 (re-exported)
     warn_if_images_small,
 )
 from dsdeploy.errors import DataError
+from dsdeploy.ranges import check_number
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +335,8 @@ def load_data(spec: str, preprocess: Preprocess | None = None, *, val_split: flo
     missing or empty folder, a data class not in ``model_labels``, or, when ``labelled``, a
     folder without class folders or with only one class.
     """
+    check_number(seed, "data seed", low=0, integer=True)
+    check_number(limit, "data limit (images per split)", low=1, integer=True, optional=True)
     if spec == "digits":
         return _load_digits(preprocess, val_split, seed, limit, model_labels)
     pre = preprocess or Preprocess()
@@ -373,5 +376,6 @@ def load_data(spec: str, preprocess: Preprocess | None = None, *, val_split: flo
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
     """A single-process DataLoader whose order depends only on ``seed``."""
+    check_number(batch_size, "batch_size", low=1, integer=True)
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0)

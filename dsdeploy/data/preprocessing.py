@@ -20,6 +20,7 @@ Setting ``size`` without ``resize`` derives ``resize`` from the new size by the 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_SIDE = 4096  # the largest size/resize side accepted (larger: a typo, and no memory for it)
 SMALL_SIDE = 64  # inputs whose shorter side is at most this many pixels resize straight to size
 CHANNELS = (1, 3, 4)
 OVERRIDE_KEYS = ("size", "resize", "mean", "std", "channels")
@@ -63,8 +65,15 @@ class Preprocess:
         for name, vals in (("mean", self.mean), ("std", self.std)):
             if len(vals) not in (1, self.channels):
                 raise DataError(f"preprocessing {name} has {len(vals)} values for {self.channels} channels")
-        if any(not s > 0 for s in self.std) or min(self.size) <= 0 or (self.resize is not None and self.resize <= 0):
-            raise DataError("preprocessing std, size and resize must be positive")
+        if any(not math.isfinite(m) for m in self.mean):
+            raise DataError(f"preprocessing mean must be finite numbers, got {list(self.mean)}")
+        if any(not (math.isfinite(s) and s > 0) for s in self.std):
+            raise DataError(f"preprocessing std must be positive finite numbers, got {list(self.std)}")
+        if min(self.size) <= 0 or (self.resize is not None and self.resize <= 0):
+            raise DataError("preprocessing size and resize must be positive")
+        if max(self.size) > MAX_SIDE or (self.resize is not None and self.resize > MAX_SIDE):
+            raise DataError(f"preprocessing size and resize must be at most {MAX_SIDE} px per side, "
+                            f"got size {self.size[0]}x{self.size[1]}, resize {self.resize}")
 
     def to_dict(self) -> dict[str, Any]:
         """The dict stored as ``LoadedModel.preprocessing`` / artifact and ONNX metadata / bundle manifest."""
@@ -207,6 +216,9 @@ def resolve(recorded: Mapping[str, Any] | Preprocess | None = None, input_shape:
         return replace(base, augment=augment)
     args = {k: getattr(base, k) for k in OVERRIDE_KEYS}
     channels = int(over.get("channels", base.channels))
+    if "channels" in over and fixed is not None and channels != fixed[0]:
+        raise DataError(f"preprocessing channels {channels} do not fit the model, whose input shape takes "
+                        f"{fixed[0]}-channel images")
     if channels != base.channels:
         args["mean"], args["std"] = default_stats(channels) if channels in CHANNELS else ((0.5,), (0.5,))
     if "size" in over and "resize" not in over:

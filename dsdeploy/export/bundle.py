@@ -41,6 +41,7 @@ from dsdeploy.fsutil import (
     show,
     write_json,
 )
+from dsdeploy.ranges import check_number
 from dsdeploy.runtime.sessions import save_ort_format
 from dsdeploy.version import __version__
 
@@ -119,6 +120,8 @@ def deploy(onnx_path: str | Path, out_dir: str | Path, *, quantize: str = "none"
         raise DeployError(f"unknown --quantize {quantize!r}; choose one of {', '.join(QUANT_MODES)}")
     if quantize == "int8" and not calib_data:
         raise DeployError("--quantize int8 (static) needs --calib-data DATA (real images to calibrate on)")
+    check_number(max_accuracy_drop, "max_accuracy_drop (top-1 points)", low=0, optional=True)
+    check_number(threads, "threads", low=1, integer=True, optional=True)
     if max_accuracy_drop is not None and not eval_data:
         raise DeployError("--max-accuracy-drop needs --eval-data DATA (labelled images) to measure the drop")
     src = Path(onnx_path)

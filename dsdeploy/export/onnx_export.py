@@ -48,6 +48,7 @@ from dsdeploy.export.parity import (
     random_inputs,
 )
 from dsdeploy.fsutil import atomic_path
+from dsdeploy.ranges import check_number
 from dsdeploy.runtime.sessions import cpu_session
 from dsdeploy.version import __version__
 
@@ -209,6 +210,8 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
         ExportError: the exporter failed, or the model takes a list of images (detection).
         ParityError: ONNX Runtime disagrees with torch on the export (every failing output listed).
     """
+    check_number(atol, "export atol", low=0)
+    check_number(rtol, "export rtol", low=0)
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
     path = Path(path)

@@ -70,7 +70,7 @@ def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
         args.setdefault("weights_backbone", None)  # never download a backbone
     try:
         return builder(**args)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:  # bad model_kwargs (e.g. num_classes=-5)
         raise SourceError(f"torchvision:{name} cannot be built with {kwargs}: {exc}") from None
 
 

@@ -22,7 +22,7 @@ import tomllib
 from dsdeploy.conversion.plan import Policy
 from dsdeploy.errors import DsdeployError, RecipeError
 from dsdeploy.pipeline.tomltypes import coerce, describe, type_name
-from dsdeploy.ranges import parse_duration
+from dsdeploy.ranges import check_number, parse_duration
 from dsdeploy.recover.config import CALIB_BATCHES, CalibrationParams, FinetuneConfig
 
 QUANTIZE = ("none", "int8", "int8-dynamic", "fp16")
@@ -287,7 +287,8 @@ def validate(r: Recipe, src: str) -> None:
 
 
 def _check_numbers(r: Recipe, src: str) -> None:
-    """The calibrate and bench numbers, checked by the library's own config dataclasses (when the recipe loads)."""
+    """The calibrate and bench numbers, checked by the library's own config dataclasses (when the recipe loads),
+    the seed and the export tolerances."""
     from dsdeploy.runtime.bench import BenchConfig
 
     c, b = r.calibrate, r.bench
@@ -296,6 +297,9 @@ def _check_numbers(r: Recipe, src: str) -> None:
     except DsdeployError as exc:
         raise RecipeError(f"{src}: {str(exc).replace('calibrate max_batches', 'calibrate.batches')}") from None
     try:
+        check_number(r.seed, "seed", low=0, integer=True)
+        check_number(r.export.atol, "export.atol", low=0)
+        check_number(r.export.rtol, "export.rtol", low=0)
         BenchConfig(providers=list(b.providers), batches=list(b.batch), threads=b.threads, warmup=b.warmup,
                     iters=b.iters).validate(lambda f: "bench.batch" if f == "batches" else f"bench.{f}")
     except DsdeployError as exc:

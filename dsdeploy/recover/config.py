@@ -5,6 +5,7 @@ Recipes, the CLI and the library read the defaults from here, so each is defined
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -80,6 +81,11 @@ class FinetuneConfig:
             raise DsdeployError(f"finetune.optimizer must be one of sgd, adamw, got {self.optimizer!r}")
         if self.init not in ("xavier", "he", "none"):
             raise DsdeployError(f"finetune.init must be one of xavier, he, none, got {self.init!r}")
+        if self.reinit is not None:
+            try:
+                re.compile(self.reinit)
+            except re.error as exc:
+                raise DsdeployError(f"finetune.reinit is not a valid regular expression: {exc}") from None
         check_number(self.epochs, "finetune.epochs", low=0, integer=True, optional=True)
         check_number(self.time_budget, "finetune.time_budget (seconds)", low=0, low_open=True, optional=True)
         if self.mode != "none" and not self.epochs and not self.time_budget:

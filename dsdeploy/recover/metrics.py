@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dsdeploy.errors import DataError, DsdeployError
+from dsdeploy.errors import DataError, DsdeployError, InputShapeError
 
 
 def classification_metrics(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
@@ -75,7 +75,12 @@ def predict(model: nn.Module, loader: Iterable, *, progress: bool = False, desc:
     ys, outs = [], []
     try:
         for x, y in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
-            out = model(x)
+            try:
+                out = model(x)
+            except (RuntimeError, ValueError) as exc:  # the model cannot take these images (size, channels)
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise InputShapeError(f"the model cannot run on the preprocessed images, shape "
+                                      f"{','.join(map(str, x.shape))} (check size/channels): {first}") from exc
             if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
                 out = out[0]
             if not isinstance(out, torch.Tensor) or out.ndim != 2:
