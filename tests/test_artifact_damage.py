@@ -27,6 +27,10 @@ def _first_key(p):
     return next(iter(p["state_dict"]))
 
 
+def _first_running_var(p):
+    return next(k for k in p["state_dict"] if k.endswith("running_var"))
+
+
 MUTATIONS = {
     "plan-not-a-table": lambda p: p.update(plan="garbage"),
     "plan-layers-not-a-list": lambda p: p["plan"].update(layers=5),
@@ -38,6 +42,9 @@ MUTATIONS = {
     "plan-rank-huge": lambda p: _first_converted(p).update(rank=10 ** 9),
     "plan-rank-negative": lambda p: _first_converted(p).update(rank=-1),
     "plan-layout-unknown": lambda p: p["plan"].update(layout="evil"),
+    "plan-layer-twice": lambda p: p["plan"]["layers"].append(dict(_first_converted(p))),
+    "state-negative-bn-variance": lambda p: p["state_dict"][_first_running_var(p)].fill_(-1.0),
+    "state-nan-bn-variance": lambda p: p["state_dict"][_first_running_var(p)].fill_(float("nan")),
     "state-not-a-table": lambda p: p.update(state_dict=[1]),
     "state-non-tensor": lambda p: p["state_dict"].update({_first_key(p): "x"}),
     "state-int-key": lambda p: p["state_dict"].update({1: torch.zeros(1)}),

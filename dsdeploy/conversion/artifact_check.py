@@ -60,6 +60,10 @@ def _check_plan(plan: Any, origin: str) -> None:
               and (not layer["convert"] or (type(layer.get("rank")) is int and layer["rank"] >= 1)))
         if not ok:
             raise ArtifactError(f"{origin}: plan layer {i} is not a decision (name, convert, rank); the file is damaged")
+    names = [layer["name"] for layer in plan.get("layers", [])]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise ArtifactError(f"{origin}: plan lists layer {twice!r:.80} more than once; the file is damaged")
 
 
 def _check_metadata(meta: Any, history: Any, origin: str) -> None:
@@ -140,7 +144,7 @@ def rebuild(base: nn.Module, plan: Plan, state: dict[str, torch.Tensor], origin:
         ArtifactError: a converted layer that is not a conv of ``base``, a rank out of range,
         or a state_dict that does not fit.
     """
-    from dsdeploy.conversion.rewrite import apply_plan
+    from dsdeploy.conversion.rewrite import apply_plan, check_finite_model
     from dsdeploy.models.weights import load_state_checked
 
     for d in plan.converted:
@@ -164,6 +168,7 @@ def rebuild(base: nn.Module, plan: Plan, state: dict[str, torch.Tensor], origin:
                 raise ArtifactError(f"{origin}: state_dict[{key!r}] is {got.dtype}, the model holds {want.dtype}; "
                                     f"the file is damaged")
         load_state_checked(model, state, origin)
+        check_finite_model(model)  # e.g. a negative BatchNorm variance: refused here, not as NaN outputs later
     except DsdeployError as exc:  # names come from the file: keep the message on one line
         raise ArtifactError(" ".join(str(exc).split())) from None
     except (RuntimeError, ValueError, TypeError) as exc:  # a crafted tensor torch refuses to copy
