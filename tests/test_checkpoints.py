@@ -90,10 +90,7 @@ def test_legacy_bn_state_loads_as_torch_loads_it(tmp_path, wrap):
     torch.save(wrap(state), path)
     model = load_weights(bnnet(), path)
     want = _torch_reference(bnnet, state)
-    got = model.state_dict()
-    assert set(got) == set(want)
-    for k in want:
-        assert torch.equal(got[k], want[k]), k
+    assert_same_state(model.state_dict(), want)
 
 
 @pytest.mark.parametrize("drop,extra", [("0.weight", None), ("1.running_var", None), (None, "1.surplus")])
@@ -132,6 +129,13 @@ def test_damaged_entries_are_one_line_naming_the_tensor(tmp_path, damage, words)
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
+def assert_same_state(got: dict, want: dict) -> None:
+    """The same keys and bit-identical tensors (what torch's own strict load gives)."""
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
 def _pretrained() -> Path:
     for p in (PRETRAINED, REPO_PRETRAINED):
         if p.is_file():
@@ -149,10 +153,7 @@ def test_real_legacy_third_party_checkpoint_loads_as_torch_loads_it():
     assert not any(k.endswith("num_batches_tracked") for k in state)
     model = load_weights(resnet32(), path)
     want = _torch_reference(resnet32, state)
-    got = model.state_dict()
-    assert set(got) == set(want)
-    for k in want:
-        assert torch.equal(got[k], want[k]), k
+    assert_same_state(model.state_dict(), want)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(bns) == 31 and all(int(m.num_batches_tracked) == 0 for m in bns)
     assert all(torch.equal(m.running_var, state[n + ".running_var"]) for n, m in model.named_modules()

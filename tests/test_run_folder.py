@@ -80,15 +80,20 @@ def test_unwritable_out_is_one_line(tmp_path):
         ro.chmod(0o755)
 
 
-def test_run_killed_mid_finetune_resumes_on_the_next_run(tmp_path):
-    out = tmp_path / "run"
-    ckpt = out / "resume" / "finetune.ckpt"
-    p = start_run(out, "--set", "finetune.epochs=4")
-    deadline = time.monotonic() + 400
+def wait_for_checkpoint(p, ckpt, timeout: float = 400) -> None:
+    """Wait until the running ``dsdeploy run`` ``p`` has written its fine-tuning checkpoint."""
+    deadline = time.monotonic() + timeout
     while not ckpt.exists():
         assert p.poll() is None, p.communicate()
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.01)
+
+
+def test_run_killed_mid_finetune_resumes_on_the_next_run(tmp_path):
+    out = tmp_path / "run"
+    ckpt = out / "resume" / "finetune.ckpt"
+    p = start_run(out, "--set", "finetune.epochs=4")
+    wait_for_checkpoint(p, ckpt)
     p.send_signal(signal.SIGSTOP)  # frozen mid-run, holding the lock: a second run on the folder is refused
     one_line_error(dsdeploy("run", DIGITS, "-o", out, *FAST), "another dsdeploy run")
     p.send_signal(signal.SIGKILL)
@@ -112,11 +117,7 @@ def test_run_interrupted_mid_finetune_says_how_to_continue(tmp_path):
     out = tmp_path / "run"
     ckpt = out / "resume" / "finetune.ckpt"
     p = start_run(out, "--set", "finetune.epochs=20")
-    deadline = time.monotonic() + 400
-    while not ckpt.exists():
-        assert p.poll() is None, p.communicate()
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
+    wait_for_checkpoint(p, ckpt)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate()
     assert p.returncode == 130, err
