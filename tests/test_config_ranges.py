@@ -153,6 +153,7 @@ def test_load_data_refuses_negative_seed_and_limit(kwargs, field):
 
 def test_make_loader_refuses_batch_size_zero():
     import torch
+
     from dsdeploy.data.datasets import make_loader
     with pytest.raises(ConfigError, match="batch_size must be >= 1"):
         make_loader(torch.utils.data.TensorDataset(torch.zeros(2)), 0, shuffle=False)
@@ -168,6 +169,7 @@ def test_finetune_reinit_must_be_a_regex():
 ])
 def test_export_tolerances_are_checked_before_exporting(tmp_path, kwargs, words):
     from torch import nn
+
     from dsdeploy.export.onnx_export import export_onnx
     with pytest.raises(ConfigError, match=words):
         export_onnx(nn.Conv2d(1, 2, 3), tmp_path / "m.onnx", (1, 1, 8, 8), **kwargs)
