@@ -156,9 +156,9 @@ def test_accuracy_gate_fails_and_writes_nothing(fp32, tmp_path):
 
 
 def test_option_errors(fp32, tmp_path):
-    with pytest.raises(DeployError, match="--calib-data"):
+    with pytest.raises(DeployError, match="calib_data"):
         deploy(fp32, tmp_path / "b", quantize="int8")
-    with pytest.raises(DeployError, match="--eval-data"):
+    with pytest.raises(DeployError, match="eval_data"):
         deploy(fp32, tmp_path / "b", max_accuracy_drop=1.0)
     with pytest.raises(DeployError, match="deploy.quantize must be one of"):
         deploy(fp32, tmp_path / "b", quantize="int4")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dsdeploy.errors import ConfigError, DeployError, ExportError
+from dsdeploy.errors import DeployError, ExportError
 from dsdeploy.export.parity import ATOL, RTOL
 from dsdeploy.ranges import check_number
 
@@ -41,15 +41,12 @@ class ExportConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ExportError naming the first field out of range (``export.atol``, ...)."""
+        """Raise ExportError (a choice) or ConfigError (a number) naming the first field out of range (``export.atol``)."""
         if self.exporter not in EXPORTERS:
             raise ExportError(f"export.exporter must be one of {', '.join(EXPORTERS)}, got {self.exporter!r}")
-        try:
-            check_number(self.opset, "export.opset", low=7, integer=True)
-            check_number(self.atol, "export.atol", low=0)
-            check_number(self.rtol, "export.rtol", low=0)
-        except ConfigError as exc:
-            raise ExportError(str(exc)) from None
+        check_number(self.opset, "export.opset", low=7, integer=True)
+        check_number(self.atol, "export.atol", low=0)
+        check_number(self.rtol, "export.rtol", low=0)
 
 
 @dataclass
@@ -83,14 +80,11 @@ class DeployConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise DeployError naming the first field out of range (``deploy.max_accuracy_drop``, ...)."""
+        """Raise DeployError (a choice) or ConfigError (a number) naming the field (``deploy.max_accuracy_drop``)."""
         if self.quantize not in QUANT_MODES:
             raise DeployError(f"deploy.quantize must be one of {', '.join(QUANT_MODES)}, got {self.quantize!r}")
-        try:
-            check_number(self.max_accuracy_drop, "deploy.max_accuracy_drop (top-1 points)", low=0, optional=True)
-            check_number(self.latency_iters, "deploy.latency_iters", low=0, integer=True)
-            check_number(self.threads, "deploy.threads", low=1, integer=True, optional=True)
-            check_number(self.calib_items, "deploy.calib_items", low=1, integer=True)
-            check_number(self.eval_items, "deploy.eval_items", low=1, integer=True, optional=True)
-        except ConfigError as exc:
-            raise DeployError(str(exc)) from None
+        check_number(self.max_accuracy_drop, "deploy.max_accuracy_drop (top-1 points)", low=0, optional=True)
+        check_number(self.latency_iters, "deploy.latency_iters", low=0, integer=True)
+        check_number(self.threads, "deploy.threads", low=1, integer=True, optional=True)
+        check_number(self.calib_items, "deploy.calib_items", low=1, integer=True)
+        check_number(self.eval_items, "deploy.eval_items", low=1, integer=True, optional=True)

@@ -20,7 +20,7 @@ from dsdeploy.conversion.loading import load_model
 from dsdeploy.data.datasets import DataSplits, Preprocess, load_data, make_loader
 from dsdeploy.data.labels import check_outputs
 from dsdeploy.data.preprocessing import resolve
-from dsdeploy.errors import ConfigError, DataError
+from dsdeploy.errors import DataError
 from dsdeploy.ranges import check_number
 from dsdeploy.recover.metrics import classification_metrics, predict
 
@@ -47,14 +47,11 @@ class EvaluateConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise DataError naming the first field out of range (``evaluate.batch_size``, ...)."""
+        """Raise DataError (a choice) or ConfigError (a number) naming the field (``evaluate.batch_size``)."""
         if self.split not in ("train", "val"):
             raise DataError(f"evaluate.split must be 'train' or 'val', got {self.split!r}")
-        try:
-            check_number(self.batch_size, "evaluate.batch_size", low=1, integer=True)
-            check_number(self.limit, "evaluate.limit", low=1, integer=True, optional=True)
-        except ConfigError as exc:
-            raise DataError(str(exc)) from None
+        check_number(self.batch_size, "evaluate.batch_size", low=1, integer=True)
+        check_number(self.limit, "evaluate.limit", low=1, integer=True, optional=True)
 
 
 def _loaded(model: Any, weights: str | None, model_kwargs: dict | None, trust_pickle: bool,
