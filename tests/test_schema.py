@@ -14,8 +14,8 @@ import pytest
 from dsdeploy.cli import load_commands
 from dsdeploy.conversion.plan import Policy
 from dsdeploy.errors import RecipeError
-from dsdeploy.pipeline.recipe import Recipe, recipe_from_dict
 from dsdeploy.export.config import DeployConfig, ExportConfig
+from dsdeploy.pipeline.recipe import Recipe, recipe_from_dict
 from dsdeploy.recover.config import CalibrationParams, FinetuneConfig
 from dsdeploy.recover.evaluate import EvaluateConfig
 from dsdeploy.runtime.bench import BenchConfig
