@@ -255,7 +255,7 @@ def warn_if_images_small(pre: Preprocess, files: Sequence[Any], n: int = 8) -> b
         return False
     iw, ih = max(sizes)
     log.warning("warning: the images are about %dx%d but the model's input size is unknown, so they are scaled "
-                "to the %dx%d default; if the model takes %dx%d give that size (CLI: --size %dx%d or --input-shape 1,%d,%d,%d)",
+                "to the %dx%d default; if the model takes %dx%d give that size (preprocess.size %dx%d or input_shape 1,%d,%d,%d)",
                 ih, iw, h, w, ih, iw, ih, iw, pre.channels, ih, iw)
     return True
 
