@@ -14,6 +14,10 @@ from dsdeploy.cli.options import (
 )
 from dsdeploy.recover.config import CALIB_BATCHES
 
+# Rule for this module: library modules that import torch or numpy (dsdeploy.api, the stage configs,
+# runtime.bench) are imported inside the commands, so `dsdeploy --help` stays torch-free
+# (tests/test_layout.py::test_the_cli_help_does_not_import_torch).
+
 
 def policy_options(func):
     """Rank policy and layer filters shared by inspect and convert."""

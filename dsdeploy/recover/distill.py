@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsdeploy.conversion.artifact import load_source_model
 from dsdeploy.conversion.block import DSConv, ds_blocks
+from dsdeploy.conversion.loading import load_model
+from dsdeploy.errors import ArtifactError
 from dsdeploy.recover.metrics import evaluate  # noqa: F401  (re-exported: reconstruct.py, finetune.py import it from here)
 
 
@@ -211,11 +214,7 @@ def load_teacher(artifact, spec: str | None = None, weights: str | None = None, 
     artifact's recorded factory); a source whose weights are gone names the ``teacher`` argument.
     """
     if spec:
-        from dsdeploy.conversion.loading import load_model
-
         return load_model(spec, weights, trust_code=trust_code).model.eval()
-    from dsdeploy.conversion.artifact import load_source_model
-    from dsdeploy.errors import ArtifactError
 
     try:
         return load_source_model(artifact, trust_code=trust_code)

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
 from torch import nn
 from tqdm import tqdm
 
@@ -24,6 +23,9 @@ def classification_metrics(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[
     seen in ``y_true``/``y_pred`` (and ``scores``' columns). Raises DataError for empty
     or unlabelled (-1) ground truth.
     """
+    # sklearn.metrics costs about a quarter of torch's import time; only this report needs it, not evaluate()
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
+
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
         raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} must be equal-length vectors")
