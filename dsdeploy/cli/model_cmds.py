@@ -28,34 +28,42 @@ def policy_options(func):
         click.option("--convert-stem", is_flag=True, help="Also convert convs with <= 4 input channels."),
         click.option("--layout", type=click.Choice(["branches", "concat", "multiplier"]), default="branches",
                      show_default=True, help="Graph layout of rank>1 blocks (branches is fastest on ORT CPU)."),
+        click.option("--allocation", type=click.Choice(["auto", "spectral", "data"]), default="auto",
+                     show_default=True, help="How --mac-budget is shared out: by each layer's measured effect on "
+                     "the logits on --calib-data (data; auto when --calib-data is given) or by spectral energy."),
     ]
     for opt in reversed(opts):
         func = opt(func)
     return func
 
 
-def _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout):
+def _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout, allocation="auto"):
     from dsdeploy.conversion.plan import Policy
 
     return Policy(rank=rank, energy=energy, mac_budget=mac_budget, include=include, exclude=exclude,
-                  convert_stem=convert_stem, layout=layout)
+                  convert_stem=convert_stem, layout=layout, allocation=allocation)
 
 
 @cli.command()
 @click.argument("model")
 @model_options
 @policy_options
+@click.option("--calib-data", default=None, metavar="DATA",
+              help="Measure each layer's sensitivity (output and logit error per rank) on this data.")
+@click.option("--calib-batches", type=int, default=CALIB_BATCHES, show_default=True,
+              help="Draw the sensitivity images from at most N batches (as convert's calibration).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def inspect(model, weights, model_kwargs, trust_pickle, input_shape, rank, energy, mac_budget, include, exclude,
-            convert_stem, layout, as_json, trust_code):
+            convert_stem, layout, allocation, calib_data, calib_batches, as_json, trust_code):
     """Show MODEL's convs: what would convert (and at which rank), why others would not,
-    and params/MACs at the input shape."""
+    and params/MACs at the input shape; with --calib-data, the per-layer sensitivity table."""
     from dsdeploy.conversion.loading import load_model
     from dsdeploy.conversion.workflow import inspect_model
 
     loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle, trust_code=trust_code)
-    report = inspect_model(loaded, _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout),
-                           parse_shape(input_shape))
+    report = inspect_model(loaded, _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout,
+                                           allocation), parse_shape(input_shape), calib_data=calib_data,
+                           calib_batches=calib_batches)
     echo_json(report.to_dict()) if as_json else click.echo(report.render())
 
 
@@ -72,7 +80,7 @@ def inspect(model, weights, model_kwargs, trust_pickle, input_shape, rank, energ
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, rank, energy, mac_budget, include,
-            exclude, convert_stem, layout, calib_data, calib_batches, seed, as_json, preprocess, trust_code):
+            exclude, convert_stem, layout, allocation, calib_data, calib_batches, seed, as_json, preprocess, trust_code):
     """Rewrite MODEL's convs into depthwise-separable blocks and write a .dsd artifact.
 
     Prints params/MACs before and after and the rank of every layer. Exit status 3 when
@@ -85,7 +93,7 @@ def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, ran
                           inputs=[("model", model), ("--weights file", weights), ("--calib-data", calib_data)])
     loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle, trust_code=trust_code)
     report = convert_to_artifact(loaded, output,
-                                 _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout),
-                                 parse_shape(input_shape), calib_data=calib_data, calib_batches=calib_batches,
-                                 seed=seed, preprocess=preprocess)
+                                 _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout,
+                                         allocation), parse_shape(input_shape), calib_data=calib_data,
+                                 calib_batches=calib_batches, seed=seed, preprocess=preprocess)
     echo_json(report.to_dict()) if as_json else click.echo(report.render())

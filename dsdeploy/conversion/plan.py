@@ -191,7 +191,8 @@ def make_plan(model: nn.Module, policy: Policy, calls: dict[str, tuple[list[int]
             (layer -> rank -> cost, e.g. :meth:`dsdeploy.recover.sensitivity.Sensitivity.costs`): the
             budget then minimises their sum; each converted LayerDecision records its ``cost``.
             None: the spectral allocation. ``plan.policy`` records ``allocation`` ("spectral" |
-            "data"), the ``solver`` and, when given, ``cost_name`` as ``cost``.
+            "data"), the ``solver``, ``cost_total`` (the plan's summed cost), ``spectral_cost_total``
+            (what the spectral plan would cost) and, when given, ``cost_name`` as ``cost``.
     """
     policy.validate()
     plan = Plan(layout=policy.layout, policy=policy.to_dict(), input_shape=list(input_shape))
@@ -218,6 +219,8 @@ def make_plan(model: nn.Module, policy: Policy, calls: dict[str, tuple[list[int]
             svd_cache[name] = svd
         mods[name] = mod
     if policy.mac_budget is not None:
+        if policy.allocation == "data" and costs is None:
+            raise PlanError("convert.allocation = data needs calibration data to measure each layer's cost on")
         ranks, solver = _budget_ranks(plan, mods, spectra, policy.mac_budget, costs)
         plan.policy.update(allocation="data" if costs is not None else "spectral", solver=solver)
         if cost_name is not None and costs is not None:
@@ -253,7 +256,7 @@ def _budget_ranks(plan: Plan, mods: dict[str, nn.Module], spectra: dict[str, tor
     measured (at most the largest gainful rank); the spectral plan is one of the candidates, so
     the result never costs more than it. A layer without measured costs stays at rank 1.
     """
-    from dsdeploy.conversion.allocate import InfeasibleBudget, allocate, greedy
+    from dsdeploy.conversion.allocate import InfeasibleBudget, allocate, greedy, totals
 
     macs = {d.name: d.macs for d in plan.layers if d.name in mods}
     unit = {n: macs[n] * ds_mac_ratio(mods[n], 1) for n in mods}  # MACs per unit of rank
@@ -280,4 +283,7 @@ def _budget_ranks(plan: Plan, mods: dict[str, nn.Module], spectra: dict[str, tor
     for d in plan.layers:
         if d.name in items:
             d.cost = items[d.name][chosen[d.name]][0]
+    plan.policy["cost_total"] = totals(items, chosen)[0]
+    if all(ranks[n] in items[n] for n in items):
+        plan.policy["spectral_cost_total"] = totals(items, ranks)[0]
     return chosen, solver

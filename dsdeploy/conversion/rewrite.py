@@ -147,19 +147,23 @@ def nothing_to_convert_message(plan: Plan) -> str:
 
 def convert(model: nn.Module, *, input_shape: tuple[int, ...], rank: int | None = None, energy: float | None = None,
             mac_budget: float | None = None, include: str | None = None, exclude: str | None = None,
-            convert_stem: bool = False, layout: str = "branches", require_gain: bool = True) -> ConversionResult:
+            convert_stem: bool = False, layout: str = "branches", require_gain: bool = True,
+            allocation: str = "auto", costs: dict[str, dict[int, float]] | None = None,
+            cost_name: str | None = None) -> ConversionResult:
     """Plan and apply the DS rewrite to a copy of ``model`` (the input is never mutated).
 
     Exactly one of ``rank`` / ``energy`` / ``mac_budget`` picks ranks (default: rank 1).
+    ``costs`` (layer -> rank -> measured cost, named ``cost_name``) makes a ``mac_budget``
+    minimise their sum (:func:`dsdeploy.conversion.plan.make_plan`).
     Raises NothingToConvertError (listing each conv's reason) when no conv converts.
     """
     policy = Policy(rank=rank, energy=energy, mac_budget=mac_budget, include=include, exclude=exclude,
-                    convert_stem=convert_stem, layout=layout, require_gain=require_gain)
+                    convert_stem=convert_stem, layout=layout, require_gain=require_gain, allocation=allocation)
     policy.validate()
     check_finite_model(model)
     calls = trace_calls(model, input_shape)
     svds: dict[str, tuple] = {}
-    plan = make_plan(model, policy, calls, input_shape, svds)
+    plan = make_plan(model, policy, calls, input_shape, svds, costs=costs, cost_name=cost_name)
     if not plan.converted:
         raise NothingToConvertError(nothing_to_convert_message(plan))
     new = apply_plan(model, plan, svd_cache=svds)

@@ -27,6 +27,7 @@ class ModelReport:
     after: Profile | None = None
     output: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    sensitivity: Any = None  # dsdeploy.recover.sensitivity.Sensitivity when measured on data
 
     def summary(self) -> dict[str, Any]:
         b, a = self.before, self.after
@@ -41,7 +42,8 @@ class ModelReport:
     def to_dict(self) -> dict[str, Any]:
         return {"spec": self.spec, "input_shape": self.input_shape, "output": self.output,
                 "summary": self.summary(), "layers": [asdict(d) for d in self.plan.layers],
-                "policy": self.plan.policy, "layout": self.plan.layout, "history": self.history}
+                "policy": self.plan.policy, "layout": self.plan.layout, "history": self.history,
+                "sensitivity": self.sensitivity.to_dict() if self.sensitivity is not None else None}
 
     def render(self) -> str:
         rows = [[d.name, d.type, f"{d.in_channels}->{d.out_channels}", "x".join(map(str, d.kernel_size)), d.groups,
@@ -57,25 +59,69 @@ class ModelReport:
         else:
             lines.append(f"params {human(s['params'])} -> {human(s['params_after'])}, MACs {human(s['macs'])} -> "
                          f"{human(s['macs_after'])} (x{s['mac_ratio']:.3f}); conv MACs x{s['conv_mac_ratio']:.3f}")
+        pol = self.plan.policy
+        if pol.get("allocation") == "data":
+            ref = pol.get("spectral_cost_total")
+            lines.append(f"ranks allocated on data ({pol.get('cost', 'measured cost')}, {pol.get('solver')}): summed "
+                         f"cost {pol['cost_total']:.4g}" + (f" (spectral allocation: {ref:.4g})" if ref is not None
+                                                            else ""))
+        if self.sensitivity is not None and self.after is None:  # inspect shows the table
+            lines[:0] = [self.sensitivity.render(), ""]
         if self.output:
             lines.append(f"wrote {self.output}")
         return "\n".join(lines)
 
 
-def inspect_model(loaded: LoadedModel, policy: Policy, input_shape: tuple[int, ...] | None = None) -> ModelReport:
-    """Plan (without converting) and profile a model: what would convert and why not."""
+def measure_costs(loaded: LoadedModel, policy: Policy, shape: tuple[int, ...], pre: Any, data: str, *,
+                  seed: int = 0, calib_batches: int | None = CALIB_BATCHES, batch_size: int = 64,
+                  val_split: float = 0.2, limit: int | None = None, progress: bool = False):
+    """The sensitivity table of ``loaded.model`` on the images calibration would use
+    (:func:`dsdeploy.recover.sensitivity.sensitivity_on_data`)."""
+    from dsdeploy.recover.sensitivity import sensitivity_on_data
+
+    return sensitivity_on_data(loaded.model, policy, data, pre, tuple(shape), seed=seed, batch_size=batch_size,
+                               max_batches=calib_batches, val_split=val_split, limit=limit, labels=loaded.labels,
+                               progress=progress)
+
+
+def allocates_on_data(policy: Policy, data: str | None) -> bool:
+    """Whether ``policy`` shares out its mac_budget by measured costs given calibration ``data``."""
+    return policy.mac_budget is not None and policy.allocation != "spectral" and bool(data)
+
+
+def inspect_model(loaded: LoadedModel, policy: Policy, input_shape: tuple[int, ...] | None = None,
+                  calib_data: str | None = None, calib_batches: int | None = CALIB_BATCHES,
+                  seed: int = 0) -> ModelReport:
+    """Plan (without converting) and profile a model: what would convert and why not.
+
+    With ``calib_data``, also measure the per-layer sensitivity table (``report.sensitivity``)
+    and, for a ``mac_budget`` (allocation not "spectral"), plan on it.
+    """
     shape = loaded.shape_or_default(input_shape)
     policy.validate()
     calls = trace_calls(loaded.model, shape)
-    plan = make_plan(loaded.model, policy, calls, shape)
-    return ModelReport(loaded.spec, list(shape), plan, profile_model(loaded.model, shape, calls))
+    table = None
+    if calib_data:
+        from dsdeploy.data.preprocessing import resolve
+
+        pre = resolve(loaded.preprocessing, shape, data=calib_data, model=loaded.model)
+        table = measure_costs(loaded, policy, shape, pre, calib_data, seed=seed, calib_batches=calib_batches)
+    costs = table.costs() if table is not None and allocates_on_data(policy, calib_data) else None
+    plan = make_plan(loaded.model, policy, calls, shape, costs=costs, cost_name=table and f"logit_error ({table.metric})")
+    return ModelReport(loaded.spec, list(shape), plan, profile_model(loaded.model, shape, calls), sensitivity=table)
 
 
 def convert_to_artifact(loaded: LoadedModel, out: str | Path, policy: Policy,
                         input_shape: tuple[int, ...] | None = None, calib_data: str | None = None,
                         calib_batches: int | None = CALIB_BATCHES, seed: int = 0,
-                        preprocess: dict[str, Any] | None = None) -> ModelReport:
+                        preprocess: dict[str, Any] | None = None, allocation_data: str | None = None,
+                        data_options: dict[str, Any] | None = None) -> ModelReport:
     """Convert a loaded model, optionally calibrate it on data, and write the ``.dsd`` artifact.
+
+    A ``mac_budget`` with data (``allocation_data``, default ``calib_data``) and allocation not
+    "spectral" is shared out by each layer's measured effect on the logits
+    (:func:`measure_costs`; ``data_options``: ``batch_size``, ``val_split``, ``limit`` of the
+    split calibration uses); the history's convert record carries the table's summary.
 
     The artifact records the input shape and the resolved preprocessing
     (:func:`dsdeploy.data.preprocessing.resolve`: ``preprocess`` overrides > the model's own >
@@ -89,12 +135,22 @@ def convert_to_artifact(loaded: LoadedModel, out: str | Path, policy: Policy,
                   model=loaded.model)
     shape = input_shape_for(pre, input_shape, loaded.input_shape, bool(preprocess))
     loaded.preprocessing = pre.to_dict()
+    policy.validate()
+    alloc_data = allocation_data or calib_data
+    table = None
+    if allocates_on_data(policy, alloc_data):
+        table = measure_costs(loaded, policy, shape, pre, alloc_data, seed=seed, calib_batches=calib_batches,
+                              **(data_options or {}))
     res = convert(loaded.model, input_shape=shape, rank=policy.rank, energy=policy.energy,
                   mac_budget=policy.mac_budget, include=policy.include, exclude=policy.exclude,
-                  convert_stem=policy.convert_stem, layout=policy.layout)
+                  convert_stem=policy.convert_stem, layout=policy.layout, allocation=policy.allocation,
+                  costs=table.costs() if table is not None else None,
+                  cost_name=table and f"logit_error ({table.metric})")
     history: list[dict[str, Any]] = [{"stage": "convert", "policy": res.plan.policy, "layout": res.plan.layout,
                                       "converted": len(res.plan.converted),
                                       "conv_mac_ratio": round(res.after.conv_macs / max(1, res.before.conv_macs), 4)}]
+    if table is not None:
+        history[0]["sensitivity"] = {**table.summary(), "data": alloc_data}
     model = res.model
     if calib_data:
         from dsdeploy.recover.reconstruct import calibrate_on_data
@@ -110,4 +166,6 @@ def convert_to_artifact(loaded: LoadedModel, out: str | Path, policy: Policy,
                 "conv_macs_before": res.before.conv_macs, "conv_macs_after": res.after.conv_macs}
     save_artifact(out, model, res.plan, source_record(loaded.spec, loaded.model_kwargs, loaded.weights),
                   metadata, history)
-    return ModelReport(loaded.spec, list(shape), res.plan, res.before, res.after, str(out), history)
+    report = ModelReport(loaded.spec, list(shape), res.plan, res.before, res.after, str(out), history)
+    report.sensitivity = table
+    return report

@@ -122,7 +122,11 @@ def run_convert(ctx: Context, folder: Path) -> StageOutput:
 
     r = _r(ctx)
     loaded, pre, shape = recipe_source(ctx)
-    report = convert_to_artifact(loaded, folder / "converted.dsd", recipe_policy(ctx), shape, seed=r.seed)
+    c = r.calibrate
+    with_data = _data(ctx) if c.enabled else None  # a mac_budget is then shared out on the data (allocation)
+    report = convert_to_artifact(loaded, folder / "converted.dsd", recipe_policy(ctx), shape, seed=r.seed,
+                                 calib_batches=c.batches, allocation_data=with_data,
+                                 data_options={"batch_size": c.batch_size, **data_split(ctx)})
     write_json(folder / "plan.json", report.to_dict())
     result = {"summary": report.summary(), "input_shape": list(shape),
               "layers": [asdict(d) for d in report.plan.layers], "calibration": None}
@@ -130,7 +134,6 @@ def run_convert(ctx: Context, folder: Path) -> StageOutput:
     if r.calibrate.enabled and _data(ctx):
         from dsdeploy.recover.reconstruct import calibrate_artifact
 
-        c = r.calibrate
         cal = calibrate_artifact(str(folder / "converted.dsd"), _data(ctx), str(folder / "calibrated.dsd"),
                                  max_batches=c.batches, batch_size=c.batch_size, seed=r.seed, ridge=c.ridge,
                                  progress=ctx.progress, **data_split(ctx))
