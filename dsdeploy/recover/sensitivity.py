@@ -198,7 +198,7 @@ def measure_sensitivity(model: nn.Module, policy: Policy, loader: Iterable, inpu
     eqs: dict[str, NormalEquations] = {}
     for name, (conv, _, ranks) in cands.items():
         svd = channel_svd(conv.weight, conv.groups)
-        blocks[name] = {r: DSConv.from_conv(conv, r, "branches", svd).eval() for r in ranks}
+        blocks[name] = {r: DSConv.from_conv(conv, r, "multiplier", svd).eval() for r in ranks}  # fewest torch calls
         # one system at the largest rank (one grouped depthwise conv computes all its features)
         eqs[name] = NormalEquations(DSConv.from_conv(conv, ranks[-1], "multiplier", svd).eval(), conv)
     busy: set[str] = set()
