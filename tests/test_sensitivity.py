@@ -132,3 +132,18 @@ def test_inspect_prints_the_table_and_convert_allocates_on_data(tmp_path):
     res = invoke("convert", "sample:digits_cnn", "-o", tmp_path / "x.dsd", "--mac-budget", "0.3",
                  "--allocation", "data")
     assert res.returncode != 0 and "needs calibration data" in res.stderr
+
+
+def test_recipe_convert_stage_allocates_on_the_run_data(tmp_path):
+    from dsdeploy.pipeline.engine import Context
+    from dsdeploy.pipeline.recipe import recipe_from_dict
+    from dsdeploy.pipeline.stages import run_convert
+
+    recipe = recipe_from_dict({"model": {"spec": "sample:digits_cnn"}, "data": {"spec": "digits"},
+                               "convert": {"mac_budget": 0.3}, "calibrate": {"batches": 1}}, "r.toml")
+    folder = tmp_path / "convert"
+    folder.mkdir()
+    out = run_convert(Context(recipe, tmp_path), folder)
+    plan = json.loads((folder / "plan.json").read_text())
+    assert plan["policy"]["allocation"] == "data" and plan["sensitivity"]["images"] > 0
+    assert out.result["calibration"] is not None
