@@ -21,16 +21,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
-import torch  # noqa: E402
+import torch
 
-from dsdeploy.conversion.loading import load_model  # noqa: E402
-from dsdeploy.conversion.plan import Policy  # noqa: E402
-from dsdeploy.conversion.rewrite import convert  # noqa: E402
-from dsdeploy.data.datasets import load_data, make_loader  # noqa: E402
-from dsdeploy.data.preprocessing import resolve  # noqa: E402
-from dsdeploy.recover.distill import evaluate  # noqa: E402
-from dsdeploy.recover.reconstruct import calibrate_data  # noqa: E402
-from dsdeploy.recover.sensitivity import sensitivity_on_data  # noqa: E402
+from dsdeploy.conversion.loading import load_model
+from dsdeploy.conversion.plan import Policy
+from dsdeploy.conversion.rewrite import convert
+from dsdeploy.data.datasets import load_data, make_loader
+from dsdeploy.data.preprocessing import resolve
+from dsdeploy.recover.distill import evaluate
+from dsdeploy.recover.reconstruct import calibrate_data
+from dsdeploy.recover.sensitivity import sensitivity_on_data
 
 PRE = {"size": [32, 32], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "channels": 3}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -58,7 +59,7 @@ def test_table_is_exact_at_full_rank_and_never_worse_with_rank():
         assert ranks[full[name]]["output_error"] < 1e-6
         assert ranks[full[name]]["logit_error"] < 1e-6
         errs = [ranks[r]["output_error"] for r in sorted(ranks)]
-        assert all(b <= a + 1e-9 for a, b in zip(errs, errs[1:])), errs  # nested features: LS error cannot rise
+        assert all(b <= a + 1e-9 for a, b in itertools.pairwise(errs)), errs  # nested features: LS error cannot rise
         assert ranks[1]["output_error"] > 1e-3
         for r, row in ranks.items():
             assert row["macs"] == round(calls[name][2] * ds_mac_ratio(model.get_submodule(name), r))
