@@ -52,9 +52,10 @@ def _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout, al
               help="Measure each layer's sensitivity (output and logit error per rank) on this data.")
 @click.option("--calib-batches", type=int, default=CALIB_BATCHES, show_default=True,
               help="Draw the sensitivity images from at most N batches (as convert's calibration).")
+@preprocess_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def inspect(model, weights, model_kwargs, trust_pickle, input_shape, rank, energy, mac_budget, include, exclude,
-            convert_stem, layout, allocation, calib_data, calib_batches, as_json, trust_code):
+            convert_stem, layout, allocation, calib_data, calib_batches, as_json, preprocess, trust_code):
     """Show MODEL's convs: what would convert (and at which rank), why others would not,
     and params/MACs at the input shape; with --calib-data, the per-layer sensitivity table."""
     from dsdeploy.conversion.loading import load_model
@@ -63,7 +64,7 @@ def inspect(model, weights, model_kwargs, trust_pickle, input_shape, rank, energ
     loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle, trust_code=trust_code)
     report = inspect_model(loaded, _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout,
                                            allocation), parse_shape(input_shape), calib_data=calib_data,
-                           calib_batches=calib_batches)
+                           calib_batches=calib_batches, preprocess=preprocess)
     echo_json(report.to_dict()) if as_json else click.echo(report.render())
 
 

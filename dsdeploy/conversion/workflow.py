@@ -91,23 +91,27 @@ def allocates_on_data(policy: Policy, data: str | None) -> bool:
 
 def inspect_model(loaded: LoadedModel, policy: Policy, input_shape: tuple[int, ...] | None = None,
                   calib_data: str | None = None, calib_batches: int | None = CALIB_BATCHES,
-                  seed: int = 0) -> ModelReport:
+                  seed: int = 0, preprocess: dict[str, Any] | None = None) -> ModelReport:
     """Plan (without converting) and profile a model: what would convert and why not.
 
     With ``calib_data``, also measure the per-layer sensitivity table (``report.sensitivity``)
-    and, for a ``mac_budget`` (allocation not "spectral"), plan on it.
+    and, for a ``mac_budget`` (allocation not "spectral"), plan on it; ``preprocess`` overrides
+    the model's preprocessing of those images (as :func:`convert_to_artifact`).
     """
     shape = loaded.shape_or_default(input_shape)
     policy.validate()
-    calls = trace_calls(loaded.model, shape)
     table = None
     if calib_data:
-        from dsdeploy.data.preprocessing import resolve
+        from dsdeploy.data.preprocessing import input_shape_for, resolve
 
-        pre = resolve(loaded.preprocessing, shape, data=calib_data, model=loaded.model)
+        pre = resolve(loaded.preprocessing, input_shape or loaded.input_shape, preprocess, data=calib_data,
+                      model=loaded.model)
+        shape = input_shape_for(pre, input_shape, loaded.input_shape, bool(preprocess))
         table = measure_costs(loaded, policy, shape, pre, calib_data, seed=seed, calib_batches=calib_batches)
+    calls = trace_calls(loaded.model, shape)
     costs = table.costs() if table is not None and allocates_on_data(policy, calib_data) else None
-    plan = make_plan(loaded.model, policy, calls, shape, costs=costs, cost_name=table and f"logit_error ({table.metric})")
+    plan = make_plan(loaded.model, policy, calls, shape, costs=costs,
+                     cost_name=f"logit_error ({table.metric})" if table is not None else None)
     return ModelReport(loaded.spec, list(shape), plan, profile_model(loaded.model, shape, calls), sensitivity=table)
 
 
@@ -145,7 +149,7 @@ def convert_to_artifact(loaded: LoadedModel, out: str | Path, policy: Policy,
                   mac_budget=policy.mac_budget, include=policy.include, exclude=policy.exclude,
                   convert_stem=policy.convert_stem, layout=policy.layout, allocation=policy.allocation,
                   costs=table.costs() if table is not None else None,
-                  cost_name=table and f"logit_error ({table.metric})")
+                  cost_name=f"logit_error ({table.metric})" if table is not None else None)
     history: list[dict[str, Any]] = [{"stage": "convert", "policy": res.plan.policy, "layout": res.plan.layout,
                                       "converted": len(res.plan.converted),
                                       "conv_mac_ratio": round(res.after.conv_macs / max(1, res.before.conv_macs), 4)}]
