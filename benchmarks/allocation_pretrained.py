@@ -2,7 +2,7 @@
 
     PYTHONPATH=.:examples python benchmarks/allocation_pretrained.py \
         --weights ../shared/data/pretrained/resnet32-d509ac18.th --data /work/data/cifar10 \
-        --budget 0.17 --calib-batches 8 --train-limit 4000 --test-limit 1000
+        --budget 0.17 0.25 --calib-batches 8 --train-limit 4000 --test-limit 1000
 
 ``--data`` holds ``train/<class>/*.jpg`` and ``test/<class>/*.jpg``. Calibration and the
 sensitivity pass use a seeded subset of ``train/`` (``--train-limit`` images, ``--calib-batches``
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--spec", default="cifar_resnet:resnet32")
     ap.add_argument("--weights", required=True)
     ap.add_argument("--data", required=True)
-    ap.add_argument("--budget", type=float, default=0.17)
+    ap.add_argument("--budget", type=float, nargs="+", default=[0.17], help="one or more MAC budgets")
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--sens-batches", type=int, default=4)
     ap.add_argument("--logit-batches", type=int, default=1)
@@ -54,23 +54,24 @@ def main() -> None:
     pre = resolve(None, shape, PRE, data=train, model=loaded.model)
     test_split = load_data(test, pre, val_split=0.0, limit=args.test_limit, seed=0)
     test_loader = make_loader(test_split.train, 250, shuffle=False)
-    out = {"spec": args.spec, "budget": args.budget, "original": evaluate(loaded.model, test_loader)}
+    out = {"spec": args.spec, "original": evaluate(loaded.model, test_loader)}
     print(json.dumps(out), flush=True)
     t0 = time.perf_counter()
-    table = sensitivity_on_data(loaded.model, Policy(mac_budget=args.budget), train, pre, shape, batch_size=64,
+    table = sensitivity_on_data(loaded.model, Policy(mac_budget=min(args.budget)), train, pre, shape, batch_size=64,
                                 max_batches=args.calib_batches, limit=args.train_limit, batches=args.sens_batches,
                                 logit_batches=args.logit_batches)
     print(json.dumps({"sensitivity_seconds": round(time.perf_counter() - t0, 1), **table.summary()}), flush=True)
-    for allocation in ("spectral", "data"):
+    for budget, allocation in ((b, a) for b in args.budget for a in ("spectral", "data")):
         costs = table.costs() if allocation == "data" else None
-        res = convert(loaded.model, input_shape=shape, mac_budget=args.budget, costs=costs, cost_name="kl")
+        res = convert(loaded.model, input_shape=shape, mac_budget=budget, costs=costs, cost_name="kl")
         ranks = {d.name: d.rank for d in res.plan.converted}
         summed = sum(table.layers[n][r]["logit_error"] for n, r in ranks.items() if r in table.layers[n])
         naive = evaluate(res.model, test_loader)
         t1 = time.perf_counter()
         cal = calibrate_data(res.model, loaded.model, res.plan, train, pre, max_batches=args.calib_batches,
                              limit=args.train_limit, progress=False)
-        row = {"allocation": allocation, "conv_mac_ratio": round(res.after.conv_macs / res.before.conv_macs, 4),
+        row = {"budget": budget, "allocation": allocation,
+               "conv_mac_ratio": round(res.after.conv_macs / res.before.conv_macs, 4),
                "summed_logit_kl": round(summed, 4), "naive": naive, "calibrated": evaluate(res.model, test_loader),
                "calib_seconds": round(time.perf_counter() - t1, 1), "ranks": ranks,
                "solver": res.plan.policy.get("solver"),
