@@ -1,16 +1,12 @@
-"""The library side of ``dsdeploy inspect`` and ``dsdeploy convert``."""
+"""The report of ``inspect`` and ``convert``: each conv's decision and the op counts before/after."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from dsdeploy.conversion.artifact import save_artifact, source_record
 from dsdeploy.conversion.opcount import Profile, profile_model, trace_calls
 from dsdeploy.conversion.plan import Plan, Policy, make_plan
-from dsdeploy.conversion.rewrite import convert
-from dsdeploy.errors import DsdeployError
 from dsdeploy.models.sources import LoadedModel
 from dsdeploy.recover.config import CALIB_BATCHES
 from dsdeploy.tables import format_table, human
@@ -89,6 +85,11 @@ def allocates_on_data(policy: Policy, data: str | None) -> bool:
     return policy.mac_budget is not None and policy.allocation != "spectral" and bool(data)
 
 
+def cost_name(table: Any) -> str | None:
+    """What a sensitivity table's costs are called in ``plan.policy["cost"]``."""
+    return f"logit_error ({table.metric})" if table is not None else None
+
+
 def inspect_model(loaded: LoadedModel, policy: Policy, input_shape: tuple[int, ...] | None = None,
                   calib_data: str | None = None, calib_batches: int | None = CALIB_BATCHES,
                   seed: int = 0, preprocess: dict[str, Any] | None = None) -> ModelReport:
@@ -96,7 +97,7 @@ def inspect_model(loaded: LoadedModel, policy: Policy, input_shape: tuple[int, .
 
     With ``calib_data``, also measure the per-layer sensitivity table (``report.sensitivity``)
     and, for a ``mac_budget`` (allocation not "spectral"), plan on it; ``preprocess`` overrides
-    the model's preprocessing of those images (as :func:`convert_to_artifact`).
+    the model's preprocessing of those images.
     """
     shape = loaded.shape_or_default(input_shape)
     policy.validate()
@@ -106,70 +107,9 @@ def inspect_model(loaded: LoadedModel, policy: Policy, input_shape: tuple[int, .
 
         pre = resolve(loaded.preprocessing, input_shape or loaded.input_shape, preprocess, data=calib_data,
                       model=loaded.model)
-        shape = input_shape_for(pre, input_shape, loaded.input_shape, bool(preprocess))
+        shape = tuple(input_shape_for(pre, input_shape, loaded.input_shape, bool(preprocess)))
         table = measure_costs(loaded, policy, shape, pre, calib_data, seed=seed, calib_batches=calib_batches)
     calls = trace_calls(loaded.model, shape)
     costs = table.costs() if table is not None and allocates_on_data(policy, calib_data) else None
-    plan = make_plan(loaded.model, policy, calls, shape, costs=costs,
-                     cost_name=f"logit_error ({table.metric})" if table is not None else None)
+    plan = make_plan(loaded.model, policy, calls, shape, costs=costs, cost_name=cost_name(table))
     return ModelReport(loaded.spec, list(shape), plan, profile_model(loaded.model, shape, calls), sensitivity=table)
-
-
-def convert_to_artifact(loaded: LoadedModel, out: str | Path, policy: Policy,
-                        input_shape: tuple[int, ...] | None = None, calib_data: str | None = None,
-                        calib_batches: int | None = CALIB_BATCHES, seed: int = 0,
-                        preprocess: dict[str, Any] | None = None, allocation_data: str | None = None,
-                        data_options: dict[str, Any] | None = None) -> ModelReport:
-    """Convert a loaded model, optionally calibrate it on data, and write the ``.dsd`` artifact.
-
-    A ``mac_budget`` with data (``allocation_data``, default ``calib_data``) and allocation not
-    "spectral" is shared out by each layer's measured effect on the logits
-    (:func:`measure_costs`; ``data_options``: ``batch_size``, ``val_split``, ``limit`` of the
-    split calibration uses); the history's convert record carries the table's summary.
-
-    The artifact records the input shape and the resolved preprocessing
-    (:func:`dsdeploy.data.preprocessing.resolve`: ``preprocess`` overrides > the model's own >
-    derived from ``input_shape``), which every later command reads.
-    """
-    from dsdeploy.data.preprocessing import input_shape_for, resolve
-
-    if loaded.artifact is not None:
-        raise DsdeployError(f"{loaded.spec} is already converted; convert its source model instead")
-    pre = resolve(loaded.preprocessing, input_shape or loaded.input_shape, preprocess, data=calib_data,
-                  model=loaded.model)
-    shape = input_shape_for(pre, input_shape, loaded.input_shape, bool(preprocess))
-    loaded.preprocessing = pre.to_dict()
-    policy.validate()
-    alloc_data = allocation_data or calib_data
-    table = None
-    if allocates_on_data(policy, alloc_data):
-        table = measure_costs(loaded, policy, shape, pre, alloc_data, seed=seed, calib_batches=calib_batches,
-                              **(data_options or {}))
-    res = convert(loaded.model, input_shape=shape, rank=policy.rank, energy=policy.energy,
-                  mac_budget=policy.mac_budget, include=policy.include, exclude=policy.exclude,
-                  convert_stem=policy.convert_stem, layout=policy.layout, allocation=policy.allocation,
-                  costs=table.costs() if table is not None else None,
-                  cost_name=f"logit_error ({table.metric})" if table is not None else None)
-    history: list[dict[str, Any]] = [{"stage": "convert", "policy": res.plan.policy, "layout": res.plan.layout,
-                                      "converted": len(res.plan.converted),
-                                      "conv_mac_ratio": round(res.after.conv_macs / max(1, res.before.conv_macs), 4)}]
-    if table is not None:
-        history[0]["sensitivity"] = {**table.summary(), "data": alloc_data}
-    model = res.model
-    if calib_data:
-        from dsdeploy.recover.reconstruct import calibrate_on_data
-
-        model, entry = calibrate_on_data(model, loaded.model, res.plan, calib_data, pre,
-                                         max_batches=calib_batches, seed=seed, labels=loaded.labels)
-        history.append(entry)
-    from dsdeploy.conversion.rewrite import verify_rebuild
-    from dsdeploy.models.sources import build_source
-
-    verify_rebuild(build_source(loaded.spec, loaded.model_kwargs).model, res.plan, model)
-    metadata = {"input_shape": list(shape), "preprocessing": loaded.preprocessing, "labels": loaded.labels,
-                "conv_macs_before": res.before.conv_macs, "conv_macs_after": res.after.conv_macs}
-    save_artifact(out, model, res.plan, source_record(loaded.spec, loaded.model_kwargs, loaded.weights),
-                  metadata, history)
-    report = ModelReport(loaded.spec, list(shape), res.plan, res.before, res.after, str(out), history)
-    report.sensitivity = table
-    return report
