@@ -7,7 +7,9 @@ the data is ready and the input model has been evaluated, divided by the pace of
 *training steps alone* (the median of the most recent steps), and re-sized every
 ``RECHECK_S`` seconds while training and after each evaluation: a slow start (a job
 sharing the cores, a first batch that decodes lazily) shrinks the run only while it
-lasts, and the run grows again when the pace recovers.
+lasts, and the run grows again when the pace recovers. The schedule is also re-checked
+when it reaches its planned end, and when the plan was far too short the decay goes back
+to the fraction of the training time really spent (:meth:`Schedule.resize`).
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ class Budget:
         seconds: the budget in seconds, or None.
         start: ``time.perf_counter()`` when the budget's clock started.
         spent: seconds already spent before ``start`` counts (a resumed run's earlier processes).
+        trained: seconds of training steps among them.
     """
 
-    def __init__(self, seconds: float | None, start: float, spent: float = 0.0) -> None:
-        self.seconds, self.start = seconds, start - spent
+    def __init__(self, seconds: float | None, start: float, spent: float = 0.0, trained: float = 0.0) -> None:
+        self.seconds, self.start, self.trained = seconds, start - spent, trained
         self.recent: deque[float] = deque(maxlen=WINDOW)
         self.last_sized: float | None = None
         self.eval_s = 0.0  # the longest evaluation (+ checkpoint) seen: what each epoch end costs
@@ -47,6 +50,7 @@ class Budget:
     def step_took(self, seconds: float) -> None:
         """Record one training step's duration (its batch's loading included)."""
         self.recent.append(seconds)
+        self.trained += seconds
 
     def pace(self) -> float | None:
         """Seconds per training step now: the median of the recent steps (None before ``MIN_STEPS``)."""
@@ -80,7 +84,8 @@ class Budget:
             more = 0  # no time for another step and its evaluation: end at this step
         total = step + more if cap is None else min(cap, step + more)
         warm = None if warmup_steps is None else min(warmup_steps, max(1, total // 10) if warmup_steps else 0)
-        sched.resize(step, total, warm)
+        progress = self.trained / (self.trained + (total - step) * pace) if self.trained > 0 else None
+        sched.resize(step, total, warm, progress)
 
     def over(self) -> bool:
         """Whether training must stop now to leave room for the last evaluation (the safety net)."""

@@ -125,7 +125,7 @@ def train_epoch(distiller: Distiller, modules: list[nn.Module], params: list[nn.
         if guard.signum is not None:
             bar.close()
             return None
-        if budget.due():
+        if budget.due() or st["step"] >= sched.total_steps:  # at the planned end: is there time for more?
             budget.resize(sched, st["step"], spe, steps, sizing["warmup"], sizing["cap"])
             bar.total = min(spe, sched.total_steps - st["step"] + steps)
         if budget.over():  # the safety net: the sizing should have ended the run before this

@@ -180,7 +180,7 @@ def _run(student, teacher, data, config: FinetuneConfig, check: ModelCheck, ck: 
         result.resumed_from = st["epoch"]
     st["times"]["decode"] += run["decode"]
     st["times"]["eval"] += evals
-    budget = Budget(config.time_budget, run["clock"], spent=st["elapsed"])
+    budget = Budget(config.time_budget, run["clock"], spent=st["elapsed"], trained=st["times"]["train"])
     budget.evaluation_took(input_eval)
     sizing = {"spe": spe, "warmup": _warmup_steps(config, spe, 10 * spe), "cap": cap}
     distiller = Distiller(student, teacher, LossWeights(config.kd_weight, config.feature_weight,

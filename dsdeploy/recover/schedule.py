@@ -98,19 +98,25 @@ class Schedule:
             return self._cos(t, span)
         return self._restart_lr(t, span)
 
-    def resize(self, step: int, total_steps: int, warmup_steps: int | None = None) -> None:
+    def resize(self, step: int, total_steps: int, warmup_steps: int | None = None,
+               progress: float | None = None) -> None:
         """Make the run ``total_steps`` long from ``step`` on (the next step to take) without a jump.
 
         Once the decay has begun, the fraction of it covered at ``step`` is kept and the rest
         spread over ``total_steps - step`` steps (the warmup length is then fixed); before,
-        ``warmup_steps`` (when given) replaces the warmup length. ``total_steps <= step`` ends
-        the run at ``step``.
+        ``warmup_steps`` (when given) replaces the warmup length. ``progress``: the fraction of
+        the run really done (e.g. by time); when the steps ran more than 5 points ahead of it
+        (an earlier plan was far too short), the decay goes back to it: the learning rate
+        rises once, as at a warm restart. ``total_steps <= step`` ends the run at ``step``.
         """
         total = max(1, int(total_steps), int(step))
         warm = self._warm()
         if step > warm:
             t, span = self._position(step)
-            self.warmup_steps, self.anchor_step, self.anchor_frac = warm, int(step), min(1.0, t / span)
+            frac = min(1.0, t / span)
+            if progress is not None and 0 <= progress < frac - 0.05:
+                frac = progress
+            self.warmup_steps, self.anchor_step, self.anchor_frac = warm, int(step), frac
         elif warmup_steps is not None:
             self.warmup_steps = max(0, int(warmup_steps))
         self.total_steps = total
