@@ -382,3 +382,14 @@ def test_without_a_validation_split_the_check_is_named_and_still_guards(digits, 
     result = finetune(copy.deepcopy(res.model), teacher, unlabelled, cfg(epochs=1), out_path=tmp_path / "u.dsd")
     assert "distillation loss" in result.checked_on and result.best_accuracy is None
     assert result.best_score >= result.score_before
+
+
+def test_a_budget_spent_before_training_returns_the_input_and_says_why(digits, tmp_path):
+    teacher, res, splits = digits
+    slow = dataclasses.replace(splits, train=SlowStart(splits.train, 1.5, 0, 0.0))
+    student = copy.deepcopy(res.model)
+    before = copy.deepcopy(student.state_dict())
+    result = finetune(student, teacher, slow, cfg(epochs=None, time_budget=1.0), out_path=tmp_path / "z.dsd")
+    assert result.stopped == "budget" and result.steps == 0 and result.kept_input
+    assert "time budget was spent before training" in result.warning
+    assert same_state(student.state_dict(), before)

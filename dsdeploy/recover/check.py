@@ -4,7 +4,9 @@ Higher is better. Labelled validation images: top-1 accuracy. Unlabelled validat
 images: minus the KL divergence from the teacher's predictions (the distillation loss at
 temperature 1). No validation split: the same measures on a fixed subset of the training
 images without augmentation, which catches a run that diverged but cannot see
-over-fitting; :attr:`ModelCheck.basis` says which one was used.
+over-fitting; :attr:`ModelCheck.basis` says which one was used. Under a time budget the
+check may use only the first batches of those images (:meth:`ModelCheck.fit_to`), the same
+ones for the input and every epoch.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class ModelCheck:
         basis: what the score is, in words (shown in results and warnings).
         accuracy: whether the score is a top-1 accuracy (else minus a KL divergence).
         held_out: whether the images are a validation split (not trained on).
+        max_batches: score on at most this many batches (None: all).
     """
 
     basis: str
@@ -38,18 +41,33 @@ class ModelCheck:
     loader: Any = field(repr=False)
     teacher: nn.Module | None = field(default=None, repr=False)
     _targets: list[torch.Tensor] | None = field(default=None, repr=False)
+    max_batches: int | None = None
 
     def score(self, model: nn.Module, channels_last: bool = False) -> float | None:
         """The score of ``model`` (higher is better; None when nothing could be scored)."""
         if self.accuracy:
-            return evaluate(model, self.loader, channels_last=channels_last)
+            return evaluate(model, self.loader, self.max_batches, channels_last=channels_last)
         if self._targets is None:
-            self._targets = [F.softmax(out, 1) for out in _outputs(self.teacher, self.loader, channels_last)]
+            self._targets = [F.softmax(out, 1) for out in _outputs(self.teacher, self.loader, channels_last,
+                                                                    self.max_batches)]
         kl = n = 0.0
-        for p_t, out in zip(self._targets, _outputs(model, self.loader, channels_last)):
+        for p_t, out in zip(self._targets, _outputs(model, self.loader, channels_last, self.max_batches)):
             kl += float(F.kl_div(F.log_softmax(out, 1), p_t, reduction="sum"))
             n += out.shape[0]
         return -kl / n if n else None
+
+    def fit_to(self, model: nn.Module, seconds: float, channels_last: bool = False) -> None:
+        """Use only as many batches as score ``model`` in about ``seconds`` (at least one; says so in ``basis``)."""
+        import time
+
+        batches = len(self.loader)
+        t = time.perf_counter()
+        evaluate(model, self.loader, 1, channels_last=channels_last)
+        fit = max(1, int(seconds / max(time.perf_counter() - t, 1e-6)))
+        if fit < batches:
+            images = min(fit * (self.loader.batch_size or 1), len(self.loader.dataset))
+            self.max_batches = fit
+            self.basis += f" (on the first {images} of {len(self.loader.dataset)} images, to fit the time budget)"
 
     def describe(self, score: float | None) -> str:
         """``score`` in words: ``81.20%`` or ``KL 0.0312``."""
@@ -58,13 +76,15 @@ class ModelCheck:
         return f"{100 * score:.2f}%" if self.accuracy else f"KL {-score:.4f}"
 
 
-def _outputs(model: nn.Module, loader: Any, channels_last: bool) -> list[torch.Tensor]:
+def _outputs(model: nn.Module, loader: Any, channels_last: bool, max_batches: int | None) -> list[torch.Tensor]:
     was = model.training
     model.eval()
     outs = []
     try:
         with torch.no_grad():
-            for x, _y in loader:
+            for i, (x, _y) in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
                 if channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 outs.append(model(x).float())

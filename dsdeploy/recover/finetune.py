@@ -50,6 +50,8 @@ from dsdeploy.recover.resume import (
 )
 from dsdeploy.recover.schedule import Schedule
 
+EVAL_SHARE = 0.05  # under a time budget, one evaluation may take about this share of it
+
 
 def _memory_format(cfg: FinetuneConfig, student: nn.Module, teacher: nn.Module | None,
                    fmt: torch.memory_format) -> None:
@@ -142,10 +144,15 @@ def _run(student, teacher, data, config: FinetuneConfig, check: ModelCheck, ck: 
     ckpt_path, hist_path = paths
     cl = config.channels_last
     t = time.perf_counter()
+    if ck is not None:  # the same images as before the interruption
+        check.max_batches, check.basis = ck["check_batches"], ck["checked_on"]
+    elif config.time_budget and config.mode != "none":
+        check.fit_to(student, EVAL_SHARE * config.time_budget, cl)  # each evaluation: a small share of the budget
     teacher_acc = check.score(teacher, cl) if check.accuracy and teacher is not None else None
     st: dict[str, Any] = {"epoch": 0, "step": 0, "best_score": None, "best_epoch": 0, "best_state": None,
                           "input_score": None, "bad_epochs": 0, "history": [], "elapsed": 0.0, "done": None,
-                          "times": {"decode": 0.0, "train": 0.0, "eval": 0.0}}
+                          "times": {"decode": 0.0, "train": 0.0, "eval": 0.0}, "check_batches": check.max_batches,
+                          "checked_on": check.basis}
     t_input = time.perf_counter()
     if ck is None:
         st["input_score"] = st["best_score"] = check.score(student, cl)
@@ -186,6 +193,8 @@ def _run(student, teacher, data, config: FinetuneConfig, check: ModelCheck, ck: 
     distiller = Distiller(student, teacher, LossWeights(config.kd_weight, config.feature_weight,
                                                         config.ce_weight, config.temperature))
     save_s = 0.0
+    if budget.over():  # the data and the first evaluations took the whole budget: nothing can be trained
+        st["done"] = "budget"
     try:
         with SignalGuard() as guard:
             while st["done"] is None and st["step"] < sched.total_steps:
@@ -245,7 +254,11 @@ def _finish(result: FinetuneResult, student: nn.Module, st: dict[str, Any], chec
     result.kept_input = bool(hist) and st["best_epoch"] == 0
     result.worse_than_input = last is not None and before is not None and last < before
     show = check.describe
-    if before is None and hist:
+    if not hist and result.stopped == "budget":
+        result.kept_input = True
+        result.warning = (f"the time budget was spent before training could start (data {st['times']['decode']:.0f}s, "
+                          f"evaluation {st['times']['eval']:.0f}s): the input model is returned unchanged")
+    elif before is None and hist:
         result.warning = f"the model could not be checked ({check.basis} gave no score): the last epoch is returned"
     elif result.kept_input:
         trained = max((h["score"] for h in hist if h.get("score") is not None), default=None)
