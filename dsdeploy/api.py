@@ -171,7 +171,8 @@ def calibrate(converted: ConvertedModel, data: str | torch.Tensor | Iterable, *,
             reported on the labelled validation split), a float tensor of model-ready inputs
             (N, C, H, W), or an iterable of such batches (or ``(x, y)`` batches).
         params / options: :class:`dsdeploy.recover.config.CalibrationParams` fields:
-            ``ridge`` (>= 0), ``max_batches`` (None = all), ``batch_size``.
+            ``ridge`` (>= 0), ``max_batches`` (None = all), ``batch_size``, ``rounds`` (alternating
+            depthwise/pointwise rounds, 0 = pointwise only), ``cache_mb`` (cached stage inputs).
         preprocess: preprocessing overrides (``size``, ``mean``, ...) for a data spec.
 
     Returns:
@@ -188,12 +189,14 @@ def calibrate(converted: ConvertedModel, data: str | torch.Tensor | Iterable, *,
         pre = resolve(cm.preprocessing, cm.input_shape, preprocess, data=data, model=cm.original)
         report = reconstruct.calibrate_data(cm.model, cm.original, cm.plan, data, pre, max_batches=p.max_batches,
                                             seed=seed, batch_size=p.batch_size, ridge=p.ridge, progress=progress,
-                                            val_split=val_split, limit=limit, labels=cm.labels)
+                                            val_split=val_split, limit=limit, labels=cm.labels, rounds=p.rounds,
+                                            cache_mb=p.cache_mb)
         cm.preprocessing = pre.to_dict()
         cm.history.append(report.history_entry(data=data, seed=seed))
     else:
         report = reconstruct.calibrate(cm.model, cm.original, cm.plan, _loader(data, p.batch_size),
-                                       max_batches=p.max_batches, ridge=p.ridge, progress=progress)
+                                       max_batches=p.max_batches, ridge=p.ridge, progress=progress, rounds=p.rounds,
+                                       cache_mb=p.cache_mb)
         cm.history.append(report.history_entry(data="in-memory"))
     return report
 

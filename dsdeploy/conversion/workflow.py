@@ -12,7 +12,7 @@ from dsdeploy.conversion.plan import Plan, Policy, make_plan
 from dsdeploy.conversion.rewrite import convert
 from dsdeploy.errors import DsdeployError
 from dsdeploy.models.sources import LoadedModel
-from dsdeploy.recover.config import CALIB_BATCHES
+from dsdeploy.recover.config import CALIB_BATCHES, CALIB_CACHE_MB, CALIB_ROUNDS
 from dsdeploy.tables import format_table, human
 
 
@@ -74,12 +74,14 @@ def inspect_model(loaded: LoadedModel, policy: Policy, input_shape: tuple[int, .
 def convert_to_artifact(loaded: LoadedModel, out: str | Path, policy: Policy,
                         input_shape: tuple[int, ...] | None = None, calib_data: str | None = None,
                         calib_batches: int | None = CALIB_BATCHES, seed: int = 0,
-                        preprocess: dict[str, Any] | None = None) -> ModelReport:
+                        preprocess: dict[str, Any] | None = None, calib_rounds: int = CALIB_ROUNDS,
+                        calib_cache_mb: float = CALIB_CACHE_MB) -> ModelReport:
     """Convert a loaded model, optionally calibrate it on data, and write the ``.dsd`` artifact.
 
     The artifact records the input shape and the resolved preprocessing
     (:func:`dsdeploy.data.preprocessing.resolve`: ``preprocess`` overrides > the model's own >
     derived from ``input_shape``), which every later command reads.
+    ``calib_rounds``/``calib_cache_mb``: calibration's ``rounds``/``cache_mb`` (:class:`CalibrationParams`).
     """
     from dsdeploy.data.preprocessing import input_shape_for, resolve
 
@@ -100,7 +102,8 @@ def convert_to_artifact(loaded: LoadedModel, out: str | Path, policy: Policy,
         from dsdeploy.recover.reconstruct import calibrate_on_data
 
         model, entry = calibrate_on_data(model, loaded.model, res.plan, calib_data, pre,
-                                         max_batches=calib_batches, seed=seed, labels=loaded.labels)
+                                         max_batches=calib_batches, seed=seed, labels=loaded.labels,
+                                         rounds=calib_rounds, cache_mb=calib_cache_mb)
         history.append(entry)
     from dsdeploy.conversion.rewrite import verify_rebuild
     from dsdeploy.models.sources import build_source

@@ -23,7 +23,7 @@ from dsdeploy.conversion.plan import Policy
 from dsdeploy.errors import DsdeployError, RecipeError
 from dsdeploy.pipeline.tomltypes import coerce, describe, type_name
 from dsdeploy.ranges import check_number, parse_duration
-from dsdeploy.recover.config import CALIB_BATCHES, CalibrationParams, FinetuneConfig
+from dsdeploy.recover.config import CALIB_BATCHES, CALIB_CACHE_MB, CALIB_ROUNDS, CalibrationParams, FinetuneConfig
 
 QUANTIZE = ("none", "int8", "int8-dynamic", "fp16")
 
@@ -59,12 +59,14 @@ ConvertSection = Policy
 
 @dataclass
 class CalibrateSection:
-    """[calibrate]: least-squares pointwise weights + BatchNorm re-estimation (needs data)."""
+    """[calibrate]: least-squares DS factors (pointwise, then alternating rounds) + BatchNorm re-estimation (needs data)."""
 
     enabled: bool = True
     batches: int = CALIB_BATCHES  # a seeded subset of batches * batch_size training images
     batch_size: int = 64
     ridge: float = 1e-6
+    rounds: int = CALIB_ROUNDS  # alternating depthwise/pointwise rounds per layer (0: pointwise only)
+    cache_mb: float = CALIB_CACHE_MB  # MiB of cached stage inputs (0: none)
 
 
 @dataclass
@@ -293,7 +295,8 @@ def _check_numbers(r: Recipe, src: str) -> None:
 
     c, b = r.calibrate, r.bench
     try:
-        CalibrationParams(ridge=c.ridge, max_batches=c.batches, batch_size=c.batch_size)
+        CalibrationParams(ridge=c.ridge, max_batches=c.batches, batch_size=c.batch_size, rounds=c.rounds,
+                          cache_mb=c.cache_mb)
     except DsdeployError as exc:
         raise RecipeError(f"{src}: {str(exc).replace('calibrate max_batches', 'calibrate.batches')}") from None
     try:
