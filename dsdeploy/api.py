@@ -158,12 +158,14 @@ def calibrate(converted: ConvertedModel, data: str | torch.Tensor | Iterable, *,
               params: CalibrationParams | None = None, preprocess: dict[str, Any] | None = None, seed: int = 0,
               val_split: float = 0.2, limit: int | None = None, progress: bool = False,
               **options: Any) -> CalibrationReport:
-    """Fit each DS block's pointwise weights to the ORIGINAL conv's outputs, IN PLACE, then re-estimate BatchNorm.
+    """Fit each DS block's factors to the ORIGINAL conv's outputs, IN PLACE, then re-estimate BatchNorm.
 
-    Method: least squares on activations (the depthwise features the block sees inside the
-    partially calibrated network against the original conv's output; ridge-regularised normal
-    equations, layer by layer in call order), as in Zhang et al. 2016 "Accelerating very deep
-    convolutional networks" (:mod:`dsdeploy.recover.reconstruct`). No labels needed.
+    Method: least squares on activations (the input each block sees inside the partially
+    calibrated network against the original conv's output; ridge-regularised normal equations,
+    layer by layer in call order), as in Zhang et al. 2016 "Accelerating very deep
+    convolutional networks": the pointwise weights first, then ``rounds`` alternating
+    depthwise/pointwise solves while the layer's output error keeps falling
+    (:mod:`dsdeploy.recover.reconstruct`). No labels needed.
 
     Args:
         converted: what :func:`convert` returned (``converted.model`` is changed in place).

@@ -33,6 +33,9 @@ def _ridge_solve(ata: torch.Tensor, atb: torch.Tensor, ridge: float) -> torch.Te
     d = ata.shape[-1]
     lam = ridge * ata.diagonal(dim1=1, dim2=2).sum(-1) / d
     reg = ata + lam.clamp_min(1e-12)[:, None, None] * torch.eye(d, dtype=ata.dtype)
+    chol, info = torch.linalg.cholesky_ex(reg)  # symmetric positive definite: half the cost of LU
+    if bool((info == 0).all()):
+        return torch.cholesky_solve(atb, chol)
     return torch.linalg.solve(reg, atb)
 
 
