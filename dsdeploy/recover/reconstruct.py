@@ -33,7 +33,7 @@ from dsdeploy.recover.lsq import CHUNK_ELEMENTS, PATCH_MB, NormalEquations, patc
 from dsdeploy.recover.stagecache import LayerInputs
 
 __all__ = ["CHUNK_ELEMENTS", "CalibrationReport", "LayerCalibration", "NormalEquations", "affected_norms",
-           "calibrate", "calibrate_artifact", "calibrate_data", "calibrate_on_data", "recalibrate_bn"]
+           "calibrate", "calibrate_artifact", "calibrate_data", "recalibrate_bn"]
 
 
 @dataclass
@@ -334,18 +334,6 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
                        rounds=rounds, cache_mb=cache_mb)
     report.split = splits.split
     return report
-
-
-def calibrate_on_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
-                      preprocessing: Any, *, max_batches: int | None = CALIB_BATCHES, seed: int = 0,
-                      batch_size: int = 64, labels: list[str] | None = None, ridge: float = 1e-6,
-                      rounds: int = CALIB_ROUNDS, cache_mb: float = CALIB_CACHE_MB,
-                      progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """For ``convert --calib-data``: :func:`calibrate_data`, returning (model, artifact history entry)."""
-    report = calibrate_data(model, teacher, plan, data, preprocessing, max_batches=max_batches, seed=seed,
-                            batch_size=batch_size, labels=labels, ridge=ridge, rounds=rounds, cache_mb=cache_mb,
-                            progress=progress)
-    return model, report.history_entry(data=data, seed=seed)
 
 
 def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: int | None = CALIB_BATCHES,
