@@ -40,6 +40,7 @@ def main() -> None:
     report = calibrate(res.model, teacher, res.plan, loader, progress=False, **extra)
     seconds = time.perf_counter() - t0
     out = {"threads": torch.get_num_threads(), "layers": len(report.layers), "seconds": round(seconds, 1),
+           "fit_seconds": round(getattr(report, "fit_seconds", seconds), 1),
            "options": extra, "cache": getattr(report, "cache", None),
            "mean_error_after": sum(c.error_after for c in report.layers) / max(1, len(report.layers))}
     print(json.dumps(out))
