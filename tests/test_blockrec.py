@@ -1,0 +1,151 @@
+"""Block reconstruction: a small residual net on digits, converted at rank 1 and calibrated, then fitted block by block."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsdeploy.conversion.rewrite import convert
+from dsdeploy.data.datasets import Preprocess, load_data, make_loader
+from dsdeploy.errors import DsdeployError
+from dsdeploy.recover.blockdata import find_blocks
+from dsdeploy.recover.blockrec import reconstruct_blocks
+from dsdeploy.recover.distill import evaluate
+from dsdeploy.recover.reconstruct import calibrate
+
+DIGITS8 = Preprocess(size=(8, 8), resize=None, mean=(0.3,), std=(0.32,), channels=1)
+
+
+class Block(nn.Module):
+    """Basic residual block; a 1x1-conv shortcut where the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + self.shortcut(x))
+
+
+class TinyResNet(nn.Module):
+    """1x8x8 digits: a stem conv, a stage of three residual blocks, pooling, a linear layer."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stage = nn.Sequential(Block(width, width), Block(width, 2 * width, 2), Block(2 * width, 2 * width))
+        self.fc = nn.Linear(2 * width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.stage(self.stem(x)).mean(dim=(2, 3)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def trained(one_thread):
+    """The tiny ResNet trained a few epochs on digits (a few seconds); (model, splits)."""
+    splits = load_data("digits", DIGITS8)
+    torch.manual_seed(0)
+    model = TinyResNet()
+    opt = torch.optim.Adam(model.parameters(), 5e-3)
+    for ep in range(6):
+        model.train()
+        for x, y in make_loader(splits.train, 32, shuffle=True, seed=ep):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval(), splits
+
+
+@pytest.fixture
+def calibrated(trained):
+    """(teacher, student converted at rank 1 and calibrated, calibration loader, validation loader)."""
+    teacher, splits = trained
+    res = convert(teacher, input_shape=(1, 1, 8, 8), rank=1)
+    loader = make_loader(splits.train, 64, shuffle=False)
+    calibrate(res.model, teacher, res.plan, loader, max_batches=8, progress=False)
+    return teacher, res.model, [b for i, b in enumerate(loader) if i < 8], make_loader(splits.val, 256, shuffle=False)
+
+
+def logits_mse(student: nn.Module, teacher: nn.Module, loader) -> float:
+    with torch.no_grad():
+        return sum(float((student(x) - teacher(x)).square().mean()) for x, _ in loader) / len(loader)
+
+
+def test_blocks_are_the_residual_blocks():
+    res = convert(TinyResNet().eval(), input_shape=(1, 1, 8, 8), rank=1)
+    units = dict(find_blocks(res.model))
+    assert list(units) == ["stage.0", "stage.1", "stage.2"]  # the stem conv stays dense (convert_stem off)
+    assert units["stage.1"] == ["stage.1.conv1", "stage.1.conv2"]  # a 1x1 conv has nothing to separate
+
+
+def test_single_layers_when_there_is_no_enclosing_block():
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    res = convert(plain, input_shape=(1, 3, 12, 12), rank=1, convert_stem=True)
+    assert find_blocks(res.model) == [("0", ["0"]), ("2", ["2"]), ("4", ["4"])]
+
+
+def test_block_reconstruction_lowers_every_block_error_and_the_logit_gap(calibrated):
+    teacher, student, calib, val = calibrated
+    mse_before = logits_mse(student, teacher, val)
+    t0 = time.perf_counter()
+    report = reconstruct_blocks(student, teacher, calib, time_budget_s=6, lr=1e-3, eval_loader=val)
+    elapsed = time.perf_counter() - t0
+    assert [b.name for b in report.blocks] == ["stage.0", "stage.1", "stage.2"]
+    assert all(b.error_after <= b.error_before for b in report.blocks), report.render()
+    before, after = report.summed_error()
+    assert after < 0.9 * before, report.render()
+    assert logits_mse(student, teacher, val) < mse_before
+    # label-free and local: accuracy may move a little either way, never collapse
+    assert report.accuracy_after >= report.accuracy_before - 0.02, report.render()
+    assert elapsed < 6 + 5 and report.seconds < 6 + 5  # the budget holds (generously: one epoch + one check over)
+    assert sum(b.steps for b in report.blocks) > 0 and report.images == 8 * 64
+
+
+def test_every_block_keeps_its_start_when_training_cannot_help(calibrated):
+    teacher, student, calib, _ = calibrated
+    report = reconstruct_blocks(student, teacher, calib, time_budget_s=5, lr=10.0, max_epochs=2)
+    assert all(b.error_after <= b.error_before for b in report.blocks), report.render()
+    fresh = reconstruct_blocks(student, teacher, calib, time_budget_s=5, lr=1e-12, max_epochs=1)
+    for a, b in zip(report.blocks, fresh.blocks):  # what was kept is what the model now computes
+        assert b.error_before == pytest.approx(a.error_after, rel=1e-4, abs=1e-7)
+
+
+def test_local_target_fits_the_original_block_on_the_students_input(calibrated):
+    teacher, student, calib, _ = calibrated
+    report = reconstruct_blocks(student, teacher, calib, time_budget_s=4, target="local")
+    assert report.target == "local" and all(b.error_after <= b.error_before for b in report.blocks)
+
+
+def test_a_spent_budget_skips_the_remaining_blocks(calibrated):
+    teacher, student, calib, _ = calibrated
+    report = reconstruct_blocks(student, teacher, calib, time_budget_s=1e-6)
+    assert {b.stopped for b in report.blocks} == {"skipped: time budget spent"}
+    assert report.summed_error() == (0, 0)
+
+
+@pytest.mark.parametrize("kwargs,named", [({"time_budget_s": 0}, "time_budget_s"),
+                                          ({"time_budget_s": 5, "target": "teacher"}, "target"),
+                                          ({"time_budget_s": 5, "lr": float("nan")}, "lr")])
+def test_bad_arguments_name_themselves(calibrated, kwargs, named):
+    teacher, student, calib, _ = calibrated
+    with pytest.raises(DsdeployError, match=named):
+        reconstruct_blocks(student, teacher, calib, **kwargs)
