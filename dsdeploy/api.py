@@ -171,7 +171,9 @@ def calibrate(converted: ConvertedModel, data: str | torch.Tensor | Iterable, *,
             reported on the labelled validation split), a float tensor of model-ready inputs
             (N, C, H, W), or an iterable of such batches (or ``(x, y)`` batches).
         params / options: :class:`dsdeploy.recover.config.CalibrationParams` fields:
-            ``ridge`` (>= 0), ``max_batches`` (None = all), ``batch_size``.
+            ``ridge`` (>= 0), ``max_batches`` (None = all), ``batch_size``, ``block_reconstruct``
+            (seconds or a duration like ``"90s"``: afterwards, fit each converted block to the
+            original's activations with Adam for that long, :mod:`dsdeploy.recover.blockrec`; off by default).
         preprocess: preprocessing overrides (``size``, ``mean``, ...) for a data spec.
 
     Returns:
@@ -181,6 +183,7 @@ def calibrate(converted: ConvertedModel, data: str | torch.Tensor | Iterable, *,
         DataError: empty or unreadable data; DsdeployError: an option out of range (names it).
     """
     from dsdeploy.recover import reconstruct
+    from dsdeploy.recover.blockrec import after_calibration
 
     cm = _require_converted(converted, "calibrate")
     p = _options(CalibrationParams, params, options, "calibrate")
@@ -188,12 +191,16 @@ def calibrate(converted: ConvertedModel, data: str | torch.Tensor | Iterable, *,
         pre = resolve(cm.preprocessing, cm.input_shape, preprocess, data=data, model=cm.original)
         report = reconstruct.calibrate_data(cm.model, cm.original, cm.plan, data, pre, max_batches=p.max_batches,
                                             seed=seed, batch_size=p.batch_size, ridge=p.ridge, progress=progress,
-                                            val_split=val_split, limit=limit, labels=cm.labels)
+                                            val_split=val_split, limit=limit, labels=cm.labels,
+                                            block_reconstruct=p.block_reconstruct)
         cm.preprocessing = pre.to_dict()
         cm.history.append(report.history_entry(data=data, seed=seed))
     else:
-        report = reconstruct.calibrate(cm.model, cm.original, cm.plan, _loader(data, p.batch_size),
+        loader = _loader(data, p.batch_size)
+        report = reconstruct.calibrate(cm.model, cm.original, cm.plan, loader,
                                        max_batches=p.max_batches, ridge=p.ridge, progress=progress)
+        after_calibration(report, cm.model, cm.original, loader, p.block_reconstruct, max_batches=p.max_batches,
+                          progress=progress)
         cm.history.append(report.history_entry(data="in-memory"))
     return report
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsdeploy import api
+from dsdeploy.conversion.artifact import load_artifact, save_artifact, source_record
 from dsdeploy.conversion.rewrite import convert
 from dsdeploy.data.datasets import Preprocess, load_data, make_loader
 from dsdeploy.errors import DsdeployError
@@ -16,6 +18,7 @@ from dsdeploy.recover.blockdata import find_blocks
 from dsdeploy.recover.blockrec import reconstruct_blocks
 from dsdeploy.recover.distill import evaluate
 from dsdeploy.recover.reconstruct import calibrate
+from tests.clirun import dsdeploy
 
 DIGITS8 = Preprocess(size=(8, 8), resize=None, mean=(0.3,), std=(0.32,), channels=1)
 
@@ -48,6 +51,11 @@ class TinyResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.stage(self.stem(x)).mean(dim=(2, 3)))
+
+
+def tiny_resnet() -> TinyResNet:
+    """Factory spec tests.test_blockrec:tiny_resnet."""
+    return TinyResNet()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -106,9 +114,8 @@ def test_single_layers_when_there_is_no_enclosing_block():
 def test_block_reconstruction_lowers_every_block_error_and_the_logit_gap(calibrated):
     teacher, student, calib, val = calibrated
     mse_before = logits_mse(student, teacher, val)
-    t0 = time.perf_counter()
-    report = reconstruct_blocks(student, teacher, calib, time_budget_s=6, lr=1e-3, eval_loader=val)
-    elapsed = time.perf_counter() - t0
+    # a step cap, not the clock, bounds the work: the same result on a busy machine (measured: 75% -> 92%)
+    report = reconstruct_blocks(student, teacher, calib, time_budget_s=600, max_epochs=12, eval_loader=val)
     assert [b.name for b in report.blocks] == ["stage.0", "stage.1", "stage.2"]
     assert all(b.error_after <= b.error_before for b in report.blocks), report.render()
     before, after = report.summed_error()
@@ -116,22 +123,33 @@ def test_block_reconstruction_lowers_every_block_error_and_the_logit_gap(calibra
     assert logits_mse(student, teacher, val) < mse_before
     # label-free and local: accuracy may move a little either way, never collapse
     assert report.accuracy_after >= report.accuracy_before - 0.02, report.render()
-    assert elapsed < 6 + 5 and report.seconds < 6 + 5  # the budget holds (generously: one epoch + one check over)
     assert sum(b.steps for b in report.blocks) > 0 and report.images == 8 * 64
+
+
+def test_the_time_budget_holds(calibrated):
+    teacher, student, calib, _ = calibrated
+    t0 = time.perf_counter()
+    report = reconstruct_blocks(student, teacher, calib, time_budget_s=2)
+    elapsed = time.perf_counter() - t0
+    # over by at most one step and a pass over one block's cache (generous for a busy machine)
+    assert elapsed < 2 + 5 and report.seconds <= elapsed
+    done = [b for b in report.blocks if b.error_before is not None]
+    assert all(b.error_after <= b.error_before for b in done)
+    assert all(b.stopped == "skipped: time budget spent" for b in report.blocks if b not in done)
 
 
 def test_every_block_keeps_its_start_when_training_cannot_help(calibrated):
     teacher, student, calib, _ = calibrated
-    report = reconstruct_blocks(student, teacher, calib, time_budget_s=5, lr=10.0, max_epochs=2)
+    report = reconstruct_blocks(student, teacher, calib, time_budget_s=600, lr=10.0, max_epochs=2)
     assert all(b.error_after <= b.error_before for b in report.blocks), report.render()
-    fresh = reconstruct_blocks(student, teacher, calib, time_budget_s=5, lr=1e-12, max_epochs=1)
+    fresh = reconstruct_blocks(student, teacher, calib, time_budget_s=600, lr=1e-12, max_epochs=1)
     for a, b in zip(report.blocks, fresh.blocks):  # what was kept is what the model now computes
         assert b.error_before == pytest.approx(a.error_after, rel=1e-4, abs=1e-7)
 
 
 def test_local_target_fits_the_original_block_on_the_students_input(calibrated):
     teacher, student, calib, _ = calibrated
-    report = reconstruct_blocks(student, teacher, calib, time_budget_s=4, target="local")
+    report = reconstruct_blocks(student, teacher, calib, time_budget_s=600, max_epochs=4, target="local")
     assert report.target == "local" and all(b.error_after <= b.error_before for b in report.blocks)
 
 
@@ -149,3 +167,56 @@ def test_bad_arguments_name_themselves(calibrated, kwargs, named):
     teacher, student, calib, _ = calibrated
     with pytest.raises(DsdeployError, match=named):
         reconstruct_blocks(student, teacher, calib, **kwargs)
+
+
+def test_budget_zero_changes_nothing_and_a_budget_is_recorded(trained):
+    teacher, splits = trained
+    x = torch.stack([splits.train[i][0] for i in range(256)])
+    models = {}
+    for budget in (None, "0", "3s"):
+        cm = api.convert(teacher, input_shape=(1, 1, 8, 8), rank=1)
+        report = api.calibrate(cm, x, max_batches=4, block_reconstruct=budget)
+        models[budget] = (cm.model.state_dict(), report)
+    plain, off, on = models[None], models["0"], models["3s"]
+    assert all(torch.equal(plain[0][k], off[0][k]) for k in plain[0]) and off[1].block_reconstruction is None
+    rec = on[1].block_reconstruction
+    assert rec["time_budget"] == 3.0 and [b["name"] for b in rec["blocks"]] == ["stage.0", "stage.1", "stage.2"]
+    if any(b["steps"] for b in rec["blocks"]):  # (a very busy machine may spend 3 s before the first step)
+        assert not all(torch.equal(plain[0][k], on[0][k]) for k in plain[0])
+    assert on[1].history_entry()["block_reconstruction"] == rec
+
+
+def test_calibrate_cli_runs_block_reconstruction_and_records_it(trained, tmp_path):
+    teacher, _ = trained
+    weights = tmp_path / "teacher.pt"
+    torch.save(teacher.state_dict(), weights)
+    res = convert(teacher, input_shape=(1, 1, 8, 8), rank=1)
+    src = tmp_path / "naive.dsd"
+    save_artifact(src, res.model, res.plan, source_record("tests.test_blockrec:tiny_resnet", weights=str(weights)),
+                  {"input_shape": [1, 1, 8, 8], "preprocessing": DIGITS8.to_dict()}, [{"stage": "convert"}])
+    out = tmp_path / "cal.dsd"
+    env = {"OMP_NUM_THREADS": "1"}
+    proc = dsdeploy("calibrate", src, "--data", "digits", "-o", out, "--max-batches", "6", "--trust-code",
+                    "--block-reconstruct", "3s", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "block reconstruction: 3 blocks in" in proc.stdout
+    entry = load_artifact(out, trust_code=True).history[-1]
+    rec = entry["block_reconstruction"]
+    done = [b for b in rec["blocks"] if b["error_before"] is not None]  # a busy machine may spend 3 s early
+    assert rec["time_budget"] == 3.0 and all(b["error_after"] <= b["error_before"] for b in done)
+    assert entry["accuracy_after"] == rec["accuracy_after"]
+    proc = dsdeploy("calibrate", src, "--data", "digits", "-o", tmp_path / "x.dsd", "--trust-code",
+                    "--block-reconstruct", "soon", env=env)
+    assert proc.returncode != 0 and proc.stderr.startswith("error: ") and "block_reconstruct" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x.dsd").exists()
+
+
+def test_recipe_key_takes_a_duration():
+    from dsdeploy.errors import RecipeError
+    from dsdeploy.pipeline.recipe import recipe_from_dict
+
+    r = recipe_from_dict({"model": {"spec": "sample:digits_cnn"}, "calibrate": {"block_reconstruct": "1m30s"}}, "r.toml")
+    assert r.calibrate.block_reconstruct == 90.0
+    assert recipe_from_dict({"model": {"spec": "sample:digits_cnn"}}, "r.toml").calibrate.block_reconstruct is None
+    with pytest.raises(RecipeError, match="calibrate.block_reconstruct"):
+        recipe_from_dict({"model": {"spec": "sample:digits_cnn"}, "calibrate": {"block_reconstruct": "soon"}}, "r.toml")

@@ -6,6 +6,7 @@ import click
 
 from dsdeploy.cli import cli
 from dsdeploy.cli.options import (
+    block_reconstruct_option,
     echo_json,
     model_options,
     parse_kwargs,
@@ -68,11 +69,13 @@ def inspect(model, weights, model_kwargs, trust_pickle, input_shape, rank, energ
               help="Calibrate the pointwise weights on this data (folder or 'digits') after converting.")
 @click.option("--calib-batches", type=int, default=CALIB_BATCHES, show_default=True,
               help="Calibrate on at most N batches.")
+@block_reconstruct_option
 @preprocess_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, rank, energy, mac_budget, include,
-            exclude, convert_stem, layout, calib_data, calib_batches, seed, as_json, preprocess, trust_code):
+            exclude, convert_stem, layout, calib_data, calib_batches, block_reconstruct, seed, as_json, preprocess,
+            trust_code):
     """Rewrite MODEL's convs into depthwise-separable blocks and write a .dsd artifact.
 
     Prints params/MACs before and after and the rank of every layer. Exit status 3 when
@@ -87,5 +90,5 @@ def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, ran
     report = convert_to_artifact(loaded, output,
                                  _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout),
                                  parse_shape(input_shape), calib_data=calib_data, calib_batches=calib_batches,
-                                 seed=seed, preprocess=preprocess)
+                                 seed=seed, preprocess=preprocess, block_reconstruct=block_reconstruct)
     echo_json(report.to_dict()) if as_json else click.echo(report.render())

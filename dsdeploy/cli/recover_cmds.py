@@ -6,6 +6,7 @@ import click
 
 from dsdeploy.cli import cli
 from dsdeploy.cli.options import (
+    block_reconstruct_option,
     echo_json,
     parse_kwargs,
     parse_shape,
@@ -70,11 +71,13 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
               help="Calibrate on at most N batches (a seeded subset).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--ridge", type=float, default=1e-6, show_default=True, help="Relative ridge of the least squares.")
+@block_reconstruct_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @preprocess_options
 @trust_code_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_json, preprocess, trust_code):
+def calibrate(artifact, data, output, max_batches, batch_size, ridge, block_reconstruct, seed, as_json, preprocess,
+              trust_code):
     """Solve each converted layer's pointwise weights by least squares against the original
     model's convs on DATA (training-free), then re-estimate BatchNorm statistics."""
     from dsdeploy.conversion.artifact import check_artifact_output
@@ -84,7 +87,8 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_j
     check_artifact_output(output, what="--output",
                           inputs=[("artifact", artifact), ("--data", data)])
     report = calibrate_artifact(artifact, data, output, max_batches=max_batches, batch_size=batch_size, seed=seed,
-                                ridge=ridge, progress=not as_json, preprocess=preprocess, trust_code=trust_code)
+                                ridge=ridge, progress=not as_json, preprocess=preprocess, trust_code=trust_code,
+                                block_reconstruct=block_reconstruct)
     if as_json:
         echo_json(report.to_dict())
     else:

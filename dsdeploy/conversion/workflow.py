@@ -74,15 +74,19 @@ def inspect_model(loaded: LoadedModel, policy: Policy, input_shape: tuple[int, .
 def convert_to_artifact(loaded: LoadedModel, out: str | Path, policy: Policy,
                         input_shape: tuple[int, ...] | None = None, calib_data: str | None = None,
                         calib_batches: int | None = CALIB_BATCHES, seed: int = 0,
-                        preprocess: dict[str, Any] | None = None) -> ModelReport:
+                        preprocess: dict[str, Any] | None = None,
+                        block_reconstruct: float | str | None = None) -> ModelReport:
     """Convert a loaded model, optionally calibrate it on data, and write the ``.dsd`` artifact.
 
     The artifact records the input shape and the resolved preprocessing
     (:func:`dsdeploy.data.preprocessing.resolve`: ``preprocess`` overrides > the model's own >
-    derived from ``input_shape``), which every later command reads.
+    derived from ``input_shape``), which every later command reads. ``block_reconstruct``: with
+    ``calib_data``, the block-reconstruction budget (:class:`dsdeploy.recover.config.CalibrationParams`).
     """
     from dsdeploy.data.preprocessing import input_shape_for, resolve
+    from dsdeploy.recover.config import block_budget
 
+    block_reconstruct = block_budget(block_reconstruct)
     if loaded.artifact is not None:
         raise DsdeployError(f"{loaded.spec} is already converted; convert its source model instead")
     pre = resolve(loaded.preprocessing, input_shape or loaded.input_shape, preprocess, data=calib_data,
@@ -100,7 +104,8 @@ def convert_to_artifact(loaded: LoadedModel, out: str | Path, policy: Policy,
         from dsdeploy.recover.reconstruct import calibrate_on_data
 
         model, entry = calibrate_on_data(model, loaded.model, res.plan, calib_data, pre,
-                                         max_batches=calib_batches, seed=seed, labels=loaded.labels)
+                                         max_batches=calib_batches, seed=seed, labels=loaded.labels,
+                                         block_reconstruct=block_reconstruct)
         history.append(entry)
     from dsdeploy.conversion.rewrite import verify_rebuild
     from dsdeploy.models.sources import build_source

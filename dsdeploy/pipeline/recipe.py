@@ -65,6 +65,7 @@ class CalibrateSection:
     batches: int = CALIB_BATCHES  # a seeded subset of batches * batch_size training images
     batch_size: int = 64
     ridge: float = 1e-6
+    block_reconstruct: str | float | None = None  # e.g. "90s": label-free block reconstruction afterwards (kept in s)
 
 
 @dataclass
@@ -293,9 +294,11 @@ def _check_numbers(r: Recipe, src: str) -> None:
 
     c, b = r.calibrate, r.bench
     try:
-        CalibrationParams(ridge=c.ridge, max_batches=c.batches, batch_size=c.batch_size)
+        c.block_reconstruct = CalibrationParams(ridge=c.ridge, max_batches=c.batches, batch_size=c.batch_size,
+                                                block_reconstruct=c.block_reconstruct).block_reconstruct
     except DsdeployError as exc:
-        raise RecipeError(f"{src}: {str(exc).replace('calibrate max_batches', 'calibrate.batches')}") from None
+        msg = str(exc).replace("calibrate max_batches", "calibrate.batches")
+        raise RecipeError(f"{src}: {msg.replace('calibrate block_reconstruct', 'calibrate.block_reconstruct')}") from None
     try:
         check_number(r.seed, "seed", low=0, integer=True)
         check_number(r.export.atol, "export.atol", low=0)

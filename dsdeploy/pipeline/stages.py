@@ -133,7 +133,7 @@ def run_convert(ctx: Context, folder: Path) -> StageOutput:
         c = r.calibrate
         cal = calibrate_artifact(str(folder / "converted.dsd"), _data(ctx), str(folder / "calibrated.dsd"),
                                  max_batches=c.batches, batch_size=c.batch_size, seed=r.seed, ridge=c.ridge,
-                                 progress=ctx.progress, **data_split(ctx))
+                                 progress=ctx.progress, block_reconstruct=c.block_reconstruct, **data_split(ctx))
         result["calibration"] = cal.to_dict()
         outputs.update(calibrated="calibrated.dsd", artifact="calibrated.dsd")
     return StageOutput(result, outputs)

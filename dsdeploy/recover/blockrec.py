@@ -285,14 +285,19 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, loader: Iterable,
         teacher.train(was_teacher)
     inside = {id(m) for b in report.blocks if b.error_after is not None and b.name not in b.layers
               for m in student.get_submodule(b.name).modules()}
-    from dsdeploy.recover.reconstruct import affected_norms
-
-    outside = [m for m in affected_norms(student, batches[0][:2]) if id(m) not in inside]
+    outside = [m for m in _norms_after_first_ds(student, order) if id(m) not in inside]
     report.bn_layers = _reestimate_norms(student, batches, outside) if outside else 0
     if eval_loader is not None:
         report.accuracy_after = evaluate(student, eval_loader)
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _norms_after_first_ds(model: nn.Module, order: list[str]) -> list[nn.Module]:
+    """BatchNorm layers (tracking statistics) called after the first DSConv, given the call ``order``."""
+    first = next((i for i, n in enumerate(order) if isinstance(model.get_submodule(n), DSConv)), len(order))
+    later = set(order[first:])
+    return [m for n, m in model.named_modules() if n in later and isinstance(m, NORMS) and m.track_running_stats]
 
 
 def _unit_macs(model: nn.Module, units: list[tuple[str, list[str]]], x: torch.Tensor) -> dict[str, int]:
@@ -302,3 +307,21 @@ def _unit_macs(model: nn.Module, units: list[tuple[str, list[str]]], x: torch.Te
     prof = profile_model(model, tuple(x.shape))
     names = {n for _, layers in units for n in layers} | {n for n, _ in units}
     return {n: max(1, prof.macs_under(n)) for n in names}
+
+
+def after_calibration(report: Any, student: nn.Module, teacher: nn.Module, loader: Iterable,
+                      seconds: float | None, *, max_batches: int | None = None, eval_loader: Iterable | None = None,
+                      progress: bool = False) -> None:
+    """The calibrate paths' hook: when ``seconds`` (CalibrationParams.block_reconstruct) is set, run
+    :func:`reconstruct_blocks` on the calibration ``loader`` and fold its result into the
+    CalibrationReport ``report`` (``block_reconstruction``, ``accuracy_after``, ``seconds``). None: nothing.
+    """
+    if not seconds:
+        return
+    rep = reconstruct_blocks(student, teacher, loader, time_budget_s=seconds, max_batches=max_batches,
+                             progress=progress)
+    if eval_loader is not None:
+        rep.accuracy_before = report.accuracy_after
+        rep.accuracy_after = report.accuracy_after = evaluate(student, eval_loader)
+    report.block_reconstruction = rep.to_dict()
+    report.seconds += rep.seconds
