@@ -16,7 +16,6 @@ from dsdeploy.data.datasets import Preprocess, load_data, make_loader
 from dsdeploy.errors import DsdeployError
 from dsdeploy.recover.blockdata import find_blocks
 from dsdeploy.recover.blockrec import reconstruct_blocks
-from dsdeploy.recover.distill import evaluate
 from dsdeploy.recover.reconstruct import calibrate
 from tests.clirun import dsdeploy
 
