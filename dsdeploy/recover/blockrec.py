@@ -37,7 +37,7 @@ from torch import nn
 
 from dsdeploy.conversion.block import DSConv
 from dsdeploy.errors import DsdeployError
-from dsdeploy.recover.blockdata import Unsupported, batches_of, block_data, find_blocks, probe, run
+from dsdeploy.recover.blockdata import Unsupported, batches_of, block_data, find_blocks, probe
 from dsdeploy.recover.distill import call_order, evaluate
 
 MAX_CACHE_BYTES = 1 << 30  # inputs + targets cached per block (images are dropped beyond it)
@@ -96,13 +96,16 @@ class BlockReconReport:
         return "\n".join(lines)
 
 
-def _error(block: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
+def _error(block: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+    """Relative squared error of ``block`` on the cache, and its outputs (the next block's inputs)."""
     num = den = 0.0
+    outs = []
     with torch.no_grad():
         for x, y in zip(xs, ys):
-            num += float((block(x.clone()) - y).square().sum())
+            outs.append(block(x.clone()))
+            num += float((outs[-1] - y).square().sum())
             den += float(y.square().sum())
-    return num / max(den, 1e-30)
+    return num / max(den, 1e-30), outs
 
 
 def _trainable(block: nn.Module, bn_affine: bool) -> list[nn.Parameter]:
@@ -112,9 +115,13 @@ def _trainable(block: nn.Module, bn_affine: bool) -> list[nn.Parameter]:
     return params
 
 
-def _fit(block: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor], res: BlockResult, *, deadline: float,
-         lr: float, bn_affine: bool, patience: int, max_epochs: int | None, seed: int) -> None:
-    """Adam on the block's MSE until ``deadline`` / convergence; loads the best weights seen (start included)."""
+def _fit(block: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor], outs: list[torch.Tensor],
+         res: BlockResult, *, deadline: float, lr: float, bn_affine: bool, patience: int, max_epochs: int | None,
+         seed: int) -> list[torch.Tensor]:
+    """Adam on the block's MSE until ``deadline`` / convergence; loads the best weights seen (start included).
+
+    ``outs``: the block's outputs at the start; returns its outputs with the weights kept.
+    """
     params = _trainable(block, bn_affine)
     ids = {id(p) for p in params}
     frozen = [(p, p.requires_grad) for p in block.parameters()]
@@ -145,9 +152,9 @@ def _fit(block: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor], res: 
                 if time.perf_counter() >= deadline:
                     break
             res.epochs += 1
-            err = _error(block, xs, ys)
+            err, now = _error(block, xs, ys)
             if math.isfinite(err) and err < best * (1 - 1e-3):
-                best, since = err, 0
+                best, since, outs = err, 0, now
                 best_state = {k: v.detach().clone() for k, v in block.state_dict().items()}
             else:
                 since += 1
@@ -159,6 +166,7 @@ def _fit(block: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor], res: 
             p.requires_grad_(flag)
         block.load_state_dict(best_state)
     res.error_after = best
+    return outs
 
 
 def _reestimate_norms(model: nn.Module, batches: list[torch.Tensor], norms: list[nn.Module]) -> int:
@@ -268,18 +276,18 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, loader: Iterable,
                 continue
             report.images = max(report.images, sum(x.shape[0] for x in xs))
             t_eval = time.perf_counter()
-            res.error_before = _error(block, xs, ys)
+            res.error_before, outs = _error(block, xs, ys)
             t_eval = time.perf_counter() - t_eval
             rest = sum(macs.get(n, 1) for n, _ in [(name, layers)] + queue)
             share = (deadline - time.perf_counter()) * macs.get(name, 1) / rest
-            _fit(block, xs, ys, res, deadline=time.perf_counter() + share - 2 * t_eval, lr=lr, bn_affine=bn_affine,
-                 patience=patience, max_epochs=max_epochs, seed=seed)
-            prev = (name, run(block, xs), ys if target == "original" else None)
+            outs = _fit(block, xs, ys, outs, res, deadline=time.perf_counter() + share - t_eval, lr=lr,
+                        bn_affine=bn_affine, patience=patience, max_epochs=max_epochs, seed=seed)
+            prev = (name, outs, ys if target == "original" else None)
             res.seconds = time.perf_counter() - t_block
             report.blocks.append(res)
             bar.set_postfix(block=name, err=f"{res.error_before:.3f}->{res.error_after:.3f}")
             bar.update(1)
-            del xs, ys
+            del xs, ys, outs
     finally:
         bar.close()
         student.eval()
