@@ -210,7 +210,8 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, loader: Iterable,
         max_batches: use at most this many batches of ``loader``.
         max_epochs: cap the epochs per block (None: the time share decides).
         max_cache_bytes: bound on one block's cached inputs + targets (float32); later images
-            are dropped to fit.
+            are dropped to fit. Peak memory is about twice this (the block's outputs, which
+            feed the next block, are held too).
         seed: seed of the batch order.
         eval_loader: labelled batches to report top-1 accuracy before and after.
 

@@ -359,6 +359,7 @@ def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: 
     The preprocessing is :func:`dsdeploy.data.preprocessing.resolve` of the artifact's recorded
     preprocessing and input shape with ``preprocess`` overrides; ``out`` records what was used.
     ``trust_code``: import the ``pkg.module:factory`` the artifact records (see :mod:`dsdeploy.models.trust`).
+    ``block_reconstruct``: seconds or a duration (``"90s"``) of block reconstruction afterwards (None/0: off).
     """
     from dsdeploy.conversion.artifact import (
         load_artifact,
