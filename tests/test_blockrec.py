@@ -219,3 +219,38 @@ def test_recipe_key_takes_a_duration():
     assert recipe_from_dict({"model": {"spec": "sample:digits_cnn"}}, "r.toml").calibrate.block_reconstruct is None
     with pytest.raises(RecipeError, match="calibrate.block_reconstruct"):
         recipe_from_dict({"model": {"spec": "sample:digits_cnn"}, "calibrate": {"block_reconstruct": "soon"}}, "r.toml")
+
+
+class PairBlock(nn.Module):
+    """A block returning a tuple: not ``tensor -> tensor``, so its layers are fitted one by one."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.conv2(F.relu(self.conv1(x))), x
+
+
+class PairNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a, self.b = PairBlock(8), PairBlock(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.a(F.relu(self.stem(x)))
+        y, _ = self.b(F.relu(y))
+        return y.mean(dim=(2, 3))
+
+
+def test_a_block_that_returns_a_tuple_is_fitted_layer_by_layer():
+    torch.manual_seed(0)
+    teacher = PairNet().eval()
+    res = convert(teacher, input_shape=(1, 3, 10, 10), rank=1)
+    assert [u for u, _ in find_blocks(res.model)] == ["a", "b"]
+    data = [torch.randn(16, 3, 10, 10) for _ in range(3)]
+    report = reconstruct_blocks(res.model, teacher, data, time_budget_s=600, max_epochs=3)
+    assert [b.name for b in report.blocks] == ["a.conv1", "a.conv2", "b.conv1", "b.conv2"]
+    assert all(b.error_after <= b.error_before for b in report.blocks) and report.images == 48
