@@ -206,7 +206,7 @@ def test_calibrate_cli_runs_block_reconstruction_and_records_it(trained, tmp_pat
     assert entry["accuracy_after"] == rec["accuracy_after"]
     proc = dsdeploy("calibrate", src, "--data", "digits", "-o", tmp_path / "x.dsd", "--trust-code",
                     "--block-reconstruct", "soon", env=env)
-    assert proc.returncode != 0 and proc.stderr.startswith("error: ") and "block_reconstruct" in proc.stderr
+    assert proc.returncode != 0 and proc.stderr.startswith("error: ") and "--block-reconstruct" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "x.dsd").exists()
 
 

@@ -42,7 +42,7 @@ class CalibrationParams:
         check_number(self.batch_size, "calibrate batch_size", low=1, integer=True)
 
 
-def block_budget(value: float | str | None, field: str = "calibrate block_reconstruct") -> float | None:
+def block_budget(value: float | str | None, field: str = "calibrate.block_reconstruct") -> float | None:
     """A block-reconstruction time budget in seconds: None when off (None, 0, "0", "off", "none", "")."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "0", "off", "none")):
         return None
