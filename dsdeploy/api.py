@@ -36,6 +36,7 @@ from dsdeploy.models.infer import infer_source
 from dsdeploy.models.sources import LoadedModel, build_source
 from dsdeploy.recover import finetune as finetune_loop
 from dsdeploy.recover import reconstruct
+from dsdeploy.recover.blockrec import after_calibration
 from dsdeploy.recover.config import CALIB_BATCHES, CalibrationParams, FinetuneConfig, FinetuneResult
 from dsdeploy.recover.evaluate import EvaluateConfig
 from dsdeploy.recover.evaluate import evaluate as run_evaluate
@@ -180,9 +181,8 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
             reported on the labelled validation split), a float tensor of model-ready inputs
             (N, C, H, W), or an iterable of such batches (or ``(x, y)`` batches).
         params / options: :class:`dsdeploy.recover.config.CalibrationParams` fields:
-            ``ridge`` (>= 0), ``max_batches`` (None = all), ``batch_size``, ``block_reconstruct``
-            (seconds or a duration like ``"90s"``: afterwards, fit each converted block to the
-            original's activations with Adam for that long, :mod:`dsdeploy.recover.blockrec`; off by default).
+            ``ridge`` (>= 0), ``max_batches`` (None = all), ``batch_size``, ``block_reconstruct`` (seconds
+            or ``"90s"``: then fit each block to the original's activations, :mod:`dsdeploy.recover.blockrec`).
         preprocess: preprocessing overrides (``size``, ``mean``, ...) for a data spec.
 
     Returns:
@@ -212,10 +212,7 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
         loader = batches(data, p.batch_size)
         report = reconstruct.calibrate(cm.model, cm.original, cm.plan, loader,
                                        max_batches=p.max_batches, ridge=p.ridge, progress=progress)
-        from dsdeploy.recover.blockrec import after_calibration
-
-        after_calibration(report, cm.model, cm.original, loader, p.block_reconstruct, max_batches=p.max_batches,
-                          progress=progress)
+        after_calibration(report, cm.model, cm.original, loader, p.block_reconstruct, max_batches=p.max_batches)
         cm.history.append(report.history_entry(data="in-memory"))
     if out is not None:
         save(cm, out)
