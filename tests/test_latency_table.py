@@ -135,7 +135,7 @@ def test_small_graphs_compute_the_torch_layer(conv, tmp_path):
 
 
 def test_cli_prints_the_table_and_reuses_it(tmp_path):
-    args = ["latency-table", "tests.conftest:small_net", "--trust-code", "--input-shape", "1,3,16,16",
+    args = ["latency", "tests.conftest:small_net", "--trust-code", "--input-shape", "1,3,16,16",
             "--threads", "1", "--max-rank", "1", "--layouts", "branches", "--cache-dir", tmp_path / "c"]
     first = invoke(*args, "--json")
     assert first.returncode == 0, first.stderr

@@ -1,4 +1,4 @@
-"""``dsdeploy latency-table``: per-layer dense vs DS-block latency measured on an EP (cached)."""
+"""``dsdeploy latency``: per-layer dense vs DS-block latency measured on an EP (cached)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dsdeploy.cli import cli
 from dsdeploy.cli.options import echo_json, model_options, parse_kwargs, parse_shape
 
 
-@cli.command("latency-table")
+@cli.command("latency")
 @click.argument("model")
 @model_options
 @click.option("--provider", default="cpu", show_default=True, metavar="EP", help="EP alias or name to measure on.")
