@@ -72,12 +72,14 @@ def layer_module(spec: ConvSpec, rank: int | None = None, layout: str = "branche
 
 
 def to_onnx(module: nn.Module, input_shape: tuple[int, ...]) -> bytes:
-    """``module`` exported at the fixed ``input_shape`` (input ``input``, output ``output``), serialized.
+    """``module`` exported in eval mode at the fixed ``input_shape`` (input ``input``, output ``output``),
+    serialized; the module's train/eval mode is left as it was.
 
     Raises ExportError (one line) when the exporter fails.
     """
     buf = io.BytesIO()
     x = torch.zeros(*input_shape)
+    was_training = module.training
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
@@ -86,6 +88,8 @@ def to_onnx(module: nn.Module, input_shape: tuple[int, ...]) -> bytes:
     except (RuntimeError, ValueError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"exporting a {type(module).__name__} at {list(input_shape)} failed: {first}") from None
+    finally:
+        module.train(was_training)
     return buf.getvalue()
 
 
