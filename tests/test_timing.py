@@ -1,16 +1,13 @@
 """The timing protocol: one timed session at a time, every other session spin-free, so a session
 interleaved with another measures what it measures alone (no speed is asserted, only ratios with
-a generous margin, best of a few rounds so a loaded 2-core machine does not fail it)."""
+a generous margin, alone and interleaved blocks alternating so a loaded 2-core machine does not fail it)."""
 
 from __future__ import annotations
 
-import io
 import time
-import warnings
 
 import numpy as np
 import pytest
-import torch
 from torch import nn
 
 from dsdeploy.runtime.providers import ep_config
@@ -18,49 +15,49 @@ from dsdeploy.runtime.sessions import create_session, session_options
 from dsdeploy.runtime.timing import Protocol, measure, timed_session
 
 THREADS = 2
-PROTO = Protocol(warmup=5, iters=40)
-
-
-def _onnx(model: nn.Module, shape) -> bytes:
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (torch.randn(*shape),), buf, dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["output"])
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
 def graphs():
-    torch.manual_seed(0)
-    a = _onnx(nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)),
-              (1, 32, 40, 40))
-    b = _onnx(nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 32, 1)), (1, 32, 40, 40))
-    feed = {"input": np.random.default_rng(0).standard_normal((1, 32, 40, 40)).astype(np.float32)}
-    return a, b, feed
+    """Two dense 3x3 convs (different weights), ~1 ms each on 2 threads when the machine is quiet: a pair
+    whose interleaving doubled one's time when both sessions spun (measured here, unloaded). A similar
+    cost on both sides, so neither is a cache-cold sliver next to the other."""
+    from dsdeploy.export.small_graphs import ConvSpec, layer_graph
+
+    spec = ConvSpec.of(nn.Conv2d(64, 64, 3, padding=1), (1, 64, 56, 56))
+    feed = {"input": np.random.default_rng(0).standard_normal(spec.input_shape).astype(np.float32)}
+    return layer_graph(spec, seed=0), layer_graph(spec, seed=1), feed
 
 
-def _median_interleaved(timed, other, feed, iters: int) -> float:
-    """Alternate ``other.run`` (untimed) and ``timed.run`` (timed); the median of the timed runs in ms."""
+def interleaving_ratio(timed, other, feed, rounds: int = 12, block: int = 8) -> float:
+    """Low quantile (10th percentile) of ``timed``'s runs alternating with ``other``'s / the same of its
+    runs back to back.
+
+    Alone and interleaved blocks alternate, so load from elsewhere on the machine falls on both alike;
+    the first run of each alone block (right after ``other`` ran) is not counted. A low quantile, not
+    the median: on a machine whose cores other processes hold, the median swings with their
+    preemptions (measured 0.2x-2.5x between identical runs at load 14 on 2 cores) while a spinning
+    neighbour slows every interleaved run, the fastest included.
+    """
     for _ in range(5):
         other.run(None, feed)
         timed.run(None, feed)
-    samples = []
-    for _ in range(iters):
-        other.run(None, feed)
+    alone: list[float] = []
+    inter: list[float] = []
+
+    def run_timed(into: list[float]) -> None:
         t0 = time.perf_counter_ns()
         timed.run(None, feed)
-        samples.append((time.perf_counter_ns() - t0) / 1e6)
-    return float(np.median(samples))
+        into.append((time.perf_counter_ns() - t0) / 1e6)
 
-
-def _best_ratio(alone, interleaved, rounds: int = 3) -> float:
-    """min over rounds of the interleaved median / min over rounds of the alone median."""
-    a, i = [], []
     for _ in range(rounds):
-        a.append(alone())
-        i.append(interleaved())
-    return min(i) / min(a)
+        timed.run(None, feed)
+        for _ in range(block):
+            run_timed(alone)
+        for _ in range(block):
+            other.run(None, feed)
+            run_timed(inter)
+    return float(np.percentile(inter, 10) / np.percentile(alone, 10))
 
 
 def test_protocol_is_stated():
@@ -87,32 +84,25 @@ def test_one_timed_session_at_a_time(graphs):
 
 
 def test_timed_session_interleaved_with_another_measures_as_alone(graphs):
-    """The timed (spinning) session alternating with a tool session (spin-free) keeps its alone median."""
+    """The timed (spinning) session alternating with a session opened as dsdeploy opens every session it
+    does not time (spin-free) runs as fast as alone."""
     a, b, feed = graphs
     cpu = ep_config("CPUExecutionProvider", None, THREADS)
-
-    def interleaved() -> float:
-        other = create_session(b, cpu, THREADS)  # how dsdeploy opens every session it does not time
-        with timed_session(lambda: create_session(a, cpu, THREADS, spinning=True)) as timed:
-            return _median_interleaved(timed, other, feed, PROTO.iters)
-
-    ratio = _best_ratio(lambda: measure(a, feed, threads=THREADS, protocol=PROTO).p50_ms, interleaved)
-    assert ratio < 1.5, f"interleaved median is {ratio:.2f}x the alone median"
+    for mine, theirs in ((a, b), (b, a)):
+        other = create_session(theirs, cpu, THREADS)
+        with timed_session(lambda mine=mine: create_session(mine, cpu, THREADS, spinning=True)) as timed:
+            ratio = interleaving_ratio(timed, other, feed)
+        assert ratio < 1.5, f"interleaved runs take {ratio:.2f}x the alone runs"
 
 
 def test_two_spin_free_sessions_interleaved_each_measure_as_alone(graphs):
-    """Two sessions both opened as dsdeploy opens untimed ones, run alternately: each keeps its alone median."""
+    """Two sessions both opened as dsdeploy opens untimed ones, run alternately: each runs as fast as alone."""
     a, b, feed = graphs
     cpu = ep_config("CPUExecutionProvider", None, THREADS)
-    proto = Protocol(warmup=5, iters=40, spinning=False)
-    for mine, theirs in ((a, b), (b, a)):
-        def interleaved(mine=mine, theirs=theirs) -> float:
-            s_mine, s_theirs = create_session(mine, cpu, THREADS), create_session(theirs, cpu, THREADS)
-            return _median_interleaved(s_mine, s_theirs, feed, proto.iters)
-
-        ratio = _best_ratio(lambda mine=mine: measure(mine, feed, threads=THREADS, protocol=proto).p50_ms,
-                            interleaved)
-        assert ratio < 1.5, f"interleaved median is {ratio:.2f}x the alone median"
+    sessions = {"a": create_session(a, cpu, THREADS), "b": create_session(b, cpu, THREADS)}
+    for mine, theirs in (("a", "b"), ("b", "a")):
+        ratio = interleaving_ratio(sessions[mine], sessions[theirs], feed)
+        assert ratio < 1.5, f"{mine}: interleaved runs take {ratio:.2f}x the alone runs"
 
 
 def test_measure_generates_inputs_and_reports_median(graphs):
