@@ -50,13 +50,12 @@ def converted_artifact(source: str, data: Path, work: Path, seed: int) -> tuple[
     for p in RECOVERED:
         if p.is_file():
             return p, f"`{p}` from benchmarks/recover_cifar.py ({p.stem})"
-    from dsdeploy.conversion.loading import load_model
-    from dsdeploy.conversion.plan import Policy
-    from dsdeploy.conversion.workflow import convert_to_artifact
+    import dsdeploy
 
     out = work / "converted_calibrated.dsd"
-    convert_to_artifact(load_model(source), out, Policy(mac_budget=0.25), calib_data=str(data),
-                        calib_batches=40, seed=seed)
+    cm = dsdeploy.convert(source, mac_budget=0.25, data=str(data))
+    dsdeploy.calibrate(cm, str(data), max_batches=40, seed=seed)
+    dsdeploy.save(cm, out)
     return out, (f"converted (--mac-budget 0.25) + calibrated here (40 batches); NOT fine-tuned "
                  f"(no fine-tuned artifact at {RECOVERED[0]})")
 

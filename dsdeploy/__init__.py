@@ -24,7 +24,8 @@ from typing import Any
 from dsdeploy.errors import DsdeployError  # noqa: F401
 from dsdeploy.version import __version__
 
-API = ("ConvertedModel", "convert", "calibrate", "finetune", "evaluate", "export_onnx", "benchmark", "save", "load")
+API = ("ConvertedModel", "convert", "inspect", "calibrate", "finetune", "evaluate", "export_onnx", "benchmark", "deploy",
+       "save", "load")
 __all__ = ["DsdeployError", "__version__", *API]
 
 

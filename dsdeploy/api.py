@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -18,64 +17,34 @@ from torch import nn
 
 from dsdeploy.conversion.artifact import load_artifact, save_artifact, source_record
 from dsdeploy.conversion.block import ds_blocks
-from dsdeploy.conversion.opcount import Profile
+from dsdeploy.conversion.converted import ConvertedModel
+from dsdeploy.conversion.loading import load_model
 from dsdeploy.conversion.plan import Plan, Policy
 from dsdeploy.conversion.rewrite import ConversionResult, verify_rebuild
 from dsdeploy.conversion.rewrite import convert as rewrite_convert
+from dsdeploy.conversion.workflow import ModelReport, inspect_model
+from dsdeploy.data.given import batches, finetune_splits
 from dsdeploy.data.preprocessing import input_shape_for, resolve
-from dsdeploy.errors import ArtifactError, DataError, DsdeployError
+from dsdeploy.errors import ArtifactError, DsdeployError
+from dsdeploy.export.bundle import DeployReport
+from dsdeploy.export.bundle import deploy as build_bundle_folder
+from dsdeploy.export.config import DeployConfig, ExportConfig
+from dsdeploy.export.onnx_export import ExportReport, export_model, provenance
+from dsdeploy.export.onnx_export import export_onnx as run_export
 from dsdeploy.fsutil import atomic_path
 from dsdeploy.models.infer import infer_source
 from dsdeploy.models.sources import LoadedModel, build_source
+from dsdeploy.recover import finetune as finetune_loop
+from dsdeploy.recover import reconstruct
 from dsdeploy.recover.config import CalibrationParams, FinetuneConfig, FinetuneResult
+from dsdeploy.recover.evaluate import EvaluateConfig
+from dsdeploy.recover.evaluate import evaluate as run_evaluate
 from dsdeploy.recover.reconstruct import CalibrationReport
+from dsdeploy.runtime.bench import BenchConfig, run_and_write
+from dsdeploy.runtime.bench_report import BenchReport
 
-__all__ = ["ConvertedModel", "convert", "calibrate", "finetune", "evaluate", "export_onnx", "benchmark", "save",
-           "load"]
-
-
-@dataclass
-class ConvertedModel:
-    """What :func:`convert` returns: the converted model, its plan, op counts, and what saving needs.
-
-    Attributes:
-        model: the converted ``nn.Module`` (eval mode); each converted conv is a ``DSConv``.
-        plan: per-conv decisions (rank, full rank, relative kernel error, MACs before/after).
-        before, after: op counts (params, MACs) of the original and converted model at ``input_shape``.
-        original: the model that was converted (never modified): the teacher of calibrate/finetune.
-        input_shape: the shape (N, C, H, W) the model was traced with.
-        spec, model_kwargs, weights: the source spec when known (a spec string was converted).
-        preprocessing, labels: the model's input preprocessing dict and class names, when known.
-        history: one record per stage (convert, calibrate, finetune), saved in the ``.dsd``.
-    """
-
-    model: nn.Module
-    plan: Plan
-    before: Profile
-    after: Profile
-    original: nn.Module
-    input_shape: tuple[int, ...]
-    spec: str | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    weights: str | None = None
-    preprocessing: dict[str, Any] | None = None
-    labels: list[str] | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def mac_ratio(self) -> float:
-        """Total MACs after / before (< 1 is cheaper)."""
-        return self.after.total_macs / max(1, self.before.total_macs)
-
-    def __call__(self, x: torch.Tensor) -> Any:
-        """Run the converted model on ``x`` (shape ``input_shape`` with any batch size)."""
-        return self.model(x)
-
-    def loaded(self) -> LoadedModel:
-        """The converted model as the library's commands see a loaded model."""
-        name = f"{self.spec or type(self.original).__name__} (converted)"
-        return LoadedModel(self.model, name, dict(self.model_kwargs),
-                           input_shape=self.input_shape, preprocessing=self.preprocessing, labels=self.labels)
+__all__ = ["ConvertedModel", "convert", "inspect", "calibrate", "finetune", "evaluate", "export_onnx", "benchmark",
+           "deploy", "save", "load"]
 
 
 def _options(cls: type, given: Any, options: dict[str, Any], what: str) -> Any:
@@ -87,9 +56,24 @@ def _options(cls: type, given: Any, options: dict[str, Any], what: str) -> Any:
     return dataclasses.replace(given, **options) if given is not None else cls(**options)
 
 
-def convert(model: nn.Module | str, *, policy: Policy | None = None, input_shape: Sequence[int] | None = None,
-            example_inputs: torch.Tensor | None = None, weights: str | None = None,
-            model_kwargs: dict[str, Any] | None = None, **options: Any) -> ConvertedModel:
+def _load(model: Any, weights: str | None, model_kwargs: dict[str, Any] | None, trust_pickle: bool,
+          trust_code: bool) -> LoadedModel:
+    """A spec string -> :func:`dsdeploy.conversion.loading.load_model`; a LoadedModel as is; a module wrapped."""
+    if isinstance(model, (str, Path)):
+        return load_model(str(model), weights=weights, model_kwargs=model_kwargs, trust_pickle=trust_pickle,
+                          trust_code=trust_code)
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, nn.Module):
+        return LoadedModel(model, "")
+    raise DsdeployError(f"model must be an nn.Module or a spec string, got {type(model).__name__}")
+
+
+def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = None,
+            input_shape: Sequence[int] | None = None, example_inputs: torch.Tensor | None = None,
+            weights: str | None = None, model_kwargs: dict[str, Any] | None = None,
+            preprocess: dict[str, Any] | None = None, data: str | None = None, trust_pickle: bool = False,
+            trust_code: bool = False, **options: Any) -> ConvertedModel:
     """Rewrite the convolutions of a COPY of ``model`` into depthwise-separable blocks (the input is untouched).
 
     Method: per input channel, an SVD of the conv kernel's slice; the top ``rank`` terms give the
@@ -98,44 +82,59 @@ def convert(model: nn.Module | str, *, policy: Policy | None = None, input_shape
 
     Args:
         model: any ``nn.Module`` taking one image batch, or a spec (``torchvision:NAME``,
-            ``sample:NAME``, ``pkg.module:factory``; ``weights``/``model_kwargs`` as for the CLI).
+            ``sample:NAME``, ``pkg.module:factory``; ``weights``/``model_kwargs``/``trust_pickle``/
+            ``trust_code`` as for :func:`dsdeploy.conversion.loading.load_model`), or a LoadedModel.
         policy: a :class:`dsdeploy.conversion.plan.Policy`; ``options`` set its fields by name:
             ``rank`` (int >= 1) | ``energy`` (kept singular-value energy, (0, 1]) | ``mac_budget``
             (fraction of conv MACs, (0, 1]), ``include``/``exclude`` (regex of layer names),
             ``convert_stem``, ``layout`` ("branches" | ...), ``require_gain``. Default: rank 1.
         input_shape: (N, C, H, W) to trace with; default: ``example_inputs.shape``, the model's own,
-            or 224x224 with the first conv's channel count.
+            the one ``preprocess`` makes, or 224x224 with the first conv's channel count.
         example_inputs: a tensor whose shape is the input shape (only its shape is used).
+        preprocess: preprocessing overrides (``size``, ``resize``, ``mean``, ``std``, ``channels``)
+            recorded with the model (:func:`dsdeploy.data.preprocessing.resolve`).
+        data: the data the model will see (``"digits"`` without recorded preprocessing means
+            digits' mean/std); only its name is used here.
 
     Returns:
         A :class:`ConvertedModel`.
 
     Raises:
         PlanError: an option out of range (names the field); NothingToConvertError: no conv
-        converts (lists each conv's reason); ModelError: NaN weights or an uncopyable model.
+        converts (lists each conv's reason); ModelError: NaN weights or an uncopyable model;
+        InputShapeError: ``input_shape`` disagrees with ``preprocess``.
     """
     policy = _options(Policy, policy, options, "convert")
     policy.validate()
-    if isinstance(model, str):
-        from dsdeploy.conversion.loading import load_model
-
-        loaded = load_model(model, weights=weights, model_kwargs=model_kwargs)
-        if loaded.artifact is not None:
-            raise DsdeployError(f"{model} is already converted; convert its source model instead")
-    elif isinstance(model, nn.Module):
-        loaded = LoadedModel(model, "")
-    else:
-        raise DsdeployError(f"model must be an nn.Module or a spec string, got {type(model).__name__}")
+    loaded = _load(model, weights, model_kwargs, trust_pickle, trust_code)
+    if loaded.artifact is not None:
+        raise DsdeployError(f"{loaded.spec} is already converted; convert its source model instead")
     given = tuple(example_inputs.shape) if example_inputs is not None else input_shape
-    pre = resolve(loaded.preprocessing, given or loaded.input_shape, model=loaded.model)
-    shape = input_shape_for(pre, given, loaded.input_shape, False)
-    res: ConversionResult = rewrite_convert(loaded.model, input_shape=tuple(shape), **dataclasses.asdict(policy))
+    pre = resolve(loaded.preprocessing, given or loaded.input_shape, preprocess, data=data, model=loaded.model)
+    shape = tuple(input_shape_for(pre, given, loaded.input_shape, bool(preprocess)))
+    res: ConversionResult = rewrite_convert(loaded.model, input_shape=shape, policy=policy)
     entry = {"stage": "convert", "policy": res.plan.policy, "layout": res.plan.layout,
              "converted": len(res.plan.converted),
              "conv_mac_ratio": round(res.after.conv_macs / max(1, res.before.conv_macs), 4)}
-    return ConvertedModel(res.model.eval(), res.plan, res.before, res.after, loaded.model, tuple(shape),
+    return ConvertedModel(res.model.eval(), res.plan, res.before, res.after, loaded.model, shape,
                           spec=loaded.spec or None, model_kwargs=dict(loaded.model_kwargs), weights=loaded.weights,
                           preprocessing=pre.to_dict(), labels=loaded.labels, history=[entry])
+
+
+def inspect(model: nn.Module | str | LoadedModel, *, policy: Policy | None = None,
+            input_shape: Sequence[int] | None = None, weights: str | None = None,
+            model_kwargs: dict[str, Any] | None = None, trust_pickle: bool = False, trust_code: bool = False,
+            **options: Any) -> ModelReport:
+    """What :func:`convert` would do, without converting: each conv's decision (rank, relative kernel error,
+    MACs before/after, or why it stays) and the model's params/MACs at ``input_shape`` (N, C, H, W).
+
+    ``model``/``policy``/``options`` as for :func:`convert`. Returns a
+    :class:`dsdeploy.conversion.workflow.ModelReport` (``render()`` is the CLI's table, ``to_dict()``
+    its JSON). Raises PlanError for an option out of range (naming the field).
+    """
+    policy = _options(Policy, policy, options, "convert")
+    loaded = _load(model, weights, model_kwargs, trust_pickle, trust_code)
+    return inspect_model(loaded, policy, tuple(input_shape) if input_shape else None)
 
 
 def _require_converted(obj: Any, what: str) -> ConvertedModel:
@@ -145,18 +144,10 @@ def _require_converted(obj: Any, what: str) -> ConvertedModel:
     return obj
 
 
-def _loader(data: Any, batch_size: int) -> Iterable:
-    """A tensor of inputs (N, C, H, W) -> batches of ``batch_size``; any other iterable of batches as is."""
-    if isinstance(data, torch.Tensor):
-        if data.dim() < 2 or data.shape[0] == 0:
-            raise DataError(f"data must be a batch of inputs (N, C, H, W), got shape {tuple(data.shape)}")
-        return [data[i:i + batch_size] for i in range(0, data.shape[0], batch_size)]
-    return data
-
-
-def calibrate(converted: ConvertedModel, data: str | torch.Tensor | Iterable, *,
-              params: CalibrationParams | None = None, preprocess: dict[str, Any] | None = None, seed: int = 0,
-              val_split: float = 0.2, limit: int | None = None, progress: bool = False,
+def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor | Iterable, *,
+              out: str | Path | None = None, params: CalibrationParams | None = None,
+              preprocess: dict[str, Any] | None = None, seed: int = 0, val_split: float = 0.2,
+              limit: int | None = None, progress: bool = False, trust_code: bool = False,
               **options: Any) -> CalibrationReport:
     """Fit each DS block's pointwise weights to the ORIGINAL conv's outputs, IN PLACE, then re-estimate BatchNorm.
 
@@ -166,7 +157,10 @@ def calibrate(converted: ConvertedModel, data: str | torch.Tensor | Iterable, *,
     convolutional networks" (:mod:`dsdeploy.recover.reconstruct`). No labels needed.
 
     Args:
-        converted: what :func:`convert` returned (``converted.model`` is changed in place).
+        converted: what :func:`convert` returned (``converted.model`` is changed in place), or a
+            ``.dsd`` path (calibrated against its source model; ``out`` is then required, and
+            ``trust_code`` imports a ``pkg.module:factory`` the file records).
+        out: a ``.dsd`` to write the calibrated model to (None: in memory only).
         data: ``"digits"`` or a folder of images (its training split; accuracy before/after
             reported on the labelled validation split), a float tensor of model-ready inputs
             (N, C, H, W), or an iterable of such batches (or ``(x, y)`` batches).
@@ -180,10 +174,15 @@ def calibrate(converted: ConvertedModel, data: str | torch.Tensor | Iterable, *,
     Raises:
         DataError: empty or unreadable data; DsdeployError: an option out of range (names it).
     """
-    from dsdeploy.recover import reconstruct
-
-    cm = _require_converted(converted, "calibrate")
     p = _options(CalibrationParams, params, options, "calibrate")
+    if isinstance(converted, (str, Path)):
+        if out is None or not isinstance(data, str):
+            raise DsdeployError("calibrating a .dsd file needs out= (the .dsd to write) and a data spec")
+        return reconstruct.calibrate_artifact(str(converted), data, str(out), max_batches=p.max_batches,
+                                              batch_size=p.batch_size, seed=seed, ridge=p.ridge, progress=progress,
+                                              preprocess=preprocess, val_split=val_split, limit=limit,
+                                              trust_code=trust_code)
+    cm = _require_converted(converted, "calibrate")
     if isinstance(data, str):
         pre = resolve(cm.preprocessing, cm.input_shape, preprocess, data=data, model=cm.original)
         report = reconstruct.calibrate_data(cm.model, cm.original, cm.plan, data, pre, max_batches=p.max_batches,
@@ -192,45 +191,19 @@ def calibrate(converted: ConvertedModel, data: str | torch.Tensor | Iterable, *,
         cm.preprocessing = pre.to_dict()
         cm.history.append(report.history_entry(data=data, seed=seed))
     else:
-        report = reconstruct.calibrate(cm.model, cm.original, cm.plan, _loader(data, p.batch_size),
+        report = reconstruct.calibrate(cm.model, cm.original, cm.plan, batches(data, p.batch_size),
                                        max_batches=p.max_batches, ridge=p.ridge, progress=progress)
         cm.history.append(report.history_entry(data="in-memory"))
+    if out is not None:
+        save(cm, out)
     return report
 
 
-def _splits(cm: ConvertedModel, data: Any, cfg: FinetuneConfig, preprocess: dict[str, Any] | None,
-            val_split: float, limit: int | None) -> Any:
-    """Fine-tuning data as :class:`dsdeploy.data.datasets.DataSplits` (a spec, splits, or (x, y) tensors)."""
-    from torch.utils.data import TensorDataset
-
-    from dsdeploy.data.datasets import DataSplits, load_data
-    from dsdeploy.data.labels import check_outputs, output_count
-    from dsdeploy.data.preprocessing import Preprocess
-
-    if isinstance(data, DataSplits):
-        return data
-    if isinstance(data, str):
-        pre = resolve(cm.preprocessing, cm.input_shape, preprocess, data=data, model=cm.model, augment=cfg.augment)
-        splits = load_data(data, pre, seed=cfg.seed, labelled=False, limit=limit, val_split=val_split,
-                           model_labels=cm.labels)
-        if splits.classes and splits.train is not None and len(splits.train):
-            check_outputs(splits.classes, output_count(cm.model, splits.train[0][0][None]), "the converted model")
-        cm.preprocessing = pre.to_dict()
-        return splits
-    pairs = list(data) if isinstance(data, (tuple, list)) else None
-    if not pairs or len(pairs) not in (2, 4) or not all(isinstance(t, torch.Tensor) for t in pairs):
-        raise DataError("finetune data must be a data spec ('digits', a folder), DataSplits, (x, y) or "
-                        "(x, y, x_val, y_val) tensors")
-    train = TensorDataset(pairs[0], pairs[1].long())
-    val = TensorDataset(pairs[2], pairs[3].long()) if len(pairs) == 4 else None
-    n = int(max(int(pairs[1].max()), int(pairs[3].max()) if val is not None else 0)) + 1
-    return DataSplits(train, val, [str(i) for i in range(n)], Preprocess.from_dict(cm.preprocessing or {}))
-
-
-def finetune(converted: ConvertedModel, data: Any, *, out: str | Path | None = None, config: FinetuneConfig | None = None,
-             teacher: nn.Module | None = None, distill: bool = True, resume: bool = False,
+def finetune(converted: ConvertedModel | str | Path, data: Any, *, out: str | Path | None = None,
+             config: FinetuneConfig | None = None, teacher: nn.Module | str | None = None,
+             teacher_weights: str | None = None, distill: bool = True, resume: bool = False,
              preprocess: dict[str, Any] | None = None, val_split: float = 0.2, limit: int | None = None,
-             **options: Any) -> FinetuneResult:
+             trust_code: bool = False, **options: Any) -> FinetuneResult:
     """Train ``converted.model`` IN PLACE by distillation from the original; it ends holding the best weights.
 
     Method: knowledge distillation (Hinton et al. 2015, soft targets at ``temperature``) plus
@@ -238,7 +211,10 @@ def finetune(converted: ConvertedModel, data: Any, *, out: str | Path | None = N
     SGD/AdamW and a step/cosine schedule (:mod:`dsdeploy.recover.finetune`).
 
     Args:
-        converted: what :func:`convert` returned.
+        converted: what :func:`convert` returned, or a ``.dsd`` path (trained against its source
+            model or ``teacher``, a spec with ``teacher_weights``; ``out`` is then required and
+            ``trust_code`` imports a ``pkg.module:factory`` the files record;
+            :func:`dsdeploy.recover.finetune.finetune_artifact`).
         data: ``"digits"`` or a folder of images; a DataSplits; or tensors ``(x, y)`` /
             ``(x, y, x_val, y_val)`` of model-ready inputs (N, C, H, W) and int class labels (N,).
             The best epoch is picked on the validation split when there is one.
@@ -256,15 +232,22 @@ def finetune(converted: ConvertedModel, data: Any, *, out: str | Path | None = N
         DataError: no training images, or no teacher and no labels; DsdeployError: an option
         out of range (names the field).
     """
-    from dsdeploy.recover import finetune as loop
-
-    cm = _require_converted(converted, "finetune")
     cfg = _options(FinetuneConfig, config, options, "finetune")
-    splits = _splits(cm, data, cfg, preprocess, val_split, limit)
+    if isinstance(converted, (str, Path)):
+        if out is None or not isinstance(data, str) or not distill or isinstance(teacher, nn.Module):
+            raise DsdeployError("fine-tuning a .dsd file needs out= (the .dsd to write), a data spec, and a "
+                                "teacher spec (or none: its source model)")
+        return finetune_loop.finetune_artifact(converted, data, out, cfg, teacher=teacher,
+                                               teacher_weights=teacher_weights, resume=resume, limit=limit,
+                                               preprocess=preprocess, val_split=val_split, trust_code=trust_code)
+    cm = _require_converted(converted, "finetune")
+    if isinstance(teacher, str):
+        teacher = _load(teacher, teacher_weights, None, False, trust_code).model
+    splits = finetune_splits(cm, data, cfg, preprocess, val_split, limit)
     teacher_model = (teacher if teacher is not None else cm.original) if distill else None
     with tempfile.TemporaryDirectory(prefix="dsdeploy-finetune-") as tmp:
         where = Path(out) if out is not None else Path(tmp) / "model.dsd"
-        result = loop.finetune(cm.model, teacher_model, splits, cfg, out_path=where, resume=resume)
+        result = finetune_loop.finetune(cm.model, teacher_model, splits, cfg, out_path=where, resume=resume)
     result.split = getattr(splits, "split", None)
     cm.history.append(result.history_entry(cfg, data=data if isinstance(data, str) else "in-memory"))
     if out is not None:
@@ -272,59 +255,113 @@ def finetune(converted: ConvertedModel, data: Any, *, out: str | Path | None = N
     return result
 
 
+def _unwrap(model: Any) -> Any:
+    return model.loaded() if isinstance(model, ConvertedModel) else model
+
+
 def evaluate(model: ConvertedModel | nn.Module | str, data: str, *, compare: Any = None,
-             **options: Any) -> dict[str, Any]:
+             config: EvaluateConfig | None = None, **options: Any) -> dict[str, Any]:
     """Top-1/top-5/precision/recall/F1 of ``model`` (and ``compare`` side by side) on labelled ``data``.
 
-    ``model``/``compare``: a ConvertedModel (its own preprocessing and labels), an ``nn.Module``
-    or a spec/``.dsd`` path. ``data``: ``"digits"`` or a folder of class folders. ``options``:
-    those of :func:`dsdeploy.recover.evaluate.evaluate` (``split``, ``val_split``, ``seed``,
-    ``limit``, ``batch_size``, ``preprocess``, ``trust_code``). Returns its JSON-able dict
-    (``models[i].metrics``; with ``compare``: ``delta`` and ``agreement``). Raises DataError for
-    unlabelled data or class names the model does not know.
+    Method: one forward pass per batch in eval mode; metrics by scikit-learn
+    (:func:`dsdeploy.recover.metrics.classification_metrics`). ``model``/``compare``: a
+    ConvertedModel (its own preprocessing and labels), an ``nn.Module``, a LoadedModel or a
+    spec/``.dsd`` path. ``data``: ``"digits"`` or a folder of class folders. ``config``: an
+    :class:`dsdeploy.recover.evaluate.EvaluateConfig` (``batch_size``, ``split``, ``limit``; also
+    settable by name in ``options``); other ``options``: those of
+    :func:`dsdeploy.recover.evaluate.evaluate` (``val_split``, ``seed``, ``preprocess``, ``weights``,
+    ``compare_weights``, ``model_kwargs``, ``trust_pickle``, ``trust_code``, ``input_shape``,
+    ``progress``). Returns its JSON-able dict (``models[i].metrics``, fractions in [0, 1];
+    with ``compare``: ``delta`` and ``agreement``). Raises DataError for unlabelled data, a
+    field out of range (named: ``evaluate.batch_size``) or class names the model does not know.
     """
-    from dsdeploy.recover.evaluate import evaluate as run
+    own = {k: options.pop(k) for k in [f.name for f in dataclasses.fields(EvaluateConfig)] if k in options}
+    cfg = _options(EvaluateConfig, config, own, "evaluate")
+    return run_evaluate(_unwrap(model), data, compare=_unwrap(compare) if compare is not None else None,
+                        **dataclasses.asdict(cfg), **options)
 
-    unwrap = lambda m: m.loaded() if isinstance(m, ConvertedModel) else m  # noqa: E731
-    return run(unwrap(model), data, compare=unwrap(compare) if compare is not None else None, **options)
 
+def export_onnx(model: ConvertedModel | nn.Module | str, path: str | Path, *,
+                input_shape: Sequence[int] | None = None, config: ExportConfig | None = None,
+                **options: Any) -> ExportReport:
+    """Export to ONE ``.onnx`` file, gated by ONNX Runtime parity with torch.
 
-def export_onnx(model: ConvertedModel | nn.Module, path: str | Path, *, input_shape: Sequence[int] | None = None,
-                **options: Any) -> Any:
-    """Export to ONE ``.onnx`` file, gated by ONNX Runtime parity with torch (:func:`dsdeploy.export.onnx_export.export_onnx`).
+    Method: ``torch.onnx.export`` (TorchScript by default), then BN folding and onnxsim, each kept
+    only when ONNX Runtime's CPU EP still matches torch (:func:`dsdeploy.export.onnx_export.export_onnx`).
 
-    ``input_shape`` (N, C, H, W): default the ConvertedModel's. A ConvertedModel's preprocessing
-    and labels go into the ONNX metadata (bundles predict with them). ``options``: ``opset``,
-    ``dynamic_batch``, ``simplify`` (onnxsim), ``exporter`` ("torchscript" | "dynamo"), ``data``
-    (real inputs added to the parity cases), ``atol``/``rtol``. Returns an ExportReport (op
-    counts, conv MACs, parity). Raises ExportError / ParityError; nothing is written on failure.
+    ``model``: a ConvertedModel (its preprocessing and labels go into the ONNX metadata, which
+    bundles predict with), a LoadedModel, an ``nn.Module``, or a spec / ``.dsd`` path
+    (:func:`dsdeploy.export.onnx_export.export_model`: ``options`` then also take ``weights``,
+    ``model_kwargs``, ``trust_pickle``, ``trust_code``, ``preprocess``, and ``data`` as a data spec;
+    a ``.dsd``'s original architecture is exported too, for op counts before/after).
+    ``input_shape`` (N, C, H, W): default the model's own. ``config``: an
+    :class:`dsdeploy.export.config.ExportConfig` (``opset``, ``dynamic_batch``, ``simplify``,
+    ``exporter``, ``atol``/``rtol``; also by name in ``options``). Other ``options``: ``data``
+    (real inputs, a tensor (N, C, H, W), added to the parity cases), ``seed``, ``metadata``.
+    Returns an ExportReport (op counts, conv MACs, parity). Raises ExportError (a field out of
+    range is named: ``export.atol``) / ParityError; nothing is written on failure.
     """
-    from dsdeploy.export.onnx_export import export_onnx as run
-    from dsdeploy.export.onnx_export import provenance
-
+    own = {k: options.pop(k) for k in [f.name for f in dataclasses.fields(ExportConfig)] if k in options}
+    cfg = dataclasses.asdict(_options(ExportConfig, config, own, "export"))
+    shape = tuple(input_shape) if input_shape is not None else None
+    if isinstance(model, (str, Path)):
+        return export_model(str(model), path, input_shape=shape, **cfg, **options)
     meta = dict(options.pop("metadata", None) or {})
-    if isinstance(model, ConvertedModel):
-        meta = {**provenance(model.loaded()), **meta}
-        input_shape = input_shape or model.input_shape
-        model = model.model
-    if input_shape is None:
+    if isinstance(model, (ConvertedModel, LoadedModel)):
+        loaded = _unwrap(model)
+        meta = {**provenance(loaded), **meta}
+        shape = shape or (model.input_shape if isinstance(model, ConvertedModel) else None)
+        model = loaded.model
+    if shape is None:
         raise DsdeployError("export_onnx needs input_shape=(N, C, H, W) for a plain nn.Module")
-    return run(model, path, tuple(input_shape), metadata=meta, **options)
+    return run_export(model, path, shape, metadata=meta, **cfg, **options)
 
 
-def benchmark(models: str | Path | Sequence[str | Path], *, config: Any = None, **options: Any) -> Any:
+def benchmark(models: str | Path | Sequence[str | Path], *, config: BenchConfig | None = None,
+              progress: Callable[[str], None] | None = None, json_path: str | None = None,
+              csv_path: str | None = None, markdown_path: str | None = None, plot_path: str | None = None,
+              **options: Any) -> BenchReport:
     """Latency (ms per batch) of ONNX models on ONNX Runtime execution providers, with output parity.
 
-    ``models``: one ``.onnx`` path or several (the first is the baseline of the comparisons).
-    ``config`` / ``options``: :class:`dsdeploy.runtime.bench.BenchConfig` fields (``providers``
-    aliases such as "cpu", ``batches``, ``threads``, ``warmup``, ``iters`` | ``duration``
-    seconds, ``data``). Returns a BenchReport (``.results`` per model x EP x batch with
-    mean/p50/p90 ms). Raises ProviderError for an unavailable provider (naming the available ones).
+    Method: ``warmup`` untimed runs, then ``iters`` timed runs (or runs for ``duration`` seconds)
+    per model x EP x batch on one session each (:mod:`dsdeploy.runtime.bench`); parity against the
+    CPU EP on the same inputs. ``models``: one ``.onnx`` path or several (the first is the baseline
+    of the comparisons). ``config`` / ``options``: :class:`dsdeploy.runtime.bench.BenchConfig`
+    fields (``providers`` aliases such as "cpu", ``batches``, ``threads``, ``warmup``, ``iters`` |
+    ``duration`` seconds, ``data``, ``ep_options``, ...). ``progress``: called with a label per run.
+    ``json_path``/``csv_path``/``markdown_path``/``plot_path``: report files to write (atomically). Returns a BenchReport (``.results`` per model x EP x
+    batch with mean/p50/p90 ms). Raises ProviderError for an unavailable provider (naming the
+    available ones) and InputShapeError for a field out of range (named: ``batches``).
     """
-    from dsdeploy.runtime.bench import BenchConfig, bench
-
     paths = [str(models)] if isinstance(models, (str, Path)) else [str(m) for m in models]
-    return bench(paths, _options(BenchConfig, config, options, "benchmark"))
+    report, _ = run_and_write(paths, _options(BenchConfig, config, options, "benchmark"), json_path=json_path,
+                              csv_path=csv_path, markdown_path=markdown_path, plot_path=plot_path, progress=progress)
+    return report
+
+
+def deploy(onnx_model: str | Path, out: str | Path, *, config: DeployConfig | None = None,
+           calib_data: str | None = None, eval_data: str | None = None, **options: Any) -> DeployReport:
+    """Package an exported ONNX model into a bundle folder: model, ``manifest.json``, standalone ``predict.py``.
+
+    Method: optional quantization by ONNX Runtime's tools (static QDQ per-channel INT8 calibrated
+    on ``calib_data``, dynamic INT8, or fp16; :mod:`dsdeploy.export.quantize`), top-1 of the bundle
+    against the fp32 model on the labelled ``eval_data`` (an accuracy gate in points), and batch-1
+    CPU-EP latency (ms) of both (:func:`dsdeploy.export.bundle.deploy`).
+
+    ``out``: a new or empty folder, or a bundle deploy wrote (only with ``overwrite=True``; only its
+    files are replaced). ``config``: a :class:`dsdeploy.export.config.DeployConfig` (``quantize``,
+    ``max_accuracy_drop``, ``ort_format``, ``latency_iters``, ``threads``, ``reduce_range``,
+    ``calib_items``, ``eval_items``; also by name in ``options``). Other ``options``: ``overwrite``,
+    ``preprocess`` (overrides of the recorded preprocessing), ``seed``, ``val_split``,
+    ``preprocessing``/``labels`` (used when the model's metadata lacks them).
+    Returns a DeployReport. Raises DeployError (bad options, naming the field; quantization
+    failure; the accuracy gate, with nothing written), OutputError (``out`` not ours), ExportError
+    (a missing or corrupt model).
+    """
+    own = {k: options.pop(k) for k in [f.name for f in dataclasses.fields(DeployConfig)] if k in options}
+    cfg = _options(DeployConfig, config, own, "deploy")
+    return build_bundle_folder(onnx_model, out, calib_data=calib_data, eval_data=eval_data,
+                               **dataclasses.asdict(cfg), **options)
 
 
 def save(model: ConvertedModel | nn.Module, path: str | Path, *, source: str | None = None,
@@ -364,7 +401,7 @@ def save(model: ConvertedModel | nn.Module, path: str | Path, *, source: str | N
         spec, kwargs = infer_source(cm.original)
     fresh = build_source(spec, kwargs).model
     verify_rebuild(fresh, cm.plan, cm.model)
-    if weights is None and cm.plan.converted and not spec.startswith("sample:"):
+    if weights is None and cm.spec is None and cm.plan.converted and not spec.startswith("sample:"):
         weights = str(path.with_suffix(".source.pt"))
         with atomic_path(weights) as tmp:
             torch.save({k: v.detach().cpu() for k, v in cm.original.state_dict().items()}, tmp)

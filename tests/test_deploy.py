@@ -149,18 +149,18 @@ def test_accuracy_gate_fails_and_writes_nothing(fp32, tmp_path):
         (black / "a").mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.zeros((16, 16), dtype=np.uint8), "L").save(black / "a" / f"{i}.png")
     out = tmp_path / "gated"
-    with pytest.raises(DeployError, match="max-accuracy-drop"):
+    with pytest.raises(DeployError, match="deploy.max_accuracy_drop"):
         deploy(fp32, out, quantize="int8", calib_data=str(black), eval_data="digits", max_accuracy_drop=0.0,
                latency_iters=0)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["black"]
 
 
 def test_option_errors(fp32, tmp_path):
-    with pytest.raises(DeployError, match="--calib-data"):
+    with pytest.raises(DeployError, match="calib_data"):
         deploy(fp32, tmp_path / "b", quantize="int8")
-    with pytest.raises(DeployError, match="--eval-data"):
+    with pytest.raises(DeployError, match="eval_data"):
         deploy(fp32, tmp_path / "b", max_accuracy_drop=1.0)
-    with pytest.raises(DeployError, match="unknown --quantize"):
+    with pytest.raises(DeployError, match="deploy.quantize must be one of"):
         deploy(fp32, tmp_path / "b", quantize="int4")
     assert not (tmp_path / "b").exists()
 

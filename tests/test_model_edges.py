@@ -11,12 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import dsdeploy
 from dsdeploy.conversion.artifact import load_artifact
 from dsdeploy.conversion.loading import load_model
 from dsdeploy.conversion.opcount import profile_model, trace_calls
 from dsdeploy.conversion.plan import Policy
 from dsdeploy.conversion.rewrite import convert, copy_model
-from dsdeploy.conversion.workflow import convert_to_artifact
 from dsdeploy.errors import DsdeployError, ExportError, InputShapeError, ModelError
 from dsdeploy.export.graph import load_onnx, summarize
 from dsdeploy.export.onnx_export import export_onnx
@@ -93,7 +93,7 @@ SHAPE8 = (1, 8, 8, 8)
 def test_weight_norm_model_artifact_loads_back(tmp_path):
     loaded = load_model("tests.test_model_edges:wnnet")
     out = tmp_path / "w.dsd"
-    convert_to_artifact(loaded, out, Policy(rank=1), SHAPE8)
+    dsdeploy.save(dsdeploy.convert(loaded, policy=Policy(rank=1), input_shape=SHAPE8), out)
     art = load_artifact(out, trust_code=True)
     x = torch.randn(2, 8, 8, 8)
     fresh = convert(wnnet(), input_shape=SHAPE8, rank=1).model.eval()
@@ -115,7 +115,7 @@ def test_convert_refuses_to_write_an_artifact_that_would_not_rebuild(tmp_path):
     loaded = load_model("tests.test_model_edges:hidden")
     out = tmp_path / "h.dsd"
     with pytest.raises(ModelError, match="nothing was written"):
-        convert_to_artifact(loaded, out, Policy(rank=1), SHAPE8)
+        dsdeploy.save(dsdeploy.convert(loaded, policy=Policy(rank=1), input_shape=SHAPE8), out)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 

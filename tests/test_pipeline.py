@@ -141,7 +141,7 @@ def test_first_stage_failure_message_is_one_line(tmp_path):
 # ------------------------------------------------------------------------------------------
 
 FAST = ["--set", "finetune.epochs=1", "--set", "bench.iters=10", "--set", "bench.warmup=1",
-        "--set", "bench.batch=[1]", "--set", "calibrate.batches=4", "--set", "finetune.limit=400"]
+        "--set", "bench.batches=[1]", "--set", "calibrate.batches=4", "--set", "finetune.limit=400"]
 
 
 def _stage_lines(stderr: str) -> list[str]:

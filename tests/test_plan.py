@@ -46,8 +46,8 @@ def test_custom_conv_subclass_is_skipped():
 def test_include_exclude_and_stem(net):
     r = reasons(plan_for(net, rank=1, include="conv", exclude="conv2"))
     assert r["conv1"] == "converted"
-    assert r["conv2"] == "excluded by --exclude"
-    assert r["grouped"] == "not matched by --include"
+    assert r["conv2"] == "excluded by convert.exclude"
+    assert r["grouped"] == "not matched by convert.include"
     assert reasons(plan_for(net, rank=1, convert_stem=True))["stem"] == "converted"
     with pytest.raises(PlanError):
         plan_for(net, include="(")

@@ -28,7 +28,7 @@ def test_minimal_recipe_gets_defaults(tmp_path):
     assert isinstance(r, Recipe)
     assert r.model.spec == "sample:digits_cnn"
     assert r.convert.layout == "branches" and r.convert.rank is None
-    assert r.bench.providers == ["cpu", "openvino"] and r.bench.batch == [1]
+    assert r.bench.providers == ["cpu", "openvino"] and r.bench.batches == [1]
     assert r.data.spec is None and r.finetune.mode == "full"
     assert r.path == str((tmp_path / "r.toml").resolve())
 
@@ -49,13 +49,13 @@ epochs = 2
 time_budget = "10m"
 lr = 1
 [bench]
-batch = [1, 8]
+batches = [1, 8]
 """
     r = load_recipe(write(tmp_path, text))
     assert r.model.model_kwargs == {"num_classes": 10}
     assert r.convert.energy == 1.0 and isinstance(r.convert.energy, float)
     assert isinstance(r.finetune.lr, float) and r.preprocess.mean == [0.0]
-    assert r.finetune.time_budget == 600.0 and r.bench.batch == [1, 8]  # a duration, kept in seconds
+    assert r.finetune.time_budget == 600.0 and r.bench.batches == [1, 8]  # a duration, kept in seconds
     assert r.convert.include == "features\\."
 
 
@@ -65,8 +65,8 @@ batch = [1, 8]
     (MINIMAL + "[finetune]\nepochs = \"two\"\n", "finetune.epochs must be an integer or unset, got string 'two'"),
     (MINIMAL + "[finetune]\nepochs = 2.5\n", "finetune.epochs must be an integer"),
     (MINIMAL + "[convert]\nconvert_stem = 1\n", "convert.convert_stem must be true/false, got integer 1"),
-    (MINIMAL + "[bench]\nbatch = [1, \"8\"]\n", "bench.batch must be a list of an integer"),
-    (MINIMAL + "[bench]\nbatch = 1\n", "bench.batch must be a list of an integer"),
+    (MINIMAL + "[bench]\nbatches = [1, \"8\"]\n", "bench.batches must be a list of an integer"),
+    (MINIMAL + "[bench]\nbatches = 1\n", "bench.batches must be a list of an integer"),
     ("seed = true\n" + MINIMAL, "seed must be an integer, got boolean True"),
     ('model = "x"\n', "[model] must be a table"),
     ("[data]\nspec = 'digits'\n", "model.spec is required"),
@@ -78,11 +78,11 @@ batch = [1, 8]
     (MINIMAL + "[finetune]\nepochs = 0\n", "finetune.epochs must be >= 1 unless finetune.time_budget is set, got 0"),
     (MINIMAL + "[deploy]\nquantize = \"int4\"\n", "deploy.quantize must be one of"),
     (MINIMAL + "[data]\nval_split = 1.0\n", "data.val_split must be in [0, 1)"),
-    (MINIMAL + "[bench]\nbatch = []\n", "bench.batch must be a non-empty list"),
+    (MINIMAL + "[bench]\nbatches = []\n", "bench.batches must be a non-empty list"),
     (MINIMAL + "[bench]\nthreads = -1\n", "bench.threads must be >= 1, got -1"),
     (MINIMAL + "[bench]\nwarmup = -1\n", "bench.warmup must be >= 0, got -1"),
     (MINIMAL + "[bench]\niters = 0\n", "bench.iters must be >= 1, got 0"),
-    (MINIMAL + "[bench]\nbatch = [1, 0]\n", "bench.batch must be >= 1, got 0"),
+    (MINIMAL + "[bench]\nbatches = [1, 0]\n", "bench.batches must be >= 1, got 0"),
     (MINIMAL + "[bench]\nproviders = []\n", "bench.providers must name at least one provider"),
     (MINIMAL + "[model]\n", "not valid TOML"),
 ])
@@ -126,9 +126,9 @@ def test_zero_epochs_with_a_time_budget_is_accepted_as_on_the_command_line(tmp_p
 
 def test_overrides_are_toml_values_validated_like_the_file(tmp_path):
     path = write(tmp_path, MINIMAL + "[finetune]\nepochs = 5\n")
-    r = load_recipe(path, ["finetune.epochs=2", "bench.batch=[1, 4]", "convert.convert_stem=true",
+    r = load_recipe(path, ["finetune.epochs=2", "bench.batches=[1, 4]", "convert.convert_stem=true",
                            "data.spec=digits", "seed=3", 'convert.include="^a"'])
-    assert (r.finetune.epochs, r.bench.batch, r.convert.convert_stem, r.data.spec, r.seed) == (2, [1, 4], True,
+    assert (r.finetune.epochs, r.bench.batches, r.convert.convert_stem, r.data.spec, r.seed) == (2, [1, 4], True,
                                                                                                 "digits", 3)
     assert r.convert.include == "^a"
     with pytest.raises(RecipeError, match="finetune.epochs must be an integer or unset, got string 'two'"):

@@ -205,7 +205,7 @@ def test_library_loaders_refuse_hostile_specs(world, trust):
             load_artifact(art, trust_code=trust)
         assert len(str(err.value).splitlines()) == 1
         if not trust and not spec.startswith(("torchvision:", "sample:")):
-            assert "trust_code=True" in str(err.value) and "--trust-code" in str(err.value)
+            assert "trust_code=True" in str(err.value)  # the library names the argument; the CLI shows --trust-code
         with pytest.raises(DsdeployError):
             load_model(str(art), trust_code=trust)
     world.assert_untouched()

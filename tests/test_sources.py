@@ -47,7 +47,7 @@ def test_pickled_model_needs_opt_in(tmp_path, trained_state):
     model = small_net()
     model.load_state_dict(trained_state)
     torch.save(model, path)
-    with pytest.raises(WeightsError, match="--trust-pickle"):
+    with pytest.raises(WeightsError, match="trust_pickle=True"):
         load_model(FACTORY, weights=str(path))
     loaded = load_model(FACTORY, weights=str(path), trust_pickle=True)
     assert outputs_match(loaded.model, trained_state)

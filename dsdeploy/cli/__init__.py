@@ -8,6 +8,7 @@ traceback is shown only with ``--debug``.
 from __future__ import annotations
 
 import importlib
+import re
 
 import click
 
@@ -26,6 +27,41 @@ COMMAND_MODULES = (
 )
 
 
+# Library messages name a field as ``section.field``, ``snake_case_argument`` or ``argument=True``;
+# on the command line the same value is a flag. One rule maps them: a name that is a parameter of
+# the command being run becomes its flag (``convert.mac_budget`` -> ``--mac-budget``); the
+# config fields whose parameter is named otherwise are listed here.
+PARAM_OF = {"bench.batches": "batch", "finetune.history_path": "history", "calibrate.max_batches": "calib_batches"}
+SECTIONS = ("convert", "calibrate", "finetune", "evaluate", "export", "deploy", "bench")
+_FIELD = re.compile(r"(?<![\w./-])(?:(?P<section>" + "|".join(SECTIONS) +
+                    r")\.)?(?P<name>[a-z][a-z0-9]*(?:_[a-z0-9]+)*)(?P<value>=(?:True|False))?(?![\w/-])")
+
+
+def flag_names(text: str, command: click.Command | None = None) -> str:
+    """``text`` with the library's field/argument names replaced by ``command``'s flags (default: the
+    command being run); names the command has no flag for are kept."""
+    if command is None:
+        ctx = click.get_current_context(silent=True)
+        command = ctx.command if ctx is not None else None
+    if command is None:
+        return text
+    options = {p.name: p for p in command.params if isinstance(p, click.Option)}
+
+    def flag(m: re.Match) -> str:
+        name, section = m["name"], m["section"]
+        if not (section or "_" in name or m["value"]):
+            return m[0]
+        opt = options.get(name) or options.get(PARAM_OF.get(f"{section}.{name}", ""))
+        longs = [o for o in opt.opts if o.startswith("--")] if opt is not None else []
+        if not longs:
+            return m[0]
+        if m["value"] == "=False" and opt.secondary_opts:
+            return opt.secondary_opts[0]
+        return longs[0]
+
+    return _FIELD.sub(flag, text)
+
+
 class DsdeployGroup(click.Group):
     """A click group that turns errors into one line on stderr and an exit status."""
 
@@ -41,7 +77,8 @@ class DsdeployGroup(click.Group):
         except DsdeployError as exc:
             if debug:
                 raise
-            click.echo(f"error: {exc}", err=True)
+            sub = self.commands.get(ctx.invoked_subcommand or "")
+            click.echo(f"error: {flag_names(str(exc), sub) if sub is not None else exc}", err=True)
             ctx.exit(exc.exit_code)
         except Exception as exc:  # a bug, not a user error: still one line unless --debug
             if debug:

@@ -81,8 +81,9 @@ def bench(models, providers, batch, threads, warmup, iters, duration, data, ep_o
     speedup per EP and batch next to its conv-MAC reduction."""
     from tqdm import tqdm
 
+    from dsdeploy import api
     from dsdeploy.fsutil import show
-    from dsdeploy.runtime.bench import BenchConfig, run_and_write
+    from dsdeploy.runtime.bench import BenchConfig
     from dsdeploy.runtime.bench_report import render_text
     from dsdeploy.runtime.providers import parse_ep_options
 
@@ -105,13 +106,13 @@ def bench(models, providers, batch, threads, warmup, iters, duration, data, ep_o
         bars[0].update(1)
 
     try:
-        report, written = run_and_write(list(models), cfg, json_path=json_path, csv_path=csv_path,
-                                        markdown_path=markdown_path, plot_path=plot_path, progress=progress)
+        report = api.benchmark(list(models), config=cfg, json_path=json_path, csv_path=csv_path,
+                               markdown_path=markdown_path, plot_path=plot_path, progress=progress)
     finally:
         for bar in bars:
             bar.close()
     click.echo(render_text(report))
-    for path in written:
+    for path in (p for p in (json_path, csv_path, markdown_path, plot_path) if p):
         click.echo(f"wrote {show(path)}", err=True)
     failed = [r for r in report.results if r.status == "error"]
     if failed:

@@ -43,16 +43,18 @@ def export(model: str, output: str, weights: str | None, model_kwargs: str | Non
            data: str | None, atol: float, rtol: float, as_json: bool, preprocess: dict | None,
            trust_code: bool) -> None:
     """Export MODEL to ONNX, gated by parity against torch on ONNX Runtime (CPU EP)."""
-    from dsdeploy.export.onnx_export import export_model
+    from dsdeploy import api
+    from dsdeploy.export.config import ExportConfig
     from dsdeploy.fsutil import show
     from dsdeploy.outputs import check_output
 
     check_output(output, kind="onnx", suffixes=(".onnx",), what="--output",
                  inputs=[("model", model), ("--weights file", weights), ("--data", data)])
-    rep = export_model(model, output, weights=weights, model_kwargs=parse_kwargs(model_kwargs),
-                       trust_pickle=trust_pickle, input_shape=parse_shape(input_shape), data=data, opset=opset,
-                       dynamic_batch=dynamic_batch, simplify=simplify, exporter=exporter, atol=atol, rtol=rtol,
-                       preprocess=preprocess, trust_code=trust_code)
+    config = ExportConfig(opset=opset, dynamic_batch=dynamic_batch, simplify=simplify, exporter=exporter, atol=atol,
+                          rtol=rtol)
+    rep = api.export_onnx(model, output, input_shape=parse_shape(input_shape), config=config, weights=weights,
+                          model_kwargs=parse_kwargs(model_kwargs), trust_pickle=trust_pickle, data=data,
+                          preprocess=preprocess, trust_code=trust_code)
     if as_json:
         echo_json(rep.to_dict())
         return
@@ -85,19 +87,27 @@ def export(model: str, output: str, weights: str | None, model_kwargs: str | Non
               help="INT8 weights in 7 bits (default: when this CPU lacks VNNI/AMX, whose absence makes "
                    "8-bit weights saturate).")
 @click.option("--threads", type=int, default=None, help="CPU EP threads for the latency measurement.")
+@click.option("--latency-iters", type=int, default=30, show_default=True,
+              help="Timed batch-1 runs per model for the latency check (0 skips it).")
+@click.option("--calib-items", type=int, default=256, show_default=True, help="Images INT8 calibration reads.")
+@click.option("--eval-items", type=int, default=None, help="Score at most N images (default: the whole val split).")
 @click.option("--overwrite", is_flag=True,
               help="Replace the files of a bundle deploy wrote earlier in --output (other files there are kept).")
 @click.option("--json", "as_json", is_flag=True, help="Print the deploy report as JSON.")
 def deploy(onnx_model: str, output: str, quantize: str, calib_data: str | None, eval_data: str | None,
            max_accuracy_drop: float | None, ort_format: bool, reduce_range: bool | None, threads: int | None,
-           overwrite: bool, as_json: bool, preprocess: dict | None) -> None:
+           latency_iters: int, calib_items: int, eval_items: int | None, overwrite: bool, as_json: bool,
+           preprocess: dict | None) -> None:
     """Package ONNX_MODEL into a bundle: model, manifest.json, standalone predict.py."""
-    from dsdeploy.export.bundle import deploy as build
+    from dsdeploy import api
+    from dsdeploy.export.config import DeployConfig
     from dsdeploy.fsutil import show
 
-    rep = build(onnx_model, output, quantize=quantize, calib_data=calib_data, eval_data=eval_data,
-                max_accuracy_drop=max_accuracy_drop, ort_format=ort_format, reduce_range=reduce_range,
-                threads=threads, overwrite=overwrite, preprocess=preprocess)
+    config = DeployConfig(quantize=quantize, ort_format=ort_format, max_accuracy_drop=max_accuracy_drop,
+                          latency_iters=latency_iters, threads=threads, reduce_range=reduce_range,
+                          calib_items=calib_items, eval_items=eval_items)
+    rep = api.deploy(onnx_model, output, config=config, calib_data=calib_data, eval_data=eval_data,
+                     overwrite=overwrite, preprocess=preprocess)
     if as_json:
         echo_json(rep.to_dict())
         return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dsdeploy.cli import cli
+from dsdeploy.cli import cli, flag_names
 from dsdeploy.cli.options import (
     echo_json,
     model_options,
@@ -34,11 +34,11 @@ def policy_options(func):
     return func
 
 
-def _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout):
-    from dsdeploy.conversion.plan import Policy
+def _policy(options: dict):
+    """The Policy the policy_options flags set (each flag's parameter is the Policy field of its name)."""
+    from dsdeploy.conversion.plan import Policy  # the CLI imports the library on use: --help stays torch-free
 
-    return Policy(rank=rank, energy=energy, mac_budget=mac_budget, include=include, exclude=exclude,
-                  convert_stem=convert_stem, layout=layout)
+    return Policy(**options)
 
 
 @cli.command()
@@ -46,17 +46,15 @@ def _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout):
 @model_options
 @policy_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect(model, weights, model_kwargs, trust_pickle, input_shape, rank, energy, mac_budget, include, exclude,
-            convert_stem, layout, as_json, trust_code):
+def inspect(model, weights, model_kwargs, trust_pickle, input_shape, as_json, trust_code, **policy):
     """Show MODEL's convs: what would convert (and at which rank), why others would not,
     and params/MACs at the input shape."""
-    from dsdeploy.conversion.loading import load_model
-    from dsdeploy.conversion.workflow import inspect_model
+    from dsdeploy import api
 
-    loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle, trust_code=trust_code)
-    report = inspect_model(loaded, _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout),
-                           parse_shape(input_shape))
-    echo_json(report.to_dict()) if as_json else click.echo(report.render())
+    report = api.inspect(model, policy=_policy(policy),
+                         input_shape=parse_shape(input_shape), weights=weights, model_kwargs=parse_kwargs(model_kwargs),
+                         trust_pickle=trust_pickle, trust_code=trust_code)
+    echo_json(report.to_dict()) if as_json else click.echo(flag_names(report.render()))
 
 
 @cli.command()
@@ -71,21 +69,22 @@ def inspect(model, weights, model_kwargs, trust_pickle, input_shape, rank, energ
 @preprocess_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, rank, energy, mac_budget, include,
-            exclude, convert_stem, layout, calib_data, calib_batches, seed, as_json, preprocess, trust_code):
+def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, calib_data, calib_batches, seed, as_json,
+            preprocess, trust_code, **policy):
     """Rewrite MODEL's convs into depthwise-separable blocks and write a .dsd artifact.
 
     Prints params/MACs before and after and the rank of every layer. Exit status 3 when
     nothing converts (the reasons per conv are listed)."""
+    from dsdeploy import api
     from dsdeploy.conversion.artifact import check_artifact_output
-    from dsdeploy.conversion.loading import load_model
-    from dsdeploy.conversion.workflow import convert_to_artifact
 
     check_artifact_output(output, what="--output",
                           inputs=[("model", model), ("--weights file", weights), ("--calib-data", calib_data)])
-    loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle, trust_code=trust_code)
-    report = convert_to_artifact(loaded, output,
-                                 _policy(rank, energy, mac_budget, include, exclude, convert_stem, layout),
-                                 parse_shape(input_shape), calib_data=calib_data, calib_batches=calib_batches,
-                                 seed=seed, preprocess=preprocess)
-    echo_json(report.to_dict()) if as_json else click.echo(report.render())
+    cm = api.convert(model, policy=_policy(policy),
+                     input_shape=parse_shape(input_shape), weights=weights, model_kwargs=parse_kwargs(model_kwargs),
+                     trust_pickle=trust_pickle, trust_code=trust_code, preprocess=preprocess, data=calib_data)
+    if calib_data:
+        api.calibrate(cm, calib_data, max_batches=calib_batches, seed=seed, progress=True)
+    api.save(cm, output)
+    report = cm.report(output)
+    echo_json(report.to_dict()) if as_json else click.echo(flag_names(report.render()))

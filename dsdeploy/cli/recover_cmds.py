@@ -39,13 +39,14 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
              split, val_split, seed, limit, as_json, preprocess, trust_code):
     """Accuracy of MODEL (top-1/top-5, macro precision/recall/F1) on labelled DATA,
     side by side with MODEL2 when --compare is given."""
-    from dsdeploy.recover.evaluate import evaluate as run_evaluate
-    from dsdeploy.recover.evaluate import summary_rows
+    from dsdeploy import api
+    from dsdeploy.recover.evaluate import EvaluateConfig, summary_rows
     from dsdeploy.tables import format_table
 
-    result = run_evaluate(model, data, compare=compare, weights=weights, compare_weights=compare_weights,
-                          model_kwargs=parse_kwargs(model_kwargs), trust_pickle=trust_pickle, batch_size=batch_size,
-                          split=split, val_split=val_split, seed=seed, limit=limit, progress=not as_json,
+    config = EvaluateConfig(batch_size=batch_size, split=split, limit=limit)
+    result = api.evaluate(model, data, compare=compare, config=config, weights=weights,
+                          compare_weights=compare_weights, model_kwargs=parse_kwargs(model_kwargs),
+                          trust_pickle=trust_pickle, val_split=val_split, seed=seed, progress=not as_json,
                           preprocess=preprocess, trust_code=trust_code, input_shape=parse_shape(input_shape))
     if as_json:
         echo_json(result)
@@ -77,14 +78,16 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
 def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_json, preprocess, trust_code):
     """Solve each converted layer's pointwise weights by least squares against the original
     model's convs on DATA (training-free), then re-estimate BatchNorm statistics."""
+    from dsdeploy import api
     from dsdeploy.conversion.artifact import check_artifact_output
     from dsdeploy.fsutil import show
-    from dsdeploy.recover.reconstruct import calibrate_artifact
+    from dsdeploy.recover.config import CalibrationParams
 
     check_artifact_output(output, what="--output",
                           inputs=[("artifact", artifact), ("--data", data)])
-    report = calibrate_artifact(artifact, data, output, max_batches=max_batches, batch_size=batch_size, seed=seed,
-                                ridge=ridge, progress=not as_json, preprocess=preprocess, trust_code=trust_code)
+    params = CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size)
+    report = api.calibrate(artifact, data, out=output, params=params, seed=seed, progress=not as_json,
+                           preprocess=preprocess, trust_code=trust_code)
     if as_json:
         echo_json(report.to_dict())
     else:
@@ -139,12 +142,12 @@ def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, tim
              preprocess, trust_code):
     """Recover accuracy by distillation from the original model (logits, optionally the
     replaced blocks' outputs, plus labels when DATA has them)."""
+    from dsdeploy import api
     from dsdeploy.conversion.artifact import check_artifact_output
     from dsdeploy.fsutil import show
     from dsdeploy.outputs import check_distinct, check_output
     from dsdeploy.ranges import parse_duration
     from dsdeploy.recover.config import FinetuneConfig
-    from dsdeploy.recover.finetune import finetune_artifact
 
     inputs = [("artifact", artifact), ("--data", data), ("--teacher", teacher), ("--teacher-weights", teacher_weights)]
     check_artifact_output(output, what="--output", inputs=inputs)
@@ -159,8 +162,8 @@ def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, tim
                             temperature=temperature, clip_grad=clip_grad or None, init=init, reinit=reinit,
                             patience=patience, augment=augment, channels_last=channels_last, seed=seed,
                             progress=not as_json, history_path=history)
-    result = finetune_artifact(artifact, data, output, config, teacher=teacher, teacher_weights=teacher_weights,
-                               resume=resume, limit=limit, preprocess=preprocess, trust_code=trust_code)
+    result = api.finetune(artifact, data, out=output, config=config, teacher=teacher, teacher_weights=teacher_weights,
+                          resume=resume, limit=limit, preprocess=preprocess, trust_code=trust_code)
     if as_json:
         echo_json(result.to_dict())
         return

@@ -147,11 +147,11 @@ def skip_reason(name: str, mod: nn.Module, policy: Policy) -> str | None:
     if mod.groups == mod.in_channels and mod.in_channels > 1:
         return "already depthwise"
     if policy.include and not re.search(policy.include, name):
-        return "not matched by --include"
+        return "not matched by convert.include"
     if policy.exclude and re.search(policy.exclude, name):
-        return "excluded by --exclude"
+        return "excluded by convert.exclude"
     if mod.in_channels <= 4 and not policy.convert_stem:
-        return f"stem ({mod.in_channels} input channels; --convert-stem to convert)"
+        return f"stem ({mod.in_channels} input channels; convert.convert_stem to convert)"
     return None
 
 
@@ -228,7 +228,7 @@ def _budget_ranks(plan: Plan, mods: dict[str, nn.Module], spectra: dict[str, tor
     used = sum(cost.values())
     if used > limit + 1e-9:
         floor = used / max(1, sum(macs.values()))
-        raise PlanError(f"--mac-budget {budget} is below what rank 1 everywhere costs ({floor:.3f}); "
+        raise PlanError(f"convert.mac_budget {budget} is below what rank 1 everywhere costs ({floor:.3f}); "
                         f"raise it or exclude layers")
     cap = {n: max_gainful_rank(mods[n]) for n in mods}
     curves = {n: energy_curve(spectra[n]).tolist() for n in mods}

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import copy
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import nn
 
 from dsdeploy.conversion.block import DSConv
-from dsdeploy.conversion.opcount import Profile, profile_model, trace_calls
+from dsdeploy.conversion.opcount import Profile, profile_model, run_model, trace_calls
 from dsdeploy.conversion.plan import Plan, Policy, make_plan
 from dsdeploy.errors import DsdeployError, ModelError, NothingToConvertError
+from dsdeploy.models.weights import load_state_checked
 
 
 @dataclass
@@ -105,9 +107,6 @@ def verify_rebuild(fresh: nn.Module, plan: Plan, converted: nn.Module) -> None:
     strictly, then both models run once on the plan's input shape and must agree. Raises
     ModelError naming the step that failed, so no unloadable artifact is ever written.
     """
-    from dsdeploy.conversion.opcount import run_model
-    from dsdeploy.models.weights import load_state_checked
-
     try:
         rebuilt = apply_plan(fresh, plan, init_from_weights=False)
         load_state_checked(rebuilt, converted.state_dict(), "the converted model")
@@ -145,16 +144,18 @@ def nothing_to_convert_message(plan: Plan) -> str:
     return "nothing to convert: " + "; ".join(parts)
 
 
-def convert(model: nn.Module, *, input_shape: tuple[int, ...], rank: int | None = None, energy: float | None = None,
-            mac_budget: float | None = None, include: str | None = None, exclude: str | None = None,
-            convert_stem: bool = False, layout: str = "branches", require_gain: bool = True) -> ConversionResult:
+def convert(model: nn.Module, *, input_shape: tuple[int, ...], policy: Policy | None = None,
+            **options: Any) -> ConversionResult:
     """Plan and apply the DS rewrite to a copy of ``model`` (the input is never mutated).
 
-    Exactly one of ``rank`` / ``energy`` / ``mac_budget`` picks ranks (default: rank 1).
-    Raises NothingToConvertError (listing each conv's reason) when no conv converts.
+    ``policy`` (a :class:`Policy`; default rank 1) and/or ``options`` (its fields by name, e.g.
+    ``rank=2``, ``mac_budget=0.5``) choose the ranks and layers. Raises PlanError for an option out
+    of range (naming the field) and NothingToConvertError (listing each conv's reason) when no conv converts.
     """
-    policy = Policy(rank=rank, energy=energy, mac_budget=mac_budget, include=include, exclude=exclude,
-                    convert_stem=convert_stem, layout=layout, require_gain=require_gain)
+    unknown = sorted(set(options) - {f.name for f in fields(Policy)})
+    if unknown:
+        raise TypeError(f"convert() got an unexpected keyword argument {unknown[0]!r}")
+    policy = replace(policy, **options) if policy is not None else Policy(**options)
     policy.validate()
     check_finite_model(model)
     calls = trace_calls(model, input_shape)

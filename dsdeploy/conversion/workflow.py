@@ -1,18 +1,13 @@
-"""The library side of ``dsdeploy inspect`` and ``dsdeploy convert``."""
+"""The report of ``inspect`` and ``convert``: each conv's decision and the op counts before/after."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from dsdeploy.conversion.artifact import save_artifact, source_record
 from dsdeploy.conversion.opcount import Profile, profile_model, trace_calls
 from dsdeploy.conversion.plan import Plan, Policy, make_plan
-from dsdeploy.conversion.rewrite import convert
-from dsdeploy.errors import DsdeployError
 from dsdeploy.models.sources import LoadedModel
-from dsdeploy.recover.config import CALIB_BATCHES
 from dsdeploy.tables import format_table, human
 
 
@@ -69,45 +64,3 @@ def inspect_model(loaded: LoadedModel, policy: Policy, input_shape: tuple[int, .
     calls = trace_calls(loaded.model, shape)
     plan = make_plan(loaded.model, policy, calls, shape)
     return ModelReport(loaded.spec, list(shape), plan, profile_model(loaded.model, shape, calls))
-
-
-def convert_to_artifact(loaded: LoadedModel, out: str | Path, policy: Policy,
-                        input_shape: tuple[int, ...] | None = None, calib_data: str | None = None,
-                        calib_batches: int | None = CALIB_BATCHES, seed: int = 0,
-                        preprocess: dict[str, Any] | None = None) -> ModelReport:
-    """Convert a loaded model, optionally calibrate it on data, and write the ``.dsd`` artifact.
-
-    The artifact records the input shape and the resolved preprocessing
-    (:func:`dsdeploy.data.preprocessing.resolve`: ``preprocess`` overrides > the model's own >
-    derived from ``input_shape``), which every later command reads.
-    """
-    from dsdeploy.data.preprocessing import input_shape_for, resolve
-
-    if loaded.artifact is not None:
-        raise DsdeployError(f"{loaded.spec} is already converted; convert its source model instead")
-    pre = resolve(loaded.preprocessing, input_shape or loaded.input_shape, preprocess, data=calib_data,
-                  model=loaded.model)
-    shape = input_shape_for(pre, input_shape, loaded.input_shape, bool(preprocess))
-    loaded.preprocessing = pre.to_dict()
-    res = convert(loaded.model, input_shape=shape, rank=policy.rank, energy=policy.energy,
-                  mac_budget=policy.mac_budget, include=policy.include, exclude=policy.exclude,
-                  convert_stem=policy.convert_stem, layout=policy.layout)
-    history: list[dict[str, Any]] = [{"stage": "convert", "policy": res.plan.policy, "layout": res.plan.layout,
-                                      "converted": len(res.plan.converted),
-                                      "conv_mac_ratio": round(res.after.conv_macs / max(1, res.before.conv_macs), 4)}]
-    model = res.model
-    if calib_data:
-        from dsdeploy.recover.reconstruct import calibrate_on_data
-
-        model, entry = calibrate_on_data(model, loaded.model, res.plan, calib_data, pre,
-                                         max_batches=calib_batches, seed=seed, labels=loaded.labels)
-        history.append(entry)
-    from dsdeploy.conversion.rewrite import verify_rebuild
-    from dsdeploy.models.sources import build_source
-
-    verify_rebuild(build_source(loaded.spec, loaded.model_kwargs).model, res.plan, model)
-    metadata = {"input_shape": list(shape), "preprocessing": loaded.preprocessing, "labels": loaded.labels,
-                "conv_macs_before": res.before.conv_macs, "conv_macs_after": res.after.conv_macs}
-    save_artifact(out, model, res.plan, source_record(loaded.spec, loaded.model_kwargs, loaded.weights),
-                  metadata, history)
-    return ModelReport(loaded.spec, list(shape), res.plan, res.before, res.after, str(out), history)

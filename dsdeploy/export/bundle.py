@@ -24,6 +24,7 @@ import onnx
 
 from dsdeploy.conversion.artifact import read_payload
 from dsdeploy.errors import DeployError, OutputError
+from dsdeploy.export.config import DeployConfig
 from dsdeploy.export.graph import (
     META_LABELS,
     META_PREPROCESSING,
@@ -33,7 +34,7 @@ from dsdeploy.export.graph import (
     set_metadata,
 )
 from dsdeploy.export.measure import accuracy, deployed_session, eval_images, latency, model_preprocess
-from dsdeploy.export.quantize import QUANT_MODES, host_has_int8_dot, quantize_model
+from dsdeploy.export.quantize import host_has_int8_dot, quantize_model
 from dsdeploy.fsutil import (
     check_dir,
     owned_dir,
@@ -41,7 +42,6 @@ from dsdeploy.fsutil import (
     show,
     write_json,
 )
-from dsdeploy.ranges import check_number
 from dsdeploy.runtime.sessions import save_ort_format
 from dsdeploy.version import __version__
 
@@ -116,14 +116,13 @@ def deploy(onnx_path: str | Path, out_dir: str | Path, *, quantize: str = "none"
         DeployError: bad options, quantization failure, or the accuracy gate.
         ExportError: a missing/corrupt input model.
     """
-    if quantize not in QUANT_MODES:
-        raise DeployError(f"unknown --quantize {quantize!r}; choose one of {', '.join(QUANT_MODES)}")
+    DeployConfig(quantize=quantize, ort_format=ort_format, max_accuracy_drop=max_accuracy_drop,
+                 latency_iters=latency_iters, threads=threads, reduce_range=reduce_range, calib_items=calib_items,
+                 eval_items=eval_items)
     if quantize == "int8" and not calib_data:
-        raise DeployError("--quantize int8 (static) needs --calib-data DATA (real images to calibrate on)")
-    check_number(max_accuracy_drop, "max_accuracy_drop (top-1 points)", low=0, optional=True)
-    check_number(threads, "threads", low=1, integer=True, optional=True)
+        raise DeployError("deploy.quantize int8 (static) needs calib_data (real images to calibrate on)")
     if max_accuracy_drop is not None and not eval_data:
-        raise DeployError("--max-accuracy-drop needs --eval-data DATA (labelled images) to measure the drop")
+        raise DeployError("deploy.max_accuracy_drop needs eval_data (labelled images) to measure the drop")
     src = Path(onnx_path)
     mine = check_dir(out_dir, owned=bundle_files, overwrite=overwrite, what="bundle folder")
     if src.name in mine and src.exists() and Path(out_dir).is_dir() and src.resolve().parent == Path(out_dir).resolve():
@@ -162,7 +161,7 @@ def deploy(onnx_path: str | Path, out_dir: str | Path, *, quantize: str = "none"
             if max_accuracy_drop is not None and drop > max_accuracy_drop:
                 raise DeployError(f"{quantize} bundle loses {drop:.2f} top-1 points on {eval_data} "
                                   f"(fp32 {report.accuracy['fp32_top1']:.2f}% -> {report.accuracy['bundle_top1']:.2f}%)"
-                                  f", more than --max-accuracy-drop {max_accuracy_drop}; nothing written")
+                                  f", more than deploy.max_accuracy_drop {max_accuracy_drop}; nothing written")
         if latency_iters > 0:
             shape = (fixed_batch or 1, *model_preprocess(pre_meta, dims, "").input_shape()[1:])
             report.latency_ms = {"batch": shape[0], "threads": threads, "iters": latency_iters,

@@ -27,6 +27,7 @@ from torch import nn
 
 from dsdeploy.conversion.block import ds_blocks
 from dsdeploy.errors import DsdeployError, ExportError, InputShapeError, ParityError
+from dsdeploy.export.config import ExportConfig
 from dsdeploy.export.graph import (
     META_CONV_MACS,
     META_LABELS,
@@ -48,13 +49,11 @@ from dsdeploy.export.parity import (
     random_inputs,
 )
 from dsdeploy.fsutil import atomic_path
-from dsdeploy.ranges import check_number
 from dsdeploy.runtime.sessions import cpu_session
 from dsdeploy.version import __version__
 
 log = logging.getLogger(__name__)
 
-EXPORTERS = ("torchscript", "dynamo")
 DYNAMO_MIN_OPSET = 18
 TWO_GB = 2 * 1024**3
 
@@ -210,10 +209,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
         ExportError: the exporter failed, or the model takes a list of images (detection).
         ParityError: ONNX Runtime disagrees with torch on the export (every failing output listed).
     """
-    check_number(atol, "export atol", low=0)
-    check_number(rtol, "export rtol", low=0)
-    if exporter not in EXPORTERS:
-        raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    ExportConfig(opset=opset, dynamic_batch=dynamic_batch, simplify=simplify, exporter=exporter, atol=atol, rtol=rtol)
     path = Path(path)
     shape = tuple(int(d) for d in input_shape)
     warns: list[str] = []
@@ -245,7 +241,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
         except ParityError:
             raise
         except ExportError as exc:  # ORT cannot run the graph: name the cause, not the temp file
-            hint = "; the dynamo exporter may work: exporter='dynamo' (--exporter dynamo)" \
+            hint = "; the dynamo exporter may work: set export.exporter to dynamo" \
                 if exporter == "torchscript" else ""
             msg = str(exc).replace(str(raw_path), "the exported model")
             raise ExportError(f"{msg.splitlines()[0] if msg else exc}{hint}") from None
@@ -297,7 +293,7 @@ def _check_runs(model: nn.Module, shape: tuple[int, ...], dynamic_batch: bool, s
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             raise InputShapeError(f"the model runs at batch {shape[0]} but cannot run at batch {other} (it fixes "
                                   f"its batch size: {_first_line(exc)[:120]}); export with a static batch "
-                                  f"(dynamic_batch=False, --static-batch)") from None
+                                  f"(dynamic_batch=False)") from None
     return n_outputs
 
 
@@ -336,7 +332,7 @@ def data_samples(spec: str, preprocessing: dict[str, Any] | None, shape: tuple[i
     ds = splits.val if splits.val is not None and len(splits.val) else splits.train
     x = torch.stack([ds[i][0] for i in range(min(count, len(ds)))])
     if tuple(x.shape[1:]) != tuple(shape[1:]):
-        raise InputShapeError(f"--data images are {tuple(x.shape[1:])} but the model input is {tuple(shape[1:])}")
+        raise InputShapeError(f"the data images are {tuple(x.shape[1:])} but the model input is {tuple(shape[1:])}")
     return x
 
 

@@ -21,7 +21,6 @@ import onnx
 from dsdeploy.errors import DeployError
 from dsdeploy.export.graph import toposort
 
-QUANT_MODES = ("none", "int8", "int8-dynamic", "fp16")
 FP16_WARNING = ("fp16 bundle: the ONNX Runtime CPU EP has few fp16 kernels (where one is missing it inserts "
                 "Casts and computes in fp32); fp16 pays off mainly on GPU EPs")
 

@@ -37,7 +37,7 @@ INFRASTRUCTURE = frozenset({
 # Infrastructure packages that hold model classes/builders: importing them for a spec is fine.
 IMPORTABLE_INFRASTRUCTURE = frozenset({"torch", "torchvision", "timm", "dsdeploy"})
 KWARGS_DEPTH = 32
-TRUST_HINT = "pass trust_code=True (CLI: --trust-code), or the factory itself (factory=...)"
+TRUST_HINT = "pass trust_code=True, or the factory itself (factory=...)"
 
 
 @dataclass(frozen=True)

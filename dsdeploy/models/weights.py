@@ -33,7 +33,7 @@ def torch_load(path: str | Path, *, trust_pickle: bool = False, what: str = "che
     except pickle.UnpicklingError as exc:
         if "Unsupported global" in str(exc) and not trust_pickle:  # a class/function reference: pickled code
             raise WeightsError(f"{p} holds pickled Python objects (e.g. a whole model), which can run code; "
-                               f"refusing to load it. If you trust the file, pass --trust-pickle") from None
+                               f"refusing to load it. If you trust the file, pass trust_pickle=True") from None
         raise WeightsError(f"{p} is corrupt or not a PyTorch {what}") from None
     except Exception as exc:  # garbage bytes fail in many ways (zip, struct, unicode, EOF...): all mean corrupt
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -21,11 +21,12 @@ import tomllib
 
 from dsdeploy.conversion.plan import Policy
 from dsdeploy.errors import DsdeployError, RecipeError
+from dsdeploy.export.config import DeployConfig, ExportConfig
 from dsdeploy.pipeline.tomltypes import coerce, describe, type_name
 from dsdeploy.ranges import check_number, parse_duration
 from dsdeploy.recover.config import CALIB_BATCHES, CalibrationParams, FinetuneConfig
-
-QUANTIZE = ("none", "int8", "int8-dynamic", "fp16")
+from dsdeploy.recover.evaluate import EvaluateConfig
+from dsdeploy.runtime.bench import BenchConfig
 
 
 @dataclass
@@ -103,49 +104,78 @@ class FinetuneSection(FinetuneConfig):
         return FinetuneConfig(**{**own, **run})
 
 
-@dataclass
-class EvaluateSection:
-    """[evaluate]: accuracy of the original and of each recovery stage's model."""
-
-    enabled: bool = True
-    batch_size: int = 256
-    limit: int | None = None
+def _with(cfg_cls: type, section: Any, run: dict[str, Any]) -> Any:
+    """The library config ``cfg_cls`` from a recipe section (its own fields) plus what the run sets."""
+    own = {f.name: getattr(section, f.name) for f in dataclasses.fields(cfg_cls)}
+    return cfg_cls(**{**own, **run})
 
 
 @dataclass
-class ExportSection:
-    """[export]: ONNX export of the original and converted models, each gated by parity with torch."""
+class EvaluateSection(EvaluateConfig):
+    """[evaluate]: the library's :class:`EvaluateConfig` (accuracy of the original and of each recovery stage)."""
 
     enabled: bool = True
-    opset: int = 17
-    dynamic_batch: bool = True
-    simplify: bool = True  # onnxsim; kept only when the result keeps parity
-    exporter: str = "torchscript"  # or "dynamo"
-    atol: float = 1e-4  # parity gate: max|onnx - torch| <= atol + rtol * max|torch|
-    rtol: float = 1e-4
+
+    RECIPE_EXCLUDED: ClassVar[dict[str, str]] = {"split": "a run scores the held-out part of its one split"}
+
+    def config(self, **run: Any) -> EvaluateConfig:
+        """The :class:`EvaluateConfig` to score with: these options plus what the run sets (``run``)."""
+        return _with(EvaluateConfig, self, run)
 
 
 @dataclass
-class DeploySection:
-    """[deploy]: the deployment bundle (optional quantization / ORT format, accuracy gate)."""
+class ExportSection(ExportConfig):
+    """[export]: the library's :class:`ExportConfig` (ONNX export of the original and converted models, each
+    gated by parity with torch)."""
 
     enabled: bool = True
-    quantize: str = "none"  # none | int8 (static QDQ, calibrated on the data) | int8-dynamic | fp16
-    ort_format: bool = False
-    max_accuracy_drop: float | None = None  # top-1 points the bundle may lose against the fp32 ONNX model
+
+    def config(self, **run: Any) -> ExportConfig:
+        """The :class:`ExportConfig` to export with."""
+        return _with(ExportConfig, self, run)
+
+
+@dataclass
+class DeploySection(DeployConfig):
+    """[deploy]: the library's :class:`DeployConfig` (the bundle: quantization, ORT format, accuracy gate)."""
+
+    enabled: bool = True
     latency_iters: int = 0  # the bundle's own batch-1 latency check (the bench stage measures latency)
 
+    RECIPE_EXCLUDED: ClassVar[dict[str, str]] = {"threads": "the run uses bench.threads"}
+
+    def config(self, **run: Any) -> DeployConfig:
+        """The :class:`DeployConfig` to deploy with: these options plus what the run sets (``run``)."""
+        return _with(DeployConfig, self, run)
+
 
 @dataclass
-class BenchSection:
-    """[bench]: latency on these execution providers (missing ones are reported, not fatal)."""
+class BenchSection(BenchConfig):
+    """[bench]: the library's :class:`BenchConfig` (latency on these execution providers; missing ones are
+    reported, not fatal). ``iters`` unset means 50 unless ``duration`` (seconds) is given."""
 
     enabled: bool = True
     providers: list[str] = field(default_factory=lambda: ["cpu", "openvino"])
-    batch: list[int] = field(default_factory=lambda: [1])
-    iters: int = 50
-    warmup: int = 5
-    threads: int | None = None
+    iters: int | None = None
+
+    RECIPE_EXCLUDED: ClassVar[dict[str, str]] = {
+        "data": "the run's data.spec is used",
+        "seed": "the recipe's top-level seed is used",
+        "skip_unavailable": "a run reports missing providers and goes on",
+        "preprocess": "the [preprocess] section is used",
+    }
+
+    def __post_init__(self) -> None:
+        if self.iters is None and self.duration is None:
+            self.iters = 50
+
+    def validate(self, name: Any = None) -> None:
+        """:meth:`BenchConfig.validate` naming the recipe key (``bench.batches``)."""
+        super().validate(name or (lambda f: f"bench.{f}"))
+
+    def config(self, **run: Any) -> BenchConfig:
+        """The :class:`BenchConfig` to measure with: these options plus what the run sets (``run``)."""
+        return _with(BenchConfig, self, run)
 
 
 @dataclass
@@ -250,19 +280,12 @@ def recipe_from_dict(data: dict[str, Any], src: str = "<recipe>") -> Recipe:
     return recipe
 
 
-def _choice(value: str, choices: tuple[str, ...], key: str, src: str) -> None:
-    if value not in choices:
-        raise RecipeError(f"{src}: {key} must be one of {', '.join(choices)}, got {value!r}")
-
-
 def validate(r: Recipe, src: str) -> None:
     """Check values (ranges, choices, exclusive options) beyond their types."""
     if not r.model.spec:
         raise RecipeError(f"{src}: model.spec is required (torchvision:NAME, sample:NAME or pkg.module:factory)")
     if r.model.input_shape is not None and (len(r.model.input_shape) < 3 or min(r.model.input_shape) < 1):
         raise RecipeError(f"{src}: model.input_shape must be positive integers like [1, 3, 224, 224]")
-    _choice(r.deploy.quantize, QUANTIZE, "deploy.quantize", src)
-    _choice(r.export.exporter, ("torchscript", "dynamo"), "export.exporter", src)
     p = r.preprocess
     if p.size is not None and len(p.size) not in (1, 2):
         raise RecipeError(f"{src}: preprocess.size must be [H, W], got {p.size}")
@@ -274,34 +297,21 @@ def validate(r: Recipe, src: str) -> None:
         raise RecipeError(f"{src}: data.limit must be >= 1, got {r.data.limit}")
     if not 0 <= r.data.val_split < 1:
         raise RecipeError(f"{src}: data.val_split must be in [0, 1), got {r.data.val_split}")
-    positive = {"calibrate.batch_size": r.calibrate.batch_size,
-                "evaluate.batch_size": r.evaluate.batch_size, "export.opset": r.export.opset}
-    for key, v in positive.items():
-        if v < 1:
-            raise RecipeError(f"{src}: {key} must be >= 1, got {v}")
-    if r.deploy.max_accuracy_drop is not None and r.deploy.max_accuracy_drop < 0:
-        raise RecipeError(f"{src}: deploy.max_accuracy_drop must be >= 0 (top-1 points)")
-    if r.deploy.latency_iters < 0:
-        raise RecipeError(f"{src}: deploy.latency_iters must be >= 0")
+    if r.calibrate.batch_size < 1:
+        raise RecipeError(f"{src}: calibrate.batch_size must be >= 1, got {r.calibrate.batch_size}")
     _check_numbers(r, src)
 
 
 def _check_numbers(r: Recipe, src: str) -> None:
-    """The calibrate and bench numbers, checked by the library's own config dataclasses (when the recipe loads),
-    the seed and the export tolerances."""
-    from dsdeploy.runtime.bench import BenchConfig
-
-    c, b = r.calibrate, r.bench
+    """The calibrate numbers, checked by the library's own config dataclass, and the seed ([evaluate], [export],
+    [deploy], [bench] ARE the library's configs: they validated themselves when built)."""
+    c = r.calibrate
     try:
         CalibrationParams(ridge=c.ridge, max_batches=c.batches, batch_size=c.batch_size)
     except DsdeployError as exc:
         raise RecipeError(f"{src}: {str(exc).replace('calibrate max_batches', 'calibrate.batches')}") from None
     try:
         check_number(r.seed, "seed", low=0, integer=True)
-        check_number(r.export.atol, "export.atol", low=0)
-        check_number(r.export.rtol, "export.rtol", low=0)
-        BenchConfig(providers=list(b.providers), batches=list(b.batch), threads=b.threads, warmup=b.warmup,
-                    iters=b.iters).validate(lambda f: "bench.batch" if f == "batches" else f"bench.{f}")
     except DsdeployError as exc:
         raise RecipeError(f"{src}: {exc}") from None
 

@@ -9,12 +9,24 @@ owns the work, and returns a :class:`dsdeploy.pipeline.engine.StageOutput`. The 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from dsdeploy import api
+from dsdeploy.conversion.loading import load_model
+from dsdeploy.data.preprocessing import input_shape_for, resolve
+from dsdeploy.errors import CheckpointError, DeployError, InputShapeError, RecipeError, TrainingInterrupted
+from dsdeploy.export.onnx_export import data_samples
+from dsdeploy.fsutil import atomic_path, write_json, write_text
+from dsdeploy.models.samples import samples_dir
 from dsdeploy.pipeline.engine import Context, Stage, StageOutput
 from dsdeploy.pipeline.recipe import Recipe
+from dsdeploy.pipeline.report import write_report
+from dsdeploy.runtime.bench_report import render_markdown
+from dsdeploy.runtime.providers import SHORT
 
 # ----------------------------------------------------------------------------------------------
 # shared helpers
@@ -35,10 +47,6 @@ def recipe_source(ctx: Context) -> tuple[Any, Any, tuple[int, ...]]:
     as overrides (``size`` without ``resize`` derives ``resize`` from the size); a
     ``model.input_shape`` the preprocessing does not produce is one RecipeError line.
     """
-    from dsdeploy.conversion.loading import load_model
-    from dsdeploy.data.preprocessing import input_shape_for, resolve
-    from dsdeploy.errors import InputShapeError, RecipeError
-
     r = _r(ctx)
     m = r.model
     loaded = load_model(m.spec, m.weights, m.model_kwargs, m.trust_pickle)
@@ -68,8 +76,6 @@ def _cap(stage_limit: int | None, ctx: Context) -> int | None:
 
 def recipe_policy(ctx: Context):
     """The recipe's [convert] section, which is a :class:`dsdeploy.conversion.plan.Policy` (a copy: validate fills it in)."""
-    import dataclasses
-
     return dataclasses.replace(_r(ctx).convert)
 
 
@@ -86,8 +92,6 @@ def _model_inputs(ctx: Context) -> list[Any]:
     m = _r(ctx).model
     files: list[Any] = [m.weights]
     if m.spec.startswith("sample:"):
-        from dsdeploy.models.samples import samples_dir
-
         files.append(samples_dir() / f"{m.spec.split(':', 1)[1]}.pt")
     elif m.spec.endswith(".dsd"):
         files.append(m.spec)
@@ -104,36 +108,31 @@ def _data_input(ctx: Context) -> list[Any]:
 # ----------------------------------------------------------------------------------------------
 
 def run_inspect(ctx: Context, folder: Path) -> StageOutput:
-    """``tasks.inspect_model``: the plan and profile without converting."""
-    from dsdeploy.conversion.workflow import inspect_model
-    from dsdeploy.fsutil import write_json
-
+    """:func:`dsdeploy.api.inspect`: the plan and profile without converting."""
     loaded, pre, shape = recipe_source(ctx)
-    report = inspect_model(loaded, recipe_policy(ctx), shape)
+    report = api.inspect(loaded, policy=recipe_policy(ctx), input_shape=shape)
     write_json(folder / "inspect.json", report.to_dict())
     return StageOutput({"spec": loaded.spec, "input_shape": list(shape), "preprocess": pre.to_dict(),
                         "summary": report.summary()}, {"report": "inspect.json"})
 
 
 def run_convert(ctx: Context, folder: Path) -> StageOutput:
-    """``tasks.convert_to_artifact`` then, with data, ``calibrate.calibrate_artifact``."""
-    from dsdeploy.conversion.workflow import convert_to_artifact
-    from dsdeploy.fsutil import write_json
-
+    """:func:`dsdeploy.api.convert` + :func:`~dsdeploy.api.save`, then, with data, :func:`~dsdeploy.api.calibrate`
+    + :func:`~dsdeploy.api.save` of the calibrated model."""
     r = _r(ctx)
     loaded, pre, shape = recipe_source(ctx)
-    report = convert_to_artifact(loaded, folder / "converted.dsd", recipe_policy(ctx), shape, seed=r.seed)
+    cm = api.convert(loaded, policy=recipe_policy(ctx), input_shape=shape)
+    api.save(cm, folder / "converted.dsd")
+    report = cm.report(folder / "converted.dsd")
     write_json(folder / "plan.json", report.to_dict())
     result = {"summary": report.summary(), "input_shape": list(shape),
               "layers": [asdict(d) for d in report.plan.layers], "calibration": None}
     outputs = {"converted": "converted.dsd", "artifact": "converted.dsd", "plan": "plan.json"}
     if r.calibrate.enabled and _data(ctx):
-        from dsdeploy.recover.reconstruct import calibrate_artifact
-
         c = r.calibrate
-        cal = calibrate_artifact(str(folder / "converted.dsd"), _data(ctx), str(folder / "calibrated.dsd"),
-                                 max_batches=c.batches, batch_size=c.batch_size, seed=r.seed, ridge=c.ridge,
-                                 progress=ctx.progress, **data_split(ctx))
+        cal = api.calibrate(cm, _data(ctx), out=folder / "calibrated.dsd", max_batches=c.batches,
+                            batch_size=c.batch_size, ridge=c.ridge, seed=r.seed, progress=ctx.progress,
+                            **data_split(ctx))
         result["calibration"] = cal.to_dict()
         outputs.update(calibrated="calibrated.dsd", artifact="calibrated.dsd")
     return StageOutput(result, outputs)
@@ -154,24 +153,20 @@ def run_finetune(ctx: Context, folder: Path) -> StageOutput:
     other inputs is discarded (the tool wrote it) and training starts afresh. It is removed
     when the stage succeeds.
     """
-    from dsdeploy.errors import CheckpointError, TrainingInterrupted
-    from dsdeploy.fsutil import write_json
-    from dsdeploy.recover.finetune import finetune_artifact
-
     r = _r(ctx)
     f = r.finetune
     ckpt = ctx.resume_path("finetune", "ckpt")
     config = f.config(seed=r.seed, progress=ctx.progress, history_path=str(folder / "history.json"),
                       checkpoint_path=str(ckpt))
-    args = (ctx.output("convert", "artifact"), _data(ctx), folder / "finetuned.dsd", config)
-    opts = dict(val_split=r.data.val_split, limit=_cap(f.limit, ctx))
+    args = (ctx.output("convert", "artifact"), _data(ctx))
+    opts = dict(out=folder / "finetuned.dsd", config=config, val_split=r.data.val_split, limit=_cap(f.limit, ctx))
     notes = []
     try:
-        res = finetune_artifact(*args, **opts, resume=ckpt.is_file())
+        res = api.finetune(*args, **opts, resume=ckpt.is_file())
     except CheckpointError as exc:  # our own checkpoint, from another configuration: start afresh
         ckpt.unlink(missing_ok=True)
         notes.append(f"earlier checkpoint not resumed ({exc})")
-        res = finetune_artifact(*args, **opts)
+        res = api.finetune(*args, **opts)
     except TrainingInterrupted as exc:
         raise TrainingInterrupted(str(exc).split(";")[0] + (
             "; rerun with the same output folder to continue from the last completed epoch" if ckpt.is_file()
@@ -192,21 +187,18 @@ def _evaluate_skip(ctx: Context) -> str | None:
 
 
 def run_evaluate(ctx: Context, folder: Path) -> StageOutput:
-    """``evaluate.evaluate``: the original next to the model after each recovery stage."""
-    from dsdeploy.fsutil import write_json
-    from dsdeploy.recover.evaluate import evaluate
-
+    """:func:`dsdeploy.api.evaluate`: the original next to the model after each recovery stage."""
     r = _r(ctx)
     loaded, pre, _ = recipe_source(ctx)
-    opts = dict(preprocess=pre, val_split=r.data.val_split, seed=r.seed, limit=_cap(r.evaluate.limit, ctx),
-                batch_size=r.evaluate.batch_size, progress=ctx.progress)
+    config = r.evaluate.config(limit=_cap(r.evaluate.limit, ctx))
+    opts = dict(config=config, preprocess=pre, val_split=r.data.val_split, seed=r.seed, progress=ctx.progress)
     candidates = [("converted", ctx.output("convert", "converted")), ("calibrated", ctx.output("convert", "calibrated")),
                   ("finetuned", ctx.output("finetune", "artifact"))]
     stages = [(name, path) for name, path in candidates if path is not None]
-    full = evaluate(loaded, _data(ctx), compare=str(stages[-1][1]), **opts)
+    full = api.evaluate(loaded, _data(ctx), compare=str(stages[-1][1]), **opts)
     models = [{"name": "original", **_metrics(full["models"][0])}]
     for name, path in stages[:-1]:
-        models.append({"name": name, **_metrics(evaluate(str(path), _data(ctx), **opts)["models"][0])})
+        models.append({"name": name, **_metrics(api.evaluate(str(path), _data(ctx), **opts)["models"][0])})
     models.append({"name": stages[-1][0], **_metrics(full["models"][1])})
     write_json(folder / "evaluate.json", full)
     return StageOutput({"data": _data(ctx), "split": full["split"], "images": full["images"], "models": models,
@@ -225,15 +217,11 @@ def _metrics(entry: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 def _export_one(loaded: Any, path: Path, shape: tuple[int, ...], ctx: Context) -> dict[str, Any]:
-    """Adapter: ``export.export_onnx`` (parity-gated against torch; real samples when there is data)."""
-    from dsdeploy.export.onnx_export import data_samples, export_onnx, provenance
-
+    """Adapter: :func:`dsdeploy.api.export_onnx` (parity-gated against torch; real samples when there is data)."""
     r = _r(ctx)
-    e = r.export
     samples = data_samples(_data(ctx), loaded.preprocessing, shape, seed=r.seed) if _data(ctx) else None
-    rep = export_onnx(loaded.model, path, shape, opset=e.opset, dynamic_batch=e.dynamic_batch, simplify=e.simplify,
-                      exporter=e.exporter, metadata=provenance(loaded), data=samples, atol=e.atol, rtol=e.rtol,
-                      seed=r.seed).to_dict()
+    rep = api.export_onnx(loaded, path, input_shape=shape, config=r.export.config(), data=samples,
+                          seed=r.seed).to_dict()
     checks = rep.pop("parity")
     rep["parity"] = {"checks": len(checks), "max_abs_diff": max(c["max_abs_diff"] for c in checks),
                      "max_rel_diff": max(c["max_rel_diff"] for c in checks),
@@ -245,8 +233,6 @@ def _export_one(loaded: Any, path: Path, shape: tuple[int, ...], ctx: Context) -
 
 def run_export(ctx: Context, folder: Path) -> StageOutput:
     """ONNX for the original and the final converted model, each with its parity figures against torch."""
-    from dsdeploy.conversion.loading import load_model
-
     loaded, _, shape = recipe_source(ctx)
     final = load_model(str(_final_artifact(ctx)))
     result = {"input_shape": list(shape), "original": _export_one(loaded, folder / "original.onnx", shape, ctx),
@@ -270,50 +256,36 @@ def _skip_without_onnx(section: str):
 
 
 def run_deploy(ctx: Context, folder: Path) -> StageOutput:
-    """``deploy.deploy``: the bundle from the exported converted model (quantized, accuracy-gated with data)."""
-    from dsdeploy.export.bundle import deploy
-
+    """:func:`dsdeploy.api.deploy`: the bundle from the exported converted model (quantized, accuracy-gated with data)."""
     r = _r(ctx)
     d = r.deploy
     data = _data(ctx)
     if d.quantize == "int8" and not data:
-        from dsdeploy.errors import DeployError
-
         raise DeployError("deploy.quantize = int8 calibrates on real images: give --data (or data.spec), or set "
                           "deploy.quantize to int8-dynamic or none")
     notes = [] if data or d.max_accuracy_drop is None else ["accuracy gate not checked: no data"]
-    rep = deploy(ctx.output("export", "model"), folder / "bundle", quantize=d.quantize,
-                 calib_data=data if d.quantize == "int8" else None, eval_data=data,
-                 max_accuracy_drop=d.max_accuracy_drop if data else None, ort_format=d.ort_format,
-                 latency_iters=d.latency_iters, threads=r.bench.threads, seed=r.seed,
-                 val_split=r.data.val_split).to_dict()
+    config = d.config(threads=r.bench.threads, max_accuracy_drop=d.max_accuracy_drop if data else None)
+    rep = api.deploy(ctx.output("export", "model"), folder / "bundle", config=config,
+                     calib_data=data if d.quantize == "int8" else None, eval_data=data, seed=r.seed,
+                     val_split=r.data.val_split).to_dict()
     files = [str(p.relative_to(folder)) for p in sorted((folder / "bundle").rglob("*")) if p.is_file()]
     return StageOutput({**rep, "bundle": "bundle", "notes": notes}, {name: name for name in files})
 
 
 def run_bench(ctx: Context, folder: Path) -> StageOutput:
     """``bench.bench`` of original.onnx and model.onnx on each provider and batch (unavailable EPs noted)."""
-    from dsdeploy.fsutil import write_json, write_text
-    from dsdeploy.runtime.bench import BenchConfig, bench
-    from dsdeploy.runtime.bench_report import render_markdown
-
     r = _r(ctx)
     b = r.bench
     names = {"original": "original", "model": "converted"}  # ONNX file stem -> report label
-    cfg = BenchConfig(providers=list(b.providers), batches=list(b.batch), threads=b.threads, warmup=b.warmup,
-                      iters=b.iters, data=_data(ctx), skip_unavailable=True, seed=r.seed)
+    cfg = b.config(data=_data(ctx), skip_unavailable=True, seed=r.seed)
     paths = [str(ctx.output("export", "original")), str(ctx.output("export", "model"))]
     if r.deploy.quantize != "none" and ctx.output("deploy", "bundle/model.onnx"):
         bundle = folder / "bundle.onnx"  # a distinct file stem: bench names models by stem
-        import shutil
-
-        from dsdeploy.fsutil import atomic_path
-
         with atomic_path(bundle) as tmp:
             shutil.copyfile(ctx.output("deploy", "bundle/model.onnx"), tmp)
         paths.append(str(bundle))
         names["bundle"] = "bundle"
-    report = bench(paths, cfg)
+    report = api.benchmark(paths, config=cfg)
     write_json(folder / "bench.json", report.to_dict())
     write_text(folder / "bench.md", render_markdown(report, f"Benchmark: {r.name or r.model.spec}"))
     rows = [{"model": names.get(x.model, x.model), "provider": x.alias, "batch": x.batch,
@@ -321,11 +293,9 @@ def run_bench(ctx: Context, folder: Path) -> StageOutput:
              "status": "ok" if x.status == "ok" else f"{x.status}: {x.note}",
              "parity_max_abs": (x.parity or {}).get("max_abs_diff"),
              "top1_agreement": (x.parity or {}).get("top1_agreement")} for x in report.results]
-    from dsdeploy.runtime.providers import SHORT
-
     for s in report.skipped_providers:
         rows += [{"model": m, "provider": SHORT.get(s["ep"], s["ep"]), "batch": bt, "latency_ms": None,
-                  "precision": None, "status": "unavailable"} for m in names.values() for bt in b.batch]
+                  "precision": None, "status": "unavailable"} for m in names.values() for bt in b.batches]
     return StageOutput({"rows": rows, "skipped_providers": report.skipped_providers},
                        {"report": "bench.json", "markdown": "bench.md"})
 
@@ -336,8 +306,6 @@ def run_bench(ctx: Context, folder: Path) -> StageOutput:
 
 def run_report(ctx: Context, folder: Path) -> StageOutput:
     """``report.write_report`` over every earlier stage's record."""
-    from dsdeploy.pipeline.report import write_report
-
     files, summary = write_report(ctx.records, _r(ctx), ctx.out, folder)
     return StageOutput({"summary": summary}, {name: name for name in files})
 

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 from torch import nn
 
+from dsdeploy.conversion.loading import load_model
 from dsdeploy.data.datasets import DataSplits, Preprocess, load_data, make_loader
 from dsdeploy.data.labels import check_outputs
 from dsdeploy.data.preprocessing import resolve
 from dsdeploy.errors import DataError
+from dsdeploy.ranges import check_number
 from dsdeploy.recover.metrics import classification_metrics, predict
 
 log = logging.getLogger(__name__)
@@ -25,17 +29,38 @@ log = logging.getLogger(__name__)
 METRIC_KEYS = ("top1", "top5", "precision", "recall", "f1")
 
 
+@dataclass
+class EvaluateConfig:
+    """How :func:`evaluate` scores (the recipe's [evaluate]; the CLI's --batch-size/--split/--limit).
+
+    Attributes:
+        batch_size: images per forward pass (>= 1).
+        split: "val" (the test/ or val/ folder, or the held-out part) or "train".
+        limit: score at most this many images (a seeded subset; >= 1), None: all.
+    """
+
+    batch_size: int = 256
+    split: str = "val"
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise DataError (a choice) or ConfigError (a number) naming the field (``evaluate.batch_size``)."""
+        if self.split not in ("train", "val"):
+            raise DataError(f"evaluate.split must be 'train' or 'val', got {self.split!r}")
+        check_number(self.batch_size, "evaluate.batch_size", low=1, integer=True)
+        check_number(self.limit, "evaluate.limit", low=1, integer=True, optional=True)
+
+
 def _loaded(model: Any, weights: str | None, model_kwargs: dict | None, trust_pickle: bool,
             trust_code: bool = False) -> Any:
     """A spec string -> ``convert.loading.load_model``; anything with ``.model`` is used as is; a bare module is wrapped."""
     if isinstance(model, str):
-        from dsdeploy.conversion.loading import load_model
-
         return load_model(model, weights=weights, model_kwargs=model_kwargs, trust_pickle=trust_pickle,
                           trust_code=trust_code)
     if isinstance(model, nn.Module):
-        from types import SimpleNamespace
-
         return SimpleNamespace(model=model, spec=type(model).__name__, preprocessing=None, labels=None,
                                input_shape=None)
     return model
@@ -55,7 +80,7 @@ def preprocess_for(loaded: Any, data: str, override: Preprocess | dict | None = 
 def _score(loaded: Any, splits: DataSplits, split: str, batch_size: int, progress: bool) -> dict[str, Any]:
     dataset = getattr(splits, split)
     if dataset is None:
-        raise DataError(f"the data has no {split!r} split; use --split train/val or set a val_split > 0")
+        raise DataError(f"the data has no {split!r} split; use evaluate.split train/val or set a val_split > 0")
     if splits.classes is None:
         raise DataError("evaluation needs labelled data (class folders or 'digits'), got unlabelled images")
     t0 = time.perf_counter()
@@ -90,8 +115,7 @@ def evaluate(model: Any, data: str, *, compare: Any = None, weights: str | None 
     ``input_shape``: (N, C, H, W) for models that record none (a factory's 32x32 CIFAR net); it
     sizes the preprocessing of every model evaluated, like the models' own recorded shape would.
     """
-    if split not in ("train", "val"):
-        raise DataError(f"split must be 'train' or 'val', got {split!r}")
+    EvaluateConfig(batch_size=batch_size, split=split, limit=limit)
     entries = [_loaded(model, weights, model_kwargs, trust_pickle, trust_code)]
     if compare is not None:
         entries.append(_loaded(compare, compare_weights, model_kwargs, trust_pickle, trust_code))

@@ -71,7 +71,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(f"no checkpoint to resume from at {p}; run without --resume to start afresh")
+        raise CheckpointError(f"no checkpoint to resume from at {p}; run without resume=True to start afresh")
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file; all mean the same to the user
@@ -82,7 +82,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{p} is not a dsdeploy fine-tuning checkpoint")
     if payload.get("format_version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"checkpoint {p} has format version {payload.get('format_version')}, "
-                              f"this dsdeploy reads {CHECKPOINT_VERSION}; start afresh without --resume")
+                              f"this dsdeploy reads {CHECKPOINT_VERSION}; start afresh without resume=True")
     return payload
 
 
@@ -156,4 +156,4 @@ def interrupted(signum: int, epoch: int, ckpt: Path | None) -> TrainingInterrupt
         return TrainingInterrupted(f"interrupted by {name} during epoch 1; nothing was saved: rerun the command")
     where = f" ({ckpt})" if ckpt else ""
     return TrainingInterrupted(f"interrupted by {name} during epoch {epoch + 1}; epoch {epoch} is checkpointed"
-                               f"{where}: rerun the same command with --resume to continue")
+                               f"{where}: rerun the same command with resume=True to continue")

@@ -121,7 +121,7 @@ def data_images(spec: str, info: ModelInfo, count: int, seed: int,
 
     dims = info.inputs[0]["shape"] if len(info.inputs) == 1 else []
     if len(dims) != 4:
-        raise DataError(f"--data needs a model with one NCHW image input; {info.name} has {info.inputs}")
+        raise DataError(f"image data needs a model with one NCHW image input; {info.name} has {info.inputs}")
     fixed = all(isinstance(d, int) and d > 0 for d in dims[1:])
     if not info.preprocessing and not fixed and not (preprocess or {}).get("size"):
         raise DataError(f"{info.name} has dynamic image size and no {META_PREPROCESSING} metadata; "
@@ -134,5 +134,5 @@ def data_images(spec: str, info: ModelInfo, count: int, seed: int,
     imgs = np.stack([ds[i % len(ds)][0].numpy() for i in range(count)]).astype(np.float32)
     want = [d for d in dims[1:]]
     if any(isinstance(w, int) and w != g for w, g in zip(want, imgs.shape[1:])):
-        raise DataError(f"--data images are {tuple(imgs.shape[1:])} but {info.name} wants {tuple(want)}")
+        raise DataError(f"the data images are {tuple(imgs.shape[1:])} but {info.name} wants {tuple(want)}")
     return imgs

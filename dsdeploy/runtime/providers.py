@@ -239,7 +239,7 @@ def check_available(ep_name: str) -> ProviderInfo:
     if info is None or not info.available:
         why = f" ({info.note})" if info is not None and info.note else ""
         raise ProviderError(f"execution provider {SHORT.get(ep_name, ep_name)} is not available here{why}; "
-                            f"available: {', '.join(available_names())} (or pass --skip-unavailable)")
+                            f"available: {', '.join(available_names())} (or pass skip_unavailable=True)")
     return info
 
 

@@ -1,0 +1,46 @@
+"""Data handed to the Python API (a data spec, tensors or batches) as the loaders and splits the library uses."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch.utils.data import TensorDataset
+
+from dsdeploy.data.datasets import DataSplits, load_data
+from dsdeploy.data.labels import check_outputs, output_count
+from dsdeploy.data.preprocessing import Preprocess, resolve
+from dsdeploy.errors import DataError
+from dsdeploy.recover.config import FinetuneConfig
+
+
+def batches(data: Any, batch_size: int) -> Iterable:
+    """A tensor of inputs (N, C, H, W) -> batches of ``batch_size``; any other iterable of batches as is."""
+    if isinstance(data, torch.Tensor):
+        if data.dim() < 2 or data.shape[0] == 0:
+            raise DataError(f"data must be a batch of inputs (N, C, H, W), got shape {tuple(data.shape)}")
+        return [data[i:i + batch_size] for i in range(0, data.shape[0], batch_size)]
+    return data
+
+
+def finetune_splits(cm: Any, data: Any, cfg: FinetuneConfig, preprocess: dict[str, Any] | None,
+            val_split: float, limit: int | None) -> Any:
+    """Fine-tuning data as :class:`dsdeploy.data.datasets.DataSplits` (a spec, splits, or (x, y) tensors)."""
+    if isinstance(data, DataSplits):
+        return data
+    if isinstance(data, str):
+        pre = resolve(cm.preprocessing, cm.input_shape, preprocess, data=data, model=cm.model, augment=cfg.augment)
+        splits = load_data(data, pre, seed=cfg.seed, labelled=False, limit=limit, val_split=val_split,
+                           model_labels=cm.labels)
+        if splits.classes and splits.train is not None and len(splits.train):
+            check_outputs(splits.classes, output_count(cm.model, splits.train[0][0][None]), "the converted model")
+        cm.preprocessing = pre.to_dict()
+        return splits
+    pairs = list(data) if isinstance(data, (tuple, list)) else None
+    if not pairs or len(pairs) not in (2, 4) or not all(isinstance(t, torch.Tensor) for t in pairs):
+        raise DataError("finetune data must be a data spec ('digits', a folder), DataSplits, (x, y) or "
+                        "(x, y, x_val, y_val) tensors")
+    train = TensorDataset(pairs[0], pairs[1].long())
+    val = TensorDataset(pairs[2], pairs[3].long()) if len(pairs) == 4 else None
+    n = int(max(int(pairs[1].max()), int(pairs[3].max()) if val is not None else 0)) + 1
+    return DataSplits(train, val, [str(i) for i in range(n)], Preprocess.from_dict(cm.preprocessing or {}))
