@@ -44,7 +44,7 @@ from dsdeploy.runtime.bench import BenchConfig, run_and_write
 from dsdeploy.runtime.bench_report import BenchReport
 
 __all__ = ["ConvertedModel", "convert", "inspect", "calibrate", "finetune", "evaluate", "export_onnx", "benchmark",
-           "deploy", "save", "load"]
+           "deploy", "latency_table", "save", "load"]
 
 
 def _options(cls: type, given: Any, options: dict[str, Any], what: str) -> Any:
@@ -337,6 +337,22 @@ def benchmark(models: str | Path | Sequence[str | Path], *, config: BenchConfig 
     report, _ = run_and_write(paths, _options(BenchConfig, config, options, "benchmark"), json_path=json_path,
                               csv_path=csv_path, markdown_path=markdown_path, plot_path=plot_path, progress=progress)
     return report
+
+
+def latency_table(model: nn.Module | str | LoadedModel, *, input_shape: Sequence[int] | None = None,
+                  batch: int | None = None, weights: str | None = None, model_kwargs: dict[str, Any] | None = None,
+                  trust_pickle: bool = False, trust_code: bool = False, **options: Any) -> Any:
+    """Per convertible conv, the dense conv's and each candidate DS block's (rank x layout) latency, measured
+    as single-layer ONNX graphs on an EP at the model's input shape (``batch`` replaces its batch), plus the
+    whole model; cached and reused (:func:`dsdeploy.runtime.latency_table.latency_table`, whose keyword
+    arguments ``options`` are: ``provider``, ``threads``, ``layouts``, ``max_rank``, ``policy``, ``refresh``,
+    ``cache_dir``, ...). Returns a LatencyTable (``render()`` the CLI's table, ``to_dict()`` its JSON).
+    """
+    from dsdeploy.runtime.latency_table import latency_table as measure_table
+
+    loaded = _load(model, weights, model_kwargs, trust_pickle, trust_code)
+    shape = loaded.shape_or_default(tuple(input_shape) if input_shape else None)
+    return measure_table(loaded.model, (batch, *shape[1:]) if batch else shape, name=loaded.spec or "model", **options)
 
 
 def deploy(onnx_model: str | Path, out: str | Path, *, config: DeployConfig | None = None,

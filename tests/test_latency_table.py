@@ -143,8 +143,10 @@ def test_cli_prints_the_table_and_reuses_it(tmp_path):
     assert data["measured"] > 0 and "sequential" in data["protocol"] and data["remainder_ms"] is not None
     second = invoke(*args)
     assert second.returncode == 0 and "0 graphs measured" in second.stdout and "dense ms" in second.stdout
-    bad = invoke(*args[:-2], "--max-rank", "0")
-    assert bad.returncode != 0 and bad.stderr.strip().startswith("error: --max-rank")
+    bad = invoke(*args, "--max-rank", "0")
+    assert bad.returncode != 0 and bad.stderr.strip() == "error: --max-rank must be >= 1, got 0"
+    bad = invoke(*args, "--layouts", "diagonal")
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("error: --layouts must name some of branches")
     cache = next((tmp_path / "c").glob("*.json"))
     cache.write_text("not json")
     broken = invoke(*args)

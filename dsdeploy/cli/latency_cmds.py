@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dsdeploy.cli import cli
+from dsdeploy.cli import cli, flag_names
 from dsdeploy.cli.options import echo_json, model_options, parse_kwargs, parse_shape
 
 
@@ -31,22 +31,16 @@ def latency_table(model, weights, model_kwargs, trust_pickle, input_shape, trust
     reused on the next run."""
     from tqdm import tqdm
 
-    from dsdeploy.conversion.loading import load_model
+    from dsdeploy import api
+    from dsdeploy.conversion.block import LAYOUTS
     from dsdeploy.conversion.plan import Policy
-    from dsdeploy.errors import InputShapeError
-    from dsdeploy.runtime.latency_table import latency_table as measure_table
+    from dsdeploy.errors import InputShapeError, PlanError
 
     if batch is not None and batch < 1:
         raise InputShapeError(f"--batch must be >= 1, got {batch}")
-    if threads is not None and threads < 1:
-        raise InputShapeError(f"--threads must be >= 1, got {threads}")
-    if max_rank is not None and max_rank < 1:
-        raise InputShapeError(f"--max-rank must be >= 1, got {max_rank}")
-    loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle, trust_code=trust_code)
-    shape = loaded.shape_or_default(parse_shape(input_shape))
-    if batch is not None:
-        shape = (batch, *shape[1:])
     names = tuple(t.strip() for t in layouts.split(",") if t.strip())
+    if not names or set(names) - set(LAYOUTS):
+        raise PlanError(f"--layouts must name some of {', '.join(LAYOUTS)}, got {layouts!r}")
     bars: list = []
 
     def progress(what: str) -> None:
@@ -56,10 +50,12 @@ def latency_table(model, weights, model_kwargs, trust_pickle, input_shape, trust
         bars[0].update(1)
 
     try:
-        table = measure_table(loaded.model, shape, provider=provider, threads=threads, layouts=names,
-                              max_rank=max_rank, policy=Policy(convert_stem=convert_stem), refresh=refresh,
-                              cache_dir=cache_dir, name=model, progress=progress)
+        table = api.latency_table(model, input_shape=parse_shape(input_shape), batch=batch, weights=weights,
+                                  model_kwargs=parse_kwargs(model_kwargs), trust_pickle=trust_pickle,
+                                  trust_code=trust_code, provider=provider, threads=threads, layouts=names,
+                                  max_rank=max_rank, policy=Policy(convert_stem=convert_stem), refresh=refresh,
+                                  cache_dir=cache_dir, progress=progress)
     finally:
         for bar in bars:
             bar.close()
-    echo_json(table.to_dict()) if as_json else click.echo(table.render())
+    echo_json(table.to_dict()) if as_json else click.echo(flag_names(table.render()))
