@@ -4,6 +4,7 @@ a generous margin, alone and interleaved blocks alternating so a loaded 2-core m
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -73,14 +74,26 @@ def test_other_sessions_are_spin_free():
 
 
 def test_one_timed_session_at_a_time(graphs):
+    """A second timed session in the same thread is a bug; another thread's waits for the slot."""
     a, b, _ = graphs
     cpu = ep_config("CPUExecutionProvider", None, THREADS)
     with timed_session(lambda: create_session(a, cpu, THREADS, spinning=True)), \
             pytest.raises(RuntimeError, match="one session at a time"), \
             timed_session(lambda: create_session(b, cpu, THREADS, spinning=True)):
         pass  # pragma: no cover
+    order: list[str] = []
+
+    def other_thread() -> None:
+        with timed_session(lambda: order.append("other opened")):
+            pass
+
     with timed_session(lambda: create_session(b, cpu, THREADS, spinning=True)):
-        pass  # released: the slot is free again
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join(timeout=0.3)
+        order.append("first closed")
+    worker.join(timeout=30)
+    assert order == ["first closed", "other opened"]
 
 
 def test_timed_session_interleaved_with_another_measures_as_alone(graphs):

@@ -67,22 +67,26 @@ class Protocol:
 
 
 _TIMED = threading.Lock()
+_holder: list[int] = []  # the thread holding the slot
 
 
 @contextlib.contextmanager
 def timed_session(create: Callable[[], Any]) -> Iterator[Any]:
     """Hold the process's one timed-session slot, yield ``create()``'s session, release it on exit.
 
-    Raises RuntimeError (a bug in the caller, not a user error) when another timed session is
-    open: two timed sessions alive together would distort each other. Do not keep a reference
-    to the session past the ``with`` block (its threads are freed when it is collected).
+    Another thread's timed session is waited for (timings are serialised); opening a second one
+    in the thread that holds the slot raises RuntimeError (a bug in the caller, not a user error):
+    two timed sessions alive together would distort each other. Do not keep a reference to the
+    session past the ``with`` block (its threads are freed when it is collected).
     """
-    if not _TIMED.acquire(blocking=False):
+    if _holder and _holder[0] == threading.get_ident():
         raise RuntimeError("another timed ONNX Runtime session is alive: time one session at a time")
-    try:
-        yield create()
-    finally:
-        _TIMED.release()
+    with _TIMED:
+        _holder.append(threading.get_ident())
+        try:
+            yield create()
+        finally:
+            _holder.clear()
 
 
 def time_runs(session, feed: dict[str, np.ndarray], *, warmup: int = 5, iters: int | None = 50,
