@@ -4,6 +4,7 @@ The small graphs it times compute what the torch layers compute (parity). No spe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -71,6 +72,9 @@ def test_measures_each_layer_shape_once_and_reuses_the_cache(model, tmp_path):
     assert second.cache_file == first.cache_file
     data = json.loads(Path(second.cache_file).read_text())
     assert data["env"]["batch"] == 1 and data["env"]["threads"] == 1 and len(data["entries"]) == first.measured
+    low = table(model, tmp_path, protocol=dataclasses.replace(FAST, statistic="min"))
+    assert low.measured == 0 and "min of 3" in low.protocol  # the cache keeps median and min
+    assert all(lo.dense_ms <= hi.dense_ms for lo, hi in zip(low.candidates, first.candidates))
     third = table(model, tmp_path, refresh=True)
     assert third.measured == first.measured and third.reused == 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from dsdeploy.cli import cli, flag_names
@@ -20,10 +22,13 @@ from dsdeploy.cli.options import echo_json, model_options, parse_kwargs, parse_s
 @click.option("--convert-stem", is_flag=True, help="Also time convs with <= 4 input channels.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Latency cache folder (default $DSDEPLOY_CACHE/latency or ~/.cache/dsdeploy/latency).")
+@click.option("--statistic", type=click.Choice(["median", "min"]), default="median", show_default=True,
+              help="Figure per graph: the median of the timed runs, or the min (the undisturbed time on a "
+                   "machine other processes load); the cache keeps both.")
 @click.option("--refresh", is_flag=True, help="Re-measure everything, replacing the cached entries.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 def latency_table(model, weights, model_kwargs, trust_pickle, input_shape, trust_code, provider, batch, threads,
-                  max_rank, layouts, convert_stem, cache_dir, refresh, as_json):
+                  max_rank, layouts, convert_stem, cache_dir, statistic, refresh, as_json):
     """Measure MODEL's latency table: per convertible conv, dense ms vs each rank x layout ms.
 
     Every graph is timed alone by the benchmark protocol (stated in the output); results are
@@ -35,6 +40,7 @@ def latency_table(model, weights, model_kwargs, trust_pickle, input_shape, trust
     from dsdeploy.conversion.block import LAYOUTS
     from dsdeploy.conversion.plan import Policy
     from dsdeploy.errors import InputShapeError, PlanError
+    from dsdeploy.runtime.latency_table import TABLE_PROTOCOL
 
     if batch is not None and batch < 1:
         raise InputShapeError(f"--batch must be >= 1, got {batch}")
@@ -54,7 +60,8 @@ def latency_table(model, weights, model_kwargs, trust_pickle, input_shape, trust
                                   model_kwargs=parse_kwargs(model_kwargs), trust_pickle=trust_pickle,
                                   trust_code=trust_code, provider=provider, threads=threads, layouts=names,
                                   max_rank=max_rank, policy=Policy(convert_stem=convert_stem), refresh=refresh,
-                                  cache_dir=cache_dir, progress=progress)
+                                  cache_dir=cache_dir, protocol=dataclasses.replace(TABLE_PROTOCOL, statistic=statistic),
+                                  progress=progress)
     finally:
         for bar in bars:
             bar.close()

@@ -51,17 +51,18 @@ class Stats:
 @dataclass(frozen=True)
 class Protocol:
     """How a latency is measured: ``warmup`` untimed runs, then ``iters`` timed runs (or as many
-    as fit in ``duration`` seconds); the reported figure is the median. ``spinning``: whether
+    as fit in ``duration`` seconds); the reported figure is the ``statistic`` ("median" or "min"). ``spinning``: whether
     the timed session's intra-op threads spin between parallel sections (ONNX Runtime's default)."""
 
     warmup: int = 5
     iters: int | None = 50
     duration: float | None = None
     spinning: bool = True
+    statistic: str = "median"  # or "min": the undisturbed figure on a machine other processes load
 
     def describe(self) -> str:
         """One line for reports and JSON, e.g. ``"sequential (one timed session alive at a time, ...), 5 warmup, median of 50"``."""
-        runs = f"median of {self.iters}" if self.iters else f"median of the runs in {self.duration:g} s"
+        runs = f"{self.statistic} of {self.iters}" if self.iters else f"{self.statistic} of the runs in {self.duration:g} s"
         return (f"sequential (one timed session alive at a time, every other session spin-free), "
                 f"intra-op spinning {'on' if self.spinning else 'off'}, {self.warmup} warmup, {runs}")
 
