@@ -15,6 +15,7 @@ protocol: the prediction error says how far single-layer graphs are from the lay
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -27,7 +28,7 @@ import torchvision
 from dsdeploy.conversion.rewrite import convert
 from dsdeploy.export.small_graphs import to_onnx
 from dsdeploy.fsutil import write_text
-from dsdeploy.runtime.latency_table import latency_table
+from dsdeploy.runtime.latency_table import TABLE_PROTOCOL, latency_table
 from dsdeploy.runtime.timing import Protocol, measure
 
 
@@ -51,20 +52,24 @@ def main() -> None:
         t0 = time.perf_counter()
         warm = latency_table(model, shape, **kw)
         t_warm = time.perf_counter() - t0
+        low = latency_table(model, shape, protocol=dataclasses.replace(TABLE_PROTOCOL, statistic="min"), **kw)
     conv = convert(model, input_shape=shape, rank=1, layout="branches").model.eval()
     proto = Protocol(warmup=5, iters=50)
-    whole = measure(to_onnx(model, shape), threads=args.threads, protocol=proto).p50_ms
-    measured = measure(to_onnx(conv, shape), threads=args.threads, protocol=proto).p50_ms
-    predicted = cold.remainder_ms + sum(lt.block(1, "branches").ms for lt in cold.candidates)
+    whole = measure(to_onnx(model, shape), threads=args.threads, protocol=proto)
+    measured = measure(to_onnx(conv, shape), threads=args.threads, protocol=proto)
+    predicted = {t.protocol: t.remainder_ms + sum(lt.block(1, "branches").ms for lt in t.candidates)
+                 for t in (cold, low)}
     seen, rows = set(), []
     for lt in cold.candidates:
         if lt.key in seen:
             continue
         seen.add(lt.key)
         b = lt.fastest(1)
+        lo = next(x for x in low.candidates if x.name == lt.name)
         rows.append(f"| {lt.name} | {'x'.join(map(str, lt.spec['input_shape']))} | {lt.spec['out_channels']} | "
-                    f"{lt.spec['stride']} | {lt.dense_ms:.3f} | {lt.block(1, 'branches').ms:.3f} | "
-                    f"{b.ms:.3f} ({b.layout}) | {lt.dense_ms / b.ms:.2f}x |")
+                    f"{lt.spec['stride']} | {lt.dense_ms:.3f} / {lo.dense_ms:.3f} | {lt.block(1, 'branches').ms:.3f} / "
+                    f"{lo.block(1, 'branches').ms:.3f} | {b.ms:.3f} ({b.layout}) | {lt.dense_ms / b.ms:.2f}x / "
+                    f"{lo.dense_ms / lo.fastest(1).ms:.2f}x |")
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     text = f"""# Latency table: build time and prediction ({args.model}, batch {args.batch}, {args.threads} threads, CPU EP)
 
@@ -86,18 +91,20 @@ Protocol: {cold.protocol}.
 
 ## Dense vs rank 1, one row per distinct layer shape
 
-| first layer | input | Cout | stride | dense ms | rank-1 branches ms | rank-1 fastest ms | speedup |
+| first layer | input | Cout | stride | dense ms (median / min) | rank-1 branches ms (median / min) | rank-1 fastest ms (median) | speedup (median / min) |
 |---|---|---|---|---|---|---|---|
 """ + "\n".join(rows) + f"""
 
 ## Predicted vs measured: the rank-1 conversion (branches), whole model exported
 
-| | ms |
-|---|---|
-| original, measured whole ({proto.describe()}) | {whole:.3f} |
-| rank 1, predicted (remainder + sum of rank-1 layer ms) | {predicted:.3f} |
-| rank 1, measured whole | {measured:.3f} |
-| prediction error | {100 * (predicted - measured) / measured:+.1f} % |
+| | median ms | min ms |
+|---|---|---|
+| original, whole model exported ({proto.describe()} / min) | {whole.p50_ms:.3f} | {whole.min_ms:.3f} |
+| original, whole model in the table | {cold.model_ms:.3f} | {low.model_ms:.3f} |
+| rank 1, predicted (table remainder + sum of rank-1 layer ms) | {predicted[cold.protocol]:.3f} | {predicted[low.protocol]:.3f} |
+| rank 1, measured whole | {measured.p50_ms:.3f} | {measured.min_ms:.3f} |
+| prediction error | {100 * (predicted[cold.protocol] - measured.p50_ms) / measured.p50_ms:+.1f} % | {100 * (predicted[low.protocol] - measured.min_ms) / measured.min_ms:+.1f} % |
+| speedup measured (predicted) | {whole.p50_ms / measured.p50_ms:.2f}x ({cold.model_ms / predicted[cold.protocol]:.2f}x) | {whole.min_ms / measured.min_ms:.2f}x ({low.model_ms / predicted[low.protocol]:.2f}x) |
 """
     print(text)
     if args.out:
