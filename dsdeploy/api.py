@@ -22,7 +22,7 @@ from dsdeploy.conversion.loading import load_model
 from dsdeploy.conversion.plan import Plan, Policy
 from dsdeploy.conversion.rewrite import ConversionResult, verify_rebuild
 from dsdeploy.conversion.rewrite import convert as rewrite_convert
-from dsdeploy.conversion.workflow import ModelReport, inspect_model
+from dsdeploy.conversion.workflow import ModelReport, allocates_on_data, cost_name, inspect_model, measure_costs
 from dsdeploy.data.given import batches, finetune_splits
 from dsdeploy.data.preprocessing import input_shape_for, resolve
 from dsdeploy.errors import ArtifactError, DsdeployError
@@ -36,7 +36,7 @@ from dsdeploy.models.infer import infer_source
 from dsdeploy.models.sources import LoadedModel, build_source
 from dsdeploy.recover import finetune as finetune_loop
 from dsdeploy.recover import reconstruct
-from dsdeploy.recover.config import CalibrationParams, FinetuneConfig, FinetuneResult
+from dsdeploy.recover.config import CALIB_BATCHES, CalibrationParams, FinetuneConfig, FinetuneResult
 from dsdeploy.recover.evaluate import EvaluateConfig
 from dsdeploy.recover.evaluate import evaluate as run_evaluate
 from dsdeploy.recover.reconstruct import CalibrationReport
@@ -73,7 +73,8 @@ def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
             input_shape: Sequence[int] | None = None, example_inputs: torch.Tensor | None = None,
             weights: str | None = None, model_kwargs: dict[str, Any] | None = None,
             preprocess: dict[str, Any] | None = None, data: str | None = None, trust_pickle: bool = False,
-            trust_code: bool = False, **options: Any) -> ConvertedModel:
+            trust_code: bool = False, allocation_options: dict[str, Any] | None = None,
+            **options: Any) -> ConvertedModel:
     """Rewrite the convolutions of a COPY of ``model`` into depthwise-separable blocks (the input is untouched).
 
     Method: per input channel, an SVD of the conv kernel's slice; the top ``rank`` terms give the
@@ -94,7 +95,10 @@ def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
         preprocess: preprocessing overrides (``size``, ``resize``, ``mean``, ``std``, ``channels``)
             recorded with the model (:func:`dsdeploy.data.preprocessing.resolve`).
         data: the data the model will see (``"digits"`` without recorded preprocessing means
-            digits' mean/std); only its name is used here.
+            digits' mean/std). With a ``mac_budget`` (``allocation`` not "spectral") the budget is
+            shared out by each layer's measured effect on the logits on this data
+            (:mod:`dsdeploy.recover.sensitivity`); ``allocation_options``: ``seed``,
+            ``calib_batches``, ``batch_size``, ``val_split``, ``limit`` of the images calibration uses.
 
     Returns:
         A :class:`ConvertedModel`.
@@ -112,10 +116,17 @@ def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
     given = tuple(example_inputs.shape) if example_inputs is not None else input_shape
     pre = resolve(loaded.preprocessing, given or loaded.input_shape, preprocess, data=data, model=loaded.model)
     shape = tuple(input_shape_for(pre, given, loaded.input_shape, bool(preprocess)))
-    res: ConversionResult = rewrite_convert(loaded.model, input_shape=shape, policy=policy)
+    table = None
+    if allocates_on_data(policy, data):
+        table = measure_costs(loaded, policy, shape, pre, data, **(allocation_options or {}))
+    res: ConversionResult = rewrite_convert(loaded.model, input_shape=shape, policy=policy,
+                                            costs=table.costs() if table is not None else None,
+                                            cost_name=cost_name(table))
     entry = {"stage": "convert", "policy": res.plan.policy, "layout": res.plan.layout,
              "converted": len(res.plan.converted),
              "conv_mac_ratio": round(res.after.conv_macs / max(1, res.before.conv_macs), 4)}
+    if table is not None:
+        entry["sensitivity"] = {**table.summary(), "data": data}
     return ConvertedModel(res.model.eval(), res.plan, res.before, res.after, loaded.model, shape,
                           spec=loaded.spec or None, model_kwargs=dict(loaded.model_kwargs), weights=loaded.weights,
                           preprocessing=pre.to_dict(), labels=loaded.labels, history=[entry])
@@ -124,17 +135,21 @@ def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
 def inspect(model: nn.Module | str | LoadedModel, *, policy: Policy | None = None,
             input_shape: Sequence[int] | None = None, weights: str | None = None,
             model_kwargs: dict[str, Any] | None = None, trust_pickle: bool = False, trust_code: bool = False,
-            **options: Any) -> ModelReport:
+            data: str | None = None, calib_batches: int | None = CALIB_BATCHES, seed: int = 0,
+            preprocess: dict[str, Any] | None = None, **options: Any) -> ModelReport:
     """What :func:`convert` would do, without converting: each conv's decision (rank, relative kernel error,
     MACs before/after, or why it stays) and the model's params/MACs at ``input_shape`` (N, C, H, W).
 
     ``model``/``policy``/``options`` as for :func:`convert`. Returns a
     :class:`dsdeploy.conversion.workflow.ModelReport` (``render()`` is the CLI's table, ``to_dict()``
-    its JSON). Raises PlanError for an option out of range (naming the field).
+    its JSON). Raises PlanError for an option out of range (naming the field). With ``data``
+    (``calib_batches``, ``seed``, ``preprocess`` as for calibration) the report carries the per-layer
+    sensitivity table and a ``mac_budget`` is planned on it.
     """
     policy = _options(Policy, policy, options, "convert")
     loaded = _load(model, weights, model_kwargs, trust_pickle, trust_code)
-    return inspect_model(loaded, policy, tuple(input_shape) if input_shape else None)
+    return inspect_model(loaded, policy, tuple(input_shape) if input_shape else None, calib_data=data,
+                         calib_batches=calib_batches, seed=seed, preprocess=preprocess)
 
 
 def _require_converted(obj: Any, what: str) -> ConvertedModel:
