@@ -62,6 +62,16 @@ def test_plan_meets_the_target_with_least_error(speedup):
         assert all(c.rank is None and c.reason.startswith("kept dense") for c in plan.choices)
 
 
+@pytest.mark.parametrize("speedup", [1.2, 1.5, 1.8])
+def test_the_shared_solver_matches_exhaustive_search(speedup):
+    """The MAC-budget planner's solver (the default) finds the exhaustive optimum here."""
+    table = hand_table()
+    plan = plan_for_latency(table, SPECTRA, speedup=speedup)
+    ref = plan_for_latency(table, SPECTRA, exhaustive, speedup=speedup)
+    assert plan.predicted_ms <= plan.target_ms + 1e-9
+    assert sum(c.error for c in plan.choices) == pytest.approx(sum(c.error for c in ref.choices), abs=1e-9)
+
+
 def test_out_of_reach_says_the_best_speedup():
     with pytest.raises(PlanError, match=r"out of reach: the fastest plan predicts 4.500 ms, a speedup of 2.22x"):
         plan_for_latency(hand_table(), SPECTRA, exhaustive, speedup=3)

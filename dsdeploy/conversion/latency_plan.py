@@ -3,10 +3,9 @@
 The problem is a multiple-choice knapsack: per candidate layer, options "dense" (error 0,
 the dense conv's measured ms) and, for each rank, the fastest measured layout (the spectral
 relative squared error ``1 - energy(rank)``, the block's measured ms); minimise the summed
-error with ``remainder_ms + sum(chosen ms) <= target_ms``. The solver is passed in with the
-signature ``solve(items, limit) -> {layer: option}`` where ``items`` is
-``{layer: {option: (cost, resource)}}`` — the signature of the MAC-budget planner's
-solver (``dsdeploy.conversion.allocate.allocate``'s selection), so both planners share one.
+error with ``remainder_ms + sum(chosen ms) <= target_ms``. The solver is the MAC-budget
+planner's (:func:`dsdeploy.conversion.allocate.allocate`: ``items`` is
+``{layer: {option: (cost, resource)}}``), or any ``solve(items, limit) -> {layer: option}``.
 """
 
 from __future__ import annotations
@@ -92,11 +91,12 @@ def target_from(table: LatencyTable, *, speedup: float | None = None, target_ms:
     return float(target_ms)
 
 
-def plan_for_latency(table: LatencyTable, spectra: Mapping[str, torch.Tensor], solve: Solver, *,
+def plan_for_latency(table: LatencyTable, spectra: Mapping[str, torch.Tensor], solve: Solver | None = None, *,
                      speedup: float | None = None, target_ms: float | None = None) -> LatencyPlan:
     """The least-error choice per layer whose predicted latency meets the target.
 
     Predicted latency = ``table.remainder_ms`` + the chosen option's ms of every candidate layer.
+    ``solve`` defaults to :func:`dsdeploy.conversion.allocate.allocate` (greedy and DP, the cheaper).
 
     Raises:
         PlanError: no target or both; or the target is out of reach — the message gives the
@@ -110,7 +110,12 @@ def plan_for_latency(table: LatencyTable, spectra: Mapping[str, torch.Tensor], s
         asked = f"a {speedup:g}x speedup ({target:.3f} ms)" if speedup else f"{target:.3f} ms"
         raise PlanError(f"{asked} is out of reach: the fastest plan predicts {floor:.3f} ms, a speedup of "
                         f"{table.model_ms / floor:.2f}x over the measured {table.model_ms:.3f} ms")
-    selection = solve(items, limit)
+    if solve is None:
+        from dsdeploy.conversion.allocate import allocate
+
+        selection = allocate(items, limit)[0]
+    else:
+        selection = solve(items, limit)
     choices, total = [], table.remainder_ms
     by_name = {lt.name: lt for lt in table.layers}
     for name, opts in items.items():
