@@ -355,17 +355,13 @@ def benchmark(models: str | Path | Sequence[str | Path], *, config: BenchConfig 
 
 
 def latency_table(model: nn.Module | str | LoadedModel, *, input_shape: Sequence[int] | None = None,
-                  batch: int | None = None, weights: str | None = None, model_kwargs: dict[str, Any] | None = None,
-                  trust_pickle: bool = False, trust_code: bool = False, **options: Any) -> Any:
-    """Per convertible conv, the dense conv's and each candidate DS block's (rank x layout) latency, measured
-    as single-layer ONNX graphs on an EP at the model's input shape (``batch`` replaces its batch), plus the
-    whole model; cached and reused (:func:`dsdeploy.runtime.latency_table.latency_table`, whose keyword
-    arguments ``options`` are: ``provider``, ``threads``, ``layouts``, ``max_rank``, ``policy``, ``refresh``,
-    ``cache_dir``, ...). Returns a LatencyTable (``render()`` the CLI's table, ``to_dict()`` its JSON).
-    """
+                  batch: int | None = None, weights: str | None = None, trust_code: bool = False, **options: Any) -> Any:
+    """Per convertible conv, dense vs each DS block's (rank x layout) latency measured on an EP, plus the whole
+    model; cached (:func:`dsdeploy.runtime.latency_table.latency_table`, whose keywords ``options`` are).
+    ``batch`` replaces the input shape's. Returns a LatencyTable (``render()``, ``to_dict()``)."""
     from dsdeploy.runtime.latency_table import latency_table as measure_table
 
-    loaded = _load(model, weights, model_kwargs, trust_pickle, trust_code)
+    loaded = _load(model, weights, options.pop("model_kwargs", None), options.pop("trust_pickle", False), trust_code)
     shape = loaded.shape_or_default(tuple(input_shape) if input_shape else None)
     return measure_table(loaded.model, (batch, *shape[1:]) if batch else shape, name=loaded.spec or "model", **options)
 
