@@ -221,6 +221,12 @@ def finetune(converted: ConvertedModel | str | Path, data: Any, *, out: str | Pa
              trust_code: bool = False, **options: Any) -> FinetuneResult:
     """Train ``converted.model`` IN PLACE by distillation from the original; it ends holding the best weights.
 
+    The input model is scored first and counts as epoch 0: when no trained epoch beats it the
+    model is left with its input weights, unchanged (``result.kept_input``, ``result.warning``).
+    The best is picked on the validation split (accuracy with labels, else the distillation
+    loss); without one, on a fixed subset of the training images (``result.checked_on`` says).
+    ``time_budget`` counts from this call's start, data preparation included.
+
     Method: knowledge distillation (Hinton et al. 2015, soft targets at ``temperature``) plus
     cross-entropy on labels and optional feature matching (:mod:`dsdeploy.recover.distill`), with
     SGD/AdamW and a step/cosine schedule (:mod:`dsdeploy.recover.finetune`).
@@ -241,7 +247,8 @@ def finetune(converted: ConvertedModel | str | Path, data: Any, *, out: str | Pa
             cross-entropy on labels only.
 
     Returns:
-        A FinetuneResult (best validation accuracy and epoch, why it stopped, per-epoch history).
+        A FinetuneResult (before/best scores and epoch, why it stopped, the data/train/evaluation
+        seconds, per-epoch history).
 
     Raises:
         DataError: no training images, or no teacher and no labels; DsdeployError: an option

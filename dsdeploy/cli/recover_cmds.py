@@ -12,7 +12,7 @@ from dsdeploy.cli.options import (
     preprocess_options,
     trust_code_option,
 )
-from dsdeploy.recover.config import CALIB_BATCHES
+from dsdeploy.recover.config import CALIB_BATCHES, WARMUP_EPOCHS
 
 
 @cli.command()
@@ -105,7 +105,9 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_j
 @click.option("--mode", type=click.Choice(["none", "partial", "full"]), default="full", show_default=True,
               help="Train nothing, only the DS blocks and their norms, or everything.")
 @click.option("--epochs", type=int, default=None, help="Epochs to train (default 10 without --time-budget).")
-@click.option("--time-budget", default=None, metavar="DURATION", help="Size the run to end within e.g. 10m.")
+@click.option("--time-budget", default=None, metavar="DURATION",
+              help="End within e.g. 10m of wall time (loading and decoding the data included; the "
+                   "schedule is sized from the training steps' pace and re-checked while training).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
 @click.option("--lr", type=float, default=0.01, show_default=True)
@@ -113,7 +115,8 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_j
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--schedule", type=click.Choice(["step", "cosine", "cosine-restarts", "constant"]), default="cosine",
               show_default=True)
-@click.option("--warmup-epochs", type=float, default=0.0, show_default=True)
+@click.option("--warmup-epochs", type=float, default=WARMUP_EPOCHS, show_default=True,
+              help="Linear LR warmup from lr/10, in epochs (at most a tenth of the run; 0: none).")
 @click.option("--kd-weight", type=float, default=1.0, show_default=True, help="Weight of the logit KL loss.")
 @click.option("--feature-weight", type=float, default=0.0, show_default=True,
               help="Weight of the relative MSE between replaced blocks' outputs and the original convs'.")
@@ -164,11 +167,15 @@ def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, tim
                             progress=not as_json, history_path=history)
     result = api.finetune(artifact, data, out=output, config=config, teacher=teacher, teacher_weights=teacher_weights,
                           resume=resume, limit=limit, preprocess=preprocess, trust_code=trust_code)
+    if result.warning:
+        click.echo(f"warning: {result.warning}", err=True)
     if as_json:
         echo_json(result.to_dict())
         return
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     click.echo(f"teacher {pct(result.teacher_accuracy)}, before {pct(result.accuracy_before)}, best "
-               f"{pct(result.best_accuracy)} (epoch {result.best_epoch}); {result.epochs} epochs, "
-               f"{result.steps} steps, {result.stopped}, {result.seconds:.0f}s")
+               f"{pct(result.best_accuracy)} (epoch {result.best_epoch}{', the input' if result.kept_input else ''}); "
+               f"{result.epochs} epochs, {result.steps} steps, {result.stopped}")
+    click.echo(f"time {result.seconds:.1f}s: data {result.decode_seconds:.1f}s, training {result.train_seconds:.1f}s, "
+               f"evaluation {result.eval_seconds:.1f}s (checked on {result.checked_on})")
     click.echo(f"wrote {show(output)} (history {show(result.history_file)})")

@@ -13,6 +13,7 @@ from dsdeploy.errors import DsdeployError
 from dsdeploy.ranges import check_number
 from dsdeploy.recover.schedule import Schedule
 
+WARMUP_EPOCHS = 0.2  # default LR warmup: a fifth of an epoch, at most a tenth of the run (0: none)
 CALIB_BATCHES = 50  # calibration batches by default: [calibrate] batches, convert/calibrate CLI, library
 
 
@@ -54,7 +55,7 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"  # step | cosine | cosine-restarts | constant
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = WARMUP_EPOCHS  # linear from lr/10; capped at a tenth of the run's steps; 0: none
     kd_weight: float = 1.0
     feature_weight: float = 0.0
     ce_weight: float = 0.5
@@ -112,7 +113,25 @@ class FinetuneConfig:
 
 @dataclass
 class FinetuneResult:
-    """Outcome: best validation accuracy/epoch, why it stopped, the per-epoch history."""
+    """Outcome: what the model scored before and after, why it stopped, where the time went.
+
+    The returned model is the best of the input (epoch 0) and every trained epoch, by the
+    measure named in ``checked_on`` (:mod:`dsdeploy.recover.check`); ties keep the input.
+
+    Attributes:
+        best_accuracy: top-1 of the returned model on the checked images (None: not an accuracy measure).
+        best_epoch: the epoch returned (0: the input, unchanged).
+        stopped: completed | early-stop | budget | none.
+        accuracy_before / teacher_accuracy: top-1 of the input / the teacher on the same images.
+        seconds: wall time from the clock's start (the command's, for ``dsdeploy finetune``) to the end.
+        decode_seconds / train_seconds / eval_seconds: data preparation, training steps, evaluations.
+        kept_input: no trained epoch beat the input: the model returned is the input, unchanged.
+        worse_than_input: the last trained epoch scored below the input (the input or a better epoch is returned).
+        warning: one line for the user when ``kept_input`` or ``worse_than_input`` (else None).
+        checked_on: the measure that picked the model, in words.
+        score_before / best_score: that measure for the input and the returned model (higher is better).
+        time_budget: the budget in seconds (None: sized by epochs).
+    """
 
     best_accuracy: float | None
     best_epoch: int
@@ -127,6 +146,16 @@ class FinetuneResult:
     history_file: str | None = None
     resumed_from: int | None = None
     split: dict[str, Any] | None = None  # the data split used (dsdeploy.data.labels.split_record)
+    decode_seconds: float = 0.0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    kept_input: bool = False
+    worse_than_input: bool = False
+    warning: str | None = None
+    checked_on: str | None = None
+    score_before: float | None = None
+    best_score: float | None = None
+    time_budget: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
