@@ -42,6 +42,7 @@ from dsdeploy.recover.evaluate import evaluate as run_evaluate
 from dsdeploy.recover.reconstruct import CalibrationReport
 from dsdeploy.runtime.bench import BenchConfig, run_and_write
 from dsdeploy.runtime.bench_report import BenchReport
+from dsdeploy.runtime.latency_table import latency_table  # (model, input_shape, provider=, threads=, ...)
 
 __all__ = ["ConvertedModel", "convert", "inspect", "calibrate", "finetune", "evaluate", "export_onnx", "benchmark",
            "deploy", "latency_table", "save", "load"]
@@ -359,18 +360,6 @@ def benchmark(models: str | Path | Sequence[str | Path], *, config: BenchConfig 
     report, _ = run_and_write(paths, _options(BenchConfig, config, options, "benchmark"), json_path=json_path,
                               csv_path=csv_path, markdown_path=markdown_path, plot_path=plot_path, progress=progress)
     return report
-
-
-def latency_table(model: nn.Module | str | LoadedModel, *, input_shape: Sequence[int] | None = None,
-                  batch: int | None = None, weights: str | None = None, trust_code: bool = False, **options: Any) -> Any:
-    """Per convertible conv, dense vs each DS block's (rank x layout) latency measured on an EP, plus the whole
-    model; cached (:func:`dsdeploy.runtime.latency_table.latency_table`, whose keywords ``options`` are).
-    ``batch`` replaces the input shape's. Returns a LatencyTable (``render()``, ``to_dict()``)."""
-    from dsdeploy.runtime.latency_table import latency_table as measure_table
-
-    loaded = _load(model, weights, options.pop("model_kwargs", None), options.pop("trust_pickle", False), trust_code)
-    shape = loaded.shape_or_default(tuple(input_shape) if input_shape else None)
-    return measure_table(loaded.model, (batch, *shape[1:]) if batch else shape, name=loaded.spec or "model", **options)
 
 
 def deploy(onnx_model: str | Path, out: str | Path, *, config: DeployConfig | None = None,

@@ -38,6 +38,7 @@ def latency_table(model, weights, model_kwargs, trust_pickle, input_shape, trust
 
     from dsdeploy import api
     from dsdeploy.conversion.block import LAYOUTS
+    from dsdeploy.conversion.loading import load_model
     from dsdeploy.conversion.plan import Policy
     from dsdeploy.errors import InputShapeError, PlanError
     from dsdeploy.runtime.latency_table import TABLE_PROTOCOL
@@ -56,11 +57,12 @@ def latency_table(model, weights, model_kwargs, trust_pickle, input_shape, trust
         bars[0].update(1)
 
     try:
-        table = api.latency_table(model, input_shape=parse_shape(input_shape), batch=batch, weights=weights,
-                                  model_kwargs=parse_kwargs(model_kwargs), trust_pickle=trust_pickle,
-                                  trust_code=trust_code, provider=provider, threads=threads, layouts=names,
-                                  max_rank=max_rank, policy=Policy(convert_stem=convert_stem), refresh=refresh,
-                                  cache_dir=cache_dir, protocol=dataclasses.replace(TABLE_PROTOCOL, statistic=statistic),
+        loaded = load_model(model, weights, parse_kwargs(model_kwargs), trust_pickle, trust_code=trust_code)
+        shape = loaded.shape_or_default(parse_shape(input_shape))
+        table = api.latency_table(loaded.model, (batch, *shape[1:]) if batch else shape, provider=provider,
+                                  threads=threads, layouts=names, max_rank=max_rank,
+                                  policy=Policy(convert_stem=convert_stem), refresh=refresh, cache_dir=cache_dir,
+                                  protocol=dataclasses.replace(TABLE_PROTOCOL, statistic=statistic), name=model,
                                   progress=progress)
     finally:
         for bar in bars:
