@@ -43,9 +43,10 @@ from dsdeploy.recover.evaluate import evaluate as run_evaluate
 from dsdeploy.recover.reconstruct import CalibrationReport
 from dsdeploy.runtime.bench import BenchConfig, run_and_write
 from dsdeploy.runtime.bench_report import BenchReport
+from dsdeploy.runtime.latency_table import latency_table  # (model, input_shape, provider=, threads=, ...)
 
 __all__ = ["ConvertedModel", "convert", "inspect", "calibrate", "finetune", "evaluate", "export_onnx", "benchmark",
-           "deploy", "save", "load"]
+           "deploy", "latency_table", "save", "load"]
 
 
 def _options(cls: type, given: Any, options: dict[str, Any], what: str) -> Any:
