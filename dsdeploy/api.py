@@ -22,7 +22,7 @@ from dsdeploy.conversion.loading import load_model
 from dsdeploy.conversion.plan import Plan, Policy
 from dsdeploy.conversion.rewrite import ConversionResult, verify_rebuild
 from dsdeploy.conversion.rewrite import convert as rewrite_convert
-from dsdeploy.conversion.workflow import ModelReport, inspect_model
+from dsdeploy.conversion.workflow import ModelReport, allocates_on_data, cost_name, inspect_model, measure_costs
 from dsdeploy.data.given import batches, finetune_splits
 from dsdeploy.data.preprocessing import input_shape_for, resolve
 from dsdeploy.errors import ArtifactError, DsdeployError
@@ -36,15 +36,17 @@ from dsdeploy.models.infer import infer_source
 from dsdeploy.models.sources import LoadedModel, build_source
 from dsdeploy.recover import finetune as finetune_loop
 from dsdeploy.recover import reconstruct
-from dsdeploy.recover.config import CalibrationParams, FinetuneConfig, FinetuneResult
+from dsdeploy.recover.blockrec import after_calibration
+from dsdeploy.recover.config import CALIB_BATCHES, CalibrationParams, FinetuneConfig, FinetuneResult
 from dsdeploy.recover.evaluate import EvaluateConfig
 from dsdeploy.recover.evaluate import evaluate as run_evaluate
 from dsdeploy.recover.reconstruct import CalibrationReport
 from dsdeploy.runtime.bench import BenchConfig, run_and_write
 from dsdeploy.runtime.bench_report import BenchReport
+from dsdeploy.runtime.latency_table import latency_table  # (model, input_shape, provider=, threads=, ...)
 
 __all__ = ["ConvertedModel", "convert", "inspect", "calibrate", "finetune", "evaluate", "export_onnx", "benchmark",
-           "deploy", "save", "load"]
+           "deploy", "latency_table", "save", "load"]
 
 
 def _options(cls: type, given: Any, options: dict[str, Any], what: str) -> Any:
@@ -73,7 +75,8 @@ def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
             input_shape: Sequence[int] | None = None, example_inputs: torch.Tensor | None = None,
             weights: str | None = None, model_kwargs: dict[str, Any] | None = None,
             preprocess: dict[str, Any] | None = None, data: str | None = None, trust_pickle: bool = False,
-            trust_code: bool = False, **options: Any) -> ConvertedModel:
+            trust_code: bool = False, allocation_options: dict[str, Any] | None = None,
+            **options: Any) -> ConvertedModel:
     """Rewrite the convolutions of a COPY of ``model`` into depthwise-separable blocks (the input is untouched).
 
     Method: per input channel, an SVD of the conv kernel's slice; the top ``rank`` terms give the
@@ -94,7 +97,10 @@ def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
         preprocess: preprocessing overrides (``size``, ``resize``, ``mean``, ``std``, ``channels``)
             recorded with the model (:func:`dsdeploy.data.preprocessing.resolve`).
         data: the data the model will see (``"digits"`` without recorded preprocessing means
-            digits' mean/std); only its name is used here.
+            digits' mean/std). With a ``mac_budget`` (``allocation`` not "spectral") the budget is
+            shared out by each layer's measured effect on the logits on this data
+            (:mod:`dsdeploy.recover.sensitivity`); ``allocation_options``: ``seed``,
+            ``calib_batches``, ``batch_size``, ``val_split``, ``limit`` of the images calibration uses.
 
     Returns:
         A :class:`ConvertedModel`.
@@ -112,10 +118,17 @@ def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
     given = tuple(example_inputs.shape) if example_inputs is not None else input_shape
     pre = resolve(loaded.preprocessing, given or loaded.input_shape, preprocess, data=data, model=loaded.model)
     shape = tuple(input_shape_for(pre, given, loaded.input_shape, bool(preprocess)))
-    res: ConversionResult = rewrite_convert(loaded.model, input_shape=shape, policy=policy)
+    table = None
+    if allocates_on_data(policy, data):
+        table = measure_costs(loaded, policy, shape, pre, data, **(allocation_options or {}))
+    res: ConversionResult = rewrite_convert(loaded.model, input_shape=shape, policy=policy,
+                                            costs=table.costs() if table is not None else None,
+                                            cost_name=cost_name(table))
     entry = {"stage": "convert", "policy": res.plan.policy, "layout": res.plan.layout,
              "converted": len(res.plan.converted),
              "conv_mac_ratio": round(res.after.conv_macs / max(1, res.before.conv_macs), 4)}
+    if table is not None:
+        entry["sensitivity"] = {**table.summary(), "data": data}
     return ConvertedModel(res.model.eval(), res.plan, res.before, res.after, loaded.model, shape,
                           spec=loaded.spec or None, model_kwargs=dict(loaded.model_kwargs), weights=loaded.weights,
                           preprocessing=pre.to_dict(), labels=loaded.labels, history=[entry])
@@ -124,17 +137,21 @@ def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
 def inspect(model: nn.Module | str | LoadedModel, *, policy: Policy | None = None,
             input_shape: Sequence[int] | None = None, weights: str | None = None,
             model_kwargs: dict[str, Any] | None = None, trust_pickle: bool = False, trust_code: bool = False,
-            **options: Any) -> ModelReport:
+            data: str | None = None, calib_batches: int | None = CALIB_BATCHES, seed: int = 0,
+            preprocess: dict[str, Any] | None = None, **options: Any) -> ModelReport:
     """What :func:`convert` would do, without converting: each conv's decision (rank, relative kernel error,
     MACs before/after, or why it stays) and the model's params/MACs at ``input_shape`` (N, C, H, W).
 
     ``model``/``policy``/``options`` as for :func:`convert`. Returns a
     :class:`dsdeploy.conversion.workflow.ModelReport` (``render()`` is the CLI's table, ``to_dict()``
-    its JSON). Raises PlanError for an option out of range (naming the field).
+    its JSON). Raises PlanError for an option out of range (naming the field). With ``data``
+    (``calib_batches``, ``seed``, ``preprocess`` as for calibration) the report carries the per-layer
+    sensitivity table and a ``mac_budget`` is planned on it.
     """
     policy = _options(Policy, policy, options, "convert")
     loaded = _load(model, weights, model_kwargs, trust_pickle, trust_code)
-    return inspect_model(loaded, policy, tuple(input_shape) if input_shape else None)
+    return inspect_model(loaded, policy, tuple(input_shape) if input_shape else None, calib_data=data,
+                         calib_batches=calib_batches, seed=seed, preprocess=preprocess)
 
 
 def _require_converted(obj: Any, what: str) -> ConvertedModel:
@@ -151,12 +168,10 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
               **options: Any) -> CalibrationReport:
     """Fit each DS block's factors to the ORIGINAL conv's outputs, IN PLACE, then re-estimate BatchNorm.
 
-    Method: least squares on activations (the input each block sees inside the partially
-    calibrated network against the original conv's output; ridge-regularised normal equations,
-    layer by layer in call order), as in Zhang et al. 2016 "Accelerating very deep
-    convolutional networks": the pointwise weights first, then ``rounds`` alternating
-    depthwise/pointwise solves while the layer's output error keeps falling
-    (:mod:`dsdeploy.recover.reconstruct`). No labels needed.
+    Method: least squares on activations (each block's input inside the partially calibrated network
+    against the original conv's output; the pointwise weights, then ``rounds`` alternating depthwise/
+    pointwise solves; layer by layer in call order), as in Zhang et al. 2016 "Accelerating very deep
+    convolutional networks" (:mod:`dsdeploy.recover.reconstruct`). No labels needed.
 
     Args:
         converted: what :func:`convert` returned (``converted.model`` is changed in place), or a
@@ -167,12 +182,12 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
             reported on the labelled validation split), a float tensor of model-ready inputs
             (N, C, H, W), or an iterable of such batches (or ``(x, y)`` batches).
         params / options: :class:`dsdeploy.recover.config.CalibrationParams` fields:
-            ``ridge`` (>= 0), ``max_batches`` (None = all), ``batch_size``, ``rounds`` (alternating
-            depthwise/pointwise rounds, 0 = pointwise only), ``cache_mb`` (cached stage inputs).
+            ``ridge``, ``max_batches``, ``batch_size``, ``rounds`` (0: pointwise only), ``cache_mb``,
+            ``block_reconstruct`` (seconds or ``"90s"``: then fit blocks, :mod:`dsdeploy.recover.blockrec`).
         preprocess: preprocessing overrides (``size``, ``mean``, ...) for a data spec.
 
     Returns:
-        A CalibrationReport: per-layer relative output error before/after, batches, seconds.
+        A CalibrationReport: per-layer output errors (SVD, fitted, each round, after BN), seconds.
 
     Raises:
         DataError: empty or unreadable data; DsdeployError: an option out of range (names it).
@@ -184,20 +199,21 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
         return reconstruct.calibrate_artifact(str(converted), data, str(out), max_batches=p.max_batches,
                                               batch_size=p.batch_size, seed=seed, ridge=p.ridge, progress=progress,
                                               preprocess=preprocess, val_split=val_split, limit=limit,
-                                              trust_code=trust_code, rounds=p.rounds, cache_mb=p.cache_mb)
+                                              trust_code=trust_code, block_reconstruct=p.block_reconstruct, **p.fit())
     cm = _require_converted(converted, "calibrate")
     if isinstance(data, str):
         pre = resolve(cm.preprocessing, cm.input_shape, preprocess, data=data, model=cm.original)
         report = reconstruct.calibrate_data(cm.model, cm.original, cm.plan, data, pre, max_batches=p.max_batches,
                                             seed=seed, batch_size=p.batch_size, ridge=p.ridge, progress=progress,
-                                            val_split=val_split, limit=limit, labels=cm.labels, rounds=p.rounds,
-                                            cache_mb=p.cache_mb)
+                                            val_split=val_split, limit=limit, labels=cm.labels,
+                                            block_reconstruct=p.block_reconstruct, **p.fit())
         cm.preprocessing = pre.to_dict()
         cm.history.append(report.history_entry(data=data, seed=seed))
     else:
-        report = reconstruct.calibrate(cm.model, cm.original, cm.plan, batches(data, p.batch_size),
-                                       max_batches=p.max_batches, ridge=p.ridge, progress=progress, rounds=p.rounds,
-                                       cache_mb=p.cache_mb)
+        loader = batches(data, p.batch_size)
+        report = reconstruct.calibrate(cm.model, cm.original, cm.plan, loader,
+                                       max_batches=p.max_batches, ridge=p.ridge, progress=progress, **p.fit())
+        after_calibration(report, cm.model, cm.original, loader, p.block_reconstruct, max_batches=p.max_batches)
         cm.history.append(report.history_entry(data="in-memory"))
     if out is not None:
         save(cm, out)
@@ -210,6 +226,12 @@ def finetune(converted: ConvertedModel | str | Path, data: Any, *, out: str | Pa
              preprocess: dict[str, Any] | None = None, val_split: float = 0.2, limit: int | None = None,
              trust_code: bool = False, **options: Any) -> FinetuneResult:
     """Train ``converted.model`` IN PLACE by distillation from the original; it ends holding the best weights.
+
+    The input model is scored first and counts as epoch 0: when no trained epoch beats it the
+    model is left with its input weights, unchanged (``result.kept_input``, ``result.warning``).
+    The best is picked on the validation split (accuracy with labels, else the distillation
+    loss); without one, on a fixed subset of the training images (``result.checked_on`` says).
+    ``time_budget`` counts from this call's start, data preparation included.
 
     Method: knowledge distillation (Hinton et al. 2015, soft targets at ``temperature``) plus
     cross-entropy on labels and optional feature matching (:mod:`dsdeploy.recover.distill`), with
@@ -231,7 +253,8 @@ def finetune(converted: ConvertedModel | str | Path, data: Any, *, out: str | Pa
             cross-entropy on labels only.
 
     Returns:
-        A FinetuneResult (best validation accuracy and epoch, why it stopped, per-epoch history).
+        A FinetuneResult (before/best scores and epoch, why it stopped, the data/train/evaluation
+        seconds, per-epoch history).
 
     Raises:
         DataError: no training images, or no teacher and no labels; DsdeployError: an option

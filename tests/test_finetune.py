@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from dsdeploy.conversion.artifact import load_artifact, save_artifact, source_record
 from dsdeploy.conversion.block import ds_blocks
@@ -34,6 +36,7 @@ from dsdeploy.recover.distill import (
 from dsdeploy.recover.finetune import finetune
 from dsdeploy.recover.reconstruct import calibrate
 from dsdeploy.recover.resume import load_checkpoint
+from dsdeploy.recover.schedule import Schedule
 from tests.clirun import ROOT, dsdeploy
 from tests.test_calibrate import (  # noqa: F401 (fixture)
     DIGITS8,
@@ -134,11 +137,11 @@ def test_mode_none_changes_nothing(digits, tmp_path):
     assert result.best_accuracy == result.accuracy_before and result.stopped == "none"
 
 
-def patience_stop(val_accs: list[float], patience: int) -> int | None:
-    """The epoch (1-based) at which ``patience`` epochs in a row without a new best end the run."""
-    best, bad = None, 0
-    for epoch, acc in enumerate(val_accs, 1):
-        if best is None or acc > best:
+def patience_stop(scores: list[float], patience: int) -> int | None:
+    """The epoch at which ``patience`` epochs in a row without a new best end the run (``scores[0]``: the input)."""
+    best, bad = scores[0], 0
+    for epoch, acc in enumerate(scores[1:], 1):
+        if acc > best:
             best, bad = acc, 0
         else:
             bad += 1
@@ -149,25 +152,26 @@ def patience_stop(val_accs: list[float], patience: int) -> int | None:
 
 def test_early_stopping_on_a_plateau(digits, tmp_path):
     """At lr 1e-9 the accuracy can only wobble by an image or two (how, depends on the CPU's rounding):
-    the run must end ``patience`` epochs after its best one, well before the epoch limit."""
+    the run must end ``patience`` epochs after its best one (the input, epoch 0, included), well before the limit."""
     teacher, res, splits = digits
     student = copy.deepcopy(res.model)
     result = finetune(student, teacher, splits, cfg(epochs=10, lr=1e-9, patience=2, schedule="constant"),
                       out_path=tmp_path / "e.dsd")
-    accs = [h["val_acc"] for h in result.history]
-    assert result.stopped == "early-stop" and result.epochs == len(accs) < 10
+    accs = [result.accuracy_before] + [h["val_acc"] for h in result.history]
+    assert result.stopped == "early-stop" and result.epochs == len(accs) - 1 < 10
     assert result.epochs == patience_stop(accs, 2)  # not one epoch earlier or later than the rule says
-    assert result.best_accuracy == max(accs) and result.best_epoch == accs.index(max(accs)) + 1
+    assert result.best_accuracy == max(accs) and result.best_epoch == accs.index(max(accs))  # ties keep the earlier
     assert result.epochs == result.best_epoch + 2
+    assert result.kept_input == (result.best_epoch == 0)
     # the student ends holding the best epoch's weights (evaluated as fine-tuning evaluates: NHWC)
     val = make_loader(splits.val, 256, shuffle=False)
     assert evaluate(student.to(memory_format=torch.channels_last), val, channels_last=True) == result.best_accuracy
 
 
 def test_patience_rule_of_the_early_stopping_test():
-    assert patience_stop([0.5, 0.5, 0.5], 2) == 3
-    assert patience_stop([0.5, 0.6, 0.6, 0.7, 0.7, 0.6], 2) == 6
-    assert patience_stop([0.5, 0.6, 0.7], 2) is None
+    assert patience_stop([0.5, 0.5, 0.5], 2) == 2
+    assert patience_stop([0.4, 0.5, 0.6, 0.6, 0.7, 0.7, 0.6], 2) == 6
+    assert patience_stop([0.4, 0.5, 0.6, 0.7], 2) is None
 
 
 def test_time_budget_sizes_the_schedule(digits, tmp_path):
@@ -282,3 +286,110 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(bad)
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_destructive_learning_rate_returns_the_input_unchanged_and_says_so(digits, tmp_path):
+    teacher, res, splits = digits
+    student = copy.deepcopy(res.model)
+    before = copy.deepcopy(student.state_dict())
+    result = finetune(student, teacher, splits, cfg(epochs=2, lr=10.0, optimizer="sgd"), out_path=tmp_path / "x.dsd")
+    assert all(h["val_acc"] < result.accuracy_before for h in result.history)  # lr 10 wrecks every epoch
+    assert result.kept_input and result.worse_than_input and result.best_epoch == 0
+    assert "input model is returned unchanged" in result.warning
+    assert result.best_accuracy == result.accuracy_before
+    assert same_state(student.state_dict(), before)  # the very same weights (and BatchNorm statistics)
+    val = make_loader(splits.val, 256, shuffle=False)
+    assert evaluate(student, val) == evaluate(res.model, val)
+
+
+def test_cli_keeps_the_input_artifact_weights_and_warns_when_training_makes_it_worse(digits, tmp_path):
+    teacher, res, _ = digits
+    student = write_student(tmp_path, teacher, res)
+    out = tmp_path / "worse.dsd"
+    proc = dsdeploy("finetune", student, "-o", out, "--data", "digits", "--epochs", "1", "--lr", "10",
+                    "--trust-code", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: fine-tuning did not improve on the input" in proc.stderr and "Traceback" not in proc.stderr
+    assert "data " in proc.stdout and "training " in proc.stdout and "evaluation " in proc.stdout
+    assert same_state(state(out), state(student))
+    entry = load_artifact(out, trust_code=True).history[-1]
+    assert entry["stage"] == "finetune" and entry["kept_input"] is True and entry["best_epoch"] == 0
+    assert entry["warning"] and entry["train_seconds"] > 0 and entry["decode_seconds"] > 0
+
+
+def test_learning_rate_warms_up_by_default(digits, tmp_path):
+    teacher, res, splits = digits
+    assert FinetuneConfig().warmup_epochs > 0
+    finetune(copy.deepcopy(res.model), teacher, splits, cfg(epochs=1), out_path=tmp_path / "w.dsd")
+    sched = Schedule(**load_checkpoint(tmp_path / "w.ckpt")["schedule"])
+    assert sched.warmup_steps >= 1 and sched.lr_at(0) < cfg().lr
+    assert sched.lr_at(sched.warmup_steps) == pytest.approx(cfg().lr)
+    finetune(copy.deepcopy(res.model), teacher, splits, cfg(epochs=1, warmup_epochs=0), out_path=tmp_path / "n.dsd")
+    assert Schedule(**load_checkpoint(tmp_path / "n.ckpt")["schedule"]).lr_at(0) == cfg().lr  # 0: no warmup
+
+
+class SlowStart(Dataset):
+    """A real dataset whose first access sleeps (slow data preparation) and whose next ``slow`` items are
+    slow too (the first training steps, as when another job shares the cores for a while)."""
+
+    def __init__(self, base, first_s: float, slow: int, item_s: float) -> None:
+        self.base, self.first_s, self.slow, self.item_s, self.touched = base, first_s, slow, item_s, False
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        if not self.touched:
+            self.touched = True
+            time.sleep(self.first_s)
+        elif self.slow > 0:
+            self.slow -= 1
+            time.sleep(self.item_s)
+        return self.base[i]
+
+
+def test_time_budget_is_sized_from_the_training_steps_not_a_slow_start(digits, tmp_path):
+    """1 s of data preparation and ~1 s of slow first steps in a 5 s budget: the run is re-sized as the pace
+    recovers (sized once from its first steps, as before, it ran about 15 steps), ends within the budget, and says where
+    the time went."""
+    teacher, res, splits = digits
+    slow = dataclasses.replace(splits, train=SlowStart(splits.train, 1.0, 8 * 64, 0.002))
+    budget = 5.0
+    result = finetune(copy.deepcopy(res.model), teacher, slow, cfg(epochs=None, time_budget=budget),
+                      out_path=tmp_path / "s.dsd")
+    assert result.stopped == "budget" and result.steps > 30, result
+    assert result.decode_seconds >= 1.0 and result.train_seconds > 0 and result.eval_seconds > 0
+    assert result.decode_seconds + result.train_seconds + result.eval_seconds <= result.seconds
+    assert result.seconds <= budget + 1.0  # the budget holds (a second of slack for a busy machine)
+    assert result.time_budget == budget and result.checked_on.startswith("validation")
+    lrs = [h["lr"] for h in result.history]
+    assert lrs[-1] < max(lrs)  # the schedule decayed to its end
+
+
+def test_without_a_validation_split_the_check_is_named_and_still_guards(digits, tmp_path):
+    teacher, res, splits = digits
+    no_val = dataclasses.replace(splits, val=None)
+    student = copy.deepcopy(res.model)
+    before = copy.deepcopy(student.state_dict())
+    result = finetune(student, teacher, no_val, cfg(epochs=1, lr=10.0), out_path=tmp_path / "v.dsd")
+    assert "training images" in result.checked_on and "no validation split" in result.checked_on
+    assert result.kept_input and same_state(student.state_dict(), before)
+    unlabelled = dataclasses.replace(splits, classes=None)  # unlabelled validation images: the distillation loss
+    result = finetune(copy.deepcopy(res.model), teacher, unlabelled, cfg(epochs=1), out_path=tmp_path / "u.dsd")
+    assert "distillation loss" in result.checked_on and result.best_accuracy is None
+    assert result.best_score >= result.score_before
+
+
+def test_a_budget_spent_before_training_returns_the_input_and_says_why(digits, tmp_path):
+    teacher, res, splits = digits
+    slow = dataclasses.replace(splits, train=SlowStart(splits.train, 1.5, 0, 0.0))
+    student = copy.deepcopy(res.model)
+    before = copy.deepcopy(student.state_dict())
+    result = finetune(student, teacher, slow, cfg(epochs=None, time_budget=1.0), out_path=tmp_path / "z.dsd")
+    assert result.stopped == "budget" and result.steps == 0 and result.kept_input
+    assert "time budget was spent before training" in result.warning
+    assert same_state(student.state_dict(), before)

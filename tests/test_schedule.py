@@ -59,6 +59,43 @@ def test_parse_duration_rejects(bad):
         parse_duration(bad)
 
 
+@pytest.mark.parametrize("kind", ["cosine", "step", "cosine-restarts"])
+def test_resize_keeps_the_learning_rate_continuous_and_still_decays_to_the_end(kind):
+    s = Schedule(kind, lr=1.0, total_steps=40, warmup_steps=4, min_lr_ratio=0.0)
+    end = Schedule(kind, lr=1.0, total_steps=40, warmup_steps=4).lr_at(39)  # where an unresized run ends
+    for step, total in [(10, 400), (100, 60), (59, 200)]:  # grow, shrink, grow again
+        before = s.lr_at(step)
+        s.resize(step, total)
+        assert s.lr_at(step) == pytest.approx(before)  # no jump at the resize
+    lrs = [s.lr_at(i) for i in range(59, 200)]
+    if kind != "cosine-restarts":
+        assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert s.lr_at(199) <= end + 0.02 and s.lr_at(10_000) == s.lr_at(199)
+
+
+def test_resize_before_the_decay_sets_the_warmup_and_a_short_plan_goes_back_to_the_real_progress():
+    s = Schedule("cosine", lr=1.0, total_steps=10 ** 6, warmup_steps=50)
+    s.resize(3, 100, warmup_steps=10)  # still warming up: the warmup shrinks with the run
+    assert s.warmup_steps == 10 and s.lr_at(3) < s.lr_at(10) == pytest.approx(1.0)
+    s.resize(95, 100)
+    low = s.lr_at(95)
+    s.resize(95, 300, progress=0.3)  # the plan was far too short: only 30% of the time is spent
+    assert s.lr_at(95) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.3)))
+    assert s.lr_at(95) > low
+    s.resize(100, 300, progress=0.35)  # within 5 points of the steps' own progress: no jump
+    assert s.anchor_frac == pytest.approx(0.3 + 5 / 205 * 0.7)
+    s.resize(120, 120)  # no time left: the run ends here
+    assert s.total_steps == 120
+
+
+def test_budget_sizing_mid_epoch_counts_the_current_epochs_evaluation():
+    # 20 s: the current epoch's last 30 steps (3 s) + its evaluation (1 s), one 11 s epoch, then 5 s left:
+    # 40 steps (4 s) + the last evaluation (1 s)
+    n = steps_for_budget(20, 0, step_s=0.1, steps_per_epoch=100, eval_s=1.0, margin=1.0, done_in_epoch=70)
+    assert n == 30 + 100 + 40
+    assert steps_for_budget(3, 0, step_s=0.1, steps_per_epoch=100, eval_s=1.0, margin=1.0, done_in_epoch=70) == 20
+
+
 def test_budget_sizing_fits_the_budget():
     # 100 steps/epoch at 0.1 s + 5 s eval = 15 s per epoch; 92% of 100 s left = 92 s -> 6 epochs (90 s) + nothing
     n = steps_for_budget(110, 10, step_s=0.1, steps_per_epoch=100, eval_s=5)

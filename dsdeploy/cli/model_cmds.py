@@ -6,6 +6,7 @@ import click
 
 from dsdeploy.cli import cli, flag_names
 from dsdeploy.cli.options import (
+    block_reconstruct_option,
     echo_json,
     model_options,
     parse_kwargs,
@@ -28,6 +29,9 @@ def policy_options(func):
         click.option("--convert-stem", is_flag=True, help="Also convert convs with <= 4 input channels."),
         click.option("--layout", type=click.Choice(["branches", "concat", "multiplier"]), default="branches",
                      show_default=True, help="Graph layout of rank>1 blocks (branches is fastest on ORT CPU)."),
+        click.option("--allocation", type=click.Choice(["auto", "spectral", "data"]), default="auto",
+                     show_default=True, help="How --mac-budget is shared out: by each layer's measured effect on "
+                     "the logits on --calib-data (data; auto when --calib-data is given) or by spectral energy."),
     ]
     for opt in reversed(opts):
         func = opt(func)
@@ -45,15 +49,22 @@ def _policy(options: dict):
 @click.argument("model")
 @model_options
 @policy_options
+@click.option("--calib-data", default=None, metavar="DATA",
+              help="Measure each layer's sensitivity (output and logit error per rank) on this data.")
+@click.option("--calib-batches", type=int, default=CALIB_BATCHES, show_default=True,
+              help="Draw the sensitivity images from at most N batches (as convert's calibration).")
+@preprocess_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect(model, weights, model_kwargs, trust_pickle, input_shape, as_json, trust_code, **policy):
+def inspect(model, weights, model_kwargs, trust_pickle, input_shape, calib_data, calib_batches, as_json, preprocess,
+            trust_code, **policy):
     """Show MODEL's convs: what would convert (and at which rank), why others would not,
-    and params/MACs at the input shape."""
+    and params/MACs at the input shape; with --calib-data, the per-layer sensitivity table."""
     from dsdeploy import api
 
     report = api.inspect(model, policy=_policy(policy),
                          input_shape=parse_shape(input_shape), weights=weights, model_kwargs=parse_kwargs(model_kwargs),
-                         trust_pickle=trust_pickle, trust_code=trust_code)
+                         trust_pickle=trust_pickle, trust_code=trust_code, data=calib_data,
+                         calib_batches=calib_batches, preprocess=preprocess)
     echo_json(report.to_dict()) if as_json else click.echo(flag_names(report.render()))
 
 
@@ -70,11 +81,12 @@ def inspect(model, weights, model_kwargs, trust_pickle, input_shape, as_json, tr
               help="Alternating depthwise/pointwise least-squares rounds per layer (0: pointwise only).")
 @click.option("--calib-cache-mb", type=float, default=CALIB_CACHE_MB, show_default=True,
               help="MiB of stage inputs cached while calibrating (0: rerun the network prefix per layer).")
+@block_reconstruct_option
 @preprocess_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, calib_data, calib_batches, calib_rounds,
-            calib_cache_mb, seed, as_json, preprocess, trust_code, **policy):
+            calib_cache_mb, block_reconstruct, seed, as_json, preprocess, trust_code, **policy):
     """Rewrite MODEL's convs into depthwise-separable blocks and write a .dsd artifact.
 
     Prints params/MACs before and after and the rank of every layer. Exit status 3 when
@@ -86,10 +98,11 @@ def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, cal
                           inputs=[("model", model), ("--weights file", weights), ("--calib-data", calib_data)])
     cm = api.convert(model, policy=_policy(policy),
                      input_shape=parse_shape(input_shape), weights=weights, model_kwargs=parse_kwargs(model_kwargs),
-                     trust_pickle=trust_pickle, trust_code=trust_code, preprocess=preprocess, data=calib_data)
+                     trust_pickle=trust_pickle, trust_code=trust_code, preprocess=preprocess, data=calib_data,
+                     allocation_options={"seed": seed, "calib_batches": calib_batches})
     if calib_data:
-        api.calibrate(cm, calib_data, max_batches=calib_batches, rounds=calib_rounds, cache_mb=calib_cache_mb,
-                      seed=seed, progress=True)
+        api.calibrate(cm, calib_data, max_batches=calib_batches, seed=seed, progress=True,
+                      block_reconstruct=block_reconstruct, rounds=calib_rounds, cache_mb=calib_cache_mb)
     api.save(cm, output)
     report = cm.report(output)
     echo_json(report.to_dict()) if as_json else click.echo(flag_names(report.render()))

@@ -6,13 +6,14 @@ import click
 
 from dsdeploy.cli import cli
 from dsdeploy.cli.options import (
+    block_reconstruct_option,
     echo_json,
     parse_kwargs,
     parse_shape,
     preprocess_options,
     trust_code_option,
 )
-from dsdeploy.recover.config import CALIB_BATCHES, CALIB_CACHE_MB, CALIB_ROUNDS
+from dsdeploy.recover.config import CALIB_BATCHES, CALIB_CACHE_MB, CALIB_ROUNDS, WARMUP_EPOCHS
 
 
 @cli.command()
@@ -75,12 +76,13 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
               help="Alternating depthwise/pointwise least-squares rounds per layer (0: pointwise only).")
 @click.option("--cache-mb", type=float, default=CALIB_CACHE_MB, show_default=True,
               help="MiB of stage inputs cached (0: rerun the network prefix per layer; same result, slower).")
+@block_reconstruct_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @preprocess_options
 @trust_code_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def calibrate(artifact, data, output, max_batches, batch_size, ridge, rounds, cache_mb, seed, as_json, preprocess,
-              trust_code):
+def calibrate(artifact, data, output, max_batches, batch_size, ridge, rounds, cache_mb, block_reconstruct, seed,
+              as_json, preprocess, trust_code):
     """Fit each converted layer's pointwise (and, alternating, depthwise) weights by least squares
     against the original model's convs on DATA (training-free), then re-estimate BatchNorm statistics."""
     from dsdeploy import api
@@ -91,7 +93,7 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, rounds, ca
     check_artifact_output(output, what="--output",
                           inputs=[("artifact", artifact), ("--data", data)])
     params = CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size, rounds=rounds,
-                               cache_mb=cache_mb)
+                               cache_mb=cache_mb, block_reconstruct=block_reconstruct)
     report = api.calibrate(artifact, data, out=output, params=params, seed=seed, progress=not as_json,
                            preprocess=preprocess, trust_code=trust_code)
     if as_json:
@@ -111,7 +113,9 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, rounds, ca
 @click.option("--mode", type=click.Choice(["none", "partial", "full"]), default="full", show_default=True,
               help="Train nothing, only the DS blocks and their norms, or everything.")
 @click.option("--epochs", type=int, default=None, help="Epochs to train (default 10 without --time-budget).")
-@click.option("--time-budget", default=None, metavar="DURATION", help="Size the run to end within e.g. 10m.")
+@click.option("--time-budget", default=None, metavar="DURATION",
+              help="End within e.g. 10m of wall time (loading and decoding the data included; the "
+                   "schedule is sized from the training steps' pace and re-checked while training).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
 @click.option("--lr", type=float, default=0.01, show_default=True)
@@ -119,7 +123,8 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, rounds, ca
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--schedule", type=click.Choice(["step", "cosine", "cosine-restarts", "constant"]), default="cosine",
               show_default=True)
-@click.option("--warmup-epochs", type=float, default=0.0, show_default=True)
+@click.option("--warmup-epochs", type=float, default=WARMUP_EPOCHS, show_default=True,
+              help="Linear LR warmup from lr/10, in epochs (at most a tenth of the run; 0: none).")
 @click.option("--kd-weight", type=float, default=1.0, show_default=True, help="Weight of the logit KL loss.")
 @click.option("--feature-weight", type=float, default=0.0, show_default=True,
               help="Weight of the relative MSE between replaced blocks' outputs and the original convs'.")
@@ -170,11 +175,15 @@ def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, tim
                             progress=not as_json, history_path=history)
     result = api.finetune(artifact, data, out=output, config=config, teacher=teacher, teacher_weights=teacher_weights,
                           resume=resume, limit=limit, preprocess=preprocess, trust_code=trust_code)
+    if result.warning:
+        click.echo(f"warning: {result.warning}", err=True)
     if as_json:
         echo_json(result.to_dict())
         return
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     click.echo(f"teacher {pct(result.teacher_accuracy)}, before {pct(result.accuracy_before)}, best "
-               f"{pct(result.best_accuracy)} (epoch {result.best_epoch}); {result.epochs} epochs, "
-               f"{result.steps} steps, {result.stopped}, {result.seconds:.0f}s")
+               f"{pct(result.best_accuracy)} (epoch {result.best_epoch}{', the input' if result.kept_input else ''}); "
+               f"{result.epochs} epochs, {result.steps} steps, {result.stopped}")
+    click.echo(f"time {result.seconds:.1f}s: data {result.decode_seconds:.1f}s, training {result.train_seconds:.1f}s, "
+               f"evaluation {result.eval_seconds:.1f}s (checked on {result.checked_on})")
     click.echo(f"wrote {show(output)} (history {show(result.history_file)})")

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from dsdeploy.conversion.decompose import (
 from dsdeploy.errors import PlanError
 
 TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+ALLOCATIONS = ("auto", "spectral", "data")
 
 
 @dataclass
@@ -49,6 +51,7 @@ class LayerDecision:
     macs_after: int | None = None
     params: int = 0
     params_after: int | None = None
+    cost: float | None = None  # the measured cost (plan.policy["cost"]) at ``rank`` when allocated on data
 
 
 @dataclass
@@ -80,7 +83,13 @@ class Plan:
 
 @dataclass
 class Policy:
-    """How ranks are chosen: exactly one of rank / energy / mac_budget (default rank 1)."""
+    """How ranks are chosen: exactly one of rank / energy / mac_budget (default rank 1).
+
+    ``allocation`` says how a ``mac_budget`` is shared out: "spectral" by the kernels' spectral
+    energy; "data" by each layer's measured effect on the network's logits at each rank
+    (:mod:`dsdeploy.recover.sensitivity`; needs calibration data); "auto" (default): "data"
+    when calibration data is given, else "spectral".
+    """
 
     rank: int | None = None
     energy: float | None = None
@@ -90,6 +99,7 @@ class Policy:
     convert_stem: bool = False
     layout: str = "branches"
     require_gain: bool = True  # False: convert even where a DS block costs more (exactness checks)
+    allocation: str = "auto"  # auto | spectral | data (how a mac_budget is allocated)
 
     def validate(self) -> None:
         """Raise PlanError naming the field (``convert.FIELD``) out of range; no policy chosen: rank 1."""
@@ -104,6 +114,10 @@ class Policy:
             raise PlanError(f"convert.energy must be in (0, 1], got {self.energy}")
         if self.mac_budget is not None and not 0 < self.mac_budget <= 1:
             raise PlanError(f"convert.mac_budget must be in (0, 1], got {self.mac_budget}")
+        if self.allocation not in ALLOCATIONS:
+            raise PlanError(f"convert.allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation == "data" and self.mac_budget is None:
+            raise PlanError("convert.allocation = data shares out a mac_budget: set convert.mac_budget too")
         if self.layout not in LAYOUTS:
             raise PlanError(f"convert.layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         for opt in ("include", "exclude"):
@@ -115,7 +129,8 @@ class Policy:
                     raise PlanError(f"convert.{opt} is not a valid regular expression: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None and k not in ("layout", "require_gain")}
+        return {k: v for k, v in asdict(self).items()
+                if v is not None and k not in ("layout", "require_gain", "allocation")}
 
 
 def ds_mac_ratio(conv: nn.Module, rank: int) -> float:
@@ -162,7 +177,8 @@ def conv_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def make_plan(model: nn.Module, policy: Policy, calls: dict[str, tuple[list[int], list[int], int]],
-              input_shape: tuple[int, ...], svd_cache: dict[str, tuple] | None = None) -> Plan:
+              input_shape: tuple[int, ...], svd_cache: dict[str, tuple] | None = None,
+              costs: Mapping[str, Mapping[int, float]] | None = None, cost_name: str | None = None) -> Plan:
     """Decide every conv of ``model`` under ``policy``.
 
     Args:
@@ -171,6 +187,12 @@ def make_plan(model: nn.Module, policy: Policy, calls: dict[str, tuple[list[int]
         calls: per-layer (in shape, out shape, MACs) from :func:`dsdeploy.conversion.opcount.trace_calls`.
         input_shape: the shape ``calls`` was traced at.
         svd_cache: when given, filled with each candidate's :func:`channel_svd` (name -> U, S, Vh).
+        costs: with a ``mac_budget``, the measured cost of each candidate layer at each rank
+            (layer -> rank -> cost, e.g. :meth:`dsdeploy.recover.sensitivity.Sensitivity.costs`): the
+            budget then minimises their sum; each converted LayerDecision records its ``cost``.
+            None: the spectral allocation. ``plan.policy`` records ``allocation`` ("spectral" |
+            "data"), the ``solver``, ``cost_total`` (the plan's summed cost), ``spectral_cost_total``
+            (what the spectral plan would cost) and, when given, ``cost_name`` as ``cost``.
     """
     policy.validate()
     plan = Plan(layout=policy.layout, policy=policy.to_dict(), input_shape=list(input_shape))
@@ -197,7 +219,12 @@ def make_plan(model: nn.Module, policy: Policy, calls: dict[str, tuple[list[int]
             svd_cache[name] = svd
         mods[name] = mod
     if policy.mac_budget is not None:
-        ranks = _budget_ranks(plan, mods, spectra, policy.mac_budget)
+        if policy.allocation == "data" and costs is None:
+            raise PlanError("convert.allocation = data needs calibration data to measure each layer's cost on")
+        ranks, solver = _budget_ranks(plan, mods, spectra, policy.mac_budget, costs)
+        plan.policy.update(allocation="data" if costs is not None else "spectral", solver=solver)
+        if cost_name is not None and costs is not None:
+            plan.policy["cost"] = cost_name
     else:
         ranks = {n: (min(policy.rank, plan_full(plan, n)) if policy.rank is not None
                      else rank_for_energy(s, policy.energy)) for n, s in spectra.items()}
@@ -218,34 +245,45 @@ def plan_full(plan: Plan, name: str) -> int:
     return next(d.full_rank for d in plan.layers if d.name == name)
 
 
-def _budget_ranks(plan: Plan, mods: dict[str, nn.Module], spectra: dict[str, torch.Tensor],
-                  budget: float) -> dict[str, int]:
-    """Greedy: start at rank 1; add the rank step with the best error reduction per MAC that fits."""
+def _budget_ranks(plan: Plan, mods: dict[str, nn.Module], spectra: dict[str, torch.Tensor], budget: float,
+                  costs: Mapping[str, Mapping[int, float]] | None = None) -> tuple[dict[str, int], str]:
+    """Ranks within ``budget`` x the candidates' MACs, and the solver that chose them.
+
+    Spectral (``costs`` None): the Lagrangian greedy over rank steps on each kernel's squared
+    relative error (:func:`dsdeploy.conversion.allocate.greedy`; the curves are convex, so this is
+    the rank-by-rank greedy by error reduction per MAC). With ``costs`` (layer -> rank -> measured
+    cost): :func:`dsdeploy.conversion.allocate.allocate` minimises the summed cost over the ranks
+    measured (at most the largest gainful rank); the spectral plan is one of the candidates, so
+    the result never costs more than it. A layer without measured costs stays at rank 1.
+    """
+    from dsdeploy.conversion.allocate import InfeasibleBudget, allocate, greedy, totals
+
     macs = {d.name: d.macs for d in plan.layers if d.name in mods}
-    cost = {n: macs[n] * ds_mac_ratio(mods[n], 1) for n in mods}  # MACs per unit of rank
+    unit = {n: macs[n] * ds_mac_ratio(mods[n], 1) for n in mods}  # MACs per unit of rank
     limit = budget * sum(macs.values())
-    ranks = {n: 1 for n in mods}
-    used = sum(cost.values())
-    if used > limit + 1e-9:
-        floor = used / max(1, sum(macs.values()))
+    cap = {n: max(1, max_gainful_rank(mods[n])) for n in mods}
+    spectral = {}
+    for n in mods:
+        curve = energy_curve(spectra[n]).tolist()
+        spectral[n] = {r: (max(0.0, 1.0 - curve[r - 1]), r * unit[n]) for r in range(1, cap[n] + 1)}
+    try:
+        ranks = greedy(spectral, limit)
+    except InfeasibleBudget as exc:
+        floor = exc.floor / max(1, sum(macs.values()))
         raise PlanError(f"convert.mac_budget {budget} is below what rank 1 everywhere costs ({floor:.3f}); "
-                        f"raise it or exclude layers")
-    cap = {n: max_gainful_rank(mods[n]) for n in mods}
-    curves = {n: energy_curve(spectra[n]).tolist() for n in mods}
-
-    def sq_err(n: str, r: int) -> float:
-        return max(0.0, 1.0 - curves[n][r - 1])
-
-    while True:
-        best, best_gain = None, 0.0
-        for n in mods:
-            r = ranks[n]
-            if r >= cap[n] or used + cost[n] > limit:
-                continue
-            gain = (sq_err(n, r) - sq_err(n, r + 1)) / cost[n]
-            if gain > best_gain:
-                best, best_gain = n, gain
-        if best is None:
-            return ranks
-        ranks[best] += 1
-        used += cost[best]
+                        f"raise it or exclude layers") from None
+    if costs is None:
+        return ranks, "greedy"
+    items = {n: {r: (float(costs[n][r]), r * unit[n]) for r in range(1, cap[n] + 1) if r in costs.get(n, {})}
+             or {1: (0.0, unit[n])} for n in mods}
+    for n, opts in items.items():
+        if 1 not in opts:
+            raise PlanError(f"the measured costs of layer {n} lack rank 1; measure ranks 1..K")
+    chosen, solver = allocate(items, limit, references=[ranks])
+    for d in plan.layers:
+        if d.name in items:
+            d.cost = items[d.name][chosen[d.name]][0]
+    plan.policy["cost_total"] = totals(items, chosen)[0]
+    if all(ranks[n] in items[n] for n in items):
+        plan.policy["spectral_cost_total"] = totals(items, ranks)[0]
+    return chosen, solver

@@ -145,12 +145,15 @@ def nothing_to_convert_message(plan: Plan) -> str:
 
 
 def convert(model: nn.Module, *, input_shape: tuple[int, ...], policy: Policy | None = None,
+            costs: dict[str, dict[int, float]] | None = None, cost_name: str | None = None,
             **options: Any) -> ConversionResult:
     """Plan and apply the DS rewrite to a copy of ``model`` (the input is never mutated).
 
     ``policy`` (a :class:`Policy`; default rank 1) and/or ``options`` (its fields by name, e.g.
     ``rank=2``, ``mac_budget=0.5``) choose the ranks and layers. Raises PlanError for an option out
     of range (naming the field) and NothingToConvertError (listing each conv's reason) when no conv converts.
+    ``costs`` (layer -> rank -> measured cost, named ``cost_name``) makes a ``mac_budget`` minimise
+    their sum (:func:`dsdeploy.conversion.plan.make_plan`).
     """
     unknown = sorted(set(options) - {f.name for f in fields(Policy)})
     if unknown:
@@ -160,7 +163,7 @@ def convert(model: nn.Module, *, input_shape: tuple[int, ...], policy: Policy | 
     check_finite_model(model)
     calls = trace_calls(model, input_shape)
     svds: dict[str, tuple] = {}
-    plan = make_plan(model, policy, calls, input_shape, svds)
+    plan = make_plan(model, policy, calls, input_shape, svds, costs=costs, cost_name=cost_name)
     if not plan.converted:
         raise NothingToConvertError(nothing_to_convert_message(plan))
     new = apply_plan(model, plan, svd_cache=svds)

@@ -8,6 +8,7 @@ from typing import Any
 from dsdeploy.conversion.opcount import Profile, profile_model, trace_calls
 from dsdeploy.conversion.plan import Plan, Policy, make_plan
 from dsdeploy.models.sources import LoadedModel
+from dsdeploy.recover.config import CALIB_BATCHES
 from dsdeploy.tables import format_table, human
 
 
@@ -22,6 +23,7 @@ class ModelReport:
     after: Profile | None = None
     output: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    sensitivity: Any = None  # dsdeploy.recover.sensitivity.Sensitivity when measured on data
 
     def summary(self) -> dict[str, Any]:
         b, a = self.before, self.after
@@ -36,7 +38,8 @@ class ModelReport:
     def to_dict(self) -> dict[str, Any]:
         return {"spec": self.spec, "input_shape": self.input_shape, "output": self.output,
                 "summary": self.summary(), "layers": [asdict(d) for d in self.plan.layers],
-                "policy": self.plan.policy, "layout": self.plan.layout, "history": self.history}
+                "policy": self.plan.policy, "layout": self.plan.layout, "history": self.history,
+                "sensitivity": self.sensitivity.to_dict() if self.sensitivity is not None else None}
 
     def render(self) -> str:
         rows = [[d.name, d.type, f"{d.in_channels}->{d.out_channels}", "x".join(map(str, d.kernel_size)), d.groups,
@@ -52,15 +55,61 @@ class ModelReport:
         else:
             lines.append(f"params {human(s['params'])} -> {human(s['params_after'])}, MACs {human(s['macs'])} -> "
                          f"{human(s['macs_after'])} (x{s['mac_ratio']:.3f}); conv MACs x{s['conv_mac_ratio']:.3f}")
+        pol = self.plan.policy
+        if pol.get("allocation") == "data":
+            ref = pol.get("spectral_cost_total")
+            lines.append(f"ranks allocated on data ({pol.get('cost', 'measured cost')}, {pol.get('solver')}): summed "
+                         f"cost {pol['cost_total']:.4g}" + (f" (spectral allocation: {ref:.4g})" if ref is not None
+                                                            else ""))
+        if self.sensitivity is not None and self.after is None:  # inspect shows the table
+            lines[:0] = [self.sensitivity.render(), ""]
         if self.output:
             lines.append(f"wrote {self.output}")
         return "\n".join(lines)
 
 
-def inspect_model(loaded: LoadedModel, policy: Policy, input_shape: tuple[int, ...] | None = None) -> ModelReport:
-    """Plan (without converting) and profile a model: what would convert and why not."""
+def measure_costs(loaded: LoadedModel, policy: Policy, shape: tuple[int, ...], pre: Any, data: str, *,
+                  seed: int = 0, calib_batches: int | None = CALIB_BATCHES, batch_size: int = 64,
+                  val_split: float = 0.2, limit: int | None = None, progress: bool = False):
+    """The sensitivity table of ``loaded.model`` on the images calibration would use
+    (:func:`dsdeploy.recover.sensitivity.sensitivity_on_data`)."""
+    from dsdeploy.recover.sensitivity import sensitivity_on_data
+
+    return sensitivity_on_data(loaded.model, policy, data, pre, tuple(shape), seed=seed, batch_size=batch_size,
+                               max_batches=calib_batches, val_split=val_split, limit=limit, labels=loaded.labels,
+                               progress=progress)
+
+
+def allocates_on_data(policy: Policy, data: str | None) -> bool:
+    """Whether ``policy`` shares out its mac_budget by measured costs given calibration ``data``."""
+    return policy.mac_budget is not None and policy.allocation != "spectral" and bool(data)
+
+
+def cost_name(table: Any) -> str | None:
+    """What a sensitivity table's costs are called in ``plan.policy["cost"]``."""
+    return f"logit_error ({table.metric})" if table is not None else None
+
+
+def inspect_model(loaded: LoadedModel, policy: Policy, input_shape: tuple[int, ...] | None = None,
+                  calib_data: str | None = None, calib_batches: int | None = CALIB_BATCHES,
+                  seed: int = 0, preprocess: dict[str, Any] | None = None) -> ModelReport:
+    """Plan (without converting) and profile a model: what would convert and why not.
+
+    With ``calib_data``, also measure the per-layer sensitivity table (``report.sensitivity``)
+    and, for a ``mac_budget`` (allocation not "spectral"), plan on it; ``preprocess`` overrides
+    the model's preprocessing of those images.
+    """
     shape = loaded.shape_or_default(input_shape)
     policy.validate()
+    table = None
+    if calib_data:
+        from dsdeploy.data.preprocessing import input_shape_for, resolve
+
+        pre = resolve(loaded.preprocessing, input_shape or loaded.input_shape, preprocess, data=calib_data,
+                      model=loaded.model)
+        shape = tuple(input_shape_for(pre, input_shape, loaded.input_shape, bool(preprocess)))
+        table = measure_costs(loaded, policy, shape, pre, calib_data, seed=seed, calib_batches=calib_batches)
     calls = trace_calls(loaded.model, shape)
-    plan = make_plan(loaded.model, policy, calls, shape)
-    return ModelReport(loaded.spec, list(shape), plan, profile_model(loaded.model, shape, calls))
+    costs = table.costs() if table is not None and allocates_on_data(policy, calib_data) else None
+    plan = make_plan(loaded.model, policy, calls, shape, costs=costs, cost_name=cost_name(table))
+    return ModelReport(loaded.spec, list(shape), plan, profile_model(loaded.model, shape, calls), sensitivity=table)

@@ -60,7 +60,7 @@ ConvertSection = Policy
 
 @dataclass
 class CalibrateSection:
-    """[calibrate]: least-squares DS factors (pointwise, then alternating rounds) + BatchNorm re-estimation."""
+    """[calibrate]: least-squares pointwise weights + BatchNorm re-estimation (needs data)."""
 
     enabled: bool = True
     batches: int = CALIB_BATCHES  # a seeded subset of batches * batch_size training images
@@ -68,6 +68,7 @@ class CalibrateSection:
     ridge: float = 1e-6
     rounds: int = CALIB_ROUNDS  # alternating depthwise/pointwise rounds per layer (0: pointwise only)
     cache_mb: float = CALIB_CACHE_MB  # MiB of cached stage inputs (0: none)
+    block_reconstruct: str | float | None = None  # e.g. "90s": label-free block reconstruction afterwards (kept in s)
 
 
 @dataclass
@@ -309,8 +310,9 @@ def _check_numbers(r: Recipe, src: str) -> None:
     [deploy], [bench] ARE the library's configs: they validated themselves when built)."""
     c = r.calibrate
     try:
-        CalibrationParams(ridge=c.ridge, max_batches=c.batches, batch_size=c.batch_size, rounds=c.rounds,
-                          cache_mb=c.cache_mb)
+        c.block_reconstruct = CalibrationParams(ridge=c.ridge, max_batches=c.batches, batch_size=c.batch_size,
+                                                rounds=c.rounds, cache_mb=c.cache_mb,
+                                                block_reconstruct=c.block_reconstruct).block_reconstruct
     except DsdeployError as exc:
         raise RecipeError(f"{src}: {str(exc).replace('calibrate max_batches', 'calibrate.batches')}") from None
     try:

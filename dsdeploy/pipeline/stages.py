@@ -121,7 +121,11 @@ def run_convert(ctx: Context, folder: Path) -> StageOutput:
     + :func:`~dsdeploy.api.save` of the calibrated model."""
     r = _r(ctx)
     loaded, pre, shape = recipe_source(ctx)
-    cm = api.convert(loaded, policy=recipe_policy(ctx), input_shape=shape)
+    c = r.calibrate
+    with_data = _data(ctx) if c.enabled else None  # a mac_budget is then shared out on the data (allocation)
+    cm = api.convert(loaded, policy=recipe_policy(ctx), input_shape=shape, data=with_data,
+                     allocation_options={"seed": r.seed, "calib_batches": c.batches, "batch_size": c.batch_size,
+                                         **data_split(ctx)})
     api.save(cm, folder / "converted.dsd")
     report = cm.report(folder / "converted.dsd")
     write_json(folder / "plan.json", report.to_dict())
@@ -129,11 +133,10 @@ def run_convert(ctx: Context, folder: Path) -> StageOutput:
               "layers": [asdict(d) for d in report.plan.layers], "calibration": None}
     outputs = {"converted": "converted.dsd", "artifact": "converted.dsd", "plan": "plan.json"}
     if r.calibrate.enabled and _data(ctx):
-        c = r.calibrate
         cal = api.calibrate(cm, _data(ctx), out=folder / "calibrated.dsd", max_batches=c.batches,
                             batch_size=c.batch_size, ridge=c.ridge, rounds=c.rounds, cache_mb=c.cache_mb,
                             seed=r.seed, progress=ctx.progress,
-                            **data_split(ctx))
+                            block_reconstruct=c.block_reconstruct, **data_split(ctx))
         result["calibration"] = cal.to_dict()
         outputs.update(calibrated="calibrated.dsd", artifact="calibrated.dsd")
     return StageOutput(result, outputs)

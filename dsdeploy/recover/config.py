@@ -10,9 +10,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dsdeploy.errors import DsdeployError
-from dsdeploy.ranges import check_number
+from dsdeploy.ranges import check_number, parse_duration
 from dsdeploy.recover.schedule import Schedule
 
+WARMUP_EPOCHS = 0.2  # default LR warmup: a fifth of an epoch, at most a tenth of the run (0: none)
 CALIB_BATCHES = 50  # calibration batches by default: [calibrate] batches, convert/calibrate CLI, library
 CALIB_ROUNDS = 3  # alternating (depthwise + pointwise) rounds per layer after the pointwise solve
 CALIB_CACHE_MB = 1024.0  # MiB of cached stage inputs during calibration
@@ -30,6 +31,10 @@ class CalibrationParams:
             solve) after the first pointwise solve, ``>= 0`` (0: pointwise weights only).
         cache_mb: MiB of stage inputs cached to avoid rerunning the network prefix per layer,
             ``>= 0`` (0: no cache; same result, slower on deep models).
+        block_reconstruct: seconds for label-free block reconstruction after the least squares
+            and BatchNorm re-estimation (:mod:`dsdeploy.recover.blockrec`); a duration such as
+            ``"90s"`` or ``"2m"`` is converted to seconds; None, 0, ``"0"`` or ``"off"``: off (the
+            default: it costs the time it is given, which only the user can weigh).
     """
 
     ridge: float = 1e-6
@@ -37,13 +42,28 @@ class CalibrationParams:
     batch_size: int = 64
     rounds: int = CALIB_ROUNDS
     cache_mb: float = CALIB_CACHE_MB
+    block_reconstruct: float | str | None = None
 
     def __post_init__(self) -> None:
+        self.block_reconstruct = block_budget(self.block_reconstruct)
         check_number(self.ridge, "calibrate ridge", low=0)
         check_number(self.max_batches, "calibrate max_batches", low=1, integer=True, optional=True)
         check_number(self.batch_size, "calibrate batch_size", low=1, integer=True)
         check_number(self.rounds, "calibrate.rounds", low=0, integer=True)
         check_number(self.cache_mb, "calibrate.cache_mb", low=0)
+
+    def fit(self) -> dict[str, Any]:
+        """The least-squares fit's options as keyword arguments of :func:`dsdeploy.recover.reconstruct.calibrate`."""
+        return {"rounds": self.rounds, "cache_mb": self.cache_mb}
+
+
+def block_budget(value: float | str | None, field: str = "calibrate.block_reconstruct") -> float | None:
+    """A block-reconstruction time budget in seconds: None when off (None, 0, "0", "off", "none", "")."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "0", "off", "none")):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+        return None
+    return parse_duration(value, field)
 
 
 MODES = ("none", "partial", "full")
@@ -64,7 +84,7 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"  # step | cosine | cosine-restarts | constant
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = WARMUP_EPOCHS  # linear from lr/10; capped at a tenth of the run's steps; 0: none
     kd_weight: float = 1.0
     feature_weight: float = 0.0
     ce_weight: float = 0.5
@@ -122,7 +142,25 @@ class FinetuneConfig:
 
 @dataclass
 class FinetuneResult:
-    """Outcome: best validation accuracy/epoch, why it stopped, the per-epoch history."""
+    """Outcome: what the model scored before and after, why it stopped, where the time went.
+
+    The returned model is the best of the input (epoch 0) and every trained epoch, by the
+    measure named in ``checked_on`` (:mod:`dsdeploy.recover.check`); ties keep the input.
+
+    Attributes:
+        best_accuracy: top-1 of the returned model on the checked images (None: not an accuracy measure).
+        best_epoch: the epoch returned (0: the input, unchanged).
+        stopped: completed | early-stop | budget | none.
+        accuracy_before / teacher_accuracy: top-1 of the input / the teacher on the same images.
+        seconds: wall time from the clock's start (the command's, for ``dsdeploy finetune``) to the end.
+        decode_seconds / train_seconds / eval_seconds: data preparation, training steps, evaluations.
+        kept_input: no trained epoch beat the input: the model returned is the input, unchanged.
+        worse_than_input: the last trained epoch scored below the input (the input or a better epoch is returned).
+        warning: one line for the user when ``kept_input`` or ``worse_than_input`` (else None).
+        checked_on: the measure that picked the model, in words.
+        score_before / best_score: that measure for the input and the returned model (higher is better).
+        time_budget: the budget in seconds (None: sized by epochs).
+    """
 
     best_accuracy: float | None
     best_epoch: int
@@ -137,6 +175,16 @@ class FinetuneResult:
     history_file: str | None = None
     resumed_from: int | None = None
     split: dict[str, Any] | None = None  # the data split used (dsdeploy.data.labels.split_record)
+    decode_seconds: float = 0.0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    kept_input: bool = False
+    worse_than_input: bool = False
+    warning: str | None = None
+    checked_on: str | None = None
+    score_before: float | None = None
+    best_score: float | None = None
+    time_budget: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

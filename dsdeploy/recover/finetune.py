@@ -1,8 +1,11 @@
-"""Distillation fine-tuning of a converted model: the training loop.
+"""Distillation fine-tuning of a converted model: the run around the training epochs.
 
-One :class:`FinetuneConfig` holds every knob. The loop trains for ``epochs`` or sizes
-itself to a ``time_budget`` (from the measured speed of the first steps), evaluates on
-the validation split after each epoch, keeps the best weights, stops early on a
+One :class:`FinetuneConfig` holds every knob. The input model is scored first
+(:mod:`dsdeploy.recover.check`: validation accuracy, or what replaces it) and is the best
+so far, epoch 0; each trained epoch is scored the same way and kept only when it beats
+the best, so the model returned is never worse than the input by that measure. The run
+trains for ``epochs`` or sizes itself to a ``time_budget`` from the pace of the training
+steps alone (:mod:`dsdeploy.recover.budget`), warms the learning rate up, stops early on a
 plateau, and writes an atomic checkpoint plus the per-epoch history after each epoch.
 Each epoch's data order and RNG state derive from ``seed`` and the epoch number, so a
 run killed at any point and resumed with ``resume=True`` ends with exactly the weights
@@ -11,6 +14,7 @@ of an uninterrupted run (on CPU).
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from pathlib import Path
@@ -19,17 +23,19 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dsdeploy.conversion.block import ds_blocks
 from dsdeploy.errors import DataError
 from dsdeploy.fsutil import write_json
+from dsdeploy.recover.budget import Budget
+from dsdeploy.recover.check import ModelCheck, model_check
 from dsdeploy.recover.config import FinetuneConfig, FinetuneResult
-from dsdeploy.recover.distill import (
-    Distiller,
-    LossWeights,
-    evaluate,
-    following_norms,
-    fresh_parameters,
-    init_parameters,
+from dsdeploy.recover.distill import Distiller, LossWeights, fresh_parameters, init_parameters
+from dsdeploy.recover.epoch import (  # noqa: F401 (epoch_seed, steps_per_epoch, train_loader: public here too)
+    epoch_seed,
+    make_optimizer,
+    steps_per_epoch,
+    train_epoch,
+    train_loader,
+    trainable_modules,
 )
 from dsdeploy.recover.resume import (
     SignalGuard,
@@ -42,55 +48,9 @@ from dsdeploy.recover.resume import (
     save_checkpoint,
     set_rng_state,
 )
-from dsdeploy.recover.schedule import Schedule, steps_for_budget
+from dsdeploy.recover.schedule import Schedule
 
-MEASURE_STEPS = 8
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of one epoch's data order, augmentation and dropout."""
-    return (seed * 1_000_003 + epoch) % (2 ** 63)
-
-
-def _seed_epoch(dataset: Any, seed: int) -> None:
-    torch.manual_seed(seed)
-    if hasattr(dataset, "set_epoch_seed"):
-        dataset.set_epoch_seed(seed)
-    elif isinstance(getattr(dataset, "_gen", None), torch.Generator):  # dsdeploy.data.datasets.ImageDataset augmentation
-        dataset._gen.manual_seed(seed)
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    """Optimizer steps in one epoch of :func:`train_loader` (a short last batch is dropped)."""
-    return max(1, n // batch_size) if n > batch_size else 1
-
-
-def train_loader(dataset: Any, batch_size: int, seed: int) -> Any:
-    """The shuffled training loader of one epoch (order fixed by ``seed``).
-
-    When the split holds more than one batch, the short last batch is dropped: a batch of
-    one image cannot train BatchNorm (``BatchNorm1d`` refuses it, 2d gets a zero variance).
-    """
-    from torch.utils.data import DataLoader
-
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
-                      num_workers=0, drop_last=len(dataset) > batch_size)
-
-
-def trainable_modules(student: nn.Module, mode: str, example: torch.Tensor) -> list[nn.Module]:
-    """The modules trained in ``mode``: everything (full) or the DS blocks plus the norms right after them."""
-    if mode == "full":
-        return [student]
-    norms = following_norms(student, example)
-    names = list(norms) + list(norms.values())
-    names += [n for n in ds_blocks(student) if n not in norms]
-    return [student.get_submodule(n) for n in sorted(set(names))]
-
-
-def _set_train(student: nn.Module, modules: list[nn.Module]) -> None:
-    student.eval()
-    for m in modules:
-        m.train()
+EVAL_SHARE = 0.05  # under a time budget, one evaluation may take about this share of it
 
 
 def _memory_format(cfg: FinetuneConfig, student: nn.Module, teacher: nn.Module | None,
@@ -101,200 +61,217 @@ def _memory_format(cfg: FinetuneConfig, student: nn.Module, teacher: nn.Module |
                 m.to(memory_format=fmt)
 
 
-def _optimizer(params: list[nn.Parameter], cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+def _warmup_steps(cfg: FinetuneConfig, spe: int, total: int) -> int:
+    """Warmup steps: ``warmup_epochs`` of an epoch (at least 1 when > 0), at most a tenth of ``total``."""
+    if not cfg.warmup_epochs:
+        return 0
+    return min(max(1, math.ceil(cfg.warmup_epochs * spe)), max(1, total // 10))
+
+
+def _prepare(data: Any) -> tuple[torch.Tensor, float]:
+    """Decode what the splits still hold undecoded; (an example batch, seconds it took)."""
+    from dsdeploy.data.datasets import make_loader
+
+    t = time.perf_counter()
+    if data.train is None or len(data.train) == 0:
+        raise DataError("fine-tuning needs a training split with images")
+    if data.val is not None:
+        len(data.val)
+    example = next(iter(make_loader(data.train, 2, shuffle=False)))[0]
+    return example, time.perf_counter() - t
 
 
 def finetune(student: nn.Module, teacher: nn.Module | None, data: Any, config: FinetuneConfig, *,
              out_path: str | Path, resume: bool = False,
              on_best: Callable[[nn.Module, dict[str, Any]], None] | None = None,
-             started: float | None = None, identity: dict[str, Any] | None = None) -> FinetuneResult:
-    """Fine-tune ``student`` IN PLACE by distillation from ``teacher``; it ends holding the best weights.
+             started: float | None = None, identity: dict[str, Any] | None = None,
+             decode_seconds: float = 0.0) -> FinetuneResult:
+    """Fine-tune ``student`` IN PLACE by distillation; it ends holding the best of its input and each epoch.
+
+    The input is scored before the first step and is the best so far (epoch 0); an epoch
+    replaces the best only when it scores higher, so when none does the student ends with
+    its input weights, unchanged, and the result says so (``kept_input``, ``warning``).
 
     Args:
         student: the converted model.
         teacher: the original model (None: cross-entropy only; needs labels).
-        data: a :class:`dsdeploy.data.datasets.DataSplits` (``train`` required; ``val`` picks the best epoch).
+        data: a :class:`dsdeploy.data.datasets.DataSplits` (``train`` required; ``val`` picks the best
+            epoch; without it a fixed subset of ``train`` does: see :mod:`dsdeploy.recover.check`).
         config: all options.
         out_path: the output artifact path; the checkpoint (``OUT.ckpt``) and history
             (``OUT.history.json``) default to names beside it.
         resume: continue from the checkpoint (a fresh start when there is none yet).
-        on_best: called with (student, epoch record) whenever the validation score improves.
-        started: ``time.perf_counter()`` when the time budget's clock started (default:
-            on entry), so a caller's data loading can count against the budget.
+        on_best: called with (student, epoch record) whenever a trained epoch becomes the best.
+        started: ``time.perf_counter()`` when the time budget's clock started (default: on
+            entry), so a caller's model and data loading count against the budget.
         identity: digests of the run's inputs (:func:`dsdeploy.recover.resume.run_identity`), stored
             in the checkpoint; a resume with a different identity or options is refused (None:
             the options only).
+        decode_seconds: data preparation the caller already did (added to ``decode_seconds``).
 
     Raises:
         TrainingInterrupted: on SIGINT/SIGTERM (exit code 130); the last completed epoch's
             checkpoint stays valid for ``resume=True``.
-        CheckpointError: ``resume`` with a checkpoint of another run (inputs or options differ).
+        CheckpointError: ``resume`` with a checkpoint of another run (inputs or options differ)
+            or of an older format.
+        DataError: no training images, or no teacher and no labels.
     """
-    from dsdeploy.data.datasets import make_loader
-
     config.validate()
-    t0 = time.perf_counter()
+    clock = started if started is not None else time.perf_counter()
     out = Path(out_path)
     ckpt_path = Path(config.checkpoint_path or out.with_suffix(".ckpt"))
     hist_path = Path(config.history_path or out.with_suffix(".history.json"))
-    if data.train is None or len(data.train) == 0:
-        raise DataError("fine-tuning needs a training split with images")
+    example, prep_s = _prepare(data)
     labelled = bool(data.classes)
     if teacher is None and not labelled:
         raise DataError("without a teacher, fine-tuning needs labelled data")
-    val_loader = make_loader(data.val, 256, shuffle=False) if data.val is not None and labelled else None
-    acc_before = evaluate(student, val_loader) if val_loader else None
-    teacher_acc = evaluate(teacher, val_loader) if val_loader and teacher is not None else None
-    result = FinetuneResult(acc_before, -1, 0, 0, "none", acc_before, teacher_acc, 0.0,
-                            checkpoint=str(ckpt_path), history_file=str(hist_path))
+    check = model_check(data, teacher, labelled)
+    ck = None
+    if resume and ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path)
+        check_resumable(ck, config.trajectory(), identity, ckpt_path)
+    _memory_format(config, student, teacher, torch.channels_last)
+    try:
+        return _run(student, teacher, data, config, check, ck, example, (ckpt_path, hist_path),
+                    {"clock": clock, "decode": decode_seconds + prep_s, "identity": identity or {}}, on_best)
+    finally:
+        _memory_format(config, student, teacher, torch.contiguous_format)
+
+
+def _run(student, teacher, data, config: FinetuneConfig, check: ModelCheck, ck: dict[str, Any] | None,
+         example: torch.Tensor, paths: tuple[Path, Path], run: dict[str, Any],
+         on_best: Callable | None) -> FinetuneResult:
+    ckpt_path, hist_path = paths
+    cl = config.channels_last
+    t = time.perf_counter()
+    if ck is not None:  # the same images as before the interruption
+        check.max_batches, check.basis = ck["check_batches"], ck["checked_on"]
+    elif config.time_budget and config.mode != "none":
+        check.fit_to(student, EVAL_SHARE * config.time_budget, cl)  # each evaluation: a small share of the budget
+    teacher_acc = check.score(teacher, cl) if check.accuracy and teacher is not None else None
+    st: dict[str, Any] = {"epoch": 0, "step": 0, "best_score": None, "best_epoch": 0, "best_state": None,
+                          "input_score": None, "bad_epochs": 0, "history": [], "elapsed": 0.0, "done": None,
+                          "times": {"decode": 0.0, "train": 0.0, "eval": 0.0}, "check_batches": check.max_batches,
+                          "checked_on": check.basis}
+    t_input = time.perf_counter()
+    if ck is None:
+        st["input_score"] = st["best_score"] = check.score(student, cl)
+        st["best_state"] = cpu_state_dict(student)  # the input: returned unchanged when no epoch beats it
+    input_eval, evals = time.perf_counter() - t_input, time.perf_counter() - t
+    result = FinetuneResult(None, 0, 0, 0, "none", None, teacher_acc, 0.0, checkpoint=str(ckpt_path),
+                            history_file=str(hist_path), checked_on=check.basis, time_budget=config.time_budget)
     if config.mode == "none":
-        result.best_epoch, result.seconds = 0, time.perf_counter() - t0
-        return result
+        st["times"]["decode"], st["times"]["eval"] = run["decode"], evals
+        return _finish(result, student, st, check, Budget(None, run["clock"]))
 
     torch.manual_seed(config.seed)
     if config.init != "none":
         init_parameters(student, fresh_parameters(student, teacher, config.reinit), config.init)
-    example = next(iter(make_loader(data.train, 2, shuffle=False)))[0]
     modules = trainable_modules(student, config.mode, example)
     train_ids = {id(p) for m in modules for p in m.parameters()}
     for p in student.parameters():
         p.requires_grad_(id(p) in train_ids)
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = _optimizer(params, config)
+    opt = make_optimizer(params, config)
     spe = steps_per_epoch(len(data.train), config.batch_size)
-    sched = Schedule(config.schedule, config.lr, total_steps=(config.epochs or 10 ** 6) * spe,
-                     warmup_steps=round(config.warmup_epochs * spe))
-    st: dict[str, Any] = {"epoch": 0, "step": 0, "best_acc": None, "best_epoch": -1, "best_state": None,
-                          "bad_epochs": 0, "history": [], "elapsed": 0.0, "sized": config.time_budget is None,
-                          "done": None}
-    if resume and ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path)
-        check_resumable(ck, config.trajectory(), identity, ckpt_path)
+    cap = config.epochs * spe if config.epochs else None
+    total = cap or 10 ** 6  # a time budget sizes it once the pace is known
+    sched = Schedule(config.schedule, config.lr, total_steps=total,
+                     warmup_steps=_warmup_steps(config, spe, total if cap else 10 * spe))
+    if ck is not None:
         student.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched = Schedule(**ck["schedule"])
         st.update({k: ck[k] for k in st})
         set_rng_state(ck["rng"])
         result.resumed_from = st["epoch"]
-    _memory_format(config, student, teacher, torch.channels_last)
+    st["times"]["decode"] += run["decode"]
+    st["times"]["eval"] += evals
+    budget = Budget(config.time_budget, run["clock"], spent=st["elapsed"], trained=st["times"]["train"])
+    budget.evaluation_took(input_eval)
+    sizing = {"spe": spe, "warmup": _warmup_steps(config, spe, 10 * spe), "cap": cap}
     distiller = Distiller(student, teacher, LossWeights(config.kd_weight, config.feature_weight,
                                                         config.ce_weight, config.temperature))
-    eval_images = len(data.val) if val_loader else 0
-    fresh_start = started if started is not None else t0
-    run_start = (time.perf_counter() - st["elapsed"]) if result.resumed_from is not None else fresh_start
+    save_s = 0.0
+    if budget.over():  # the data and the first evaluations took the whole budget: nothing can be trained
+        st["done"] = "budget"
     try:
         with SignalGuard() as guard:
             while st["done"] is None and st["step"] < sched.total_steps:
-                record = _train_epoch(distiller, modules, params, opt, sched, data.train, st, config, guard,
-                                      (spe, eval_images, run_start))
-                t_eval = time.perf_counter()
-                val = evaluate(student, val_loader, channels_last=config.channels_last) \
-                    if val_loader and record is not None else None
+                record = train_epoch(distiller, modules, params, opt, sched, data.train, st, config, guard,
+                                     budget, sizing)
                 if record is None or guard.signum is not None:
                     raise interrupted(guard.signum or signal.SIGINT, st["epoch"], ckpt_path)
-                record["val_acc"] = val
-                record["seconds"] = round(time.perf_counter() - run_start - st["elapsed"], 3)
+                st["times"]["train"] += record["train_seconds"]
+                t_eval = time.perf_counter()
+                score = check.score(student, cl)
+                record["score"] = score
+                record["val_acc"] = score if check.accuracy else None
                 st["epoch"] += 1
                 st["history"].append(record)
-                improved = val is None or st["best_acc"] is None or val > st["best_acc"]
+                improved = score is not None and (st["best_score"] is None or score > st["best_score"])
                 if improved:
-                    st["best_acc"], st["best_epoch"], st["bad_epochs"] = val, st["epoch"], 0
+                    st["best_score"], st["best_epoch"], st["bad_epochs"] = score, st["epoch"], 0
                     st["best_state"] = cpu_state_dict(student)
                 else:
                     st["bad_epochs"] += 1
+                record["eval_seconds"] = round(time.perf_counter() - t_eval, 3)
+                st["times"]["eval"] += record["eval_seconds"]
+                budget.evaluation_took(record["eval_seconds"] + save_s)
+                if config.time_budget and not (config.patience and st["bad_epochs"] >= config.patience):
+                    budget.resize(sched, st["step"], spe, 0, sizing["warmup"], cap)
                 if config.patience and st["bad_epochs"] >= config.patience:
                     st["done"] = "early-stop"
                 elif st["step"] >= sched.total_steps:
-                    st["done"] = "budget" if config.time_budget else "completed"
-                st["elapsed"] = time.perf_counter() - run_start
-                if config.time_budget and st["done"] is None:
-                    eval_s = time.perf_counter() - t_eval
-                    step_s = record["train_seconds"] / max(1, record["steps"])
-                    sched.total_steps = st["step"] + steps_for_budget(config.time_budget, st["elapsed"], step_s,
-                                                                      spe, eval_s)
-                _save(ckpt_path, student, opt, sched, st, config, identity or {})
+                    st["done"] = "budget" if config.time_budget and (cap is None or st["step"] < cap) else "completed"
+                record["seconds"] = round(budget.elapsed() - st["elapsed"], 3)  # this epoch's, all included
+                st["elapsed"] = budget.elapsed()
+                t_save = time.perf_counter()
+                _save(ckpt_path, student, opt, sched, st, config, run["identity"])
                 write_json(hist_path, st["history"])
+                save_s = time.perf_counter() - t_save
                 if improved and on_best is not None:
                     on_best(student, record)
     finally:
         distiller.close()
-        _memory_format(config, student, teacher, torch.contiguous_format)
+    return _finish(result, student, st, check, budget)
+
+
+def _finish(result: FinetuneResult, student: nn.Module, st: dict[str, Any], check: ModelCheck,
+            budget: Budget) -> FinetuneResult:
+    """Load the best weights into ``student`` and fill ``result`` (scores, verdict, warning, times)."""
     if st["best_state"] is not None:
         student.load_state_dict(st["best_state"])
     student.eval()
-    result.best_accuracy, result.best_epoch, result.epochs = st["best_acc"], st["best_epoch"], st["epoch"]
-    result.steps, result.stopped, result.history = st["step"], st["done"] or "completed", st["history"]
-    result.seconds = time.perf_counter() - t0
+    hist, before, best = st["history"], st["input_score"], st["best_score"]
+    result.score_before, result.best_score = before, best
+    result.accuracy_before = before if check.accuracy else None
+    result.best_accuracy = best if check.accuracy else None
+    result.best_epoch, result.epochs, result.steps = st["best_epoch"], st["epoch"], st["step"]
+    result.stopped = st["done"] or ("completed" if hist else "none")
+    result.history = hist
+    last = hist[-1].get("score") if hist else None
+    result.kept_input = bool(hist) and st["best_epoch"] == 0
+    result.worse_than_input = last is not None and before is not None and last < before
+    show = check.describe
+    if not hist and result.stopped == "budget":
+        result.kept_input = True
+        result.warning = (f"the time budget was spent before training could start (data {st['times']['decode']:.0f}s, "
+                          f"evaluation {st['times']['eval']:.0f}s): the input model is returned unchanged")
+    elif before is None and hist:
+        result.warning = f"the model could not be checked ({check.basis} gave no score): the last epoch is returned"
+    elif result.kept_input:
+        trained = max((h["score"] for h in hist if h.get("score") is not None), default=None)
+        result.warning = (f"fine-tuning did not improve on the input ({check.basis}: input {show(before)}, best "
+                          f"epoch {show(trained)}); the input model is returned unchanged")
+    elif result.worse_than_input:
+        result.warning = (f"the last epoch is worse than the input ({check.basis}: {show(last)} vs "
+                          f"{show(before)}); epoch {st['best_epoch']} ({show(best)}) is returned")
+    times = st["times"]
+    result.decode_seconds, result.train_seconds, result.eval_seconds = (round(times[k], 3) for k in
+                                                                        ("decode", "train", "eval"))
+    result.seconds = budget.elapsed()
     return result
-
-
-def _train_epoch(distiller: Distiller, modules, params, opt, sched: Schedule, train, st, cfg: FinetuneConfig,
-                 guard: SignalGuard, timing: tuple[int, int, float]) -> dict[str, Any] | None:
-    """One pass over the training data (or until the schedule/budget ends): the epoch record, None on a signal.
-
-    ``timing`` is (steps per epoch, validation images, run start time) for budget sizing.
-    """
-    from tqdm import tqdm
-
-    spe, eval_images, run_start = timing
-    eval_s = 0.0
-
-    seed = epoch_seed(cfg.seed, st["epoch"])
-    _seed_epoch(train, seed)
-    loader = train_loader(train, cfg.batch_size, seed)
-    _set_train(distiller.student, modules)
-    bar = tqdm(loader, total=min(spe, sched.total_steps - st["step"]), desc=f"epoch {st['epoch'] + 1}",
-               unit="batch", disable=not cfg.progress, leave=False)
-    loss_sum = correct = labelled = seen = steps = 0
-    t_start = time.perf_counter()
-    lr = sched.lr_at(st["step"])
-    for x, y in bar:
-        if cfg.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        lr = sched.lr_at(st["step"])
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss, logits, _parts = distiller(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_grad:
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-        opt.step()
-        st["step"] += 1
-        steps += 1
-        n = x.shape[0]
-        seen += n
-        loss_sum += float(loss.detach()) * n
-        mask = y >= 0
-        labelled += int(mask.sum())
-        correct += int((logits.detach().argmax(1)[mask] == y[mask]).sum())
-        if cfg.progress:
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / max(1, labelled):.3f}",
-                            ips=f"{seen / (time.perf_counter() - t_start):.0f}", refresh=False)
-        if guard.signum is not None:
-            bar.close()
-            return None
-        if cfg.time_budget and steps == MEASURE_STEPS:
-            step_s = (time.perf_counter() - t_start) / steps
-            eval_s = step_s * eval_images / cfg.batch_size / 3  # a forward pass ~ 1/3 of a training step
-            if not st["sized"]:
-                st["sized"] = True
-                sched.total_steps = st["step"] + steps_for_budget(cfg.time_budget, time.perf_counter() - run_start,
-                                                                  step_s, spe, eval_s)
-                bar.total = min(spe, sched.total_steps - st["step"] + steps)
-        if st["step"] >= sched.total_steps or (cfg.time_budget and time.perf_counter() - run_start
-                                               > cfg.time_budget * 0.98 - eval_s):
-            sched.total_steps = min(sched.total_steps, st["step"])
-            break
-    bar.close()
-    secs = time.perf_counter() - t_start
-    return {"epoch": st["epoch"] + 1, "train_loss": loss_sum / max(1, seen),
-            "train_acc": correct / labelled if labelled else None, "val_acc": None, "lr": lr,
-            "images_per_s": seen / max(secs, 1e-9), "seconds": 0.0, "train_seconds": round(secs, 3),
-            "steps": steps, "step": st["step"]}
 
 
 def _save(path: Path, student: nn.Module, opt, sched: Schedule, st: dict[str, Any], cfg: FinetuneConfig,
@@ -310,7 +287,10 @@ def finetune_artifact(student_path: str | Path, data: str, out: str | Path, conf
                       val_split: float = 0.2, trust_code: bool = False) -> FinetuneResult:
     """``dsdeploy finetune``: fine-tune a .dsd against its source model (or ``teacher``); write the best to ``out``.
 
-    ``out`` is rewritten whenever validation improves, so it always holds the best weights so far.
+    ``out`` is rewritten whenever a trained epoch becomes the best, and written at the end with the
+    model returned (the input itself when no epoch beat it: ``result.kept_input``).
+    ``config.time_budget`` counts from this call's start: loading the artifact, teacher and data
+    (``decode_seconds``), the evaluations and the training steps all count against it.
     The checkpoint records the digests of the student, data, split, teacher and the resolved
     preprocessing (size, resize, mean, std, channels); ``resume`` with
     any of them changed raises CheckpointError naming what differs.
@@ -333,8 +313,13 @@ def finetune_artifact(student_path: str | Path, data: str, out: str | Path, conf
                   model=art.model, augment=config.augment)
     identity = run_identity(student=student_path, data=data, limit=limit, val_split=val_split, teacher=teacher,
                             teacher_weights=teacher_weights, preprocessing=pre.to_dict())
+    t_data = time.perf_counter()
     splits = load_data(data, pre, seed=config.seed, labelled=False, limit=limit, val_split=val_split,
                        model_labels=art.metadata.get("labels"))
+    for split in (splits.train, splits.val):
+        if split is not None:
+            len(split)  # decodes the images (into memory when they fit): data preparation, not training
+    decode_s = time.perf_counter() - t_data
     if splits.classes and splits.train is not None and len(splits.train):
         check_outputs(splits.classes, output_count(art.model, splits.train[0][0][None]), f"{student_path}")
     art.metadata = {**art.metadata, "preprocessing": pre.to_dict()}  # what the model was trained with
@@ -350,7 +335,7 @@ def finetune_artifact(student_path: str | Path, data: str, out: str | Path, conf
 
     result = finetune(art.model, teacher_model, splits, config, out_path=out, resume=resume,
                       on_best=lambda model, record: save(model, entry(None, record)), started=started,
-                      identity=identity)
+                      identity=identity, decode_seconds=decode_s)
     result.split = splits.split
     save(art.model, entry(result))
     return result

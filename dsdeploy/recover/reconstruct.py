@@ -72,6 +72,7 @@ class CalibrationReport:
     rounds: int = 0
     fit_seconds: float = 0.0
     cache: dict[str, Any] | None = None
+    block_reconstruction: dict[str, Any] | None = None  # dsdeploy.recover.blockrec.BlockReconReport, when run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,7 +88,8 @@ class CalibrationReport:
                 "fit_seconds": round(self.fit_seconds, 2), "cache": self.cache,
                 "layers": [{"name": c.name, "error_before": r6(c.error_before), "error_after": r6(c.error_after),
                             "error_pointwise": r6(c.error_pointwise), "error_rounds": [r6(e) for e in c.error_rounds],
-                            "error_bn": r6(c.error_bn), "method": c.method} for c in self.layers], **extra}
+                            "error_bn": r6(c.error_bn), "method": c.method} for c in self.layers],
+                **({"block_reconstruction": self.block_reconstruction} if self.block_reconstruction else {}), **extra}
 
     def render(self) -> str:
         from dsdeploy.tables import format_table
@@ -106,6 +108,12 @@ class CalibrationReport:
                  "", summary]
         if self.accuracy_before is not None and self.accuracy_after is not None:
             lines.append(f"accuracy {100 * self.accuracy_before:.2f}% -> {100 * self.accuracy_after:.2f}%")
+        if self.block_reconstruction:
+            b = self.block_reconstruction
+            lines.append(f"block reconstruction: {len(b['blocks'])} blocks in {b['seconds']:.1f}s "
+                         f"(budget {b['time_budget']:.0f}s), summed block error "
+                         f"{sum(x['error_before'] or 0 for x in b['blocks']):.4f} -> "
+                         f"{sum(x['error_after'] or 0 for x in b['blocks']):.4f}")
         return "\n".join(lines)
 
 
@@ -301,7 +309,7 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
                    preprocessing: Any, *, max_batches: int | None = CALIB_BATCHES, seed: int = 0,
                    batch_size: int = 64, ridge: float = 1e-6, progress: bool = True, val_split: float = 0.2,
                    limit: int | None = None, labels: list[str] | None = None, rounds: int = CALIB_ROUNDS,
-                   cache_mb: float = CALIB_CACHE_MB) -> CalibrationReport:
+                   cache_mb: float = CALIB_CACHE_MB, block_reconstruct: float | None = None) -> CalibrationReport:
     """Calibrate ``model`` in place on a data spec (``digits`` or a folder).
 
     ``preprocessing`` is the resolved preprocessing dict (:func:`dsdeploy.data.preprocessing.resolve`;
@@ -310,6 +318,7 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
     batch_size`` images when capped, the same for every layer; None = all) is the calibration
     set; the validation split, when labelled, measures accuracy before and after (data classes
     mapped to ``labels`` by name when the model records them). ``rounds``, ``cache_mb``: as in :func:`calibrate`.
+    ``block_reconstruct``: seconds of :mod:`dsdeploy.recover.blockrec` afterwards on the same batches (None: off).
     """
     from torch.utils.data import Subset
 
@@ -332,6 +341,9 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
         check_outputs(splits.classes, output_count(teacher, calib[0][0][None]), "the model")
     report = calibrate(model, teacher, plan, loader, ridge=ridge, progress=progress, eval_loader=eval_loader,
                        rounds=rounds, cache_mb=cache_mb)
+    from dsdeploy.recover.blockrec import after_calibration
+
+    after_calibration(report, model, teacher, loader, block_reconstruct, eval_loader=eval_loader, progress=progress)
     report.split = splits.split
     return report
 
@@ -340,13 +352,15 @@ def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: 
                        batch_size: int = 64, seed: int = 0, ridge: float = 1e-6, progress: bool = True,
                        preprocess: dict[str, Any] | None = None, val_split: float = 0.2,
                        limit: int | None = None, trust_code: bool = False, rounds: int = CALIB_ROUNDS,
-                       cache_mb: float = CALIB_CACHE_MB) -> CalibrationReport:
+                       cache_mb: float = CALIB_CACHE_MB, block_reconstruct: float | str | None = None
+                       ) -> CalibrationReport:
     """``dsdeploy calibrate``: load a .dsd, calibrate it against its source model, write ``out``.
 
     The preprocessing is :func:`dsdeploy.data.preprocessing.resolve` of the artifact's recorded
     preprocessing and input shape with ``preprocess`` overrides; ``out`` records what was used.
     ``trust_code``: import the ``pkg.module:factory`` the artifact records (see :mod:`dsdeploy.models.trust`).
     ``rounds``, ``cache_mb``: as in :func:`calibrate`.
+    ``block_reconstruct``: seconds or a duration (``"90s"``) of block reconstruction afterwards (None/0: off).
     """
     from dsdeploy.conversion.artifact import (
         load_artifact,
@@ -355,14 +369,16 @@ def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: 
     )
     from dsdeploy.data.preprocessing import resolve
 
-    CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size, rounds=rounds, cache_mb=cache_mb)
+    params = CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size, rounds=rounds,
+                               cache_mb=cache_mb, block_reconstruct=block_reconstruct)
     art = load_artifact(artifact_path, trust_code=trust_code)
     teacher = load_source_model(art)
     pre = resolve(art.metadata.get("preprocessing"), art.metadata.get("input_shape"), preprocess, data=data,
                   model=teacher)
     report = calibrate_data(art.model, teacher, art.plan, data, pre, max_batches=max_batches, seed=seed,
                             batch_size=batch_size, ridge=ridge, progress=progress, val_split=val_split, limit=limit,
-                            labels=art.metadata.get("labels"), rounds=rounds, cache_mb=cache_mb)
+                            labels=art.metadata.get("labels"), rounds=rounds, cache_mb=cache_mb,
+                            block_reconstruct=params.block_reconstruct)
     save_artifact(out, art.model, art.plan, art.source, {**art.metadata, "preprocessing": pre.to_dict()},
                   art.history + [report.history_entry(data=data, seed=seed)])
     return report

@@ -24,7 +24,7 @@ from dsdeploy.errors import CheckpointError, TrainingInterrupted
 from dsdeploy.fsutil import atomic_path, digest_tree, sha256_file, show
 
 CHECKPOINT_FORMAT = "dsdeploy-finetune-checkpoint"
-CHECKPOINT_VERSION = 2  # 2: records the run identity
+CHECKPOINT_VERSION = 3  # 2: records the run identity; 3: the input is epoch 0 (scores, resizable schedule, times)
 
 
 
