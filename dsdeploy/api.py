@@ -166,11 +166,11 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
               preprocess: dict[str, Any] | None = None, seed: int = 0, val_split: float = 0.2,
               limit: int | None = None, progress: bool = False, trust_code: bool = False,
               **options: Any) -> CalibrationReport:
-    """Fit each DS block's pointwise weights to the ORIGINAL conv's outputs, IN PLACE, then re-estimate BatchNorm.
+    """Fit each DS block's factors to the ORIGINAL conv's outputs, IN PLACE, then re-estimate BatchNorm.
 
-    Method: least squares on activations (the depthwise features the block sees inside the
-    partially calibrated network against the original conv's output; ridge-regularised normal
-    equations, layer by layer in call order), as in Zhang et al. 2016 "Accelerating very deep
+    Method: least squares on activations (each block's input inside the partially calibrated network
+    against the original conv's output; the pointwise weights, then ``rounds`` alternating depthwise/
+    pointwise solves; layer by layer in call order), as in Zhang et al. 2016 "Accelerating very deep
     convolutional networks" (:mod:`dsdeploy.recover.reconstruct`). No labels needed.
 
     Args:
@@ -182,12 +182,12 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
             reported on the labelled validation split), a float tensor of model-ready inputs
             (N, C, H, W), or an iterable of such batches (or ``(x, y)`` batches).
         params / options: :class:`dsdeploy.recover.config.CalibrationParams` fields:
-            ``ridge`` (>= 0), ``max_batches`` (None = all), ``batch_size``, ``block_reconstruct`` (seconds
-            or ``"90s"``: then fit each block to the original's activations, :mod:`dsdeploy.recover.blockrec`).
+            ``ridge``, ``max_batches``, ``batch_size``, ``rounds`` (0: pointwise only), ``cache_mb``,
+            ``block_reconstruct`` (seconds or ``"90s"``: then fit blocks, :mod:`dsdeploy.recover.blockrec`).
         preprocess: preprocessing overrides (``size``, ``mean``, ...) for a data spec.
 
     Returns:
-        A CalibrationReport: per-layer relative output error before/after, batches, seconds.
+        A CalibrationReport: per-layer output errors (SVD, fitted, each round, after BN), seconds.
 
     Raises:
         DataError: empty or unreadable data; DsdeployError: an option out of range (names it).
@@ -199,20 +199,20 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
         return reconstruct.calibrate_artifact(str(converted), data, str(out), max_batches=p.max_batches,
                                               batch_size=p.batch_size, seed=seed, ridge=p.ridge, progress=progress,
                                               preprocess=preprocess, val_split=val_split, limit=limit,
-                                              trust_code=trust_code, block_reconstruct=p.block_reconstruct)
+                                              trust_code=trust_code, block_reconstruct=p.block_reconstruct, **p.fit())
     cm = _require_converted(converted, "calibrate")
     if isinstance(data, str):
         pre = resolve(cm.preprocessing, cm.input_shape, preprocess, data=data, model=cm.original)
         report = reconstruct.calibrate_data(cm.model, cm.original, cm.plan, data, pre, max_batches=p.max_batches,
                                             seed=seed, batch_size=p.batch_size, ridge=p.ridge, progress=progress,
                                             val_split=val_split, limit=limit, labels=cm.labels,
-                                            block_reconstruct=p.block_reconstruct)
+                                            block_reconstruct=p.block_reconstruct, **p.fit())
         cm.preprocessing = pre.to_dict()
         cm.history.append(report.history_entry(data=data, seed=seed))
     else:
         loader = batches(data, p.batch_size)
         report = reconstruct.calibrate(cm.model, cm.original, cm.plan, loader,
-                                       max_batches=p.max_batches, ridge=p.ridge, progress=progress)
+                                       max_batches=p.max_batches, ridge=p.ridge, progress=progress, **p.fit())
         after_calibration(report, cm.model, cm.original, loader, p.block_reconstruct, max_batches=p.max_batches)
         cm.history.append(report.history_entry(data="in-memory"))
     if out is not None:
