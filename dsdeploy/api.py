@@ -90,7 +90,7 @@ def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
             ``rank`` (int >= 1) | ``energy`` (kept singular-value energy, (0, 1]) | ``mac_budget``
             (fraction of conv MACs, (0, 1]), ``include``/``exclude`` (regex of layer names),
             ``convert_stem``, ``layout`` ("branches" | ...), ``require_gain``; or ``speedup`` | ``target_latency_ms``
-            on ``provider``/``batch``/``threads``, measured, verified (:mod:`.conversion.latency_convert`). Default rank 1.
+            on ``provider``/``batch``/``threads`` (measured; :mod:`.conversion.latency_convert`). Default rank 1.
         input_shape: (N, C, H, W) to trace with; default: ``example_inputs.shape``, the model's own,
             the one ``preprocess`` makes, or 224x224 with the first conv's channel count.
         example_inputs: a tensor whose shape is the input shape (only its shape is used).

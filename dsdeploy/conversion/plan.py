@@ -135,7 +135,7 @@ class Policy:
                   if getattr(self, k) is not None]
         if len(chosen) > 1:
             raise PlanError(f"convert: choose one of rank, energy, mac_budget, speedup, target_latency_ms "
-                            f"(got {', '.join(chosen)})")
+                            f"(got {', '.join('convert.' + k for k in chosen)})")
         for name in ("speedup", "target_latency_ms"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
