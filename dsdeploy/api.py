@@ -36,6 +36,7 @@ from dsdeploy.models.infer import infer_source
 from dsdeploy.models.sources import LoadedModel, build_source
 from dsdeploy.recover import finetune as finetune_loop
 from dsdeploy.recover import reconstruct
+from dsdeploy.recover.blockrec import after_calibration
 from dsdeploy.recover.config import CALIB_BATCHES, CalibrationParams, FinetuneConfig, FinetuneResult
 from dsdeploy.recover.evaluate import EvaluateConfig
 from dsdeploy.recover.evaluate import evaluate as run_evaluate
@@ -181,7 +182,8 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
             reported on the labelled validation split), a float tensor of model-ready inputs
             (N, C, H, W), or an iterable of such batches (or ``(x, y)`` batches).
         params / options: :class:`dsdeploy.recover.config.CalibrationParams` fields:
-            ``ridge`` (>= 0), ``max_batches`` (None = all), ``batch_size``.
+            ``ridge`` (>= 0), ``max_batches`` (None = all), ``batch_size``, ``block_reconstruct`` (seconds
+            or ``"90s"``: then fit each block to the original's activations, :mod:`dsdeploy.recover.blockrec`).
         preprocess: preprocessing overrides (``size``, ``mean``, ...) for a data spec.
 
     Returns:
@@ -197,18 +199,21 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
         return reconstruct.calibrate_artifact(str(converted), data, str(out), max_batches=p.max_batches,
                                               batch_size=p.batch_size, seed=seed, ridge=p.ridge, progress=progress,
                                               preprocess=preprocess, val_split=val_split, limit=limit,
-                                              trust_code=trust_code)
+                                              trust_code=trust_code, block_reconstruct=p.block_reconstruct)
     cm = _require_converted(converted, "calibrate")
     if isinstance(data, str):
         pre = resolve(cm.preprocessing, cm.input_shape, preprocess, data=data, model=cm.original)
         report = reconstruct.calibrate_data(cm.model, cm.original, cm.plan, data, pre, max_batches=p.max_batches,
                                             seed=seed, batch_size=p.batch_size, ridge=p.ridge, progress=progress,
-                                            val_split=val_split, limit=limit, labels=cm.labels)
+                                            val_split=val_split, limit=limit, labels=cm.labels,
+                                            block_reconstruct=p.block_reconstruct)
         cm.preprocessing = pre.to_dict()
         cm.history.append(report.history_entry(data=data, seed=seed))
     else:
-        report = reconstruct.calibrate(cm.model, cm.original, cm.plan, batches(data, p.batch_size),
+        loader = batches(data, p.batch_size)
+        report = reconstruct.calibrate(cm.model, cm.original, cm.plan, loader,
                                        max_batches=p.max_batches, ridge=p.ridge, progress=progress)
+        after_calibration(report, cm.model, cm.original, loader, p.block_reconstruct, max_batches=p.max_batches)
         cm.history.append(report.history_entry(data="in-memory"))
     if out is not None:
         save(cm, out)

@@ -6,6 +6,7 @@ import click
 
 from dsdeploy.cli import cli, flag_names
 from dsdeploy.cli.options import (
+    block_reconstruct_option,
     echo_json,
     model_options,
     parse_kwargs,
@@ -87,11 +88,12 @@ def inspect(model, weights, model_kwargs, trust_pickle, input_shape, calib_data,
               help="Calibrate the pointwise weights on this data (folder or 'digits') after converting.")
 @click.option("--calib-batches", type=int, default=CALIB_BATCHES, show_default=True,
               help="Calibrate on at most N batches.")
+@block_reconstruct_option
 @preprocess_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, calib_data, calib_batches, seed, as_json,
-            preprocess, trust_code, **policy):
+def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, calib_data, calib_batches,
+            block_reconstruct, seed, as_json, preprocess, trust_code, **policy):
     """Rewrite MODEL's convs into depthwise-separable blocks and write a .dsd artifact.
 
     Prints params/MACs before and after and the rank of every layer. Exit status 3 when
@@ -106,7 +108,8 @@ def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, cal
                      trust_pickle=trust_pickle, trust_code=trust_code, preprocess=preprocess, data=calib_data,
                      allocation_options={"seed": seed, "calib_batches": calib_batches})
     if calib_data:
-        api.calibrate(cm, calib_data, max_batches=calib_batches, seed=seed, progress=True)
+        api.calibrate(cm, calib_data, max_batches=calib_batches, seed=seed, progress=True,
+                      block_reconstruct=block_reconstruct)
     api.save(cm, output)
     report = cm.report(output)
     echo_json(report.to_dict()) if as_json else click.echo(flag_names(report.render()))

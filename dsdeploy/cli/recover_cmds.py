@@ -6,6 +6,7 @@ import click
 
 from dsdeploy.cli import cli
 from dsdeploy.cli.options import (
+    block_reconstruct_option,
     echo_json,
     parse_kwargs,
     parse_shape,
@@ -71,11 +72,13 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
               help="Calibrate on at most N batches (a seeded subset).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--ridge", type=float, default=1e-6, show_default=True, help="Relative ridge of the least squares.")
+@block_reconstruct_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @preprocess_options
 @trust_code_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_json, preprocess, trust_code):
+def calibrate(artifact, data, output, max_batches, batch_size, ridge, block_reconstruct, seed, as_json, preprocess,
+              trust_code):
     """Solve each converted layer's pointwise weights by least squares against the original
     model's convs on DATA (training-free), then re-estimate BatchNorm statistics."""
     from dsdeploy import api
@@ -85,7 +88,8 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_j
 
     check_artifact_output(output, what="--output",
                           inputs=[("artifact", artifact), ("--data", data)])
-    params = CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size)
+    params = CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size,
+                               block_reconstruct=block_reconstruct)
     report = api.calibrate(artifact, data, out=output, params=params, seed=seed, progress=not as_json,
                            preprocess=preprocess, trust_code=trust_code)
     if as_json:

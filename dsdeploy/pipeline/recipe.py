@@ -66,6 +66,7 @@ class CalibrateSection:
     batches: int = CALIB_BATCHES  # a seeded subset of batches * batch_size training images
     batch_size: int = 64
     ridge: float = 1e-6
+    block_reconstruct: str | float | None = None  # e.g. "90s": label-free block reconstruction afterwards (kept in s)
 
 
 @dataclass
@@ -307,7 +308,8 @@ def _check_numbers(r: Recipe, src: str) -> None:
     [deploy], [bench] ARE the library's configs: they validated themselves when built)."""
     c = r.calibrate
     try:
-        CalibrationParams(ridge=c.ridge, max_batches=c.batches, batch_size=c.batch_size)
+        c.block_reconstruct = CalibrationParams(ridge=c.ridge, max_batches=c.batches, batch_size=c.batch_size,
+                                                block_reconstruct=c.block_reconstruct).block_reconstruct
     except DsdeployError as exc:
         raise RecipeError(f"{src}: {str(exc).replace('calibrate max_batches', 'calibrate.batches')}") from None
     try:

@@ -135,7 +135,7 @@ def run_convert(ctx: Context, folder: Path) -> StageOutput:
     if r.calibrate.enabled and _data(ctx):
         cal = api.calibrate(cm, _data(ctx), out=folder / "calibrated.dsd", max_batches=c.batches,
                             batch_size=c.batch_size, ridge=c.ridge, seed=r.seed, progress=ctx.progress,
-                            **data_split(ctx))
+                            block_reconstruct=c.block_reconstruct, **data_split(ctx))
         result["calibration"] = cal.to_dict()
         outputs.update(calibrated="calibrated.dsd", artifact="calibrated.dsd")
     return StageOutput(result, outputs)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dsdeploy.errors import DsdeployError
-from dsdeploy.ranges import check_number
+from dsdeploy.ranges import check_number, parse_duration
 from dsdeploy.recover.schedule import Schedule
 
 WARMUP_EPOCHS = 0.2  # default LR warmup: a fifth of an epoch, at most a tenth of the run (0: none)
@@ -25,16 +25,31 @@ class CalibrationParams:
         ridge: relative ridge of the least squares, ``>= 0`` and finite.
         max_batches: use at most this many batches (None: all), ``>= 1``.
         batch_size: images per calibration batch, ``>= 1``.
+        block_reconstruct: seconds for label-free block reconstruction after the least squares
+            and BatchNorm re-estimation (:mod:`dsdeploy.recover.blockrec`); a duration such as
+            ``"90s"`` or ``"2m"`` is converted to seconds; None, 0, ``"0"`` or ``"off"``: off (the
+            default: it costs the time it is given, which only the user can weigh).
     """
 
     ridge: float = 1e-6
     max_batches: int | None = CALIB_BATCHES
     batch_size: int = 64
+    block_reconstruct: float | str | None = None
 
     def __post_init__(self) -> None:
+        self.block_reconstruct = block_budget(self.block_reconstruct)
         check_number(self.ridge, "calibrate ridge", low=0)
         check_number(self.max_batches, "calibrate max_batches", low=1, integer=True, optional=True)
         check_number(self.batch_size, "calibrate batch_size", low=1, integer=True)
+
+
+def block_budget(value: float | str | None, field: str = "calibrate.block_reconstruct") -> float | None:
+    """A block-reconstruction time budget in seconds: None when off (None, 0, "0", "off", "none", "")."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "0", "off", "none")):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+        return None
+    return parse_duration(value, field)
 
 
 MODES = ("none", "partial", "full")

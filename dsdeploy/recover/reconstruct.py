@@ -51,6 +51,7 @@ class CalibrationReport:
     accuracy_after: float | None = None
     seconds: float = 0.0
     split: dict[str, Any] | None = None  # the data split calibrated on (dsdeploy.data.labels.split_record)
+    block_reconstruction: dict[str, Any] | None = None  # dsdeploy.recover.blockrec.BlockReconReport, when run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,7 +62,8 @@ class CalibrationReport:
                 "bn_layers": self.bn_layers, "accuracy_before": self.accuracy_before,
                 "accuracy_after": self.accuracy_after, "seconds": round(self.seconds, 2),
                 "layers": [{"name": c.name, "error_before": round(c.error_before, 6),
-                            "error_after": round(c.error_after, 6)} for c in self.layers], **extra}
+                            "error_after": round(c.error_after, 6)} for c in self.layers],
+                **({"block_reconstruction": self.block_reconstruction} if self.block_reconstruction else {}), **extra}
 
     def render(self) -> str:
         from dsdeploy.tables import format_table
@@ -72,6 +74,12 @@ class CalibrationReport:
                  f"re-estimated {self.bn_layers} BatchNorm layers"]
         if self.accuracy_before is not None and self.accuracy_after is not None:
             lines.append(f"accuracy {100 * self.accuracy_before:.2f}% -> {100 * self.accuracy_after:.2f}%")
+        if self.block_reconstruction:
+            b = self.block_reconstruction
+            lines.append(f"block reconstruction: {len(b['blocks'])} blocks in {b['seconds']:.1f}s "
+                         f"(budget {b['time_budget']:.0f}s), summed block error "
+                         f"{sum(x['error_before'] or 0 for x in b['blocks']):.4f} -> "
+                         f"{sum(x['error_after'] or 0 for x in b['blocks']):.4f}")
         return "\n".join(lines)
 
 
@@ -292,7 +300,8 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, max_batches: int | None =
 def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
                    preprocessing: Any, *, max_batches: int | None = CALIB_BATCHES, seed: int = 0,
                    batch_size: int = 64, ridge: float = 1e-6, progress: bool = True, val_split: float = 0.2,
-                   limit: int | None = None, labels: list[str] | None = None) -> CalibrationReport:
+                   limit: int | None = None, labels: list[str] | None = None,
+                   block_reconstruct: float | None = None) -> CalibrationReport:
     """Calibrate ``model`` in place on a data spec (``digits`` or a folder).
 
     ``preprocessing`` is the resolved preprocessing dict (:func:`dsdeploy.data.preprocessing.resolve`;
@@ -300,7 +309,8 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
     val_split=, seed=, limit=)`` (no augmentation; a seeded random subset of ``max_batches *
     batch_size`` images when capped, the same for every layer; None = all) is the calibration
     set; the validation split, when labelled, measures accuracy before and after (data classes
-    mapped to ``labels`` by name when the model records them).
+    mapped to ``labels`` by name when the model records them). ``block_reconstruct``: seconds of
+    :mod:`dsdeploy.recover.blockrec` afterwards on the same batches (None: off).
     """
     from torch.utils.data import Subset
 
@@ -322,28 +332,34 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
     if eval_loader is not None:
         check_outputs(splits.classes, output_count(teacher, calib[0][0][None]), "the model")
     report = calibrate(model, teacher, plan, loader, ridge=ridge, progress=progress, eval_loader=eval_loader)
+    from dsdeploy.recover.blockrec import after_calibration
+
+    after_calibration(report, model, teacher, loader, block_reconstruct, eval_loader=eval_loader, progress=progress)
     report.split = splits.split
     return report
 
 
 def calibrate_on_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
                       preprocessing: Any, *, max_batches: int | None = CALIB_BATCHES, seed: int = 0,
-                      batch_size: int = 64, labels: list[str] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                      batch_size: int = 64, labels: list[str] | None = None,
+                      block_reconstruct: float | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """For ``convert --calib-data``: :func:`calibrate_data`, returning (model, artifact history entry)."""
     report = calibrate_data(model, teacher, plan, data, preprocessing, max_batches=max_batches, seed=seed,
-                            batch_size=batch_size, labels=labels)
+                            batch_size=batch_size, labels=labels, block_reconstruct=block_reconstruct)
     return model, report.history_entry(data=data, seed=seed)
 
 
 def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: int | None = CALIB_BATCHES,
                        batch_size: int = 64, seed: int = 0, ridge: float = 1e-6, progress: bool = True,
                        preprocess: dict[str, Any] | None = None, val_split: float = 0.2,
-                       limit: int | None = None, trust_code: bool = False) -> CalibrationReport:
+                       limit: int | None = None, trust_code: bool = False,
+                       block_reconstruct: float | str | None = None) -> CalibrationReport:
     """``dsdeploy calibrate``: load a .dsd, calibrate it against its source model, write ``out``.
 
     The preprocessing is :func:`dsdeploy.data.preprocessing.resolve` of the artifact's recorded
     preprocessing and input shape with ``preprocess`` overrides; ``out`` records what was used.
     ``trust_code``: import the ``pkg.module:factory`` the artifact records (see :mod:`dsdeploy.models.trust`).
+    ``block_reconstruct``: seconds or a duration (``"90s"``) of block reconstruction afterwards (None/0: off).
     """
     from dsdeploy.conversion.artifact import (
         load_artifact,
@@ -352,14 +368,15 @@ def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: 
     )
     from dsdeploy.data.preprocessing import resolve
 
-    CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size)
+    params = CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size,
+                               block_reconstruct=block_reconstruct)
     art = load_artifact(artifact_path, trust_code=trust_code)
     teacher = load_source_model(art)
     pre = resolve(art.metadata.get("preprocessing"), art.metadata.get("input_shape"), preprocess, data=data,
                   model=teacher)
     report = calibrate_data(art.model, teacher, art.plan, data, pre, max_batches=max_batches, seed=seed,
                             batch_size=batch_size, ridge=ridge, progress=progress, val_split=val_split, limit=limit,
-                            labels=art.metadata.get("labels"))
+                            labels=art.metadata.get("labels"), block_reconstruct=params.block_reconstruct)
     save_artifact(out, art.model, art.plan, art.source, {**art.metadata, "preprocessing": pre.to_dict()},
                   art.history + [report.history_entry(data=data, seed=seed)])
     return report
