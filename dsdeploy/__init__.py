@@ -25,7 +25,7 @@ from dsdeploy.errors import DsdeployError  # noqa: F401
 from dsdeploy.version import __version__
 
 API = ("ConvertedModel", "convert", "inspect", "calibrate", "finetune", "evaluate", "export_onnx", "benchmark", "deploy",
-       "save", "load")
+       "latency_table", "save", "load")
 __all__ = ["DsdeployError", "__version__", *API]
 
 

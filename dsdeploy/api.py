@@ -18,10 +18,10 @@ from torch import nn
 from dsdeploy.conversion.artifact import load_artifact, save_artifact, source_record
 from dsdeploy.conversion.block import ds_blocks
 from dsdeploy.conversion.converted import ConvertedModel
+from dsdeploy.conversion.latency_convert import convert_planned
 from dsdeploy.conversion.loading import load_model
 from dsdeploy.conversion.plan import Plan, Policy
-from dsdeploy.conversion.rewrite import ConversionResult, verify_rebuild
-from dsdeploy.conversion.rewrite import convert as rewrite_convert
+from dsdeploy.conversion.rewrite import verify_rebuild
 from dsdeploy.conversion.workflow import ModelReport, allocates_on_data, cost_name, inspect_model, measure_costs
 from dsdeploy.data.given import batches, finetune_splits
 from dsdeploy.data.preprocessing import input_shape_for, resolve
@@ -36,15 +36,17 @@ from dsdeploy.models.infer import infer_source
 from dsdeploy.models.sources import LoadedModel, build_source
 from dsdeploy.recover import finetune as finetune_loop
 from dsdeploy.recover import reconstruct
+from dsdeploy.recover.blockrec import after_calibration
 from dsdeploy.recover.config import CALIB_BATCHES, CalibrationParams, FinetuneConfig, FinetuneResult
 from dsdeploy.recover.evaluate import EvaluateConfig
 from dsdeploy.recover.evaluate import evaluate as run_evaluate
 from dsdeploy.recover.reconstruct import CalibrationReport
 from dsdeploy.runtime.bench import BenchConfig, run_and_write
 from dsdeploy.runtime.bench_report import BenchReport
+from dsdeploy.runtime.latency_table import latency_table  # (model, input_shape, provider=, threads=, ...)
 
 __all__ = ["ConvertedModel", "convert", "inspect", "calibrate", "finetune", "evaluate", "export_onnx", "benchmark",
-           "deploy", "save", "load"]
+           "deploy", "latency_table", "save", "load"]
 
 
 def _options(cls: type, given: Any, options: dict[str, Any], what: str) -> Any:
@@ -88,7 +90,8 @@ def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
         policy: a :class:`dsdeploy.conversion.plan.Policy`; ``options`` set its fields by name:
             ``rank`` (int >= 1) | ``energy`` (kept singular-value energy, (0, 1]) | ``mac_budget``
             (fraction of conv MACs, (0, 1]), ``include``/``exclude`` (regex of layer names),
-            ``convert_stem``, ``layout`` ("branches" | ...), ``require_gain``. Default: rank 1.
+            ``convert_stem``, ``layout`` ("branches" | ...), ``require_gain``; or ``speedup`` | ``target_latency_ms``
+            on ``provider``/``batch``/``threads`` (measured; :mod:`.conversion.latency_convert`). Default rank 1.
         input_shape: (N, C, H, W) to trace with; default: ``example_inputs.shape``, the model's own,
             the one ``preprocess`` makes, or 224x224 with the first conv's channel count.
         example_inputs: a tensor whose shape is the input shape (only its shape is used).
@@ -119,9 +122,8 @@ def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
     table = None
     if allocates_on_data(policy, data):
         table = measure_costs(loaded, policy, shape, pre, data, **(allocation_options or {}))
-    res: ConversionResult = rewrite_convert(loaded.model, input_shape=shape, policy=policy,
-                                            costs=table.costs() if table is not None else None,
-                                            cost_name=cost_name(table))
+    res, _ = convert_planned(loaded.model, shape, policy, costs=table.costs() if table is not None else None,
+                             cost_name=cost_name(table), name=loaded.spec or "model")
     entry = {"stage": "convert", "policy": res.plan.policy, "layout": res.plan.layout,
              "converted": len(res.plan.converted),
              "conv_mac_ratio": round(res.after.conv_macs / max(1, res.before.conv_macs), 4)}
@@ -164,11 +166,11 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
               preprocess: dict[str, Any] | None = None, seed: int = 0, val_split: float = 0.2,
               limit: int | None = None, progress: bool = False, trust_code: bool = False,
               **options: Any) -> CalibrationReport:
-    """Fit each DS block's pointwise weights to the ORIGINAL conv's outputs, IN PLACE, then re-estimate BatchNorm.
+    """Fit each DS block's factors to the ORIGINAL conv's outputs, IN PLACE, then re-estimate BatchNorm.
 
-    Method: least squares on activations (the depthwise features the block sees inside the
-    partially calibrated network against the original conv's output; ridge-regularised normal
-    equations, layer by layer in call order), as in Zhang et al. 2016 "Accelerating very deep
+    Method: least squares on activations (each block's input inside the partially calibrated network
+    against the original conv's output; the pointwise weights, then ``rounds`` alternating depthwise/
+    pointwise solves; layer by layer in call order), as in Zhang et al. 2016 "Accelerating very deep
     convolutional networks" (:mod:`dsdeploy.recover.reconstruct`). No labels needed.
 
     Args:
@@ -180,11 +182,12 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
             reported on the labelled validation split), a float tensor of model-ready inputs
             (N, C, H, W), or an iterable of such batches (or ``(x, y)`` batches).
         params / options: :class:`dsdeploy.recover.config.CalibrationParams` fields:
-            ``ridge`` (>= 0), ``max_batches`` (None = all), ``batch_size``.
+            ``ridge``, ``max_batches``, ``batch_size``, ``rounds`` (0: pointwise only), ``cache_mb``,
+            ``block_reconstruct`` (seconds or ``"90s"``: then fit blocks, :mod:`dsdeploy.recover.blockrec`).
         preprocess: preprocessing overrides (``size``, ``mean``, ...) for a data spec.
 
     Returns:
-        A CalibrationReport: per-layer relative output error before/after, batches, seconds.
+        A CalibrationReport: per-layer output errors (SVD, fitted, each round, after BN), seconds.
 
     Raises:
         DataError: empty or unreadable data; DsdeployError: an option out of range (names it).
@@ -196,18 +199,21 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
         return reconstruct.calibrate_artifact(str(converted), data, str(out), max_batches=p.max_batches,
                                               batch_size=p.batch_size, seed=seed, ridge=p.ridge, progress=progress,
                                               preprocess=preprocess, val_split=val_split, limit=limit,
-                                              trust_code=trust_code)
+                                              trust_code=trust_code, block_reconstruct=p.block_reconstruct, **p.fit())
     cm = _require_converted(converted, "calibrate")
     if isinstance(data, str):
         pre = resolve(cm.preprocessing, cm.input_shape, preprocess, data=data, model=cm.original)
         report = reconstruct.calibrate_data(cm.model, cm.original, cm.plan, data, pre, max_batches=p.max_batches,
                                             seed=seed, batch_size=p.batch_size, ridge=p.ridge, progress=progress,
-                                            val_split=val_split, limit=limit, labels=cm.labels)
+                                            val_split=val_split, limit=limit, labels=cm.labels,
+                                            block_reconstruct=p.block_reconstruct, **p.fit())
         cm.preprocessing = pre.to_dict()
         cm.history.append(report.history_entry(data=data, seed=seed))
     else:
-        report = reconstruct.calibrate(cm.model, cm.original, cm.plan, batches(data, p.batch_size),
-                                       max_batches=p.max_batches, ridge=p.ridge, progress=progress)
+        loader = batches(data, p.batch_size)
+        report = reconstruct.calibrate(cm.model, cm.original, cm.plan, loader,
+                                       max_batches=p.max_batches, ridge=p.ridge, progress=progress, **p.fit())
+        after_calibration(report, cm.model, cm.original, loader, p.block_reconstruct, max_batches=p.max_batches)
         cm.history.append(report.history_entry(data="in-memory"))
     if out is not None:
         save(cm, out)

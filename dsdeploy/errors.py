@@ -96,3 +96,7 @@ class StageError(DsdeployError):
         super().__init__(f"stage {stage} failed: {message}")
         self.stage = stage
         self.exit_code = exit_code
+
+
+class LatencyCacheError(DsdeployError):
+    """A latency-table cache file that cannot be read or written."""

@@ -83,6 +83,7 @@ def test_cpu_report_schema_and_statistics(cpu_report):
     assert set(d["environment"]["cpu"]["flags"]) >= {"avx2", "avx512f", "avx512_vnni", "amx_tile"}
     assert d["environment"]["packages"]["onnxruntime"]
     assert d["config"]["threads"] == 1 and d["config"]["resolved_providers"][0]["precision"] == "fp32"
+    assert d["config"]["protocol"].startswith("sequential (one timed session alive at a time")  # stated
     assert len(d["results"]) == 4  # 2 models x 1 EP x 2 batches
     for r in cpu_report.results:
         assert r.status == "ok" and r.ep == "CPUExecutionProvider" and r.precision == "fp32" and r.threads == 1

@@ -236,3 +236,24 @@ def test_user_code_factory_from_the_recipe_folder(tmp_path):
     import sys
 
     assert str(tmp_path / "code") not in sys.path
+
+
+def test_a_stage_warning_is_printed_after_its_line(tmp_path):
+    stages = [Stage("a", lambda ctx, folder: StageOutput({"warning": "kept the input"}), lambda ctx: {"a": 1})]
+    log = io.StringIO()
+    run_pipeline(stages, Context({}, tmp_path / "out"), log=log)
+    assert log.getvalue().splitlines()[-1] == "warning: a: kept the input"
+
+
+def test_a_fine_tune_that_makes_things_worse_is_reported_by_the_run(tmp_path):
+    """A destructive learning rate: the run keeps the calibrated model, says so on stderr and in the report."""
+    out = tmp_path / "run"
+    proc = dsdeploy("run", DIGITS, "--out", out, *FAST, "--set", "finetune.lr=50", "--set", "finetune.warmup_epochs=0",
+                    "--set", "export.enabled=false", "--set", "deploy.enabled=false", "--set", "bench.enabled=false")
+    assert proc.returncode == 0, proc.stderr
+    warning = [line for line in proc.stderr.splitlines() if line.startswith("warning: finetune: ")]
+    assert len(warning) == 1, proc.stderr
+    md = (out / "report" / "report.md").read_text()
+    assert "Warning: " in md and "Time: data " in md
+    acc = {a["name"]: a["top1"] for a in json.loads((out / "report" / "summary.json").read_text())["accuracy_stages"]}
+    assert acc["finetuned"] == acc["calibrated"]

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "dsdeploy.cli.recover_cmds",
     "dsdeploy.cli.export_cmds",
     "dsdeploy.cli.bench_cmds",
+    "dsdeploy.cli.latency_cmds",
     "dsdeploy.cli.run_cmds",
 )
 

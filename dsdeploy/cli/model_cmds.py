@@ -6,13 +6,14 @@ import click
 
 from dsdeploy.cli import cli, flag_names
 from dsdeploy.cli.options import (
+    block_reconstruct_option,
     echo_json,
     model_options,
     parse_kwargs,
     parse_shape,
     preprocess_options,
 )
-from dsdeploy.recover.config import CALIB_BATCHES
+from dsdeploy.recover.config import CALIB_BATCHES, CALIB_CACHE_MB, CALIB_ROUNDS
 
 # Rule for this module: library modules that import torch or numpy (dsdeploy.api, the stage configs,
 # runtime.bench) are imported inside the commands, so `dsdeploy --help` stays torch-free
@@ -32,6 +33,17 @@ def policy_options(func):
         click.option("--convert-stem", is_flag=True, help="Also convert convs with <= 4 input channels."),
         click.option("--layout", type=click.Choice(["branches", "concat", "multiplier"]), default="branches",
                      show_default=True, help="Graph layout of rank>1 blocks (branches is fastest on ORT CPU)."),
+        click.option("--speedup", type=float, default=None,
+                     help="Plan ranks and layouts from latency measured on --provider: X times faster than the "
+                          "original (verified by measuring the converted model)."),
+        click.option("--target-latency", "target_latency_ms", type=float, default=None, metavar="MS",
+                     help="As --speedup, for a latency in ms per batch."),
+        click.option("--provider", default=None, metavar="EP",
+                     help="EP the latencies are measured on (default cpu; with --mac-budget: pick each layer's "
+                          "fastest measured layout)."),
+        click.option("--batch", type=int, default=1, show_default=True, help="Batch the latencies are measured at."),
+        click.option("--threads", type=int, default=None,
+                     help="Intra-op threads for latencies (default: physical cores, else 2)."),
         click.option("--allocation", type=click.Choice(["auto", "spectral", "data"]), default="auto",
                      show_default=True, help="How --mac-budget is shared out: by each layer's measured effect on "
                      "the logits on --calib-data (data; auto when --calib-data is given) or by spectral energy."),
@@ -77,14 +89,19 @@ def inspect(model, weights, model_kwargs, trust_pickle, input_shape, calib_data,
 @model_options
 @policy_options
 @click.option("--calib-data", default=None, metavar="DATA",
-              help="Calibrate the pointwise weights on this data (folder or 'digits') after converting.")
+              help="Calibrate the DS factors on this data (folder or 'digits') after converting.")
 @click.option("--calib-batches", type=int, default=CALIB_BATCHES, show_default=True,
               help="Calibrate on at most N batches.")
+@click.option("--calib-rounds", type=int, default=CALIB_ROUNDS, show_default=True,
+              help="Alternating depthwise/pointwise least-squares rounds per layer (0: pointwise only).")
+@click.option("--calib-cache-mb", type=float, default=CALIB_CACHE_MB, show_default=True,
+              help="MiB of stage inputs cached while calibrating (0: rerun the network prefix per layer).")
+@block_reconstruct_option
 @preprocess_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, calib_data, calib_batches, seed, as_json,
-            preprocess, trust_code, **policy):
+def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, calib_data, calib_batches, calib_rounds,
+            calib_cache_mb, block_reconstruct, seed, as_json, preprocess, trust_code, **policy):
     """Rewrite MODEL's convs into depthwise-separable blocks and write a .dsd artifact.
 
     Prints params/MACs before and after and the rank of every layer. Exit status 3 when
@@ -99,7 +116,8 @@ def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, cal
                      trust_pickle=trust_pickle, trust_code=trust_code, preprocess=preprocess, data=calib_data,
                      allocation_options={"seed": seed, "calib_batches": calib_batches})
     if calib_data:
-        api.calibrate(cm, calib_data, max_batches=calib_batches, seed=seed, progress=True)
+        api.calibrate(cm, calib_data, max_batches=calib_batches, seed=seed, progress=True,
+                      block_reconstruct=block_reconstruct, rounds=calib_rounds, cache_mb=calib_cache_mb)
     api.save(cm, output)
     report = cm.report(output)
     echo_json(report.to_dict()) if as_json else click.echo(flag_names(report.render()))

@@ -47,6 +47,13 @@ def trust_code_option(func: Callable) -> Callable:
                              "in the file!). Not needed for torchvision:/sample: sources.")(func)
 
 
+def block_reconstruct_option(func: Callable) -> Callable:
+    """Add --block-reconstruct DURATION (-> CalibrationParams.block_reconstruct)."""
+    return click.option("--block-reconstruct", default=None, metavar="DURATION",
+                        help="After calibrating, fit each converted block to the original's outputs (label-free, "
+                             "Adam) for this long in all, e.g. 90s or 2m (default: off).")(func)
+
+
 def model_options(func: Callable) -> Callable:
     """Add --weights, --model-kwargs, --trust-pickle, --trust-code and --input-shape."""
     opts = [

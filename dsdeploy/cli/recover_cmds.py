@@ -6,6 +6,7 @@ import click
 
 from dsdeploy.cli import cli
 from dsdeploy.cli.options import (
+    block_reconstruct_option,
     echo_json,
     parse_kwargs,
     parse_shape,
@@ -15,7 +16,14 @@ from dsdeploy.cli.options import (
 from dsdeploy.fsutil import show
 from dsdeploy.outputs import check_distinct, check_output
 from dsdeploy.ranges import parse_duration
-from dsdeploy.recover.config import CALIB_BATCHES, WARMUP_EPOCHS, CalibrationParams, FinetuneConfig
+from dsdeploy.recover.config import (
+    CALIB_BATCHES,
+    CALIB_CACHE_MB,
+    CALIB_ROUNDS,
+    WARMUP_EPOCHS,
+    CalibrationParams,
+    FinetuneConfig,
+)
 from dsdeploy.tables import format_table
 
 # Rule for this module: library modules that import torch or numpy (dsdeploy.api, the stage configs,
@@ -78,19 +86,26 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
               help="Calibrate on at most N batches (a seeded subset).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--ridge", type=float, default=1e-6, show_default=True, help="Relative ridge of the least squares.")
+@click.option("--rounds", type=int, default=CALIB_ROUNDS, show_default=True,
+              help="Alternating depthwise/pointwise least-squares rounds per layer (0: pointwise only).")
+@click.option("--cache-mb", type=float, default=CALIB_CACHE_MB, show_default=True,
+              help="MiB of stage inputs cached (0: rerun the network prefix per layer; same result, slower).")
+@block_reconstruct_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @preprocess_options
 @trust_code_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def calibrate(artifact, data, output, max_batches, batch_size, ridge, seed, as_json, preprocess, trust_code):
-    """Solve each converted layer's pointwise weights by least squares against the original
-    model's convs on DATA (training-free), then re-estimate BatchNorm statistics."""
+def calibrate(artifact, data, output, max_batches, batch_size, ridge, rounds, cache_mb, block_reconstruct, seed,
+              as_json, preprocess, trust_code):
+    """Fit each converted layer's pointwise (and, alternating, depthwise) weights by least squares
+    against the original model's convs on DATA (training-free), then re-estimate BatchNorm statistics."""
     from dsdeploy import api
     from dsdeploy.conversion.artifact import check_artifact_output
 
     check_artifact_output(output, what="--output",
                           inputs=[("artifact", artifact), ("--data", data)])
-    params = CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size)
+    params = CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size, rounds=rounds,
+                               cache_mb=cache_mb, block_reconstruct=block_reconstruct)
     report = api.calibrate(artifact, data, out=output, params=params, seed=seed, progress=not as_json,
                            preprocess=preprocess, trust_code=trust_code)
     if as_json:

@@ -10,11 +10,11 @@ import numpy as np
 from dsdeploy.data.datasets import load_data
 from dsdeploy.data.labels import check_outputs
 from dsdeploy.data.preprocessing import resolve
-from dsdeploy.errors import DataError, DeployError, ExportError
+from dsdeploy.errors import DataError, DeployError, DsdeployError, ExportError
 from dsdeploy.export.graph import META_PREPROCESSING
 from dsdeploy.recover.metrics import top1
 from dsdeploy.runtime.sessions import cpu_session
-from dsdeploy.runtime.timing import Stats, time_runs
+from dsdeploy.runtime.timing import Protocol, measure
 
 
 def model_preprocess(meta_pre: dict[str, Any] | None, dims: list[Any], spec: str | None,
@@ -81,8 +81,12 @@ def accuracy(fp32: Path, bundle: Path, images: np.ndarray, y: np.ndarray, name: 
 
 def latency(path: Path, name: str, shape: tuple[int, ...], *, warmup: int = 5, iters: int = 30,
             threads: int | None = None) -> dict[str, float]:
-    """Median and p90 latency (ms) of one CPU-EP run on a random batch of ``shape`` (:mod:`dsdeploy.runtime.timing`)."""
-    sess = cpu_session(path, threads)
+    """Median and p90 latency (ms) of one CPU-EP run on a random batch of ``shape``, and the
+    protocol that measured them (:mod:`dsdeploy.runtime.timing`); DeployError when ORT cannot load it."""
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    stats = Stats.of(time_runs(sess, {name: x}, warmup=warmup, iters=iters))
-    return {"p50": round(stats.p50_ms, 4), "p90": round(stats.p90_ms, 4)}
+    proto = Protocol(warmup=warmup, iters=iters)
+    try:
+        stats = measure(str(path), {name: x}, threads=threads, protocol=proto)
+    except DsdeployError as exc:
+        raise DeployError(f"the deployed model does not load in ONNX Runtime: {exc}") from None
+    return {"p50": round(stats.p50_ms, 4), "p90": round(stats.p90_ms, 4), "protocol": proto.describe()}

@@ -274,4 +274,7 @@ def _run_stages(stages: list[Stage], ctx: Context, state: dict[str, Any], log: T
         state["stages"][stage.name] = record
         write_json(ctx.out / STATE_FILE, state)
         print(f"{prefix} done in {record['seconds']:.1f}s", file=log, flush=True)
+        warning = (record.get("result") or {}).get("warning")
+        if warning:  # e.g. a fine-tune that kept its input because training made it worse
+            print(f"warning: {stage.name}: {warning}", file=log, flush=True)
     write_json(ctx.out / STATE_FILE, state)

@@ -24,7 +24,7 @@ from dsdeploy.errors import DsdeployError, RecipeError
 from dsdeploy.export.config import DeployConfig, ExportConfig
 from dsdeploy.pipeline.tomltypes import coerce, describe, type_name
 from dsdeploy.ranges import check_number, parse_duration
-from dsdeploy.recover.config import CALIB_BATCHES, CalibrationParams, FinetuneConfig
+from dsdeploy.recover.config import CALIB_BATCHES, CALIB_CACHE_MB, CALIB_ROUNDS, CalibrationParams, FinetuneConfig
 from dsdeploy.recover.evaluate import EvaluateConfig
 from dsdeploy.runtime.bench import BenchConfig
 
@@ -66,6 +66,9 @@ class CalibrateSection:
     batches: int = CALIB_BATCHES  # a seeded subset of batches * batch_size training images
     batch_size: int = 64
     ridge: float = 1e-6
+    rounds: int = CALIB_ROUNDS  # alternating depthwise/pointwise rounds per layer (0: pointwise only)
+    cache_mb: float = CALIB_CACHE_MB  # MiB of cached stage inputs (0: none)
+    block_reconstruct: str | float | None = None  # e.g. "90s": label-free block reconstruction afterwards (kept in s)
 
 
 @dataclass
@@ -307,7 +310,9 @@ def _check_numbers(r: Recipe, src: str) -> None:
     [deploy], [bench] ARE the library's configs: they validated themselves when built)."""
     c = r.calibrate
     try:
-        CalibrationParams(ridge=c.ridge, max_batches=c.batches, batch_size=c.batch_size)
+        c.block_reconstruct = CalibrationParams(ridge=c.ridge, max_batches=c.batches, batch_size=c.batch_size,
+                                                rounds=c.rounds, cache_mb=c.cache_mb,
+                                                block_reconstruct=c.block_reconstruct).block_reconstruct
     except DsdeployError as exc:
         raise RecipeError(f"{src}: {str(exc).replace('calibrate max_batches', 'calibrate.batches')}") from None
     try:

@@ -268,10 +268,18 @@ def report_blocks(records: dict[str, dict[str, Any]], recipe: Any, out: Path, su
               ("table", ["model", *keys], [[a["name"], *(_pct(a.get(k)) for k in keys)] for a in acc])]
         if "accuracy" in plots:
             b.append(("img", plots["accuracy"], "accuracy after each stage"))
+    ft = _res(records, "finetune")
+    if ft or history:
+        b.append(("h", 2, "Fine-tuning"))
+    if ft and ft.get("train_seconds") is not None:
+        b.append(("p", f"Time: data {ft.get('decode_seconds')} s, training {ft.get('train_seconds')} s, "
+                       f"evaluation {ft.get('eval_seconds')} s."))
+    if ft and ft.get("warning"):
+        b.append(("p", f"Warning: {ft['warning']}"))
     if history:
-        b += [("h", 2, "Fine-tuning"), ("table", ["epoch", "train loss", "train acc", "val acc", "lr", "seconds"],
-                                        [[h["epoch"], h.get("train_loss"), _pct(h.get("train_acc")),
-                                          _pct(h.get("val_acc")), h.get("lr"), h.get("seconds")] for h in history])]
+        b.append(("table", ["epoch", "train loss", "train acc", "val acc", "lr", "seconds"],
+                  [[h["epoch"], h.get("train_loss"), _pct(h.get("train_acc")), _pct(h.get("val_acc")), h.get("lr"),
+                    h.get("seconds")] for h in history]))
         if "finetune" in plots:
             b.append(("img", plots["finetune"], "fine-tuning curve"))
     lat = summary["latency"]

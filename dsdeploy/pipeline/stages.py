@@ -134,8 +134,9 @@ def run_convert(ctx: Context, folder: Path) -> StageOutput:
     outputs = {"converted": "converted.dsd", "artifact": "converted.dsd", "plan": "plan.json"}
     if r.calibrate.enabled and _data(ctx):
         cal = api.calibrate(cm, _data(ctx), out=folder / "calibrated.dsd", max_batches=c.batches,
-                            batch_size=c.batch_size, ridge=c.ridge, seed=r.seed, progress=ctx.progress,
-                            **data_split(ctx))
+                            batch_size=c.batch_size, ridge=c.ridge, rounds=c.rounds, cache_mb=c.cache_mb,
+                            seed=r.seed, progress=ctx.progress,
+                            block_reconstruct=c.block_reconstruct, **data_split(ctx))
         result["calibration"] = cal.to_dict()
         outputs.update(calibrated="calibrated.dsd", artifact="calibrated.dsd")
     return StageOutput(result, outputs)

@@ -10,11 +10,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dsdeploy.errors import DsdeployError
-from dsdeploy.ranges import check_number
+from dsdeploy.ranges import check_number, parse_duration
 from dsdeploy.recover.schedule import Schedule
 
 WARMUP_EPOCHS = 0.2  # default LR warmup: a fifth of an epoch, at most a tenth of the run (0: none)
 CALIB_BATCHES = 50  # calibration batches by default: [calibrate] batches, convert/calibrate CLI, library
+CALIB_ROUNDS = 3  # alternating (depthwise + pointwise) rounds per layer after the pointwise solve
+CALIB_CACHE_MB = 1024.0  # MiB of cached stage inputs during calibration
 
 
 @dataclass
@@ -25,16 +27,43 @@ class CalibrationParams:
         ridge: relative ridge of the least squares, ``>= 0`` and finite.
         max_batches: use at most this many batches (None: all), ``>= 1``.
         batch_size: images per calibration batch, ``>= 1``.
+        rounds: alternating least-squares rounds per layer (a depthwise solve, then a pointwise
+            solve) after the first pointwise solve, ``>= 0`` (0: pointwise weights only).
+        cache_mb: MiB of stage inputs cached to avoid rerunning the network prefix per layer,
+            ``>= 0`` (0: no cache; same result, slower on deep models).
+        block_reconstruct: seconds for label-free block reconstruction after the least squares
+            and BatchNorm re-estimation (:mod:`dsdeploy.recover.blockrec`); a duration such as
+            ``"90s"`` or ``"2m"`` is converted to seconds; None, 0, ``"0"`` or ``"off"``: off (the
+            default: it costs the time it is given, which only the user can weigh).
     """
 
     ridge: float = 1e-6
     max_batches: int | None = CALIB_BATCHES
     batch_size: int = 64
+    rounds: int = CALIB_ROUNDS
+    cache_mb: float = CALIB_CACHE_MB
+    block_reconstruct: float | str | None = None
 
     def __post_init__(self) -> None:
+        self.block_reconstruct = block_budget(self.block_reconstruct)
         check_number(self.ridge, "calibrate ridge", low=0)
         check_number(self.max_batches, "calibrate max_batches", low=1, integer=True, optional=True)
         check_number(self.batch_size, "calibrate batch_size", low=1, integer=True)
+        check_number(self.rounds, "calibrate.rounds", low=0, integer=True)
+        check_number(self.cache_mb, "calibrate.cache_mb", low=0)
+
+    def fit(self) -> dict[str, Any]:
+        """The least-squares fit's options as keyword arguments of :func:`dsdeploy.recover.reconstruct.calibrate`."""
+        return {"rounds": self.rounds, "cache_mb": self.cache_mb}
+
+
+def block_budget(value: float | str | None, field: str = "calibrate.block_reconstruct") -> float | None:
+    """A block-reconstruction time budget in seconds: None when off (None, 0, "0", "off", "none", "")."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "0", "off", "none")):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+        return None
+    return parse_duration(value, field)
 
 
 MODES = ("none", "partial", "full")

@@ -1,19 +1,23 @@
-"""Training-free accuracy recovery: least-squares pointwise weights, then BatchNorm re-estimation.
+"""Training-free accuracy recovery: least-squares factors on real activations, then BatchNorm re-estimation.
 
-With each DS block's depthwise filters fixed, its output is linear in the pointwise
-weights (and bias). For every converted layer, in the order the network calls them, we
-solve ``min ||A W - B||^2`` where ``A`` holds the block's depthwise features and ``B``
-the ORIGINAL conv's output, both computed on the input the block receives inside the
-partially calibrated student — so each layer also corrects the error of those before it.
-Normal equations are accumulated over batches in float64 (no activations are stored)
-with a small ridge, per conv group. BatchNorm statistics are re-estimated afterwards.
+For every converted layer, in the order the network calls them, the block is fitted to the
+ORIGINAL conv's output on the input the block receives inside the partially calibrated
+student — so each layer also corrects the error of those before it. First the pointwise
+weights (the block output is linear in them with the depthwise filters fixed), then
+``rounds`` alternating rounds (depthwise filters with the pointwise weights fixed — linear
+too — then pointwise again; :mod:`dsdeploy.recover.als`), stopping when the layer's output
+error stops falling. Normal equations are accumulated over batches in float64 (no
+activations stored; :mod:`dsdeploy.recover.lsq`); stage inputs are cached so the network
+prefix is not rerun per layer (:mod:`dsdeploy.recover.stagecache`). BatchNorm statistics
+are re-estimated afterwards and each layer's output error measured again.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,25 +26,39 @@ from dsdeploy.conversion.block import DSConv, ds_blocks
 from dsdeploy.conversion.plan import Plan
 from dsdeploy.conversion.rewrite import original_convs
 from dsdeploy.errors import DataError
-from dsdeploy.recover.config import CALIB_BATCHES, CalibrationParams
+from dsdeploy.recover.als import PatchEquations, alternate
+from dsdeploy.recover.config import CALIB_BATCHES, CALIB_CACHE_MB, CALIB_ROUNDS, CalibrationParams
 from dsdeploy.recover.distill import call_order, evaluate
+from dsdeploy.recover.lsq import CHUNK_ELEMENTS, PATCH_MB, NormalEquations, patch_bytes
+from dsdeploy.recover.stagecache import LayerInputs
 
-CHUNK_ELEMENTS = 1 << 22  # rows x features per float64 product chunk (32 MiB)
+__all__ = ["CHUNK_ELEMENTS", "CalibrationReport", "LayerCalibration", "NormalEquations", "affected_norms",
+           "calibrate", "calibrate_artifact", "calibrate_data", "recalibrate_bn"]
 
 
 @dataclass
 class LayerCalibration:
-    """One layer's relative output error ``||y_student - y_original||^2 / ||y_original||^2``."""
+    """One layer's relative output errors ``||y_student - y_original||^2 / ||y_original||^2``.
+
+    ``error_before``: after SVD (before any fit); ``error_pointwise``: after the pointwise solve;
+    ``error_rounds``: after each alternating round; ``error_after``: the fitted layer (all on the
+    inputs it had while being fitted); ``error_bn``: after BatchNorm re-estimation, on its final
+    inputs (None without it). ``method``: how it was fitted.
+    """
 
     name: str
     error_before: float
     error_after: float
     rows: int
+    error_pointwise: float | None = None
+    error_rounds: list[float] = field(default_factory=list)
+    error_bn: float | None = None
+    method: str = "pointwise"
 
 
 @dataclass
 class CalibrationReport:
-    """What calibration did and measured."""
+    """What calibration did and measured (``seconds``: the whole call; ``cache``: stage-cache use)."""
 
     layers: list[LayerCalibration] = field(default_factory=list)
     batches: int = 0
@@ -51,32 +69,52 @@ class CalibrationReport:
     accuracy_after: float | None = None
     seconds: float = 0.0
     split: dict[str, Any] | None = None  # the data split calibrated on (dsdeploy.data.labels.split_record)
+    rounds: int = 0
+    fit_seconds: float = 0.0
+    cache: dict[str, Any] | None = None
+    block_reconstruction: dict[str, Any] | None = None  # dsdeploy.recover.blockrec.BlockReconReport, when run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def history_entry(self, **extra: Any) -> dict[str, Any]:
         """The artifact history record: ``{"stage": "calibrate", ...}``."""
+        def r6(v: float | None) -> float | None:
+            return None if v is None else round(v, 6)
+
         return {"stage": "calibrate", "images": self.images, "batches": self.batches, "ridge": self.ridge,
-                "bn_layers": self.bn_layers, "accuracy_before": self.accuracy_before,
+                "rounds": self.rounds, "bn_layers": self.bn_layers, "accuracy_before": self.accuracy_before,
                 "accuracy_after": self.accuracy_after, "seconds": round(self.seconds, 2),
-                "layers": [{"name": c.name, "error_before": round(c.error_before, 6),
-                            "error_after": round(c.error_after, 6)} for c in self.layers], **extra}
+                "fit_seconds": round(self.fit_seconds, 2), "cache": self.cache,
+                "layers": [{"name": c.name, "error_before": r6(c.error_before), "error_after": r6(c.error_after),
+                            "error_pointwise": r6(c.error_pointwise), "error_rounds": [r6(e) for e in c.error_rounds],
+                            "error_bn": r6(c.error_bn), "method": c.method} for c in self.layers],
+                **({"block_reconstruction": self.block_reconstruction} if self.block_reconstruction else {}), **extra}
 
     def render(self) -> str:
         from dsdeploy.tables import format_table
 
-        rows = [[c.name, f"{c.error_before:.4f}", f"{c.error_after:.4f}"] for c in self.layers]
-        lines = [format_table(["layer", "rel.err before", "rel.err after"], rows), "",
-                 f"calibrated {len(self.layers)} layers on {self.images} images ({self.seconds:.1f}s); "
-                 f"re-estimated {self.bn_layers} BatchNorm layers"]
+        def f(v: float | None) -> str:
+            return "-" if v is None else f"{v:.4f}"
+
+        rows = [[c.name, f(c.error_before), f(c.error_pointwise),
+                 " ".join(f"{e:.4f}" for e in c.error_rounds) or "-", f(c.error_after), f(c.error_bn), c.method]
+                for c in self.layers]
+        cache = self.cache or {}
+        summary = (f"calibrated {len(self.layers)} layers on {self.images} images ({self.seconds:.1f}s, "
+                   f"fit {self.fit_seconds:.1f}s; {cache.get('stage_layers', 0)} layers from cached stage inputs, "
+                   f"peak {cache.get('peak_mb', 0)} MiB); re-estimated {self.bn_layers} BatchNorm layers")
+        lines = [format_table(["layer", "rel.err SVD", "pointwise", "rounds", "fitted", "after BN", "method"], rows),
+                 "", summary]
         if self.accuracy_before is not None and self.accuracy_after is not None:
             lines.append(f"accuracy {100 * self.accuracy_before:.2f}% -> {100 * self.accuracy_after:.2f}%")
+        if self.block_reconstruction:
+            b = self.block_reconstruction
+            lines.append(f"block reconstruction: {len(b['blocks'])} blocks in {b['seconds']:.1f}s "
+                         f"(budget {b['time_budget']:.0f}s), summed block error "
+                         f"{sum(x['error_before'] or 0 for x in b['blocks']):.4f} -> "
+                         f"{sum(x['error_after'] or 0 for x in b['blocks']):.4f}")
         return "\n".join(lines)
-
-
-class _Stop(Exception):
-    """Raised by the capture hook to skip the rest of a forward pass."""
 
 
 def _inputs(batch: Any) -> torch.Tensor:
@@ -90,72 +128,6 @@ def _batches(loader: Iterable, max_batches: int | None) -> Iterable:
         yield batch
 
 
-class NormalEquations:
-    """Per-group ``A^T A``, ``A^T B`` and ``||B||^2`` for one block, accumulated in float64."""
-
-    def __init__(self, block: DSConv, conv: nn.Module) -> None:
-        self.block, self.conv = block, conv
-        g, k = block.groups, block.rank
-        self.g, self.cin_g, self.cout_g = g, block.in_channels // g, block.out_channels // g
-        self.bias = conv.bias is not None
-        d = k * self.cin_g + int(self.bias)
-        self.ata = torch.zeros(g, d, d, dtype=torch.float64)
-        self.atb = torch.zeros(g, d, self.cout_g, dtype=torch.float64)
-        self.btb = torch.zeros(g, dtype=torch.float64)
-        self.rows = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        """Accumulate one batch of block inputs ``x``."""
-        feats = self.block.depthwise_features(x)  # (N, K, Cin, *sp)
-        target = self.conv(x)  # (N, Cout, *sp)
-        n, k = feats.shape[:2]
-        a = feats.reshape(n, k, self.g, self.cin_g, -1).permute(0, 4, 2, 1, 3).reshape(-1, self.g, k * self.cin_g)
-        b = target.reshape(n, self.g, self.cout_g, -1).permute(0, 3, 1, 2).reshape(-1, self.g, self.cout_g)
-        step = max(1, CHUNK_ELEMENTS // (self.g * (a.shape[-1] + 1)))
-        for i in range(0, a.shape[0], step):
-            ac = a[i:i + step].to(torch.float64).transpose(0, 1)  # (g, m, D)
-            if self.bias:
-                ac = torch.cat([ac, ac.new_ones(ac.shape[0], ac.shape[1], 1)], dim=2)
-            bc = b[i:i + step].to(torch.float64).transpose(0, 1)  # (g, m, Cout_g)
-            act = ac.transpose(1, 2)
-            self.ata += act @ ac
-            self.atb += act @ bc
-            self.btb += bc.square().sum(dim=(1, 2))
-        self.rows += a.shape[0]
-
-    def current(self) -> torch.Tensor:
-        """The block's present pointwise weights as ``W (g, D, Cout_g)``."""
-        pw, bias = self.block.get_pointwise()  # (K, Cout, Cin_g)
-        k = pw.shape[0]
-        w = pw.detach().reshape(k, self.g, self.cout_g, self.cin_g).permute(1, 0, 3, 2)
-        w = w.reshape(self.g, k * self.cin_g, self.cout_g).to(torch.float64)
-        if self.bias:
-            bias = bias.detach() if bias is not None else torch.zeros(self.block.out_channels)
-            w = torch.cat([w, bias.reshape(self.g, 1, self.cout_g).to(torch.float64)], dim=1)
-        return w
-
-    def error(self, w: torch.Tensor) -> float:
-        """Relative squared error ``||A W - B||^2 / ||B||^2`` summed over groups."""
-        sq = ((w.transpose(1, 2) @ self.ata @ w).diagonal(dim1=1, dim2=2).sum() - 2 * (w * self.atb).sum()
-              + self.btb.sum())
-        return float(sq.clamp_min(0) / self.btb.sum().clamp_min(1e-30))
-
-    def solve(self, ridge: float) -> torch.Tensor:
-        """Ridge-regularised least squares: ``(A^T A + lam I) W = A^T B``, lam = ridge * trace / D."""
-        d = self.ata.shape[-1]
-        lam = ridge * self.ata.diagonal(dim1=1, dim2=2).sum(-1) / d
-        reg = self.ata + lam.clamp_min(1e-12)[:, None, None] * torch.eye(d, dtype=torch.float64)
-        return torch.linalg.solve(reg, self.atb)
-
-    def load(self, w: torch.Tensor) -> None:
-        """Write ``W`` back into the block's pointwise weights and bias."""
-        k = self.block.rank
-        dtype = self.block.get_pointwise()[0].dtype
-        bias = w[:, -1, :].reshape(-1).to(dtype) if self.bias else None
-        wk = w[:, :k * self.cin_g, :].reshape(self.g, k, self.cin_g, self.cout_g).permute(1, 0, 3, 2)
-        self.block.set_pointwise(wk.reshape(k, self.block.out_channels, self.cin_g).to(dtype), bias)
-
-
 def _layer_order(student: nn.Module, names: list[str], loader: Iterable) -> list[str]:
     """Converted layers in the order one forward pass calls them (unused ones last)."""
     first = next(iter(_batches(loader, 1)), None)
@@ -166,10 +138,61 @@ def _layer_order(student: nn.Module, names: list[str], loader: Iterable) -> list
     return sorted(names, key=lambda n: ranked.get(n, len(order)))
 
 
+def _fit(eq: NormalEquations | PatchEquations, name: str, rounds: int, ridge: float) -> LayerCalibration:
+    """Solve one layer from its accumulated equations (never making it worse); load the result."""
+    if isinstance(eq, PatchEquations):
+        res = alternate(eq, rounds, ridge)
+        method = "alternating" if eq.depthwise_solvable else "pointwise (depthwise system too large)"
+        return LayerCalibration(name, res.error_svd, res.error, eq.rows, res.error_pointwise, res.error_rounds,
+                                method=method)
+    before = eq.error(eq.current())
+    w = eq.solve(ridge)
+    after = eq.error(w)
+    if after < before:  # never make a layer worse (e.g. too little data for its size)
+        eq.load(w)
+    method = "pointwise" if rounds == 0 else "pointwise (patch statistics too large)"
+    return LayerCalibration(name, before, min(before, after), eq.rows, min(before, after), method=method)
+
+
+def layer_errors(student: nn.Module, convs: dict[str, nn.Module], loader: Iterable,
+                 max_batches: int | None = None) -> dict[str, float]:
+    """Each DS block's relative output error against its original conv, on the input it gets in ``student``.
+
+    One forward pass per batch (no grad); the first call of each block per batch counts.
+    """
+    blocks = {n: b for n, b in ds_blocks(student).items() if n in convs}
+    sums = {n: [0.0, 0.0] for n in blocks}
+    seen: set[str] = set()
+    handles = []
+
+    def hook(name: str):
+        def fn(_mod, args, out):
+            if name not in seen:
+                seen.add(name)
+                ref = convs[name](args[0])
+                sums[name][0] += float((out - ref).double().square().sum())
+                sums[name][1] += float(ref.double().square().sum())
+        return fn
+
+    student.eval()
+    try:
+        for n, b in blocks.items():
+            handles.append(b.register_forward_hook(hook(n)))
+        with torch.no_grad():
+            for batch in _batches(loader, max_batches):
+                seen.clear()
+                student(_inputs(batch))
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: s[0] / max(s[1], 1e-30) for n, s in sums.items() if s[1] > 0}
+
+
 def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterable, *,
               max_batches: int | None = None, ridge: float = 1e-6, progress: bool = True, bn: bool = True,
-              eval_loader: Iterable | None = None) -> CalibrationReport:
-    """Solve every converted layer's pointwise weights by least squares, IN PLACE, then fix BN.
+              eval_loader: Iterable | None = None, rounds: int = CALIB_ROUNDS,
+              cache_mb: float = CALIB_CACHE_MB) -> CalibrationReport:
+    """Fit every converted layer's factors by least squares, IN PLACE, then fix BN.
 
     Args:
         student: the converted model (modified in place; returned in eval mode).
@@ -179,17 +202,22 @@ def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterab
         max_batches: use only the first N batches per layer.
         ridge: relative ridge, ``lam = ridge * trace(A^T A) / D``.
         progress: show a tqdm bar on stderr.
-        bn: re-estimate BatchNorm statistics after the solve (:func:`recalibrate_bn`).
+        bn: re-estimate BatchNorm statistics after the solve (:func:`recalibrate_bn`), then
+            measure each layer's output error again (one more pass).
         eval_loader: labelled batches to report top-1 accuracy before and after.
+        rounds: alternating (depthwise, then pointwise) rounds after the pointwise solve; 0 fits
+            the pointwise weights only. Layers whose patch statistics exceed ``lsq.PATCH_MB`` get
+            the pointwise fit (their ``method`` says so).
+        cache_mb: MiB of cached stage inputs (:mod:`dsdeploy.recover.stagecache`; 0: none).
 
     Returns:
-        A CalibrationReport with per-layer relative output errors before/after.
+        A CalibrationReport with per-layer relative output errors (SVD, pointwise, rounds, after BN).
     """
     from tqdm import tqdm
 
-    CalibrationParams(ridge=ridge, max_batches=max_batches)
+    CalibrationParams(ridge=ridge, max_batches=max_batches, rounds=rounds, cache_mb=cache_mb)
     t0 = time.perf_counter()
-    report = CalibrationReport(ridge=ridge)
+    report = CalibrationReport(ridge=ridge, rounds=rounds)
     blocks, convs = ds_blocks(student), original_convs(teacher, plan)
     names = [d.name for d in plan.converted if d.name in blocks]
     if eval_loader is not None:
@@ -198,39 +226,27 @@ def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterab
     names = _layer_order(student, names, loader)
     bar = tqdm(total=len(names), desc="calibrating", unit="layer", disable=not progress, leave=False)
     with torch.no_grad():
+        feeder = LayerInputs(student, lambda: (_inputs(b) for b in _batches(loader, max_batches)), cache_mb)
         for name in names:
-            eq = NormalEquations(blocks[name], convs[name])
-
-            def hook(_mod, args, eq=eq):
-                eq.add(args[0])
-                raise _Stop
-
-            handle = blocks[name].register_forward_pre_hook(hook)
-            batches = images = 0
-            try:
-                for batch in _batches(loader, max_batches):
-                    x = _inputs(batch)
-                    try:
-                        student(x)
-                    except _Stop:
-                        pass
-                    batches, images = batches + 1, images + x.shape[0]
-            finally:
-                handle.remove()
+            block = blocks[name]
+            patch = rounds > 0 and patch_bytes(block) <= PATCH_MB * 2 ** 20
+            eq = PatchEquations(block, convs[name]) if patch else NormalEquations(block, convs[name])
+            batches, images = feeder.feed(name, block, eq.add)
             if eq.rows == 0:
                 continue  # the forward pass never reached this layer
-            before = eq.error(eq.current())
-            w = eq.solve(ridge)
-            after = eq.error(w)
-            if after < before:  # never make a layer worse (e.g. too little data for its size)
-                eq.load(w)
-            report.layers.append(LayerCalibration(name, before, min(before, after), eq.rows))
+            layer = _fit(eq, name, rounds, ridge)
+            report.layers.append(layer)
             report.batches, report.images = batches, images
-            bar.set_postfix(layer=name, err=f"{before:.3f}->{min(before, after):.3f}")
+            bar.set_postfix(layer=name, err=f"{layer.error_before:.3f}->{layer.error_after:.3f}")
             bar.update(1)
+        feeder.inputs = []
     bar.close()
+    report.cache, report.fit_seconds = feeder.stats, time.perf_counter() - t0
     if bn:
         report.bn_layers = recalibrate_bn(student, loader, max_batches)
+        errors = layer_errors(student, convs, loader, max_batches)
+        for layer in report.layers:
+            layer.error_bn = errors.get(layer.name)
     if eval_loader is not None:
         report.accuracy_after = evaluate(student, eval_loader)
     report.seconds = time.perf_counter() - t0
@@ -292,7 +308,8 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, max_batches: int | None =
 def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
                    preprocessing: Any, *, max_batches: int | None = CALIB_BATCHES, seed: int = 0,
                    batch_size: int = 64, ridge: float = 1e-6, progress: bool = True, val_split: float = 0.2,
-                   limit: int | None = None, labels: list[str] | None = None) -> CalibrationReport:
+                   limit: int | None = None, labels: list[str] | None = None, rounds: int = CALIB_ROUNDS,
+                   cache_mb: float = CALIB_CACHE_MB, block_reconstruct: float | None = None) -> CalibrationReport:
     """Calibrate ``model`` in place on a data spec (``digits`` or a folder).
 
     ``preprocessing`` is the resolved preprocessing dict (:func:`dsdeploy.data.preprocessing.resolve`;
@@ -300,7 +317,8 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
     val_split=, seed=, limit=)`` (no augmentation; a seeded random subset of ``max_batches *
     batch_size`` images when capped, the same for every layer; None = all) is the calibration
     set; the validation split, when labelled, measures accuracy before and after (data classes
-    mapped to ``labels`` by name when the model records them).
+    mapped to ``labels`` by name when the model records them). ``rounds``, ``cache_mb``: as in :func:`calibrate`.
+    ``block_reconstruct``: seconds of :mod:`dsdeploy.recover.blockrec` afterwards on the same batches (None: off).
     """
     from torch.utils.data import Subset
 
@@ -308,7 +326,7 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
     from dsdeploy.data.labels import check_outputs, output_count
     from dsdeploy.data.preprocessing import resolve
 
-    CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size)
+    CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size, rounds=rounds, cache_mb=cache_mb)
     pre = resolve(preprocessing, data=data, model=teacher)
     splits = load_data(data, pre, seed=seed, labelled=False, val_split=val_split, limit=limit, model_labels=labels)
     calib = splits.train if splits.train is not None else splits.val
@@ -321,29 +339,28 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
     eval_loader = make_loader(splits.val, 256, shuffle=False) if splits.val is not None and splits.classes else None
     if eval_loader is not None:
         check_outputs(splits.classes, output_count(teacher, calib[0][0][None]), "the model")
-    report = calibrate(model, teacher, plan, loader, ridge=ridge, progress=progress, eval_loader=eval_loader)
+    report = calibrate(model, teacher, plan, loader, ridge=ridge, progress=progress, eval_loader=eval_loader,
+                       rounds=rounds, cache_mb=cache_mb)
+    from dsdeploy.recover.blockrec import after_calibration
+
+    after_calibration(report, model, teacher, loader, block_reconstruct, eval_loader=eval_loader, progress=progress)
     report.split = splits.split
     return report
-
-
-def calibrate_on_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
-                      preprocessing: Any, *, max_batches: int | None = CALIB_BATCHES, seed: int = 0,
-                      batch_size: int = 64, labels: list[str] | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """For ``convert --calib-data``: :func:`calibrate_data`, returning (model, artifact history entry)."""
-    report = calibrate_data(model, teacher, plan, data, preprocessing, max_batches=max_batches, seed=seed,
-                            batch_size=batch_size, labels=labels)
-    return model, report.history_entry(data=data, seed=seed)
 
 
 def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: int | None = CALIB_BATCHES,
                        batch_size: int = 64, seed: int = 0, ridge: float = 1e-6, progress: bool = True,
                        preprocess: dict[str, Any] | None = None, val_split: float = 0.2,
-                       limit: int | None = None, trust_code: bool = False) -> CalibrationReport:
+                       limit: int | None = None, trust_code: bool = False, rounds: int = CALIB_ROUNDS,
+                       cache_mb: float = CALIB_CACHE_MB, block_reconstruct: float | str | None = None
+                       ) -> CalibrationReport:
     """``dsdeploy calibrate``: load a .dsd, calibrate it against its source model, write ``out``.
 
     The preprocessing is :func:`dsdeploy.data.preprocessing.resolve` of the artifact's recorded
     preprocessing and input shape with ``preprocess`` overrides; ``out`` records what was used.
     ``trust_code``: import the ``pkg.module:factory`` the artifact records (see :mod:`dsdeploy.models.trust`).
+    ``rounds``, ``cache_mb``: as in :func:`calibrate`.
+    ``block_reconstruct``: seconds or a duration (``"90s"``) of block reconstruction afterwards (None/0: off).
     """
     from dsdeploy.conversion.artifact import (
         load_artifact,
@@ -352,14 +369,16 @@ def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: 
     )
     from dsdeploy.data.preprocessing import resolve
 
-    CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size)
+    params = CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size, rounds=rounds,
+                               cache_mb=cache_mb, block_reconstruct=block_reconstruct)
     art = load_artifact(artifact_path, trust_code=trust_code)
     teacher = load_source_model(art)
     pre = resolve(art.metadata.get("preprocessing"), art.metadata.get("input_shape"), preprocess, data=data,
                   model=teacher)
     report = calibrate_data(art.model, teacher, art.plan, data, pre, max_batches=max_batches, seed=seed,
                             batch_size=batch_size, ridge=ridge, progress=progress, val_split=val_split, limit=limit,
-                            labels=art.metadata.get("labels"))
+                            labels=art.metadata.get("labels"), rounds=rounds, cache_mb=cache_mb,
+                            block_reconstruct=params.block_reconstruct)
     save_artifact(out, art.model, art.plan, art.source, {**art.metadata, "preprocessing": pre.to_dict()},
                   art.history + [report.history_entry(data=data, seed=seed)])
     return report

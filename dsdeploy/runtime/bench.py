@@ -1,9 +1,11 @@
 """Latency of ONNX models on ONNX Runtime execution providers, with parity against the CPU EP.
 
-Protocol per (model, EP, batch): create the session (timed; profiling on), run once
-(first-inference time), read from the profile which EP ran each node (silent CPU
-fallback shows here), then ``warmup`` untimed runs and ``iters`` timed runs (or as many
-as fit in ``duration`` seconds), each timed with ``time.perf_counter_ns``. Peak memory
+Protocol per (model, EP, batch), one session at a time (:mod:`dsdeploy.runtime.timing`:
+the timed session is the only one alive that spins, and it is released before the next
+is created; the report's ``config.protocol`` states it): create the session (timed;
+profiling on), run once (first-inference time), read from the profile which EP ran each
+node (silent CPU fallback shows here), then ``warmup`` untimed runs and ``iters`` timed
+runs (or as many as fit in ``duration`` seconds), each timed with ``time.perf_counter_ns``. Peak memory
 is sampled throughout. Each EP's outputs are compared with the CPU EP's on the same
 inputs. Raw samples are kept.
 """
@@ -33,7 +35,7 @@ from dsdeploy.runtime.inputs import (
 from dsdeploy.runtime.results import BenchReport, EPResult
 from dsdeploy.runtime.sessions import create_session
 from dsdeploy.runtime.sysinfo import PeakMemory, environment
-from dsdeploy.runtime.timing import Stats, time_runs
+from dsdeploy.runtime.timing import Protocol, Stats, time_runs, timed_session
 
 
 @dataclass
@@ -105,9 +107,10 @@ def measure(info: ModelInfo, ep: eps.EPConfig, batch: int, cfg: BenchConfig, fee
     feeds (default: the timing feed) and the timing feed (generated when ``feed`` is None)."""
     res = EPResult(info.name, ep.name, ep.alias, batch, precision=ep.precision, ep_options=dict(ep.options),
                    threads=cfg.threads)
-    with PeakMemory() as mem:
-        t0 = time.perf_counter_ns()
-        sess = create_session(info.path, ep, cfg.threads, os.path.join(profile_dir, f"{info.name}_{ep.alias}"))
+    t0 = time.perf_counter_ns()
+    profile = os.path.join(profile_dir, f"{info.name}_{ep.alias}")
+    with PeakMemory() as mem, timed_session(lambda: create_session(info.path, ep, cfg.threads, profile,
+                                                                   spinning=True)) as sess:
         res.session_create_ms = (time.perf_counter_ns() - t0) / 1e6
         if feed is None:
             feed = random_feed(sess, batch, info.preprocessing, cfg.seed + batch)
@@ -118,13 +121,14 @@ def measure(info: ModelInfo, ep: eps.EPConfig, batch: int, cfg: BenchConfig, fee
         nodes = eps.nodes_by_provider(prof)
         os.remove(prof)
         res.samples_ms = time_runs(sess, feed, warmup=cfg.warmup, iters=cfg.iters, duration=cfg.duration)
+        session_providers = sess.get_providers()
+        outs = _run_all(sess, parity_feeds or [feed])
+        del sess  # released before the next session is timed (the protocol)
     res.memory = mem.to_dict()
-    res.fallback = eps.fallback_report(ep.name, sess.get_providers(), nodes)
+    res.fallback = eps.fallback_report(ep.name, session_providers, nodes)
     res.device = "CPU" if res.fallback["status"] == "full" else eps.device_label(ep.name, ep.options)
     res.stats = Stats.of(res.samples_ms)
     res.throughput_items_s = batch * 1000.0 / res.stats.mean_ms if res.stats.mean_ms > 0 else None
-    feeds = parity_feeds or [feed]
-    outs = _run_all(sess, feeds)
     if reference is not None:
         res.parity = parity(outs, reference, "data" if parity_feeds else "random")
     return res, outs, feed
@@ -211,10 +215,16 @@ def _feeds(info: ModelInfo, batch: int, images: np.ndarray | None):
     return pfeeds[0], pfeeds
 
 
+def protocol(cfg: BenchConfig) -> Protocol:
+    """The timing protocol ``cfg`` asks for (:mod:`dsdeploy.runtime.timing`)."""
+    return Protocol(warmup=cfg.warmup, iters=cfg.iters, duration=cfg.duration, spinning=True)
+
+
 def _config_dict(cfg: BenchConfig, configs: list[eps.EPConfig]) -> dict[str, Any]:
     d = asdict(cfg)
     d["resolved_providers"] = [c.to_dict() for c in configs]
     d["intra_op_threads"] = cfg.threads or "onnxruntime default (one per physical core)"
+    d["protocol"] = protocol(cfg).describe()
     return d
 
 

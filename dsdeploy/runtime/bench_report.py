@@ -81,7 +81,8 @@ def method_notes(report: BenchReport) -> list[str]:
              f"{pkgs.get('onnxruntime-ep-openvino') or 'not installed'}; "
              f"intra-op threads: {report.config.get('intra_op_threads')}; load average (1/5/15 min) when the "
              f"report was written: {env.get('load_average_1_5_15m')}.",
-             "Latencies from time.perf_counter_ns around session.run; p99 marked * when fewer than 100 samples.",
+             f"Latencies from time.perf_counter_ns around session.run; protocol: "
+             f"{report.config.get('protocol', 'not recorded')}; p99 marked * when fewer than 100 samples.",
              f"Peak memory: process RSS peak during session creation and runs (+ growth over the RSS before the "
              f"session was created); {mem}.",
              "Parity: max abs diff against the CPU EP on the same inputs; top1 agree = argmax agreement of output 0.",
