@@ -55,7 +55,7 @@ def policy_options(func):
 
 def _policy(options: dict):
     """The Policy the policy_options flags set (each flag's parameter is the Policy field of its name)."""
-    from dsdeploy.conversion.plan import Policy  # the CLI imports the library on use: --help stays torch-free
+    from dsdeploy.conversion.plan import Policy
 
     return Policy(**options)
 
