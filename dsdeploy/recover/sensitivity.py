@@ -38,6 +38,7 @@ from dsdeploy.conversion.rewrite import _set_submodule, copy_model
 from dsdeploy.data.datasets import load_data, make_loader
 from dsdeploy.data.preprocessing import resolve
 from dsdeploy.errors import DataError
+from dsdeploy.export.parity import flatten_outputs
 from dsdeploy.recover.config import CALIB_BATCHES
 from dsdeploy.recover.reconstruct import NormalEquations
 from dsdeploy.tables import format_table, human
@@ -99,16 +100,6 @@ def _inputs(batch: Any) -> torch.Tensor:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
-def _leaves(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _leaves(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _leaves(v)]
-    return []
-
-
 def _is_logits(out: Any) -> bool:
     return isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] > 1 and out.is_floating_point()
 
@@ -120,7 +111,7 @@ def output_change(reference: Any, out: Any) -> float:
         p = torch.log_softmax(reference.double(), dim=1)
         q = torch.log_softmax(out.double(), dim=1)
         return float((p.exp() * (p - q)).sum(dim=1).mean().clamp_min(0))
-    ref, got = _leaves(reference), _leaves(out)
+    ref, got = flatten_outputs(reference), flatten_outputs(out)
     num = sum(float((g.double() - r.double()).square().sum()) for r, g in zip(ref, got))
     den = sum(float(r.double().square().sum()) for r in ref)
     return num / max(den, 1e-30)
