@@ -165,7 +165,7 @@ def test_corrupt_and_missing_onnx_give_one_line_errors(tmp_path):
 
 
 def test_bad_exporter_and_shape(digits, tmp_path):
-    with pytest.raises(ExportError, match="unknown exporter"):
+    with pytest.raises(ExportError, match="exporter must be one of torchscript, dynamo"):
         export_onnx(digits.model, tmp_path / "x.onnx", DIGITS_SHAPE, exporter="tflite")
     proc = invoke("export", "sample:digits_cnn", "-o", tmp_path / "x.onnx", "--input-shape", "1,3,16,16")
     assert proc.returncode != 0 and "input shape" in proc.stderr and not (tmp_path / "x.onnx").exists()
