@@ -15,6 +15,9 @@ from torch import nn
 from dsdeploy.conversion.block import DSConv
 from dsdeploy.recover.lsq import (
     DEPTHWISE_UNKNOWNS,
+    FLOAT32_FEATURES,
+    PATCH_ROWS_MIN,
+    PATCH_ROWS_PER_FEATURE,
     TOLERANCE,
     _accumulate,
     _quadratic_error,
@@ -28,9 +31,17 @@ F64 = torch.float64
 
 class PatchEquations:
     """Per-group ``X^T X``, ``X^T B``, ``||B||^2`` of one block's input patches ``X`` (with a ones column)
-    against the original conv's output ``B``, in float64: the exact output error of any factors."""
+    against the original conv's output ``B``, in float64: the exact output error of any factors
+    (on the rows kept).
 
-    def __init__(self, block: DSConv, conv: nn.Module) -> None:
+    ``batches``: how many batches will be added (a hint). Only ``max(PATCH_ROWS_PER_FEATURE * D,
+    PATCH_ROWS_MIN)`` rows in all are kept (``D = Cin_g * prod(k) + 1``): from each batch a seeded
+    random subset of ``ceil(that / batches)`` output positions (all when fewer). ``subsample=False``
+    keeps every row. Products of chunks are float32 when ``D > FLOAT32_FEATURES`` (sums float64).
+    """
+
+    def __init__(self, block: DSConv, conv: nn.Module, batches: int = 1, subsample: bool = True,
+                 seed: int = 0) -> None:
         self.block, self.conv = block, conv
         g = block.groups
         self.g, self.cg, self.og = g, block.in_channels // g, block.out_channels // g
@@ -41,6 +52,10 @@ class PatchEquations:
         self.xtb = torch.zeros(g, d, self.og, dtype=F64)
         self.btb = torch.zeros(g, dtype=F64)
         self.rows = 0
+        cap = max(PATCH_ROWS_PER_FEATURE * d, PATCH_ROWS_MIN)
+        self.per_batch = -(-cap // max(1, batches)) if subsample else None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.dtype = torch.float32 if d > FLOAT32_FEATURES else F64
 
     @property
     def depthwise_solvable(self) -> bool:
@@ -52,7 +67,11 @@ class PatchEquations:
         p = patches(self.block, x)  # (N, Cin, T, L)
         n, length = p.shape[0], p.shape[-1]
         a = p.reshape(n, self.g, self.cg * self.t, length).permute(0, 3, 1, 2).reshape(-1, self.g, self.cg * self.t)
-        _accumulate(self.xtx, self.xtb, self.btb, a, _targets(self.conv, x, self.g), True)
+        b = _targets(self.conv, x, self.g)
+        if self.per_batch is not None and a.shape[0] > self.per_batch:
+            keep = torch.randperm(a.shape[0], generator=self.generator)[:self.per_batch]
+            a, b = a[keep], b[keep]
+        _accumulate(self.xtx, self.xtb, self.btb, a, b, True, self.dtype)
         self.rows += a.shape[0]
 
     # -- factors <-> the block -----------------------------------------------------------------

@@ -27,6 +27,7 @@ from dsdeploy.conversion.plan import Plan
 from dsdeploy.conversion.rewrite import original_convs
 from dsdeploy.errors import DataError
 from dsdeploy.recover.als import PatchEquations, alternate
+from dsdeploy.recover.bnfit import pass_moments, patch_moments, set_statistics
 from dsdeploy.recover.config import CALIB_BATCHES, CALIB_CACHE_MB, CALIB_ROUNDS, CalibrationParams
 from dsdeploy.recover.distill import call_order, evaluate
 from dsdeploy.recover.lsq import CHUNK_ELEMENTS, PATCH_MB, NormalEquations, patch_bytes
@@ -154,6 +155,28 @@ def _fit(eq: NormalEquations | PatchEquations, name: str, rounds: int, ridge: fl
     return LayerCalibration(name, before, min(before, after), eq.rows, min(before, after), method=method)
 
 
+def _count(loader: Iterable, max_batches: int | None) -> int:
+    """How many calibration batches there are (``len`` when the loader has one; else ``max_batches`` or 32)."""
+    try:
+        n = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        n = max_batches or 32
+    return max(1, min(n, max_batches) if max_batches is not None else n)
+
+
+def _following_bns(student: nn.Module, loader: Iterable) -> dict[str, nn.Module]:
+    """The BatchNorm (tracking running statistics) called directly after each DS block."""
+    from dsdeploy.recover.distill import following_norms
+
+    x = _inputs(next(iter(_batches(loader, 1))))[:2]
+    out = {}
+    for block, norm in following_norms(student, x).items():
+        m = student.get_submodule(norm)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            out[block] = m
+    return out
+
+
 def layer_errors(student: nn.Module, convs: dict[str, nn.Module], loader: Iterable,
                  max_batches: int | None = None) -> dict[str, float]:
     """Each DS block's relative output error against its original conv, on the input it gets in ``student``.
@@ -191,7 +214,7 @@ def layer_errors(student: nn.Module, convs: dict[str, nn.Module], loader: Iterab
 def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterable, *,
               max_batches: int | None = None, ridge: float = 1e-6, progress: bool = True, bn: bool = True,
               eval_loader: Iterable | None = None, rounds: int = CALIB_ROUNDS,
-              cache_mb: float = CALIB_CACHE_MB) -> CalibrationReport:
+              cache_mb: float = CALIB_CACHE_MB, interleave_bn: bool = True) -> CalibrationReport:
     """Fit every converted layer's factors by least squares, IN PLACE, then fix BN.
 
     Args:
@@ -209,6 +232,9 @@ def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterab
             the pointwise weights only. Layers whose patch statistics exceed ``lsq.PATCH_MB`` get
             the pointwise fit (their ``method`` says so).
         cache_mb: MiB of cached stage inputs (:mod:`dsdeploy.recover.stagecache`; 0: none).
+        interleave_bn: right after each layer is fitted, re-estimate the BatchNorm called directly
+            after it from the fitted layer's outputs (:mod:`dsdeploy.recover.bnfit`), so later layers
+            are fitted on inputs with the final statistics (``bn_layers`` counts these too).
 
     Returns:
         A CalibrationReport with per-layer relative output errors (SVD, pointwise, rounds, after BN).
@@ -224,17 +250,24 @@ def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterab
         report.accuracy_before = evaluate(student, eval_loader)
     student.eval()
     names = _layer_order(student, names, loader)
+    norms = _following_bns(student, loader) if interleave_bn else {}
+    n_batches = _count(loader, max_batches)
+    interleaved = 0
     bar = tqdm(total=len(names), desc="calibrating", unit="layer", disable=not progress, leave=False)
     with torch.no_grad():
         feeder = LayerInputs(student, lambda: (_inputs(b) for b in _batches(loader, max_batches)), cache_mb)
         for name in names:
             block = blocks[name]
             patch = rounds > 0 and patch_bytes(block) <= PATCH_MB * 2 ** 20
-            eq = PatchEquations(block, convs[name]) if patch else NormalEquations(block, convs[name])
+            eq = PatchEquations(block, convs[name], n_batches) if patch else NormalEquations(block, convs[name])
             batches, images = feeder.feed(name, block, eq.add)
             if eq.rows == 0:
                 continue  # the forward pass never reached this layer
             layer = _fit(eq, name, rounds, ridge)
+            if name in norms:
+                moments = (patch_moments(eq) if isinstance(eq, PatchEquations)
+                           else pass_moments(lambda fn, n=name, b=block: feeder.feed(n, b, fn, False), block))
+                interleaved += set_statistics(norms[name], moments)
             report.layers.append(layer)
             report.batches, report.images = batches, images
             bar.set_postfix(layer=name, err=f"{layer.error_before:.3f}->{layer.error_after:.3f}")
@@ -242,6 +275,7 @@ def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterab
         feeder.inputs = []
     bar.close()
     report.cache, report.fit_seconds = feeder.stats, time.perf_counter() - t0
+    report.bn_layers = interleaved
     if bn:
         report.bn_layers = recalibrate_bn(student, loader, max_batches)
         errors = layer_errors(student, convs, loader, max_batches)
