@@ -38,10 +38,13 @@ class PatchEquations:
     PATCH_ROWS_MIN)`` rows in all are kept (``D = Cin_g * prod(k) + 1``): from each batch a seeded
     random subset of ``ceil(that / batches)`` output positions (all when fewer). ``subsample=False``
     keeps every row. Products of chunks are float32 when ``D > FLOAT32_FEATURES`` (sums float64).
+    ``weight (Cout,)``: weight each output channel's error by ``weight^2`` (e.g. its gain through the
+    BatchNorm after it); the equations, factors and errors are then those of the weighted outputs
+    (:meth:`load` writes the unweighted factors).
     """
 
     def __init__(self, block: DSConv, conv: nn.Module, batches: int = 1, subsample: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, weight: torch.Tensor | None = None) -> None:
         self.block, self.conv = block, conv
         g = block.groups
         self.g, self.cg, self.og = g, block.in_channels // g, block.out_channels // g
@@ -56,6 +59,7 @@ class PatchEquations:
         self.per_batch = -(-cap // max(1, batches)) if subsample else None
         self.generator = torch.Generator().manual_seed(seed)
         self.dtype = torch.float32 if d > FLOAT32_FEATURES else F64
+        self.weight = None if weight is None else weight.detach().to(F64).reshape(g, self.og)
 
     @property
     def depthwise_solvable(self) -> bool:
@@ -68,6 +72,8 @@ class PatchEquations:
         n, length = p.shape[0], p.shape[-1]
         a = p.reshape(n, self.g, self.cg * self.t, length).permute(0, 3, 1, 2).reshape(-1, self.g, self.cg * self.t)
         b = _targets(self.conv, x, self.g)
+        if self.weight is not None:
+            b = b * self.weight.to(b.dtype)
         if self.per_batch is not None and a.shape[0] > self.per_batch:
             keep = torch.randperm(a.shape[0], generator=self.generator)[:self.per_batch]
             a, b = a[keep], b[keep]
@@ -82,10 +88,14 @@ class PatchEquations:
         pw, bias = self.block.get_pointwise()
         p = pw.detach().to(F64).reshape(k, g, self.og, self.cg).transpose(0, 1)
         b = bias.detach().to(F64).reshape(g, self.og) if bias is not None else torch.zeros(g, self.og, dtype=F64)
+        if self.weight is not None:
+            p, b = p * self.weight[:, None, :, None], b * self.weight
         return d.contiguous(), p.contiguous(), b
 
     def load(self, d: torch.Tensor, p: torch.Tensor, b: torch.Tensor) -> None:
         """Write ``(d, P, b)`` into the block (in its dtype)."""
+        if self.weight is not None:
+            p, b = p / self.weight[:, None, :, None], b / self.weight
         blk = self.block
         dtype = blk.get_pointwise()[0].dtype
         blk.set_depthwise(d.transpose(0, 1).reshape(self.k, blk.in_channels, *blk.kernel_size).to(dtype))

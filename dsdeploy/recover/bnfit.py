@@ -56,7 +56,20 @@ def patch_moments(eq) -> Moments:
     m.n = round(float(eq.xtx[0, -1, -1]))
     m.s1 = (eq.xtx[:, -1:, :] @ w).reshape(-1)
     m.s2 = ((eq.xtx @ w) * w).sum(1).reshape(-1)
+    if eq.weight is not None:  # the equations are of the weighted outputs
+        m.s1, m.s2 = m.s1 / eq.weight.reshape(-1), m.s2 / eq.weight.reshape(-1).square()
     return m
+
+
+def bn_gain(norm: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """Each channel's gain through ``norm`` as it is now, ``|gamma| / sqrt(var + eps)``, scaled to mean square 1.
+
+    Weighting a layer's output error by it fits the output as it matters after the original BatchNorm.
+    """
+    gamma = norm.weight.detach().abs() if norm.weight is not None else torch.ones_like(norm.running_var)
+    gain = gamma.to(F64) / (norm.running_var.to(F64) + norm.eps).sqrt()
+    gain = gain.clamp_min(1e-3 * float(gain.max().clamp_min(1e-30)))
+    return gain / gain.square().mean().sqrt()
 
 
 def pass_moments(feed: Callable[[Callable[[torch.Tensor], None]], object], block: nn.Module) -> Moments:

@@ -27,7 +27,7 @@ from dsdeploy.conversion.plan import Plan
 from dsdeploy.conversion.rewrite import original_convs
 from dsdeploy.errors import DataError
 from dsdeploy.recover.als import PatchEquations, alternate
-from dsdeploy.recover.bnfit import pass_moments, patch_moments, set_statistics
+from dsdeploy.recover.bnfit import bn_gain, pass_moments, patch_moments, set_statistics
 from dsdeploy.recover.config import CALIB_BATCHES, CALIB_CACHE_MB, CALIB_ROUNDS, CalibrationParams
 from dsdeploy.recover.distill import call_order, evaluate
 from dsdeploy.recover.lsq import CHUNK_ELEMENTS, PATCH_MB, NormalEquations, patch_bytes
@@ -214,7 +214,8 @@ def layer_errors(student: nn.Module, convs: dict[str, nn.Module], loader: Iterab
 def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterable, *,
               max_batches: int | None = None, ridge: float = 1e-6, progress: bool = True, bn: bool = True,
               eval_loader: Iterable | None = None, rounds: int = CALIB_ROUNDS,
-              cache_mb: float = CALIB_CACHE_MB, interleave_bn: bool = True) -> CalibrationReport:
+              cache_mb: float = CALIB_CACHE_MB, interleave_bn: bool = True,
+              bn_weight: bool = False) -> CalibrationReport:
     """Fit every converted layer's factors by least squares, IN PLACE, then fix BN.
 
     Args:
@@ -235,6 +236,9 @@ def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterab
         interleave_bn: right after each layer is fitted, re-estimate the BatchNorm called directly
             after it from the fitted layer's outputs (:mod:`dsdeploy.recover.bnfit`), so later layers
             are fitted on inputs with the final statistics (``bn_layers`` counts these too).
+        bn_weight: with ``interleave_bn``, weight each output channel's error by its gain through the
+            original BatchNorm after it (the fit then targets the post-BN output; the errors reported
+            for those layers are the weighted ones).
 
     Returns:
         A CalibrationReport with per-layer relative output errors (SVD, pointwise, rounds, after BN).
@@ -259,7 +263,9 @@ def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterab
         for name in names:
             block = blocks[name]
             patch = rounds > 0 and patch_bytes(block) <= PATCH_MB * 2 ** 20
-            eq = PatchEquations(block, convs[name], n_batches) if patch else NormalEquations(block, convs[name])
+            weight = bn_gain(norms[name]) if bn_weight and name in norms else None
+            eq = (PatchEquations(block, convs[name], n_batches, weight=weight) if patch
+                  else NormalEquations(block, convs[name]))
             batches, images = feeder.feed(name, block, eq.add)
             if eq.rows == 0:
                 continue  # the forward pass never reached this layer
