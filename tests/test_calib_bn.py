@@ -105,3 +105,30 @@ def test_subsampled_patch_statistics_fit_nearly_as_well_as_all_rows(trained, mon
     for sub, (_, block) in fits.items():
         errs[sub] = full.error(full.dense(*PatchEquations(block, conv).factors()))
     assert errs[True] <= 1.05 * errs[False], errs
+
+
+def test_accuracy_is_scored_on_at_most_eval_images(trained):
+    """calibrate_data scores before and after on the first ``eval_images`` validation images; 0 scores nothing."""
+    from torch.utils.data import Subset
+
+    from dsdeploy.errors import DsdeployError
+    from dsdeploy.recover.distill import evaluate
+    from dsdeploy.recover.reconstruct import calibrate_data
+
+    teacher, splits = trained
+    seen = []
+    for cap in (40, 0):
+        res = convert(teacher, input_shape=(1, 1, 8, 8), rank=1)
+        naive40 = evaluate(res.model, make_loader(Subset(splits.val, range(40)), 256, shuffle=False))
+        hook = res.model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+        rep = calibrate_data(res.model, teacher, res.plan, "digits", DIGITS8, max_batches=2, batch_size=32,
+                             progress=False, eval_images=cap)
+        hook.remove()
+        if cap:
+            assert rep.accuracy_before == pytest.approx(naive40) and rep.accuracy_after is not None
+            assert round(rep.accuracy_after * cap, 6) == round(rep.accuracy_after * cap)  # a fraction of 40
+        else:
+            assert rep.accuracy_before is None and rep.accuracy_after is None
+    assert max(seen) <= 40 < len(splits.val)  # no forward pass saw more than the cap (calibration batches: 32)
+    with pytest.raises(DsdeployError, match="calibrate.eval_images"):
+        calibrate(res.model, teacher, res.plan, [torch.randn(4, 1, 8, 8)], progress=False, eval_images=-1)

@@ -1,5 +1,7 @@
-"""Interleaved BatchNorm re-estimation during calibration: each fitted layer's following BN gets its statistics
-from the fitted layer's own outputs before the layers after it are fitted.
+"""BatchNorm statistics in calibration: re-estimation at the end (:func:`recalibrate_bn`) and interleaved.
+
+Interleaved: each fitted layer's following BN gets its statistics from the fitted layer's own
+outputs before the layers after it are fitted.
 
 Calibration fits layers in call order on the inputs they get inside the student. Re-estimating
 BatchNorm only at the end changes every later layer's inputs after it was fitted (measured on
@@ -13,10 +15,14 @@ sums in its ones column; no extra pass); otherwise one pass over the layer's inp
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+
+from dsdeploy.conversion.block import DSConv
+from dsdeploy.errors import DataError
+from dsdeploy.recover.distill import call_order
 
 F64 = torch.float64
 
@@ -87,3 +93,66 @@ def set_statistics(norm: nn.modules.batchnorm._BatchNorm, m: Moments) -> bool:
     norm.running_mean.copy_(mean.to(norm.running_mean.dtype))
     norm.running_var.copy_(var.to(norm.running_var.dtype))
     return True
+
+
+def _inputs(batch):
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def _batches(loader: Iterable, max_batches: int | None) -> Iterable:
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield batch
+
+
+def affected_norms(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
+    """BatchNorm layers that run after the first DSConv (all of them when there is none)."""
+    bns = {n: m for n, m in model.named_modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    order = call_order(model, x)
+    first = next((i for i, n in enumerate(order) if isinstance(model.get_submodule(n), DSConv)), None)
+    if first is None:
+        return list(bns.values())
+    after = {n for n in order[first:]}
+    return [m for n, m in bns.items() if n in after]
+
+
+def recalibrate_bn(model: nn.Module, loader: Iterable, max_batches: int | None = None) -> int:
+    """Re-estimate BatchNorm running statistics on ``loader`` (cumulative average, no grad).
+
+    Only the BN layers downstream of the first DS block are reset (those whose inputs the
+    conversion changed). Other layers stay in eval mode during the passes. Returns the
+    number of BN layers re-estimated; the model is left in eval mode. Batches of one
+    image (e.g. a short last batch) are skipped: one image has no batch statistics.
+    Raises DataError when no batch has two images or more.
+    """
+    first = next(iter(_batches(loader, 1)), None)
+    if first is None:
+        raise DataError("the calibration data is empty")
+    bns = affected_norms(model, _inputs(first)[:2])
+    if not bns:
+        return 0
+    saved = [(m, m.momentum) for m in bns]
+    model.eval()
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        used = 0
+        with torch.no_grad():
+            for batch in _batches(loader, max_batches):
+                x = _inputs(batch)
+                if x.shape[0] < 2:  # one image has no batch variance (BatchNorm1d refuses it); skip it
+                    continue
+                model(x)
+                used += 1
+        if used == 0:
+            raise DataError("BatchNorm re-estimation needs batches of at least 2 images; "
+                            "give more calibration images or a larger batch_size")
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.eval()
+    return len(bns)
