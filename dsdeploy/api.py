@@ -18,10 +18,10 @@ from torch import nn
 from dsdeploy.conversion.artifact import load_artifact, save_artifact, source_record
 from dsdeploy.conversion.block import ds_blocks
 from dsdeploy.conversion.converted import ConvertedModel
+from dsdeploy.conversion.latency_convert import convert_planned
 from dsdeploy.conversion.loading import load_model
 from dsdeploy.conversion.plan import Plan, Policy
-from dsdeploy.conversion.rewrite import ConversionResult, verify_rebuild
-from dsdeploy.conversion.rewrite import convert as rewrite_convert
+from dsdeploy.conversion.rewrite import verify_rebuild
 from dsdeploy.conversion.workflow import ModelReport, allocates_on_data, cost_name, inspect_model, measure_costs
 from dsdeploy.data.given import batches, finetune_splits
 from dsdeploy.data.preprocessing import input_shape_for, resolve
@@ -90,7 +90,8 @@ def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
         policy: a :class:`dsdeploy.conversion.plan.Policy`; ``options`` set its fields by name:
             ``rank`` (int >= 1) | ``energy`` (kept singular-value energy, (0, 1]) | ``mac_budget``
             (fraction of conv MACs, (0, 1]), ``include``/``exclude`` (regex of layer names),
-            ``convert_stem``, ``layout`` ("branches" | ...), ``require_gain``. Default: rank 1.
+            ``convert_stem``, ``layout`` ("branches" | ...), ``require_gain``; or ``speedup`` | ``target_latency_ms``
+            on ``provider``/``batch``/``threads`` (measured; :mod:`.conversion.latency_convert`). Default rank 1.
         input_shape: (N, C, H, W) to trace with; default: ``example_inputs.shape``, the model's own,
             the one ``preprocess`` makes, or 224x224 with the first conv's channel count.
         example_inputs: a tensor whose shape is the input shape (only its shape is used).
@@ -121,9 +122,8 @@ def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
     table = None
     if allocates_on_data(policy, data):
         table = measure_costs(loaded, policy, shape, pre, data, **(allocation_options or {}))
-    res: ConversionResult = rewrite_convert(loaded.model, input_shape=shape, policy=policy,
-                                            costs=table.costs() if table is not None else None,
-                                            cost_name=cost_name(table))
+    res, _ = convert_planned(loaded.model, shape, policy, costs=table.costs() if table is not None else None,
+                             cost_name=cost_name(table), name=loaded.spec or "model")
     entry = {"stage": "convert", "policy": res.plan.policy, "layout": res.plan.layout,
              "converted": len(res.plan.converted),
              "conv_mac_ratio": round(res.after.conv_macs / max(1, res.before.conv_macs), 4)}

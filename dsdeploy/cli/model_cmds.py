@@ -29,6 +29,17 @@ def policy_options(func):
         click.option("--convert-stem", is_flag=True, help="Also convert convs with <= 4 input channels."),
         click.option("--layout", type=click.Choice(["branches", "concat", "multiplier"]), default="branches",
                      show_default=True, help="Graph layout of rank>1 blocks (branches is fastest on ORT CPU)."),
+        click.option("--speedup", type=float, default=None,
+                     help="Plan ranks and layouts from latency measured on --provider: X times faster than the "
+                          "original (verified by measuring the converted model)."),
+        click.option("--target-latency", "target_latency_ms", type=float, default=None, metavar="MS",
+                     help="As --speedup, for a latency in ms per batch."),
+        click.option("--provider", default=None, metavar="EP",
+                     help="EP the latencies are measured on (default cpu; with --mac-budget: pick each layer's "
+                          "fastest measured layout)."),
+        click.option("--batch", type=int, default=1, show_default=True, help="Batch the latencies are measured at."),
+        click.option("--threads", type=int, default=None,
+                     help="Intra-op threads for latencies (default: physical cores, else 2)."),
         click.option("--allocation", type=click.Choice(["auto", "spectral", "data"]), default="auto",
                      show_default=True, help="How --mac-budget is shared out: by each layer's measured effect on "
                      "the logits on --calib-data (data; auto when --calib-data is given) or by spectral energy."),

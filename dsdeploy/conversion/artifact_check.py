@@ -59,7 +59,15 @@ def _check_plan(plan: Any, origin: str) -> None:
         ok = (isinstance(layer, dict) and isinstance(layer.get("name"), str) and isinstance(layer.get("convert"), bool)
               and (not layer["convert"] or (type(layer.get("rank")) is int and layer["rank"] >= 1)))
         if not ok:
-            raise ArtifactError(f"{origin}: plan layer {i} is not a decision (name, convert, rank); the file is damaged")
+            raise ArtifactError(f"{origin}: plan layer {i} is not a decision (name, convert, rank); "
+                                f"the file is damaged")
+        if layer.get("layout") is not None and layer["layout"] not in LAYOUTS:
+            raise ArtifactError(f"{origin}: plan layer {i} has layout {show(layer['layout'])}, not one of "
+                                f"{', '.join(LAYOUTS)}; the file is damaged")
+        for key in ("dense_ms", "block_ms"):
+            if layer.get(key) is not None and not (_number(layer[key]) and layer[key] >= 0):
+                raise ArtifactError(f"{origin}: plan layer {i} has {key} {show(layer[key])}, not a latency in ms; "
+                                    f"the file is damaged")
     names = [layer["name"] for layer in plan.get("layers", [])]
     if len(set(names)) != len(names):
         twice = next(n for n in names if names.count(n) > 1)

@@ -20,6 +20,7 @@ from dsdeploy.conversion.decompose import energy_curve
 from dsdeploy.errors import PlanError
 
 if TYPE_CHECKING:
+    from dsdeploy.conversion.plan import Plan, Policy
     from dsdeploy.runtime.latency_table import LatencyTable
 
 DENSE = "dense"
@@ -60,20 +61,28 @@ class LatencyPlan:
         return d
 
 
-def latency_items(table: LatencyTable, spectra: Mapping[str, torch.Tensor]) -> Items:
+def latency_items(table: LatencyTable, spectra: Mapping[str, torch.Tensor],
+                  costs: Mapping[str, Mapping[int, float]] | None = None) -> Items:
     """The knapsack instance: candidate layer -> option -> (spectral squared error, measured ms).
 
     ``spectra`` holds each layer's per-channel singular values
     (:func:`dsdeploy.conversion.decompose.channel_svd`'s ``S``); layers missing from it stay dense.
+    ``costs`` (layer -> rank -> measured cost, e.g. the data-aware logit error of
+    :mod:`dsdeploy.recover.sensitivity`) replaces the spectral error of the layers it holds; their
+    ranks without a measured cost are left out.
     """
     items: Items = {}
     for lt in table.candidates:
         opts: dict[Hashable, tuple[float, float]] = {DENSE: (0.0, float(lt.dense_ms))}
         if lt.name in spectra:
             curve = energy_curve(spectra[lt.name]).tolist()
+            measured = costs.get(lt.name) if costs is not None else None
             for rank in sorted({b.rank for b in lt.blocks}):
                 best = lt.fastest(rank)
-                opts[(rank, best.layout)] = (max(0.0, 1.0 - curve[rank - 1]), float(best.ms))
+                if measured is not None and rank not in measured:
+                    continue
+                err = float(measured[rank]) if measured is not None else max(0.0, 1.0 - curve[rank - 1])
+                opts[(rank, best.layout)] = (err, float(best.ms))
         items[lt.name] = opts
     return items
 
@@ -92,18 +101,20 @@ def target_from(table: LatencyTable, *, speedup: float | None = None, target_ms:
 
 
 def plan_for_latency(table: LatencyTable, spectra: Mapping[str, torch.Tensor], solve: Solver | None = None, *,
-                     speedup: float | None = None, target_ms: float | None = None) -> LatencyPlan:
+                     speedup: float | None = None, target_ms: float | None = None,
+                     costs: Mapping[str, Mapping[int, float]] | None = None) -> LatencyPlan:
     """The least-error choice per layer whose predicted latency meets the target.
 
     Predicted latency = ``table.remainder_ms`` + the chosen option's ms of every candidate layer.
     ``solve`` defaults to :func:`dsdeploy.conversion.allocate.allocate` (greedy and DP, the cheaper).
+    ``costs``: measured per-layer costs replacing the spectral error (:func:`latency_items`).
 
     Raises:
         PlanError: no target or both; or the target is out of reach — the message gives the
             fastest predicted latency and the best reachable speedup.
     """
     target = target_from(table, speedup=speedup, target_ms=target_ms)
-    items = latency_items(table, spectra)
+    items = latency_items(table, spectra, costs)
     floor = table.remainder_ms + sum(min(r for _, r in opts.values()) for opts in items.values())
     limit = target - table.remainder_ms
     if floor > target or limit < 0:
@@ -123,7 +134,72 @@ def plan_for_latency(table: LatencyTable, spectra: Mapping[str, torch.Tensor], s
         err, ms = opts[key]
         total += ms
         rank, layout = (None, None) if key == DENSE else key
-        reason = "" if key != DENSE else ("kept dense: no spectrum" if name not in spectra else
-                                          "kept dense: the target is met with less error elsewhere")
+        reason = "" if key != DENSE else _dense_reason(by_name[name], name in spectra)
         choices.append(LayerChoice(name, rank, layout, err, ms, float(by_name[name].dense_ms), reason))
     return LatencyPlan(target, table.model_ms, total, table.remainder_ms, choices)
+
+
+def _dense_reason(lt: Any, has_spectrum: bool) -> str:
+    """Why the planner kept ``lt`` (a LayerTiming) dense."""
+    if not has_spectrum:
+        return "kept dense: no spectrum"
+    fastest = min((b.ms for b in lt.blocks), default=None)
+    if fastest is None or fastest >= lt.dense_ms:
+        return (f"kept dense: no DS block is faster here (dense {lt.dense_ms:.3f} ms, fastest block "
+                f"{fastest if fastest is None else round(fastest, 3)} ms)")
+    return "kept dense: the target is met with less error elsewhere"
+
+
+def plan_latency(plan: Plan, table: LatencyTable, spectra: Mapping[str, torch.Tensor], policy: Policy,
+                 costs: Mapping[str, Mapping[int, float]] | None = None, cost_name: str | None = None
+                 ) -> tuple[dict[str, int], dict[str, str]]:
+    """Ranks and layouts of the layers ``policy``'s latency target converts (``plan`` is filled in).
+
+    Layers kept dense get their reason; ``plan.policy["latency"]`` records the target, the
+    predicted and the measured whole-model ms; with ``costs`` the allocation is "data" and each
+    converted layer records its ``cost``. Raises PlanError when the target is out of reach.
+    """
+    lp = plan_for_latency(table, spectra, speedup=policy.speedup, target_ms=policy.target_latency_ms, costs=costs)
+    by_name = {d.name: d for d in plan.layers}
+    ranks: dict[str, int] = {}
+    layouts: dict[str, str] = {}
+    chosen = {c.name: c for c in lp.choices}
+    for name in spectra:
+        c, d = chosen.get(name), by_name[name]
+        if c is None or c.rank is None:
+            d.reason = c.reason if c is not None else "kept dense: not in the latency table"
+            continue
+        ranks[name], layouts[name] = c.rank, str(c.layout)
+        if costs is not None and name in costs:
+            d.cost = c.error
+    plan.policy["latency"] = {"target_ms": round(lp.target_ms, 5), "predicted_ms": round(lp.predicted_ms, 5),
+                              "model_ms": round(lp.model_ms, 5), "remainder_ms": round(lp.remainder_ms, 5),
+                              "predicted_speedup": round(lp.predicted_speedup, 4)}
+    plan.policy["allocation"] = "data" if costs is not None else "spectral"
+    if costs is not None and cost_name is not None:
+        plan.policy["cost"] = cost_name
+    return ranks, layouts
+
+
+def record_latencies(plan: Plan, table: LatencyTable, *, keep_layouts: bool) -> None:
+    """Fill each measured layer's ``dense_ms`` and each converted layer's ``block_ms`` from ``table``.
+
+    ``keep_layouts`` False (a MAC-budget plan): each converted layer first takes the fastest
+    measured layout at its rank. ``plan.policy["latency_table"]`` records where it was measured.
+    """
+    by_name = {lt.name: lt for lt in table.layers}
+    for d in plan.layers:
+        lt = by_name.get(d.name)
+        if lt is None or lt.dense_ms is None:
+            continue
+        d.dense_ms = round(float(lt.dense_ms), 5)
+        if d.convert and d.rank is not None:
+            best = lt.fastest(d.rank)
+            if not keep_layouts and best is not None:
+                d.layout = best.layout
+            block = lt.block(d.rank, plan.layout_of(d))
+            d.block_ms = round(float(block.ms), 5) if block is not None else None
+    env = table.environment
+    plan.policy["latency_table"] = {"ep": env.get("ep"), "threads": env.get("threads"), "batch": env.get("batch"),
+                                    "input_shape": list(table.input_shape), "model_ms": round(table.model_ms, 5),
+                                    "protocol": table.protocol}

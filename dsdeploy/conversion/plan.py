@@ -52,6 +52,9 @@ class LayerDecision:
     params: int = 0
     params_after: int | None = None
     cost: float | None = None  # the measured cost (plan.policy["cost"]) at ``rank`` when allocated on data
+    layout: str | None = None  # this block's graph layout (None: the plan's ``layout``)
+    dense_ms: float | None = None  # measured latency of the dense conv on the target (latency tables only)
+    block_ms: float | None = None  # measured latency of the chosen block (None: kept dense or not measured)
 
 
 @dataclass
@@ -66,6 +69,10 @@ class Plan:
     @property
     def converted(self) -> list[LayerDecision]:
         return [d for d in self.layers if d.convert]
+
+    def layout_of(self, d: LayerDecision) -> str:
+        """The graph layout of ``d``'s block: its own ``layout``, else the plan's."""
+        return d.layout or self.layout
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,7 +90,13 @@ class Plan:
 
 @dataclass
 class Policy:
-    """How ranks are chosen: exactly one of rank / energy / mac_budget (default rank 1).
+    """How ranks are chosen: exactly one of rank / energy / mac_budget / speedup / target_latency_ms (default rank 1).
+
+    ``speedup`` (x faster than the original) or ``target_latency_ms`` plan each layer's rank and
+    layout (or keep it dense) from latencies measured on ``provider`` (default "cpu") at ``batch``
+    (default 1) with ``threads`` intra-op threads (default: the machine's physical cores, else 2)
+    (:mod:`dsdeploy.conversion.latency_plan`). With a ``mac_budget``, giving ``provider`` also picks
+    each converted layer's fastest measured layout.
 
     ``allocation`` says how a ``mac_budget`` is shared out: "spectral" by the kernels' spectral
     energy; "data" by each layer's measured effect on the network's logits at each rank
@@ -99,13 +112,41 @@ class Policy:
     convert_stem: bool = False
     layout: str = "branches"
     require_gain: bool = True  # False: convert even where a DS block costs more (exactness checks)
-    allocation: str = "auto"  # auto | spectral | data (how a mac_budget is allocated)
+    allocation: str = "auto"  # auto | spectral | data (how a mac_budget / latency target is allocated)
+    speedup: float | None = None
+    target_latency_ms: float | None = None
+    provider: str | None = None  # the EP latencies are measured on (None: cpu for a latency target)
+    batch: int = 1  # the batch latencies are measured at
+    threads: int | None = None  # intra-op threads (None: physical cores, else 2)
+
+    @property
+    def latency_target(self) -> bool:
+        """Whether ranks come from a latency target (``speedup`` or ``target_latency_ms``)."""
+        return self.speedup is not None or self.target_latency_ms is not None
+
+    @property
+    def measures_latency(self) -> bool:
+        """Whether planning needs a latency table: a latency target, or a mac_budget with a provider."""
+        return self.latency_target or (self.mac_budget is not None and self.provider is not None)
 
     def validate(self) -> None:
         """Raise PlanError naming the field (``convert.FIELD``) out of range; no policy chosen: rank 1."""
-        chosen = [k for k in ("rank", "energy", "mac_budget") if getattr(self, k) is not None]
+        chosen = [k for k in ("rank", "energy", "mac_budget", "speedup", "target_latency_ms")
+                  if getattr(self, k) is not None]
         if len(chosen) > 1:
-            raise PlanError(f"convert: choose one of rank, energy, mac_budget (got {', '.join(chosen)})")
+            raise PlanError(f"convert: choose one of rank, energy, mac_budget, speedup, target_latency_ms "
+                            f"(got {', '.join('convert.' + k for k in chosen)})")
+        for name in ("speedup", "target_latency_ms"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise PlanError(f"convert.{name} must be a number > 0, got {value}")
+        if type(self.batch) is not int or self.batch < 1:
+            raise PlanError(f"convert.batch must be an integer >= 1, got {self.batch}")
+        if self.threads is not None and (type(self.threads) is not int or self.threads < 1):
+            raise PlanError(f"convert.threads must be an integer >= 1, got {self.threads}")
+        if self.provider is not None and not self.measures_latency:
+            raise PlanError("convert.provider measures latencies for speedup, target_latency_ms or mac_budget: "
+                            "set one of them too")
         if not chosen:
             self.rank = 1
         if self.rank is not None and self.rank < 1:
@@ -116,8 +157,9 @@ class Policy:
             raise PlanError(f"convert.mac_budget must be in (0, 1], got {self.mac_budget}")
         if self.allocation not in ALLOCATIONS:
             raise PlanError(f"convert.allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
-        if self.allocation == "data" and self.mac_budget is None:
-            raise PlanError("convert.allocation = data shares out a mac_budget: set convert.mac_budget too")
+        if self.allocation == "data" and self.mac_budget is None and not self.latency_target:
+            raise PlanError("convert.allocation = data shares out a mac_budget or a latency target: set "
+                            "convert.mac_budget or convert.speedup too")
         if self.layout not in LAYOUTS:
             raise PlanError(f"convert.layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         for opt in ("include", "exclude"):
@@ -129,8 +171,8 @@ class Policy:
                     raise PlanError(f"convert.{opt} is not a valid regular expression: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items()
-                if v is not None and k not in ("layout", "require_gain", "allocation")}
+        hidden = ("layout", "require_gain", "allocation") + (() if self.measures_latency else ("batch",))
+        return {k: v for k, v in asdict(self).items() if v is not None and k not in hidden}
 
 
 def ds_mac_ratio(conv: nn.Module, rank: int) -> float:
@@ -178,7 +220,8 @@ def conv_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def make_plan(model: nn.Module, policy: Policy, calls: dict[str, tuple[list[int], list[int], int]],
               input_shape: tuple[int, ...], svd_cache: dict[str, tuple] | None = None,
-              costs: Mapping[str, Mapping[int, float]] | None = None, cost_name: str | None = None) -> Plan:
+              costs: Mapping[str, Mapping[int, float]] | None = None, cost_name: str | None = None,
+              latency: Any = None) -> Plan:
     """Decide every conv of ``model`` under ``policy``.
 
     Args:
@@ -193,6 +236,13 @@ def make_plan(model: nn.Module, policy: Policy, calls: dict[str, tuple[list[int]
             None: the spectral allocation. ``plan.policy`` records ``allocation`` ("spectral" |
             "data"), the ``solver``, ``cost_total`` (the plan's summed cost), ``spectral_cost_total``
             (what the spectral plan would cost) and, when given, ``cost_name`` as ``cost``.
+            With a latency target, the cost that replaces the spectral error (allocation "data").
+        latency: a :class:`dsdeploy.runtime.latency_table.LatencyTable` of ``model`` (required by a
+            ``speedup``/``target_latency_ms``; with a ``mac_budget`` each converted layer takes its
+            fastest measured layout). Each measured layer records ``dense_ms`` and ``block_ms``.
+
+    Raises:
+        PlanError: a field out of range; a latency target without ``latency`` or out of reach.
     """
     policy.validate()
     plan = Plan(layout=policy.layout, policy=policy.to_dict(), input_shape=list(input_shape))
@@ -218,7 +268,17 @@ def make_plan(model: nn.Module, policy: Policy, calls: dict[str, tuple[list[int]
         if svd_cache is not None:
             svd_cache[name] = svd
         mods[name] = mod
-    if policy.mac_budget is not None:
+    layouts: dict[str, str] = {}
+    if policy.latency_target:
+        if latency is None:
+            raise PlanError("convert.speedup / target_latency_ms need a latency table measured on the target")
+        if policy.allocation == "data" and costs is None:
+            raise PlanError("convert.allocation = data needs calibration data to measure each layer's cost on")
+        from dsdeploy.conversion.latency_plan import plan_latency
+
+        ranks, layouts = plan_latency(plan, latency, spectra, policy, costs if policy.allocation != "spectral"
+                                      else None, cost_name)
+    elif policy.mac_budget is not None:
         if policy.allocation == "data" and costs is None:
             raise PlanError("convert.allocation = data needs calibration data to measure each layer's cost on")
         ranks, solver = _budget_ranks(plan, mods, spectra, policy.mac_budget, costs)
@@ -238,6 +298,11 @@ def make_plan(model: nn.Module, policy: Policy, calls: dict[str, tuple[list[int]
         d.error = round(relative_error(spectra[name], rank), 6)
         d.energy = round(1.0 - d.error ** 2, 6)
         d.macs_after = round(d.macs * ds_mac_ratio(mod, rank)) if d.macs is not None else None
+        d.layout = layouts.get(name)
+    if latency is not None:
+        from dsdeploy.conversion.latency_plan import record_latencies
+
+        record_latencies(plan, latency, keep_layouts=policy.latency_target)
     return plan
 
 

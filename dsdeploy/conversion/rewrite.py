@@ -93,7 +93,9 @@ def apply_plan(model: nn.Module, plan: Plan, *, init_from_weights: bool = True,
     new = copy_model(model)
     for d in plan.converted:
         conv = new.get_submodule(d.name)
-        block = DSConv.from_conv(conv, d.rank, plan.layout, svd_cache.get(d.name)) if init_from_weights else DSConv(conv, d.rank, plan.layout)
+        layout = plan.layout_of(d)  # the layer's own layout (latency plans), else the plan's
+        block = (DSConv.from_conv(conv, d.rank, layout, svd_cache.get(d.name)) if init_from_weights
+                 else DSConv(conv, d.rank, layout))
         block.train(conv.training)
         _set_submodule(new, d.name, block)
     return new
@@ -146,14 +148,15 @@ def nothing_to_convert_message(plan: Plan) -> str:
 
 def convert(model: nn.Module, *, input_shape: tuple[int, ...], policy: Policy | None = None,
             costs: dict[str, dict[int, float]] | None = None, cost_name: str | None = None,
-            **options: Any) -> ConversionResult:
+            latency: Any = None, **options: Any) -> ConversionResult:
     """Plan and apply the DS rewrite to a copy of ``model`` (the input is never mutated).
 
     ``policy`` (a :class:`Policy`; default rank 1) and/or ``options`` (its fields by name, e.g.
     ``rank=2``, ``mac_budget=0.5``) choose the ranks and layers. Raises PlanError for an option out
     of range (naming the field) and NothingToConvertError (listing each conv's reason) when no conv converts.
     ``costs`` (layer -> rank -> measured cost, named ``cost_name``) makes a ``mac_budget`` minimise
-    their sum (:func:`dsdeploy.conversion.plan.make_plan`).
+    their sum (:func:`dsdeploy.conversion.plan.make_plan`). ``latency``: the model's measured
+    :class:`dsdeploy.runtime.latency_table.LatencyTable` (needed by a speedup / target_latency_ms).
     """
     unknown = sorted(set(options) - {f.name for f in fields(Policy)})
     if unknown:
@@ -163,7 +166,8 @@ def convert(model: nn.Module, *, input_shape: tuple[int, ...], policy: Policy | 
     check_finite_model(model)
     calls = trace_calls(model, input_shape)
     svds: dict[str, tuple] = {}
-    plan = make_plan(model, policy, calls, input_shape, svds, costs=costs, cost_name=cost_name)
+    plan = make_plan(model, policy, calls, input_shape, svds, costs=costs, cost_name=cost_name,
+                     latency=latency)
     if not plan.converted:
         raise NothingToConvertError(nothing_to_convert_message(plan))
     new = apply_plan(model, plan, svd_cache=svds)

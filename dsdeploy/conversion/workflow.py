@@ -42,12 +42,20 @@ class ModelReport:
                 "sensitivity": self.sensitivity.to_dict() if self.sensitivity is not None else None}
 
     def render(self) -> str:
+        timed = any(d.dense_ms is not None for d in self.plan.layers)
+
+        def ms(v: float | None) -> str:
+            return "-" if v is None else f"{v:.3f}"
+
         rows = [[d.name, d.type, f"{d.in_channels}->{d.out_channels}", "x".join(map(str, d.kernel_size)), d.groups,
                  human(d.macs), human(d.macs_after) if d.convert else "-", d.rank if d.convert else "-",
-                 d.full_rank or "-", f"{d.error:.3f}" if d.error is not None else "-", d.reason]
+                 d.full_rank or "-", f"{d.error:.3f}" if d.error is not None else "-",
+                 *([self.plan.layout_of(d) if d.convert else "-", ms(d.dense_ms), ms(d.block_ms)] if timed else []),
+                 d.reason]
                 for d in self.plan.layers]
         table = format_table(["layer", "type", "channels", "kernel", "groups", "MACs", "MACs after", "rank",
-                              "full", "rel.err", "decision"], rows)
+                              "full", "rel.err", *(["layout", "dense ms", "block ms"] if timed else []), "decision"],
+                             rows)
         s = self.summary()
         lines = [table, "", f"convs: {s['convs']}, converting: {s['converted']}"]
         if self.after is None:
@@ -61,11 +69,33 @@ class ModelReport:
             lines.append(f"ranks allocated on data ({pol.get('cost', 'measured cost')}, {pol.get('solver')}): summed "
                          f"cost {pol['cost_total']:.4g}" + (f" (spectral allocation: {ref:.4g})" if ref is not None
                                                             else ""))
+        lines += latency_lines(pol)
         if self.sensitivity is not None and self.after is None:  # inspect shows the table
             lines[:0] = [self.sensitivity.render(), ""]
         if self.output:
             lines.append(f"wrote {self.output}")
         return "\n".join(lines)
+
+
+def latency_lines(policy: dict[str, Any]) -> list[str]:
+    """The latency plan's lines of a report: target and prediction, then each measured attempt."""
+    plan, where, verified = policy.get("latency"), policy.get("latency_table"), policy.get("verified")
+    out = []
+    if where:
+        out.append(f"latency measured on {where['ep']} at batch {where['batch']}, {where['threads']} threads "
+                   f"(whole model {where['model_ms']:.3f} ms; {where['protocol']})")
+    if plan:
+        out.append(f"latency plan: target {plan['target_ms']:.3f} ms, predicted {plan['predicted_ms']:.3f} ms "
+                   f"(x{plan['predicted_speedup']:.2f}; not converted {plan['remainder_ms']:.3f} ms)")
+    for i, a in enumerate((verified or {}).get("attempts", [])):
+        what = "measured" if i == 0 else "re-planned with the remainder corrected from the measurement, measured"
+        out.append(f"{what}: original {a['original_ms']:.3f} ms, converted {a['measured_ms']:.3f} ms "
+                   f"(x{a['measured_speedup']:.2f}); predicted {a['predicted_ms']:.3f} ms, prediction error "
+                   f"{100 * a['prediction_error']:+.1f}%")
+    if verified and verified.get("attempts") and not verified.get("met"):
+        out.append("warning: the measured latency misses the target by more than 5% (the machine may be loaded; "
+                   "measure again with `dsdeploy bench`)")
+    return out
 
 
 def measure_costs(loaded: LoadedModel, policy: Policy, shape: tuple[int, ...], pre: Any, data: str, *,
@@ -100,6 +130,11 @@ def inspect_model(loaded: LoadedModel, policy: Policy, input_shape: tuple[int, .
     the model's preprocessing of those images.
     """
     shape = loaded.shape_or_default(input_shape)
+    art = loaded.artifact
+    if art is not None and not calib_data:  # a .dsd: the plan it was converted with (per-layer latencies too)
+        shape = tuple(art.plan.input_shape) or shape
+        return ModelReport(loaded.spec, list(shape), art.plan, profile_model(loaded.model, shape),
+                           history=list(art.history))
     policy.validate()
     table = None
     if calib_data:
@@ -111,5 +146,10 @@ def inspect_model(loaded: LoadedModel, policy: Policy, input_shape: tuple[int, .
         table = measure_costs(loaded, policy, shape, pre, calib_data, seed=seed, calib_batches=calib_batches)
     calls = trace_calls(loaded.model, shape)
     costs = table.costs() if table is not None and allocates_on_data(policy, calib_data) else None
-    plan = make_plan(loaded.model, policy, calls, shape, costs=costs, cost_name=cost_name(table))
+    latency = None
+    if policy.measures_latency:
+        from dsdeploy.conversion.latency_convert import measure_table
+
+        latency = measure_table(loaded.model, policy, shape, name=loaded.spec or "model")
+    plan = make_plan(loaded.model, policy, calls, shape, costs=costs, cost_name=cost_name(table), latency=latency)
     return ModelReport(loaded.spec, list(shape), plan, profile_model(loaded.model, shape, calls), sensitivity=table)

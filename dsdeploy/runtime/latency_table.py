@@ -77,6 +77,7 @@ class LatencyTable:
     measured: int = 0  # distinct graphs timed by this call (0: everything came from the cache)
     reused: int = 0    # distinct graphs read from the cache file
     seconds: float = 0.0
+    correction_ms: float = 0.0  # added to the remainder after a whole converted model was measured
 
     @property
     def candidates(self) -> list[LayerTiming]:
@@ -85,8 +86,9 @@ class LatencyTable:
 
     @property
     def remainder_ms(self) -> float:
-        """Whole model minus every convertible conv's dense latency: what no conversion changes."""
-        return self.model_ms - sum(lt.dense_ms for lt in self.candidates)
+        """Whole model minus every convertible conv's dense latency (plus ``correction_ms``): what no
+        conversion changes."""
+        return self.model_ms - sum(lt.dense_ms for lt in self.candidates) + self.correction_ms
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -1,0 +1,162 @@
+"""Conversion planned on measured latency: the plan keeps the predicted latency within the target, each
+layer's layout survives the artifact, and the CLI's --speedup measures the result (speeds are never asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dsdeploy.conversion.artifact import load_artifact, read_payload, save_artifact, source_record
+from dsdeploy.conversion.block import DSConv
+from dsdeploy.conversion.opcount import trace_calls
+from dsdeploy.conversion.plan import Policy, make_plan
+from dsdeploy.conversion.rewrite import convert
+from dsdeploy.errors import ArtifactError, PlanError
+from dsdeploy.runtime.latency_table import BlockTiming, LatencyTable, LayerTiming
+from tests.clirun import dsdeploy, invoke
+from tests.conftest import small_net
+
+SHAPE = (1, 3, 16, 16)
+FACTORY = "tests.conftest:small_net"
+
+
+def hand_table() -> LatencyTable:
+    """SmallNet's convertible convs with hand-set latencies whose fastest layout differs per layer."""
+    def blocks(times):
+        return [BlockTiming(r, lay, ms) for (r, lay), ms in times.items()]
+
+    conv1 = LayerTiming("conv1", dense_ms=4.0, blocks=blocks({(1, "branches"): 1.0, (1, "concat"): 1.5,
+                                                              (2, "branches"): 2.2, (2, "multiplier"): 1.8}))
+    grouped = LayerTiming("grouped", dense_ms=1.0, blocks=blocks({(1, "branches"): 1.2, (2, "branches"): 1.4}))
+    conv2 = LayerTiming("conv2", dense_ms=5.0, blocks=blocks({(1, "concat"): 1.1, (1, "branches"): 1.3,
+                                                              (2, "concat"): 2.0, (2, "branches"): 2.4}))
+    stem = LayerTiming("stem", reason="stem")
+    env = {"ep": "CPUExecutionProvider", "threads": 1, "batch": 1}
+    return LatencyTable("small", list(SHAPE), env, "hand", 12.0, [stem, conv1, grouped, conv2], "none")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("latency-cache")
+
+
+def predicted(plan, table) -> float:
+    return table.remainder_ms + sum(d.block_ms if d.convert else d.dense_ms for d in plan.layers
+                                    if d.dense_ms is not None)
+
+
+@pytest.mark.parametrize("speedup", [1.2, 1.5, 2.0])
+def test_the_plan_keeps_the_predicted_latency_within_the_target(speedup):
+    model, table = small_net().eval(), hand_table()
+    plan = make_plan(model, Policy(speedup=speedup), trace_calls(model, SHAPE), SHAPE, latency=table)
+    assert predicted(plan, table) <= 12.0 / speedup + 1e-9
+    assert plan.policy["latency"]["predicted_ms"] == pytest.approx(predicted(plan, table), abs=1e-4)
+    for d in plan.converted:  # each converted layer takes the fastest measured layout at its rank
+        assert d.block_ms == min(b.ms for b in table.layers[[t.name for t in table.layers].index(d.name)].blocks
+                                 if b.rank == d.rank)
+    grouped = next(d for d in plan.layers if d.name == "grouped")
+    assert not grouped.convert and "no DS block is faster" in grouped.reason and grouped.dense_ms == 1.0
+
+
+def test_data_costs_replace_the_spectral_error():
+    model, table = small_net().eval(), hand_table()
+    costs = {"conv1": {1: 0.9, 2: 0.01}, "conv2": {1: 0.001, 2: 0.0005}, "grouped": {1: 0.1, 2: 0.05}}
+    plan = make_plan(model, Policy(speedup=1.5), trace_calls(model, SHAPE), SHAPE, costs=costs, cost_name="logit",
+                     latency=table)
+    assert plan.policy["allocation"] == "data" and plan.policy["cost"] == "logit"
+    assert predicted(plan, table) <= 8.0 + 1e-9
+    assert sum(d.cost for d in plan.converted) == pytest.approx(min(  # the exhaustive optimum of this instance
+        c1 + c2 for c1, t1 in [(0, 4.0), (0.9, 1.0), (0.01, 1.8)] for c2, t2 in [(0, 5.0), (0.001, 1.1), (0.0005, 2.0)]
+        if 2.0 + 1.0 + t1 + t2 <= 8.0))
+
+
+def test_a_mac_budget_with_a_provider_takes_each_layers_fastest_layout():
+    model, table = small_net().eval(), hand_table()
+    plan = make_plan(model, Policy(mac_budget=0.3, provider="cpu"), trace_calls(model, SHAPE), SHAPE, latency=table)
+    timings = {lt.name: lt for lt in table.layers}
+    assert plan.converted
+    for d in plan.converted:
+        fastest = timings[d.name].fastest(d.rank)
+        assert d.layout == fastest.layout and d.block_ms == fastest.ms
+    untimed = make_plan(model, Policy(mac_budget=0.3), trace_calls(model, SHAPE), SHAPE)
+    assert all(d.layout is None and d.dense_ms is None for d in untimed.layers)  # table-free by default
+
+
+def test_per_layer_layouts_round_trip_through_the_artifact(tmp_path):
+    model, table = small_net().eval(), hand_table()
+    res = convert(model, input_shape=SHAPE, policy=Policy(speedup=2.0), latency=table)
+    layouts = {d.name: d.layout for d in res.plan.converted}
+    assert len(set(layouts.values())) > 1  # mixed: the test means something
+    path = tmp_path / "m.dsd"
+    save_artifact(path, res.model, res.plan, source_record(FACTORY, {}, None), {"input_shape": list(SHAPE)})
+    art = load_artifact(path, trust_code=True)
+    for name, layout in layouts.items():
+        block = art.model.get_submodule(name)
+        assert isinstance(block, DSConv) and block.layout == layout
+    x = torch.randn(*SHAPE)
+    with torch.no_grad():
+        assert torch.allclose(art.model(x), res.model(x), atol=1e-5)
+    assert [d.block_ms for d in art.plan.layers] == [d.block_ms for d in res.plan.layers]
+    # an artifact written before per-layer layouts (no layout/latency keys) loads with the plan's layout
+    payload = read_payload(path)
+    uniform = convert(model, input_shape=SHAPE, rank=1)
+    old = uniform.plan.to_dict()
+    for layer in old["layers"]:
+        for key in ("layout", "dense_ms", "block_ms"):
+            layer.pop(key)
+    payload.update(plan=old, state_dict=uniform.model.state_dict())
+    torch.save(payload, tmp_path / "old.dsd")
+    assert all(b.layout == "branches" for b in load_artifact(tmp_path / "old.dsd", trust_code=True).model.modules()
+               if isinstance(b, DSConv))
+    payload["plan"]["layers"][1]["layout"] = "spiral"
+    torch.save(payload, tmp_path / "bad.dsd")
+    with pytest.raises(ArtifactError, match="layout"):
+        load_artifact(tmp_path / "bad.dsd", trust_code=True)
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"speedup": 2.0, "rank": 2}, "choose one of"),
+    ({"target_latency_ms": 3.0, "mac_budget": 0.5}, "choose one of"),
+    ({"speedup": 0.0}, "convert.speedup must be"),
+    ({"speedup": 2.0, "batch": 0}, "convert.batch must be"),
+    ({"speedup": 2.0, "threads": 0}, "convert.threads must be"),
+    ({"provider": "cpu"}, "convert.provider"),
+])
+def test_bad_latency_options_name_the_field(fields, match):
+    with pytest.raises(PlanError, match=match):
+        Policy(**fields).validate()
+
+
+def test_cli_refuses_mutually_exclusive_options_in_one_line():
+    proc = invoke("convert", FACTORY, "--speedup", "2", "--rank", "2", "-o", "x.dsd")
+    assert proc.returncode != 0 and "--speedup" in proc.stderr and "--rank" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_an_unreachable_speedup_says_the_best_reachable_one(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("DSDEPLOY_CACHE", str(cache))
+    proc = invoke("convert", FACTORY, "--input-shape", "1,3,32,32", "--speedup", "1000",  # the table is reused below
+                  "--threads", "1", "-o", tmp_path / "x.dsd")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and "out of reach" in lines[0]
+    assert "a speedup of" in lines[0] and not (tmp_path / "x.dsd").exists()
+
+
+def test_cli_speedup_end_to_end_prints_predicted_and_measured(cache, tmp_path):
+    out = tmp_path / "s.dsd"
+    env = {"DSDEPLOY_CACHE": str(cache)}
+    proc = dsdeploy("convert", FACTORY, "--input-shape", "1,3,32,32", "--speedup", "1.05", "--provider", "cpu",
+                    "--batch", "1", "--threads", "1", "-o", out, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "latency plan: target" in proc.stdout and "measured: original" in proc.stdout
+    policy = torch.load(out, weights_only=True)["plan"]["policy"]
+    attempt = policy["verified"]["attempts"][0]
+    assert attempt["predicted_ms"] > 0 and attempt["measured_ms"] > 0 and attempt["prediction_error"] is not None
+    assert policy["latency"]["predicted_ms"] <= policy["latency"]["target_ms"] + 1e-6
+    shown = dsdeploy("inspect", out, "--trust-code", env=env)
+    assert shown.returncode == 0 and "dense ms" in shown.stdout and "block ms" in shown.stdout
+    assert "measured: original" in shown.stdout
+    layers = json.loads(dsdeploy("inspect", out, "--trust-code", "--json", env=env).stdout)["layers"]
+    assert any(d["dense_ms"] is not None for d in layers)
