@@ -70,13 +70,20 @@ class PatchEquations:
         """Accumulate one batch of block inputs ``x``."""
         p = patches(self.block, x)  # (N, Cin, T, L)
         n, length = p.shape[0], p.shape[-1]
-        a = p.reshape(n, self.g, self.cg * self.t, length).permute(0, 3, 1, 2).reshape(-1, self.g, self.cg * self.t)
-        b = _targets(self.conv, x, self.g)
+        conv = self.conv
+        if self.per_batch is not None and n * length > self.per_batch and type(conv) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            # only the kept rows: gathered from the patches, targets as patches @ the conv's kernel
+            keep = torch.randperm(n * length, generator=self.generator)[:self.per_batch]
+            a = p[keep // length, :, :, keep % length].reshape(-1, self.g, self.cg * self.t)  # (m, g, Cin_g*T)
+            w = conv.weight.detach().reshape(self.g, self.og, self.cg * self.t).to(a.dtype)
+            b = torch.einsum("mgf,gof->mgo", a, w)
+            if conv.bias is not None:
+                b = b + conv.bias.detach().reshape(self.g, self.og).to(b.dtype)
+        else:
+            a = p.reshape(n, self.g, self.cg * self.t, length).permute(0, 3, 1, 2).reshape(-1, self.g, self.cg * self.t)
+            b = _targets(conv, x, self.g)
         if self.weight is not None:
             b = b * self.weight.to(b.dtype)
-        if self.per_batch is not None and a.shape[0] > self.per_batch:
-            keep = torch.randperm(a.shape[0], generator=self.generator)[:self.per_batch]
-            a, b = a[keep], b[keep]
         _accumulate(self.xtx, self.xtb, self.btb, a, b, True, self.dtype)
         self.rows += a.shape[0]
 
