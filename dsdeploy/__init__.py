@@ -36,6 +36,7 @@ def __getattr__(name: str) -> Any:
     only ever the API function, whatever was imported before.
     """
     if name in API:
+        # lazy: dsdeploy.api imports torch, and `import dsdeploy` stays torch-free
         from dsdeploy import api
 
         return getattr(api, name)

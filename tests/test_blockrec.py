@@ -14,38 +14,24 @@ from dsdeploy.conversion.artifact import load_artifact, save_artifact, source_re
 from dsdeploy.conversion.rewrite import convert
 from dsdeploy.data.datasets import Preprocess, load_data, make_loader
 from dsdeploy.errors import DsdeployError
+from dsdeploy.models.samples import BasicBlock
 from dsdeploy.recover.blockdata import find_blocks
 from dsdeploy.recover.blockrec import reconstruct_blocks
 from dsdeploy.recover.reconstruct import calibrate
 from tests.clirun import dsdeploy
+from tests.test_calibrate import one_thread  # noqa: F401 (autouse fixture: one thread for the tiny models)
 
 DIGITS8 = Preprocess(size=(8, 8), resize=None, mean=(0.3,), std=(0.32,), channels=1)
 
 
-class Block(nn.Module):
-    """Basic residual block; a 1x1-conv shortcut where the shape changes."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(out + self.shortcut(x))
-
-
 class TinyResNet(nn.Module):
-    """1x8x8 digits: a stem conv, a stage of three residual blocks, pooling, a linear layer."""
+    """1x8x8 digits: a stem conv, a stage of three ``BasicBlock``s (models.samples), pooling, a linear layer."""
 
     def __init__(self, width: int = 16) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.stage = nn.Sequential(Block(width, width), Block(width, 2 * width, 2), Block(2 * width, 2 * width))
+        self.stage = nn.Sequential(BasicBlock(width, width), BasicBlock(width, 2 * width, 2),
+                                   BasicBlock(2 * width, 2 * width))
         self.fc = nn.Linear(2 * width, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,16 +43,8 @@ def tiny_resnet() -> TinyResNet:
     return TinyResNet()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def trained(one_thread):
+def trained(one_thread):  # noqa: F811
     """The tiny ResNet trained a few epochs on digits (a few seconds); (model, splits)."""
     splits = load_data("digits", DIGITS8)
     torch.manual_seed(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -160,3 +161,13 @@ def test_evaluate_input_shape_and_warning_for_small_images_at_default_size(tmp_p
     assert proc.returncode == 0 and "warning:" not in proc.stderr, proc.stderr
     result = evaluate(spec, str(small), input_shape=(1, 3, 32, 32))
     assert result["models"][0]["preprocessing"]["size"] == [32, 32]
+
+
+def test_the_small_images_warning_names_the_library_fields(tmp_path, caplog):
+    """From the library the warning names the fields a Python caller sets (the CLI shows them as flags)."""
+    small = _folder(tmp_path / "small", 32)
+    with caplog.at_level(logging.WARNING, logger="dsdeploy.data.preprocessing"):
+        evaluate(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2)), str(small))
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 1 and "preprocess.size 32x32" in lines[0] and "input_shape 1,3,32,32" in lines[0]
+    assert "--" not in lines[0]

@@ -8,6 +8,9 @@ type hints only and are left out.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +148,14 @@ def test_no_comment_names_who_wrote_the_code():
                  for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
                  if any(f"engineer {c}" in line.lower() for c in "abcdef")]
     assert offenders == []
+
+
+def test_the_cli_help_does_not_import_torch():
+    """The reason the CLI modules and the ONNX-only bench path import torch-using modules inside functions:
+    `import dsdeploy`, every command's registration (what `--help` loads) and `runtime.bench` stay torch-free."""
+    code = ("import sys, dsdeploy; from dsdeploy.cli import load_commands; load_commands(); "
+            "import dsdeploy.runtime.bench; print(sorted(m for m in ('torch', 'sklearn', 'matplotlib') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=PKG.parent, env={**os.environ, "PYTHONPATH": str(PKG.parent)}, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

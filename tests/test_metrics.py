@@ -9,7 +9,7 @@ from torch import nn
 
 from dsdeploy.data.datasets import load_data, make_loader
 from dsdeploy.errors import DataError, DsdeployError
-from dsdeploy.recover.metrics import classification_metrics, predict
+from dsdeploy.recover.metrics import classification_metrics, evaluate, predict, top1
 
 
 def test_hand_computed_three_classes():
@@ -77,3 +77,20 @@ def test_predict_rejects_non_classifier():
     data = load_data("digits", limit=4).val
     with pytest.raises(DsdeployError, match="classifiers only"):
         predict(nn.Identity(), make_loader(data, 4, shuffle=False))
+
+
+def test_evaluate_is_top1_of_predict_over_labelled_items_only():
+    """The training loops' accuracy and predict share one loop: the same model and loader give the same top-1;
+    unlabelled items (-1) do not count, no labels at all -> None, max_batches stops early."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(256, 10))
+    data = load_data("digits", limit=40).val
+    loader = make_loader(data, 16, shuffle=False)
+    y, scores = predict(model, loader)
+    assert evaluate(model, loader) == pytest.approx(float((scores.argmax(1) == y).mean()))
+    half = [(x, torch.where(torch.arange(len(t)) % 2 == 0, t, -1)) for x, t in loader]
+    keep = np.arange(len(y)) % 16 % 2 == 0
+    assert evaluate(model, half) == pytest.approx(float((scores.argmax(1) == y)[keep].mean()))
+    assert evaluate(model, [(x, torch.full_like(t, -1)) for x, t in loader]) is None
+    assert evaluate(model, loader, max_batches=1) == pytest.approx(float((scores[:16].argmax(1) == y[:16]).mean()))
+    assert top1(y, scores.argmax(1)) == (int((scores.argmax(1) == y).sum()), len(y))

@@ -32,7 +32,7 @@ COMMAND_MODULES = (
 # the command being run becomes its flag (``convert.mac_budget`` -> ``--mac-budget``); the
 # config fields whose parameter is named otherwise are listed here.
 PARAM_OF = {"bench.batches": "batch", "finetune.history_path": "history", "calibrate.max_batches": "calib_batches"}
-SECTIONS = ("convert", "calibrate", "finetune", "evaluate", "export", "deploy", "bench")
+SECTIONS = ("convert", "calibrate", "finetune", "evaluate", "export", "deploy", "bench", "preprocess")
 _FIELD = re.compile(r"(?<![\w./-])(?:(?P<section>" + "|".join(SECTIONS) +
                     r")\.)?(?P<name>[a-z][a-z0-9]*(?:_[a-z0-9]+)*)(?P<value>=(?:True|False))?(?![\w/-])")
 

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import click
+from tqdm import tqdm
 
 from dsdeploy.cli import cli
 from dsdeploy.cli.options import echo_json, preprocess_options
+from dsdeploy.errors import ConfigError, ProviderError
+from dsdeploy.fsutil import show
+from dsdeploy.outputs import check_distinct, check_output
+from dsdeploy.ranges import parse_duration as seconds
+from dsdeploy.runtime.providers import list_providers, parse_ep_options
+from dsdeploy.tables import format_table
+
+# Rule for this module: library modules that import torch or numpy (dsdeploy.api, the stage configs,
+# runtime.bench) are imported inside the commands, so `dsdeploy --help` stays torch-free
+# (tests/test_layout.py::test_the_cli_help_does_not_import_torch).
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -29,9 +40,6 @@ def parse_ints(text: str, what: str) -> list[int]:
 
 def parse_duration(text: str | None) -> float | None:
     """``--duration`` text -> seconds by the library's one grammar (:func:`dsdeploy.ranges.parse_duration`)."""
-    from dsdeploy.errors import ConfigError
-    from dsdeploy.ranges import parse_duration as seconds
-
     try:
         return None if text is None else seconds(text)
     except ConfigError as exc:
@@ -41,8 +49,6 @@ def parse_duration(text: str | None) -> float | None:
 def check_report_paths(models, data: str | None, **paths: str | None) -> None:
     """Refuse report paths that are a benchmarked model, the data, each other, lack their format's suffix
     (.json, .csv, .md, .png), or name an existing file dsdeploy did not write."""
-    from dsdeploy.outputs import check_distinct, check_output
-
     flags = {"json_path": "--json", "csv_path": "--csv", "markdown_path": "--markdown", "plot_path": "--plot"}
     inputs = [("model", m) for m in models] + [("--data", data)]
     suffixes = {"json_path": ".json", "csv_path": ".csv", "markdown_path": ".md", "plot_path": ".png"}
@@ -79,13 +85,9 @@ def bench(models, providers, batch, threads, warmup, iters, duration, data, ep_o
 
     With two or more models the first is the baseline: the table shows each model's
     speedup per EP and batch next to its conv-MAC reduction."""
-    from tqdm import tqdm
-
     from dsdeploy import api
-    from dsdeploy.fsutil import show
     from dsdeploy.runtime.bench import BenchConfig
     from dsdeploy.runtime.bench_report import render_text
-    from dsdeploy.runtime.providers import parse_ep_options
 
     check_report_paths(models, data, json_path=json_path, csv_path=csv_path, markdown_path=markdown_path,
                        plot_path=plot_path)
@@ -116,8 +118,6 @@ def bench(models, providers, batch, threads, warmup, iters, duration, data, ep_o
         click.echo(f"wrote {show(path)}", err=True)
     failed = [r for r in report.results if r.status == "error"]
     if failed:
-        from dsdeploy.errors import ProviderError
-
         raise ProviderError(f"{len(failed)} of {len(report.results)} runs failed: " + "; ".join(
             f"{r.model} on {r.alias} batch {r.batch}: {r.note}" for r in failed[:3]))
 
@@ -126,9 +126,6 @@ def bench(models, providers, batch, threads, warmup, iters, duration, data, ep_o
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def providers(as_json):
     """ONNX Runtime execution providers here (built-in and plugin), their devices and versions."""
-    from dsdeploy.runtime.providers import list_providers
-    from dsdeploy.tables import format_table
-
     infos = list_providers()
     if as_json:
         echo_json([p.to_dict() for p in infos])

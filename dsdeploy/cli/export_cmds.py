@@ -12,6 +12,12 @@ from dsdeploy.cli.options import (
     parse_shape,
     preprocess_options,
 )
+from dsdeploy.fsutil import show
+from dsdeploy.outputs import check_output
+
+# Rule for this module: library modules that import torch or numpy (dsdeploy.api, the stage configs,
+# runtime.bench) are imported inside the commands, so `dsdeploy --help` stays torch-free
+# (tests/test_layout.py::test_the_cli_help_does_not_import_torch).
 
 
 def _worst(parity: list) -> str:
@@ -45,8 +51,6 @@ def export(model: str, output: str, weights: str | None, model_kwargs: str | Non
     """Export MODEL to ONNX, gated by parity against torch on ONNX Runtime (CPU EP)."""
     from dsdeploy import api
     from dsdeploy.export.config import ExportConfig
-    from dsdeploy.fsutil import show
-    from dsdeploy.outputs import check_output
 
     check_output(output, kind="onnx", suffixes=(".onnx",), what="--output",
                  inputs=[("model", model), ("--weights file", weights), ("--data", data)])
@@ -101,7 +105,6 @@ def deploy(onnx_model: str, output: str, quantize: str, calib_data: str | None, 
     """Package ONNX_MODEL into a bundle: model, manifest.json, standalone predict.py."""
     from dsdeploy import api
     from dsdeploy.export.config import DeployConfig
-    from dsdeploy.fsutil import show
 
     config = DeployConfig(quantize=quantize, ort_format=ort_format, max_accuracy_drop=max_accuracy_drop,
                           latency_iters=latency_iters, threads=threads, reduce_range=reduce_range,

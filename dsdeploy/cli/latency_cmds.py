@@ -5,9 +5,15 @@ from __future__ import annotations
 import dataclasses
 
 import click
+from tqdm import tqdm
 
 from dsdeploy.cli import cli, flag_names
 from dsdeploy.cli.options import echo_json, model_options, parse_kwargs, parse_shape
+from dsdeploy.errors import InputShapeError, PlanError
+
+# Rule for this module: library modules that import torch or numpy (dsdeploy.api, the stage configs,
+# runtime.bench) are imported inside the commands, so `dsdeploy --help` stays torch-free
+# (tests/test_layout.py::test_the_cli_help_does_not_import_torch).
 
 
 @cli.command("latency")
@@ -34,13 +40,10 @@ def latency_table(model, weights, model_kwargs, trust_pickle, input_shape, trust
     Every graph is timed alone by the benchmark protocol (stated in the output); results are
     cached per EP, CPU/device, ONNX Runtime version, threads, batch and layer shape, and
     reused on the next run."""
-    from tqdm import tqdm
-
     from dsdeploy import api
     from dsdeploy.conversion.block import LAYOUTS
     from dsdeploy.conversion.loading import load_model
     from dsdeploy.conversion.plan import Policy
-    from dsdeploy.errors import InputShapeError, PlanError
     from dsdeploy.runtime.latency_table import TABLE_PROTOCOL
 
     if batch is not None and batch < 1:

@@ -15,6 +15,10 @@ from dsdeploy.cli.options import (
 )
 from dsdeploy.recover.config import CALIB_BATCHES, CALIB_CACHE_MB, CALIB_EVAL_IMAGES, CALIB_ROUNDS
 
+# Rule for this module: library modules that import torch or numpy (dsdeploy.api, the stage configs,
+# runtime.bench) are imported inside the commands, so `dsdeploy --help` stays torch-free
+# (tests/test_layout.py::test_the_cli_help_does_not_import_torch).
+
 
 def policy_options(func):
     """Rank policy and layer filters shared by inspect and convert."""
@@ -51,7 +55,7 @@ def policy_options(func):
 
 def _policy(options: dict):
     """The Policy the policy_options flags set (each flag's parameter is the Policy field of its name)."""
-    from dsdeploy.conversion.plan import Policy  # the CLI imports the library on use: --help stays torch-free
+    from dsdeploy.conversion.plan import Policy
 
     return Policy(**options)
 

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator
 
 import click
 
+from dsdeploy.cli import flag_names
 from dsdeploy.errors import InputShapeError
 
 
@@ -98,14 +99,14 @@ def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
 
 
 class _PrintOnce(logging.Handler):
-    """Prints each distinct preprocessing line once on stderr."""
+    """Prints each distinct preprocessing line once on stderr (field names as the command's flags)."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.seen: set[str] = set()
 
     def emit(self, record: logging.LogRecord) -> None:
-        line = record.getMessage()
+        line = flag_names(record.getMessage())
         if line not in self.seen:
             self.seen.add(line)
             click.echo(line, err=True)

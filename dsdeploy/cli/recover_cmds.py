@@ -13,7 +13,23 @@ from dsdeploy.cli.options import (
     preprocess_options,
     trust_code_option,
 )
-from dsdeploy.recover.config import CALIB_BATCHES, CALIB_CACHE_MB, CALIB_EVAL_IMAGES, CALIB_ROUNDS, WARMUP_EPOCHS
+from dsdeploy.fsutil import show
+from dsdeploy.outputs import check_distinct, check_output
+from dsdeploy.ranges import parse_duration
+from dsdeploy.recover.config import (
+    CALIB_BATCHES,
+    CALIB_CACHE_MB,
+    CALIB_EVAL_IMAGES,
+    CALIB_ROUNDS,
+    WARMUP_EPOCHS,
+    CalibrationParams,
+    FinetuneConfig,
+)
+from dsdeploy.tables import format_table
+
+# Rule for this module: library modules that import torch or numpy (dsdeploy.api, the stage configs,
+# runtime.bench) are imported inside the commands, so `dsdeploy --help` stays torch-free
+# (tests/test_layout.py::test_the_cli_help_does_not_import_torch).
 
 
 @cli.command()
@@ -42,7 +58,6 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
     side by side with MODEL2 when --compare is given."""
     from dsdeploy import api
     from dsdeploy.recover.evaluate import EvaluateConfig, summary_rows
-    from dsdeploy.tables import format_table
 
     config = EvaluateConfig(batch_size=batch_size, split=split, limit=limit)
     result = api.evaluate(model, data, compare=compare, config=config, weights=weights,
@@ -89,8 +104,6 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, rounds, ca
     against the original model's convs on DATA (training-free), then re-estimate BatchNorm statistics."""
     from dsdeploy import api
     from dsdeploy.conversion.artifact import check_artifact_output
-    from dsdeploy.fsutil import show
-    from dsdeploy.recover.config import CalibrationParams
 
     check_artifact_output(output, what="--output",
                           inputs=[("artifact", artifact), ("--data", data)])
@@ -157,10 +170,6 @@ def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, tim
     replaced blocks' outputs, plus labels when DATA has them)."""
     from dsdeploy import api
     from dsdeploy.conversion.artifact import check_artifact_output
-    from dsdeploy.fsutil import show
-    from dsdeploy.outputs import check_distinct, check_output
-    from dsdeploy.ranges import parse_duration
-    from dsdeploy.recover.config import FinetuneConfig
 
     inputs = [("artifact", artifact), ("--data", data), ("--teacher", teacher), ("--teacher-weights", teacher_weights)]
     check_artifact_output(output, what="--output", inputs=inputs)

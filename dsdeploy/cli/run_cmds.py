@@ -8,12 +8,15 @@ import click
 
 from dsdeploy.cli import cli
 from dsdeploy.cli.options import echo_json, print_preprocessing, trust_code_option
+from dsdeploy.pipeline.report import summarize, summary_rows
+from dsdeploy.tables import format_table
+
+# Rule for this module: library modules that import torch or numpy (dsdeploy.api, the stage configs,
+# runtime.bench) are imported inside the commands, so `dsdeploy --help` stays torch-free
+# (tests/test_layout.py::test_the_cli_help_does_not_import_torch).
 
 
 def _print_summary(result, as_json: bool) -> None:
-    from dsdeploy.pipeline.report import summarize, summary_rows
-    from dsdeploy.tables import format_table
-
     summary = (result.records.get("report") or {}).get("result", {}).get("summary") or summarize(result.records,
                                                                                                   result.out)
     if as_json:

@@ -15,7 +15,9 @@ from torch import nn
 
 from dsdeploy.conversion.block import CONV_TYPES, LAYOUTS
 from dsdeploy.conversion.plan import Plan
+from dsdeploy.conversion.rewrite import apply_plan, check_finite_model
 from dsdeploy.errors import ArtifactError, DsdeployError
+from dsdeploy.models.weights import load_state_checked
 
 MAX_SPEC = 1000
 MAX_SIDE = 8192  # image side (pixels) a recorded preprocessing may ask for
@@ -152,9 +154,6 @@ def rebuild(base: nn.Module, plan: Plan, state: dict[str, torch.Tensor], origin:
         ArtifactError: a converted layer that is not a conv of ``base``, a rank out of range,
         or a state_dict that does not fit.
     """
-    from dsdeploy.conversion.rewrite import apply_plan, check_finite_model
-    from dsdeploy.models.weights import load_state_checked
-
     for d in plan.converted:
         try:
             conv = base.get_submodule(d.name)

@@ -22,6 +22,10 @@ from torch import nn
 
 from dsdeploy.conversion.plan import Policy
 from dsdeploy.conversion.rewrite import ConversionResult, convert
+from dsdeploy.export.small_graphs import to_onnx
+from dsdeploy.runtime import providers as eps
+from dsdeploy.runtime.latency_table import TABLE_PROTOCOL, latency_table
+from dsdeploy.runtime.timing import measure
 
 TOLERANCE = 0.05  # a measured speedup this far below the target triggers the one re-plan
 VERIFY_ITERS = 50
@@ -63,8 +67,6 @@ def target_of(policy: Policy) -> dict[str, Any]:
 def measure_table(model: nn.Module, policy: Policy, input_shape: tuple[int, ...], *, cache_dir: Any = None,
                   name: str = "model", progress: Callable[[str], None] | None = None):
     """The latency table of ``model`` at ``input_shape`` with the policy's batch, on its provider/threads."""
-    from dsdeploy.runtime.latency_table import latency_table
-
     t = target_of(policy)
     shape = (t["batch"], *input_shape[1:])
     return latency_table(model, shape, provider=t["provider"], threads=t["threads"], policy=policy,
@@ -75,11 +77,6 @@ def measure_pair(original: nn.Module, converted: nn.Module, shape: tuple[int, ..
                  iters: int = VERIFY_ITERS) -> tuple[float, float, str]:
     """Median ms of ``original`` and ``converted`` exported to ONNX (BatchNorm folded by the exporter as the
     table's graphs are) and timed one after the other by the timing protocol; and the protocol's line."""
-    from dsdeploy.export.small_graphs import to_onnx
-    from dsdeploy.runtime import providers as eps
-    from dsdeploy.runtime.latency_table import TABLE_PROTOCOL
-    from dsdeploy.runtime.timing import measure
-
     t = target_of(policy)
     cfg = eps.ep_config(eps.resolve_ep_name(t["provider"]), None, t["threads"])
     protocol = dataclasses.replace(TABLE_PROTOCOL, iters=iters)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dsdeploy.conversion.allocate import allocate
 from dsdeploy.conversion.decompose import energy_curve
 from dsdeploy.errors import PlanError
 
@@ -122,8 +123,6 @@ def plan_for_latency(table: LatencyTable, spectra: Mapping[str, torch.Tensor], s
         raise PlanError(f"{asked} is out of reach: the fastest plan predicts {floor:.3f} ms, a speedup of "
                         f"{table.model_ms / floor:.2f}x over the measured {table.model_ms:.3f} ms")
     if solve is None:
-        from dsdeploy.conversion.allocate import allocate
-
         selection = allocate(items, limit)[0]
     else:
         selection = solve(items, limit)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsdeploy.conversion.allocate import InfeasibleBudget, allocate, greedy, totals
 from dsdeploy.conversion.block import CONV_TYPES, LAYOUTS
 from dsdeploy.conversion.decompose import (
     channel_svd,
@@ -25,6 +26,7 @@ from dsdeploy.conversion.decompose import (
     rank_for_energy,
     relative_error,
 )
+from dsdeploy.conversion.latency_plan import plan_latency, record_latencies
 from dsdeploy.errors import PlanError
 
 TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -274,8 +276,6 @@ def make_plan(model: nn.Module, policy: Policy, calls: dict[str, tuple[list[int]
             raise PlanError("convert.speedup / target_latency_ms need a latency table measured on the target")
         if policy.allocation == "data" and costs is None:
             raise PlanError("convert.allocation = data needs calibration data to measure each layer's cost on")
-        from dsdeploy.conversion.latency_plan import plan_latency
-
         ranks, layouts = plan_latency(plan, latency, spectra, policy, costs if policy.allocation != "spectral"
                                       else None, cost_name)
     elif policy.mac_budget is not None:
@@ -300,8 +300,6 @@ def make_plan(model: nn.Module, policy: Policy, calls: dict[str, tuple[list[int]
         d.macs_after = round(d.macs * ds_mac_ratio(mod, rank)) if d.macs is not None else None
         d.layout = layouts.get(name)
     if latency is not None:
-        from dsdeploy.conversion.latency_plan import record_latencies
-
         record_latencies(plan, latency, keep_layouts=policy.latency_target)
     return plan
 
@@ -321,8 +319,6 @@ def _budget_ranks(plan: Plan, mods: dict[str, nn.Module], spectra: dict[str, tor
     measured (at most the largest gainful rank); the spectral plan is one of the candidates, so
     the result never costs more than it. A layer without measured costs stays at rank 1.
     """
-    from dsdeploy.conversion.allocate import InfeasibleBudget, allocate, greedy, totals
-
     macs = {d.name: d.macs for d in plan.layers if d.name in mods}
     unit = {n: macs[n] * ds_mac_ratio(mods[n], 1) for n in mods}  # MACs per unit of rank
     limit = budget * sum(macs.values())

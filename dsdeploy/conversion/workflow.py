@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from dsdeploy.conversion.latency_convert import measure_table
 from dsdeploy.conversion.opcount import Profile, profile_model, trace_calls
 from dsdeploy.conversion.plan import Plan, Policy, make_plan
+from dsdeploy.data.preprocessing import input_shape_for, resolve
 from dsdeploy.models.sources import LoadedModel
 from dsdeploy.recover.config import CALIB_BATCHES
+from dsdeploy.recover.sensitivity import sensitivity_on_data
 from dsdeploy.tables import format_table, human
 
 
@@ -103,8 +106,6 @@ def measure_costs(loaded: LoadedModel, policy: Policy, shape: tuple[int, ...], p
                   val_split: float = 0.2, limit: int | None = None, progress: bool = False):
     """The sensitivity table of ``loaded.model`` on the images calibration would use
     (:func:`dsdeploy.recover.sensitivity.sensitivity_on_data`)."""
-    from dsdeploy.recover.sensitivity import sensitivity_on_data
-
     return sensitivity_on_data(loaded.model, policy, data, pre, tuple(shape), seed=seed, batch_size=batch_size,
                                max_batches=calib_batches, val_split=val_split, limit=limit, labels=loaded.labels,
                                progress=progress)
@@ -138,8 +139,6 @@ def inspect_model(loaded: LoadedModel, policy: Policy, input_shape: tuple[int, .
     policy.validate()
     table = None
     if calib_data:
-        from dsdeploy.data.preprocessing import input_shape_for, resolve
-
         pre = resolve(loaded.preprocessing, input_shape or loaded.input_shape, preprocess, data=calib_data,
                       model=loaded.model)
         shape = tuple(input_shape_for(pre, input_shape, loaded.input_shape, bool(preprocess)))
@@ -148,8 +147,6 @@ def inspect_model(loaded: LoadedModel, policy: Policy, input_shape: tuple[int, .
     costs = table.costs() if table is not None and allocates_on_data(policy, calib_data) else None
     latency = None
     if policy.measures_latency:
-        from dsdeploy.conversion.latency_convert import measure_table
-
         latency = measure_table(loaded.model, policy, shape, name=loaded.spec or "model")
     plan = make_plan(loaded.model, policy, calls, shape, costs=costs, cost_name=cost_name(table), latency=latency)
     return ModelReport(loaded.spec, list(shape), plan, profile_model(loaded.model, shape, calls), sensitivity=table)

@@ -18,7 +18,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from dsdeploy.data.labels import split_record, to_model_labels
 from dsdeploy.data.preprocessing import (  # noqa: F401 (re-exported)
@@ -131,8 +133,6 @@ def _to_chw(arr: np.ndarray) -> torch.Tensor:
 
 
 def _resize(im, pre: Preprocess):
-    from PIL import Image
-
     h, w = pre.size
     if pre.resize is None:
         return im.resize((w, h), Image.BILINEAR)
@@ -149,8 +149,6 @@ MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 def to_8bit(im):
     """A PIL image with 8-bit channels: 16-bit (``I;16*``) and 32-bit integer (``I``) grayscale are
     scaled by 255/65535 (a 16-bit PNG opens as one of them), float (``F``) in [0, 1] by 255."""
-    from PIL import Image
-
     if im.mode.startswith("I;16") or im.mode == "I":
         arr = np.asarray(im, dtype=np.float64)
         return Image.fromarray(np.clip(np.rint(arr * (255 / 65535)), 0, 255).astype(np.uint8), "L")
@@ -164,8 +162,6 @@ def to_8bit(im):
 def _decode(path: Path, pre: Preprocess) -> np.ndarray | None:
     """Decode, convert to ``pre.channels`` (L/RGB/RGBA, 16-bit scaled to 8) and resize one image to
     uint8 HxW(xC); None when unreadable."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im = to_8bit(im).convert(MODES[pre.channels])
@@ -175,8 +171,6 @@ def _decode(path: Path, pre: Preprocess) -> np.ndarray | None:
 
 
 def _verify(path: Path) -> bool:
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im.verify()
@@ -226,8 +220,6 @@ def _materialise(files: list[Path], labels: list[int], pre: Preprocess, what: st
     """Decode ``files`` into a uint8 cache when it fits in memory, else only verify them.
 
     Returns (cache or None, readable files, their labels)."""
-    from tqdm import tqdm
-
     fits = len(files) * pre.channels * pre.size[0] * pre.size[1] <= CACHE_BYTES
     arrays, good, good_labels = [], [], []
     for path, label in tqdm(list(zip(files, labels)), desc=f"{'decoding' if fits else 'checking'} {what}",
@@ -256,6 +248,7 @@ def _split(labels: list[int], val_split: float, seed: int) -> tuple[np.ndarray, 
         raise DataError(f"too few images ({len(idx)}) to hold out val_split={val_split}")
     counts = np.unique(labels, return_counts=True)[1]
     can_stratify = len(counts) > 1 and counts.min() >= 2 and min(n_val, len(idx) - n_val) >= len(counts)
+    # sklearn costs about a quarter of torch's import time; only this step needs it
     from sklearn.model_selection import train_test_split
 
     tr, va = train_test_split(idx, test_size=n_val, random_state=seed,
@@ -271,6 +264,7 @@ def _cap(idx: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
 
 def _load_digits(pre: Preprocess | None, val_split: float, seed: int, limit: int | None,
                  model_labels: Sequence[str] | None) -> DataSplits:
+    # sklearn costs about a quarter of torch's import time; only this step needs it
     from sklearn.datasets import load_digits
 
     pre = pre or replace(DIGITS_PREPROCESS)

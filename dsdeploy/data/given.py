@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch.utils.data import TensorDataset
@@ -11,7 +11,9 @@ from dsdeploy.data.datasets import DataSplits, load_data
 from dsdeploy.data.labels import check_outputs, output_count
 from dsdeploy.data.preprocessing import Preprocess, resolve
 from dsdeploy.errors import DataError
-from dsdeploy.recover.config import FinetuneConfig
+
+if TYPE_CHECKING:  # a type hint only: data/ does not depend on recover/
+    from dsdeploy.recover.config import FinetuneConfig
 
 
 def batches(data: Any, batch_size: int) -> Iterable:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Sequence
 
+import torch
+
 from dsdeploy.errors import DataError
 
 
@@ -58,8 +60,6 @@ def check_outputs(classes: Sequence[str] | None, n_outputs: int, model: str = "t
 
 def output_count(model: Any, x: Any) -> int:
     """Outputs per item of ``model`` on one batch ``x`` (eval mode, no grad; training mode restored)."""
-    import torch
-
     was = model.training
     model.eval()
     try:

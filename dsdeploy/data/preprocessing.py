@@ -24,7 +24,9 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
-from dsdeploy.errors import DataError
+from PIL import Image
+
+from dsdeploy.errors import DataError, InputShapeError
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,7 @@ def default_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def first_conv_channels(model: Any) -> int | None:
     """Input channels of ``model``'s first convolution (module order), or None."""
+    # torch stays out: the ONNX-only bench path (runtime.inputs) resolves preprocessing without it
     from torch import nn
 
     if not isinstance(model, nn.Module):
@@ -239,8 +242,6 @@ def warn_if_images_small(pre: Preprocess, files: Sequence[Any], n: int = 8) -> b
     ``files`` are all much smaller (both sides at most half) than its size: a 32x32 model scored at
     224x224 is a wrong preprocessing, not a bad model. Only image headers are read. Returns whether
     it warned."""
-    from PIL import Image
-
     if not is_default(pre) or not files:
         return False
     h, w = pre.size
@@ -255,7 +256,8 @@ def warn_if_images_small(pre: Preprocess, files: Sequence[Any], n: int = 8) -> b
         return False
     iw, ih = max(sizes)
     log.warning("warning: the images are about %dx%d but the model's input size is unknown, so they are scaled "
-                "to the %dx%d default; if the model takes %dx%d give that size (CLI: --size %dx%d or --input-shape 1,%d,%d,%d)",
+                "to the %dx%d default; if the model takes %dx%d give that size "
+                "(preprocess.size %dx%d or input_shape 1,%d,%d,%d)",
                 ih, iw, h, w, ih, iw, ih, iw, pre.channels, ih, iw)
     return True
 
@@ -283,8 +285,6 @@ def input_shape_for(pre: Preprocess, given: Sequence[int] | None, own: Sequence[
     Raises:
         InputShapeError: ``given`` is a fixed NCHW shape that overridden preprocessing does not produce.
     """
-    from dsdeploy.errors import InputShapeError
-
     if given:
         fixed = _image_shape(given)
         if overridden and fixed is not None and fixed != (pre.channels, pre.size):

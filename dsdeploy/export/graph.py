@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
 from dsdeploy.errors import ExportError
 from dsdeploy.fsutil import require_file, utf8
 
@@ -34,8 +38,6 @@ def load_onnx(path: str | Path, *, check: bool = True):
     Raises:
         ExportError: the file is missing, not an ONNX protobuf, or fails the checker.
     """
-    import onnx
-
     p = Path(path)
     if not p.exists():
         raise ExportError(f"ONNX model not found: {p}")
@@ -51,8 +53,6 @@ def load_onnx(path: str | Path, *, check: bool = True):
 
 def check_model(model, where: str = "model") -> None:
     """``onnx.checker.check_model`` with full checks; failure -> one-line ExportError."""
-    import onnx
-
     if not model.graph.node:
         raise ExportError(f"{where} is not a valid ONNX model (empty graph)")
     try:
@@ -100,8 +100,6 @@ def _dims(value_info) -> list[int | None]:
 
 
 def _attr(node, name: str, default: Any = None) -> Any:
-    import onnx
-
     for a in node.attribute:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
@@ -159,8 +157,6 @@ def summarize(model, input_shape: tuple[int, ...] | None = None) -> GraphSummary
     Dynamic input dims are fixed from ``input_shape`` (batch forced to 1) before inference;
     ``conv_macs`` is None when some Conv output shape stays unknown.
     """
-    import onnx
-
     m = onnx.ModelProto()
     m.CopyFrom(model)
     inits = {i.name for i in m.graph.initializer}
@@ -268,9 +264,6 @@ def fold_bn_after_conv_sum(model) -> int:
     rank > 1 "branches" DS block followed by its BatchNorm. Returns the number of BN nodes
     folded (0 leaves the model untouched).
     """
-    import numpy as np
-    from onnx import numpy_helper
-
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}

@@ -12,6 +12,7 @@ from dsdeploy.data.labels import check_outputs
 from dsdeploy.data.preprocessing import resolve
 from dsdeploy.errors import DataError, DeployError, DsdeployError, ExportError
 from dsdeploy.export.graph import META_PREPROCESSING
+from dsdeploy.recover.metrics import top1
 from dsdeploy.runtime.sessions import cpu_session
 from dsdeploy.runtime.timing import Protocol, measure
 
@@ -64,13 +65,16 @@ def _run(sess, name: str, images: np.ndarray, fixed_batch: int | None, batch: in
 
 def accuracy(fp32: Path, bundle: Path, images: np.ndarray, y: np.ndarray, name: str,
              fixed_batch: int | None, classes: list[str] | None = None) -> dict[str, Any]:
-    """Top-1 (%) of the fp32 and deployed models on the same images, and their agreement
-    (DataError when the data has more ``classes`` than the model has outputs)."""
+    """Top-1 (%) of the fp32 and deployed models on the same labelled images (:func:`dsdeploy.recover.metrics.top1`),
+    and their agreement (DataError when the data has more ``classes`` than the model has outputs)."""
     s32 = _run(deployed_session(fp32), name, images, fixed_batch)
     check_outputs(classes, s32.shape[1], "the model")
     p32 = s32.argmax(1)
     pb = _run(deployed_session(bundle), name, images, fixed_batch).argmax(1)
-    a32, ab = float((p32 == y).mean() * 100), float((pb == y).mean() * 100)
+    (c32, n), (cb, _) = top1(y, p32), top1(y, pb)
+    if not n:
+        raise DataError("no labelled images to measure accuracy on")
+    a32, ab = 100 * c32 / n, 100 * cb / n
     return {"fp32_top1": round(a32, 3), "bundle_top1": round(ab, 3), "drop_pts": round(a32 - ab, 3),
             "agreement": round(float((p32 == pb).mean() * 100), 3), "images": int(len(y))}
 

@@ -22,10 +22,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from torch import nn
 
+from dsdeploy.conversion.artifact import source_architecture
 from dsdeploy.conversion.block import ds_blocks
+from dsdeploy.conversion.loading import load_model
+from dsdeploy.conversion.opcount import _wants_image_list
+from dsdeploy.data.datasets import load_data
+from dsdeploy.data.preprocessing import input_shape_for, resolve
 from dsdeploy.errors import DsdeployError, ExportError, InputShapeError, ParityError
 from dsdeploy.export.config import ExportConfig
 from dsdeploy.export.graph import (
@@ -86,8 +92,6 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _is_detection(model: nn.Module) -> bool:
-    from dsdeploy.conversion.opcount import _wants_image_list
-
     return _wants_image_list(model)
 
 
@@ -112,8 +116,6 @@ def _run_exporter(model: nn.Module, x: torch.Tensor, dest: Path, exporter: str, 
 
 def _save(model, path: Path) -> None:
     """Write ``model`` atomically as ONE file (external data only above protobuf's 2 GB limit)."""
-    import onnx
-
     with atomic_path(path) as tmp:
         if model.ByteSize() >= TWO_GB:
             onnx.save_model(model, str(tmp), save_as_external_data=True, location=path.name + ".data")
@@ -135,7 +137,7 @@ def _gate(model: nn.Module, onnx_path: Path, cases: list[tuple[torch.Tensor, str
 
 def _simplify(raw, raw_path: Path, model: nn.Module, cases, atol: float, rtol: float, warns: list[str]):
     """onnxsim on ``raw``; returns (model, parity) or (None, []) when it fails or breaks parity."""
-    import onnx
+    # onnxsim is heavy and needed only when simplifying
     import onnxsim
 
     try:
@@ -159,8 +161,6 @@ def _simplify(raw, raw_path: Path, model: nn.Module, cases, atol: float, rtol: f
 def _fold_bn(raw, raw_path: Path, model: nn.Module, cases, atol: float, rtol: float, parity: list,
              warns: list[str]):
     """Fold BN after summed DS branches (see onnx_check.fold_bn_after_conv_sum), gated by parity."""
-    import onnx
-
     folded = onnx.ModelProto()
     folded.CopyFrom(raw)
     if not fold_bn_after_conv_sum(folded):
@@ -324,9 +324,6 @@ def data_samples(spec: str, preprocessing: dict[str, Any] | None, shape: tuple[i
                  seed: int = 0) -> torch.Tensor:
     """``count`` real preprocessed images from ``spec`` (dsdeploy.data.datasets), shaped like the model input;
     preprocessing per :func:`dsdeploy.data.preprocessing.resolve` (``preprocessing`` > derived from ``shape``)."""
-    from dsdeploy.data.datasets import load_data
-    from dsdeploy.data.preprocessing import resolve
-
     pre = resolve(preprocessing, shape, data=spec)
     splits = load_data(spec, pre, seed=seed, labelled=False, limit=count)
     ds = splits.val if splits.val is not None and len(splits.val) else splits.train
@@ -350,9 +347,6 @@ def export_model(spec: str, out: str | Path, *, weights: str | None = None, mode
     holds op counts and conv MACs before/after conversion. ``trust_code``: import the
     ``pkg.module:factory`` a ``.dsd`` records. A failure leaves no ``out`` behind.
     """
-    from dsdeploy.conversion.loading import load_model
-    from dsdeploy.data.preprocessing import input_shape_for, resolve
-
     loaded = load_model(spec, weights=weights, model_kwargs=model_kwargs, trust_pickle=trust_pickle,
                         trust_code=trust_code)
     pre = resolve(loaded.preprocessing, input_shape or loaded.input_shape, preprocess, data=data, model=loaded.model)
@@ -362,8 +356,6 @@ def export_model(spec: str, out: str | Path, *, weights: str | None = None, mode
     samples = data_samples(data, loaded.preprocessing, shape, seed=kwargs.get("seed", 0)) if data else None
     original = None
     if compare_original and loaded.artifact is not None:
-        from dsdeploy.conversion.artifact import source_architecture
-
         arch = source_architecture(loaded.artifact)
         keep = {k: v for k, v in kwargs.items() if k in ("opset", "exporter", "dynamic_batch", "simplify")}
         try:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dsdeploy.conversion.opcount import run_model
 from dsdeploy.errors import ExportError, ParityError
 from dsdeploy.runtime.sessions import cpu_session
 
@@ -86,8 +87,6 @@ def as_inputs(inputs: Any, seed: int = 0) -> tuple[list[torch.Tensor], str]:
 
 def torch_outputs(model: nn.Module, inputs: list[torch.Tensor]) -> list[np.ndarray]:
     """Run ``model`` (eval, no_grad) and return its flattened outputs as numpy arrays."""
-    from dsdeploy.conversion.opcount import run_model
-
     with torch.no_grad():
         out = run_model(model, inputs[0]) if len(inputs) == 1 else model(*inputs)
     return [t.detach().cpu().numpy() for t in flatten_outputs(out)]

@@ -54,6 +54,7 @@ def torchvision_spec(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
     cls = type(model)
     if not cls.__module__.startswith("torchvision.models"):
         return None
+    # torchvision.models takes about as long as torch to import; only torchvision: models need it
     import torchvision.models as tvm
 
     want = signature(model)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dsdeploy.errors import SourceError
+from dsdeploy.fsutil import sha256_file
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -137,8 +138,6 @@ def load_sample(name: str) -> tuple[nn.Module, dict[str, Any]]:
     ``labels``, ``accuracy`` and ``sha256``. Raises SourceError for an unknown name,
     missing files or a checksum mismatch.
     """
-    from dsdeploy.fsutil import sha256_file
-
     meta = sample_meta(name)
     weights = samples_dir() / f"{name}.pt"
     if not weights.is_file():

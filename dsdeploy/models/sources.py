@@ -17,6 +17,7 @@ from typing import Any, Callable
 from torch import nn
 
 from dsdeploy.errors import ArtifactError, SourceError
+from dsdeploy.models import samples
 from dsdeploy.models.trust import (
     check_plain,
     library_builder_kwargs,
@@ -52,6 +53,7 @@ def is_artifact_spec(spec: str) -> bool:
 
 
 def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    # torchvision.models takes about as long as torch to import; only torchvision: specs need it
     import torchvision.models as tvm
 
     names = tvm.list_models()
@@ -110,8 +112,6 @@ def build_source(spec: str, model_kwargs: dict[str, Any] | None = None, *, recor
     if spec.startswith("torchvision:"):
         return LoadedModel(_torchvision(spec.split(":", 1)[1], kwargs), spec, kwargs)
     if spec.startswith("sample:"):
-        from dsdeploy.models import samples
-
         model, meta = samples.load_sample(spec.split(":", 1)[1])
         return LoadedModel(model, spec, kwargs, input_shape=tuple(meta["input_shape"]),
                            preprocessing=meta.get("preprocessing"), labels=meta.get("labels"))

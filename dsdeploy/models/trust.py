@@ -101,10 +101,12 @@ def _allowed_library_builder(func: Callable) -> bool:
     """A registered torchvision or timm model builder (not any helper of those packages)."""
     mod = func.__module__ or ""
     if mod == "torchvision.models" or mod.startswith("torchvision.models."):
+        # slow to import (about as long as torch); loaded already when func comes from it
         import torchvision.models as tvm
 
         return func is tvm.get_model or any(tvm.get_model_builder(n) is func for n in tvm.list_models())
     if mod == "timm.models" or mod.startswith("timm.models."):
+        # optional (not a dependency); loaded already when func comes from it
         import timm
 
         name = getattr(func, "__name__", "")
@@ -132,6 +134,7 @@ def library_builder_kwargs(func: Callable, spec: str, kwargs: dict[str, Any]) ->
                           f"give the checkpoint file as the weights argument")
     target = func
     if (func.__module__ or "").startswith("torchvision.models"):
+        # slow to import (about as long as torch); loaded already when func comes from it
         import torchvision.models as tvm
 
         if func is tvm.get_model and kwargs.get("name") in tvm.list_models():

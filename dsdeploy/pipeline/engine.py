@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
+from filelock import FileLock, Timeout
+
 from dsdeploy.errors import DsdeployError, OutputError, StageError
 from dsdeploy.fsutil import (
     atomic_dir,
@@ -169,8 +171,6 @@ def run_folder(out: Path) -> Iterator[dict[str, Any]]:
         OutputError: ``out`` is a file or a non-empty folder that is not a run folder, cannot be
             written, or another run holds its lock.
     """
-    from filelock import FileLock, Timeout
-
     check_dir(out, owned=run_folder_files, overwrite=True, what="run folder")
     try:
         out.mkdir(parents=True, exist_ok=True)

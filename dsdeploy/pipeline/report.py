@@ -131,6 +131,7 @@ def summary_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 # ----------------------------------------------------------------------------------------------
 
 def _save(fig: Any, path: Path) -> None:
+    # matplotlib is heavy and needed only for the plots
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:
@@ -139,10 +140,11 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def _plots(records: dict[str, dict[str, Any]], history: list[dict[str, Any]], folder: Path) -> dict[str, str]:
+    # matplotlib is heavy and needed only for the plots
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no GUI backend
 
     made: dict[str, str] = {}
     layers = [d for d in (_res(records, "convert") or {}).get("layers", []) if d.get("convert")]
@@ -177,6 +179,7 @@ def _plots(records: dict[str, dict[str, Any]], history: list[dict[str, Any]], fo
                 a2.plot(ep, [100 * v if v is not None else float("nan") for v in vals], marker="o", label=key)
         a2.set_xlabel("epoch")
         a2.set_ylabel("accuracy (%)")
+        # matplotlib is heavy and needed only for the plots
         from matplotlib.ticker import MaxNLocator
 
         for ax in (a1, a2):

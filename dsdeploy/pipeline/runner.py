@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dsdeploy.conversion.workflow import inspect_model
+from dsdeploy.errors import RecipeError
 from dsdeploy.models.trust import user_scope
 from dsdeploy.pipeline.engine import Context, PipelineResult, run_pipeline
 from dsdeploy.pipeline.recipe import Recipe, load_recipe
@@ -49,8 +51,6 @@ def run_recipe(path: str | Path, out: str | Path, *, data: str | None = None, we
 
 def inspect_recipe(recipe: Recipe, *, out: str | Path = ".", trust_code: bool = False) -> Any:
     """Plan a recipe's model without converting (``tasks.ModelReport``): the cheap check of a recipe."""
-    from dsdeploy.conversion.workflow import inspect_model
-
     ctx = Context(recipe, Path(out))
     with _user_code(recipe, trust_code):
         loaded, _, shape = recipe_source(ctx)
@@ -64,8 +64,6 @@ def converters_dir() -> Path:
 
 def demo_recipe() -> Path:
     """The embedded default recipe: the digits sample, end to end."""
-    from dsdeploy.errors import RecipeError
-
     path = converters_dir() / DEMO_RECIPE
     if not path.is_file():
         raise RecipeError(f"the demo recipe {path} is missing; install dsdeploy from a clone (`pip install -e .`)")

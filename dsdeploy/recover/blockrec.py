@@ -34,11 +34,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from dsdeploy.conversion.block import DSConv
+from dsdeploy.conversion.opcount import profile_model
 from dsdeploy.errors import DsdeployError
 from dsdeploy.recover.blockdata import Unsupported, batches_of, block_data, find_blocks, probe
 from dsdeploy.recover.distill import call_order, evaluate
+from dsdeploy.tables import format_table
 
 MAX_CACHE_BYTES = 1 << 30  # inputs + targets cached per block (images are dropped beyond it)
 NORMS = (nn.modules.batchnorm._BatchNorm,)
@@ -81,8 +84,6 @@ class BlockReconReport:
         return sum(b.error_before for b in done), sum(b.error_after for b in done)
 
     def render(self) -> str:
-        from dsdeploy.tables import format_table
-
         def f(v: float | None) -> str:
             return "-" if v is None else f"{v:.4f}"
 
@@ -247,8 +248,6 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, loader: Iterable,
     macs = _unit_macs(student, units, batches[0][:1])
     queue = list(units)
     prev: tuple[str, list[torch.Tensor], list[torch.Tensor] | None] | None = None
-    from tqdm import tqdm
-
     bar = tqdm(total=len(queue), desc="block reconstruction", unit="block", disable=not progress, leave=False)
     try:
         while queue:
@@ -312,8 +311,6 @@ def _norms_after_first_ds(model: nn.Module, order: list[str]) -> list[nn.Module]
 
 def _unit_macs(model: nn.Module, units: list[tuple[str, list[str]]], x: torch.Tensor) -> dict[str, int]:
     """MACs of each unit (and of each DS layer) for one image; at least 1."""
-    from dsdeploy.conversion.opcount import profile_model
-
     prof = profile_model(model, tuple(x.shape))
     names = {n for _, layers in units for n in layers} | {n for n, _ in units}
     return {n: max(1, prof.macs_under(n)) for n in names}

@@ -12,14 +12,17 @@ ones for the input and every epoch.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Subset
 
-from dsdeploy.recover.distill import evaluate
+from dsdeploy.data.datasets import make_loader
+from dsdeploy.recover.metrics import evaluate, scored_batches
 
 TRAIN_SUBSET = 1024  # training images scored when there is no validation split
 
@@ -58,8 +61,6 @@ class ModelCheck:
 
     def fit_to(self, model: nn.Module, seconds: float, channels_last: bool = False) -> None:
         """Use only as many batches as score ``model`` in about ``seconds`` (at least one; says so in ``basis``)."""
-        import time
-
         batches = len(self.loader)
         t = time.perf_counter()
         evaluate(model, self.loader, 1, channels_last=channels_last)
@@ -77,20 +78,8 @@ class ModelCheck:
 
 
 def _outputs(model: nn.Module, loader: Any, channels_last: bool, max_batches: int | None) -> list[torch.Tensor]:
-    was = model.training
-    model.eval()
-    outs = []
-    try:
-        with torch.no_grad():
-            for i, (x, _y) in enumerate(loader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                if channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                outs.append(model(x).float())
-    finally:
-        model.train(was)
-    return outs
+    """The model's scores per batch, by the one evaluation loop (:func:`dsdeploy.recover.metrics.scored_batches`)."""
+    return [out for _y, out in scored_batches(model, loader, max_batches=max_batches, channels_last=channels_last)]
 
 
 def _plain(dataset: Any) -> Any:
@@ -106,10 +95,6 @@ def model_check(data: Any, teacher: nn.Module | None, labelled: bool, batch_size
 
     ``teacher`` may be None only with ``labelled`` data.
     """
-    from torch.utils.data import Subset
-
-    from dsdeploy.data.datasets import make_loader
-
     if data.val is not None and len(data.val):
         images, held_out, where = data.val, True, "validation"
     else:

@@ -16,7 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsdeploy.conversion.artifact import load_source_model
 from dsdeploy.conversion.block import DSConv, ds_blocks
+from dsdeploy.conversion.loading import load_model
+from dsdeploy.errors import ArtifactError
+from dsdeploy.recover.metrics import evaluate  # noqa: F401  (re-exported: reconstruct.py, finetune.py import it from here)
 
 
 @dataclass
@@ -202,32 +206,6 @@ def init_parameters(model: nn.Module, names: Iterable[str], scheme: str) -> None
                 p.fill_(1.0)
 
 
-def evaluate(model: nn.Module, loader: Iterable, max_batches: int | None = None,
-             channels_last: bool = False) -> float | None:
-    """Top-1 accuracy (0-1) of ``model`` on the labelled items of ``loader``; None without labels.
-
-    ``channels_last`` feeds 4-D batches in NHWC memory format (for a model converted to it).
-    """
-    was = model.training
-    model.eval()
-    correct = total = 0
-    try:
-        with torch.no_grad():
-            for i, (x, y) in enumerate(loader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                mask = y >= 0
-                if bool(mask.any()):
-                    if channels_last and x.dim() == 4:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    pred = model(x).argmax(1)
-                    correct += int((pred[mask] == y[mask]).sum())
-                    total += int(mask.sum())
-    finally:
-        model.train(was)
-    return correct / total if total else None
-
-
 def load_teacher(artifact, spec: str | None = None, weights: str | None = None, *,
                  trust_code: bool = False) -> nn.Module:
     """The distillation teacher: ``spec`` (+ ``weights``) when given, else the artifact's source model.
@@ -236,11 +214,7 @@ def load_teacher(artifact, spec: str | None = None, weights: str | None = None, 
     artifact's recorded factory); a source whose weights are gone names the ``teacher`` argument.
     """
     if spec:
-        from dsdeploy.conversion.loading import load_model
-
         return load_model(spec, weights, trust_code=trust_code).model.eval()
-    from dsdeploy.conversion.artifact import load_source_model
-    from dsdeploy.errors import ArtifactError
 
     try:
         return load_source_model(artifact, trust_code=trust_code)

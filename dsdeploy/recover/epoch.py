@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from dsdeploy.conversion.block import ds_blocks
 from dsdeploy.recover.budget import Budget
@@ -46,8 +48,6 @@ def train_loader(dataset: Any, batch_size: int, seed: int) -> Any:
     When the split holds more than one batch, the short last batch is dropped: a batch of
     one image cannot train BatchNorm (``BatchNorm1d`` refuses it, 2d gets a zero variance).
     """
-    from torch.utils.data import DataLoader
-
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
                       num_workers=0, drop_last=len(dataset) > batch_size)
 
@@ -84,8 +84,6 @@ def train_epoch(distiller: Distiller, modules: list[nn.Module], params: list[nn.
     ``sizing``: ``spe`` (steps per epoch), ``warmup`` (warmup steps wanted) and ``cap`` (the most
     steps the run may take, None: no cap) for the budget's re-sizing.
     """
-    from tqdm import tqdm
-
     spe = sizing["spe"]
     seed = epoch_seed(cfg.seed, st["epoch"])
     _seed_epoch(train, seed)

@@ -23,12 +23,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from dsdeploy.conversion.artifact import load_artifact, save_artifact
+from dsdeploy.data.datasets import load_data, make_loader
+from dsdeploy.data.labels import check_outputs, output_count
+from dsdeploy.data.preprocessing import resolve
 from dsdeploy.errors import DataError
 from dsdeploy.fsutil import write_json
 from dsdeploy.recover.budget import Budget
 from dsdeploy.recover.check import ModelCheck, model_check
 from dsdeploy.recover.config import FinetuneConfig, FinetuneResult
-from dsdeploy.recover.distill import Distiller, LossWeights, fresh_parameters, init_parameters
+from dsdeploy.recover.distill import Distiller, LossWeights, fresh_parameters, init_parameters, load_teacher
 from dsdeploy.recover.epoch import (  # noqa: F401 (epoch_seed, steps_per_epoch, train_loader: public here too)
     epoch_seed,
     make_optimizer,
@@ -70,8 +74,6 @@ def _warmup_steps(cfg: FinetuneConfig, spe: int, total: int) -> int:
 
 def _prepare(data: Any) -> tuple[torch.Tensor, float]:
     """Decode what the splits still hold undecoded; (an example batch, seconds it took)."""
-    from dsdeploy.data.datasets import make_loader
-
     t = time.perf_counter()
     if data.train is None or len(data.train) == 0:
         raise DataError("fine-tuning needs a training split with images")
@@ -299,12 +301,6 @@ def finetune_artifact(student_path: str | Path, data: str, out: str | Path, conf
     mapped to the artifact's recorded labels by name; more data classes than outputs is a DataError.
     ``trust_code``: import the ``pkg.module:factory`` the artifact (or a ``.dsd`` teacher) records.
     """
-    from dsdeploy.conversion.artifact import load_artifact, save_artifact
-    from dsdeploy.data.datasets import load_data
-    from dsdeploy.data.labels import check_outputs, output_count
-    from dsdeploy.data.preprocessing import resolve
-    from dsdeploy.recover.distill import load_teacher
-
     config.validate()
     started = time.perf_counter()
     art = load_artifact(student_path, trust_code=trust_code)

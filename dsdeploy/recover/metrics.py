@@ -1,12 +1,14 @@
-"""Classification metrics (scikit-learn does the arithmetic) and batched prediction."""
+"""Classification metrics (scikit-learn does the arithmetic) and the one loop that scores a model over a loader."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from dsdeploy.errors import DataError, DsdeployError, InputShapeError
 
@@ -21,12 +23,8 @@ def classification_metrics(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[
     seen in ``y_true``/``y_pred`` (and ``scores``' columns). Raises DataError for empty
     or unlabelled (-1) ground truth.
     """
-    from sklearn.metrics import (
-        accuracy_score,
-        confusion_matrix,
-        precision_recall_fscore_support,
-        top_k_accuracy_score,
-    )
+    # sklearn.metrics costs about a quarter of torch's import time; only this report needs it, not evaluate()
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
 
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
@@ -44,7 +42,7 @@ def classification_metrics(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=idx, zero_division=0)
     present = s > 0  # macro averages over the classes that occur in the ground truth
     out: dict[str, Any] = {
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "top1": float(accuracy_score(y_true, y_pred)),
         "top5": None,
         "precision": float(p[present].mean()),
@@ -60,37 +58,79 @@ def classification_metrics(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[
     return out
 
 
-@torch.no_grad()
+def _scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` as a (batch, classes) float tensor; InputShapeError when the model cannot take ``x``,
+    DsdeployError when it does not return class scores."""
+    try:
+        out = model(x)
+    except (RuntimeError, ValueError) as exc:  # the model cannot take these images (size, channels)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputShapeError(f"the model cannot run on the preprocessed images, shape "
+                              f"{','.join(map(str, x.shape))} (check size/channels): {first}") from exc
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        kind = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DsdeployError(f"model output {kind} is not (batch, classes) scores; "
+                            f"evaluation supports classifiers only")
+    return out.float()
+
+
+@torch.no_grad()  # on a generator: grad is off while it runs, back on while the caller holds a batch
+def scored_batches(model: nn.Module, loader: Iterable, *, max_batches: int | None = None,
+                   channels_last: bool = False, progress: bool = False, desc: str = "predict"
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The one evaluation loop: yield (labels[B], scores[B, C]) per batch of ``loader`` (``(x, y)`` pairs).
+
+    ``model`` runs in eval mode without gradients (its mode is restored when the loop ends or
+    is abandoned); at most ``max_batches`` batches; ``channels_last`` feeds 4-D batches in NHWC
+    memory format (for a model converted to it). Errors as :func:`_scores`.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        for i, (x, y) in enumerate(tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False)):
+            if max_batches is not None and i >= max_batches:
+                break
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield torch.as_tensor(y), _scores(model, x)
+    finally:
+        model.train(was_training)
+
+
 def predict(model: nn.Module, loader: Iterable, *, progress: bool = False, desc: str = "predict"
             ) -> tuple[np.ndarray, np.ndarray]:
     """Run ``model`` (in eval mode, no grad) over ``loader``; return (y_true, scores[N, C]).
 
     The model's train/eval mode is restored afterwards. Raises DsdeployError when the
-    model does not return a (N, C) tensor of class scores.
+    model does not return a (N, C) tensor of class scores, DataError for an empty loader.
     """
-    from tqdm import tqdm
-
-    was_training = model.training
-    model.eval()
     ys, outs = [], []
-    try:
-        for x, y in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
-            try:
-                out = model(x)
-            except (RuntimeError, ValueError) as exc:  # the model cannot take these images (size, channels)
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise InputShapeError(f"the model cannot run on the preprocessed images, shape "
-                                      f"{','.join(map(str, x.shape))} (check size/channels): {first}") from exc
-            if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-                out = out[0]
-            if not isinstance(out, torch.Tensor) or out.ndim != 2:
-                kind = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise DsdeployError(f"model output {kind} is not (batch, classes) scores; "
-                                    f"evaluation supports classifiers only")
-            outs.append(out.float().cpu())
-            ys.append(torch.as_tensor(y))
-    finally:
-        model.train(was_training)
+    for y, out in scored_batches(model, loader, progress=progress, desc=desc):
+        ys.append(y)
+        outs.append(out.cpu())
     if not outs:
         raise DataError("no samples to predict on (empty dataset)")
     return torch.cat(ys).numpy().astype(np.int64), torch.cat(outs).numpy()
+
+
+def top1(y_true: np.ndarray | torch.Tensor, y_pred: np.ndarray | torch.Tensor) -> tuple[int, int]:
+    """(correct, labelled): how many labelled items (label >= 0) ``y_pred`` gets right, and how many there are."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    mask = y_true >= 0
+    return int((y_pred[mask] == y_true[mask]).sum()), int(mask.sum())
+
+
+def evaluate(model: nn.Module, loader: Iterable, max_batches: int | None = None,
+             channels_last: bool = False) -> float | None:
+    """Top-1 accuracy (0-1) of ``model`` on the labelled items of ``loader``; None without labels.
+
+    ``channels_last`` feeds 4-D batches in NHWC memory format (for a model converted to it).
+    Only the counts are kept, not the scores (a cheap check inside training loops).
+    """
+    correct = total = 0
+    for y, out in scored_batches(model, loader, max_batches=max_batches, channels_last=channels_last):
+        c, n = top1(y, out.argmax(1))
+        correct, total = correct + c, total + n
+    return correct / total if total else None

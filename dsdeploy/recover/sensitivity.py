@@ -27,15 +27,21 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
+from tqdm import tqdm
 
 from dsdeploy.conversion.block import DSConv
 from dsdeploy.conversion.decompose import channel_svd
 from dsdeploy.conversion.opcount import run_model, trace_calls
 from dsdeploy.conversion.plan import Policy, conv_modules, ds_mac_ratio, make_plan, max_gainful_rank
 from dsdeploy.conversion.rewrite import _set_submodule, copy_model
+from dsdeploy.data.datasets import load_data, make_loader
+from dsdeploy.data.preprocessing import resolve
 from dsdeploy.errors import DataError
+from dsdeploy.export.parity import flatten_outputs
 from dsdeploy.recover.config import CALIB_BATCHES
 from dsdeploy.recover.reconstruct import NormalEquations
+from dsdeploy.tables import format_table, human
 
 MAX_RANK = 8  # ranks measured per layer at most (a 3x3 kernel has full rank 9, never gainful)
 BATCHES = 8  # batches for the normal equations
@@ -76,8 +82,6 @@ class Sensitivity:
 
     def render(self) -> str:
         """A text table: layer, rank, output error, logit error, MACs (and x the dense conv)."""
-        from dsdeploy.tables import format_table, human
-
         rows = []
         for name, ranks in self.layers.items():
             for r, row in ranks.items():
@@ -96,16 +100,6 @@ def _inputs(batch: Any) -> torch.Tensor:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
-def _leaves(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _leaves(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _leaves(v)]
-    return []
-
-
 def _is_logits(out: Any) -> bool:
     return isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] > 1 and out.is_floating_point()
 
@@ -117,7 +111,7 @@ def output_change(reference: Any, out: Any) -> float:
         p = torch.log_softmax(reference.double(), dim=1)
         q = torch.log_softmax(out.double(), dim=1)
         return float((p.exp() * (p - q)).sum(dim=1).mean().clamp_min(0))
-    ref, got = _leaves(reference), _leaves(out)
+    ref, got = flatten_outputs(reference), flatten_outputs(out)
     num = sum(float((g.double() - r.double()).square().sum()) for r, g in zip(ref, got))
     den = sum(float(r.double().square().sum()) for r in ref)
     return num / max(den, 1e-30)
@@ -185,8 +179,6 @@ def measure_sensitivity(model: nn.Module, policy: Policy, loader: Iterable, inpu
     Raises:
         DataError: the loader yields no batch.
     """
-    from tqdm import tqdm
-
     for what, v in (("max_rank", max_rank), ("batches", batches), ("logit_batches", logit_batches)):
         if int(v) < 1:
             raise ValueError(f"{what} must be >= 1, got {v}")
@@ -278,11 +270,6 @@ def sensitivity_on_data(model: nn.Module, policy: Policy, data: str, preprocessi
     ``options``: :func:`measure_sensitivity`'s keywords (``batches``, ``max_rank``,
     ``logit_batches``, ``ridge``, ``progress``).
     """
-    from torch.utils.data import Subset
-
-    from dsdeploy.data.datasets import load_data, make_loader
-    from dsdeploy.data.preprocessing import resolve
-
     pre = resolve(preprocessing, data=data, model=model)
     splits = load_data(data, pre, seed=seed, labelled=False, val_split=val_split, limit=limit, model_labels=labels)
     calib = splits.train if splits.train is not None else splits.val

@@ -151,10 +151,11 @@ def render_csv(report: BenchReport) -> str:
 
 def write_plot(report: BenchReport, path: str | Path) -> None:
     """PNG: p50 latency per (EP, batch), one bar per model (log scale), speedups over the baseline annotated."""
+    # matplotlib is heavy and needed only for the plot
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no GUI backend
 
     ok = report.ok()
     groups = list(dict.fromkeys((r.alias, r.precision, r.batch) for r in ok))

@@ -11,7 +11,10 @@ from typing import Any
 
 import numpy as np
 
+from dsdeploy.data.preprocessing import resolve
 from dsdeploy.errors import DataError, ExportError, InputShapeError
+from dsdeploy.export.graph import load_onnx, summarize
+from dsdeploy.fsutil import require_file, sha256_file
 
 META_PREPROCESSING = "dsdeploy.preprocessing"
 META_CONV_MACS = "dsdeploy.conv_macs"
@@ -40,8 +43,6 @@ def _dims(value_info) -> list[int | str]:
 
 def conv_macs_from_graph(model, preprocessing: dict[str, Any] | None = None) -> int | None:
     """Conv MACs per item (batch 1) by ONNX shape inference (``onnx_check.summarize``); None when unknown."""
-    from dsdeploy.export.graph import summarize
-
     size = (preprocessing or {}).get("size")
     shape = (1, int((preprocessing or {}).get("channels", 3)), *map(int, size)) if size else None
     return summarize(model, shape).conv_macs
@@ -49,9 +50,6 @@ def conv_macs_from_graph(model, preprocessing: dict[str, Any] | None = None) -> 
 
 def model_info(path: str) -> ModelInfo:
     """Read ``path``: inputs, ``dsdeploy.data.preprocessing`` metadata, conv MACs (metadata first, else counted)."""
-    from dsdeploy.export.graph import load_onnx
-    from dsdeploy.fsutil import require_file, sha256_file
-
     require_file(path, "ONNX model")
     model = load_onnx(path)
     meta = {p.key: p.value for p in model.metadata_props}
@@ -116,8 +114,8 @@ def data_images(spec: str, info: ModelInfo, count: int, seed: int,
     """``count`` real images (N, C, H, W float32) from ``spec`` via ``dsdeploy.data.datasets.load_data``,
     preprocessed per :func:`dsdeploy.data.preprocessing.resolve` (``preprocess`` overrides > the model's
     ``dsdeploy.data.preprocessing`` metadata > derived from its fixed input shape)."""
+    # torch stays out: only real-image inputs (data) need the data loaders
     from dsdeploy.data.datasets import load_data
-    from dsdeploy.data.preprocessing import resolve
 
     dims = info.inputs[0]["shape"] if len(info.inputs) == 1 else []
     if len(dims) != 4:

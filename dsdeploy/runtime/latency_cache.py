@@ -19,8 +19,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from dsdeploy.errors import LatencyCacheError
 from dsdeploy.fsutil import show, write_json
+from dsdeploy.runtime.providers import device_label
+from dsdeploy.runtime.sysinfo import cpu_info, package_versions
 
 SCHEMA = 1
 CACHE_ENV = "DSDEPLOY_CACHE"
@@ -37,13 +41,9 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
 def device_signature(ep_name: str, options: dict[str, str] | None = None) -> str:
     """The hardware a latency belongs to: CPU model, ISA fast paths and usable cores, plus the
     EP's device for non-CPU EPs."""
-    from dsdeploy.runtime.sysinfo import cpu_info
-
     cpu = cpu_info()
     sig = f"{cpu['model']} [{cpu['summary']}] x{cpu['usable_cpus']}"
     if ep_name != "CPUExecutionProvider":
-        from dsdeploy.runtime.providers import device_label
-
         sig += f"; {device_label(ep_name, options)}"
     return sig
 
@@ -56,8 +56,6 @@ def environment_key(ep_name: str, ep_options: dict[str, str] | None, *, threads:
     ``ort_version`` defaults to the installed onnxruntime's; ``device`` to :func:`device_signature`.
     """
     if ort_version is None:
-        from dsdeploy.runtime.sysinfo import package_versions
-
         ort_version = package_versions(("onnxruntime",))["onnxruntime"] or "unknown"
     return {"schema": SCHEMA, "ep": ep_name, "ep_options": dict(sorted((ep_options or {}).items())),
             "device": device or device_signature(ep_name, ep_options), "onnxruntime": str(ort_version),
@@ -79,8 +77,6 @@ class LatencyCache:
     """
 
     def __init__(self, env: dict[str, Any], folder: str | os.PathLike | None = None, *, refresh: bool = False):
-        from filelock import FileLock
-
         self.env = env
         self.path = cache_file(env, cache_dir(folder))
         try:

@@ -27,8 +27,11 @@ from dsdeploy.conversion.opcount import trace_calls
 from dsdeploy.conversion.plan import Policy, conv_modules, max_gainful_rank, skip_reason
 from dsdeploy.errors import InputShapeError, PlanError, ProviderError
 from dsdeploy.export.small_graphs import ConvSpec, layer_graph, to_onnx
+from dsdeploy.fsutil import show
+from dsdeploy.runtime import providers as eps
 from dsdeploy.runtime.latency_cache import LatencyCache, environment_key
 from dsdeploy.runtime.timing import Protocol, measure
+from dsdeploy.tables import format_table
 
 TABLE_PROTOCOL = Protocol(warmup=5, iters=25)
 
@@ -97,8 +100,6 @@ class LatencyTable:
 
     def render(self) -> str:
         """A text table: per layer, dense ms and each rank's ms per layout (fastest layout marked *)."""
-        from dsdeploy.tables import format_table
-
         layouts = sorted({b.layout for lt in self.candidates for b in lt.blocks}, key=LAYOUTS.index)
         rows = []
         for lt in self.layers:
@@ -158,8 +159,6 @@ def latency_table(model: nn.Module, input_shape: Sequence[int], *, provider: str
         ProviderError: the EP is unavailable or cannot run a graph. PlanError: a bad layout or max_rank.
         InputShapeError: the model cannot run at ``input_shape``. LatencyCacheError: an unreadable cache file.
     """
-    from dsdeploy.runtime import providers as eps
-
     bad = [lay for lay in layouts if lay not in LAYOUTS]
     if bad or not layouts:
         raise PlanError(f"layouts must name some of {', '.join(LAYOUTS)}, got {', '.join(bad) or 'none'}")
@@ -220,7 +219,5 @@ def latency_table(model: nn.Module, input_shape: Sequence[int], *, provider: str
             cache.flush()  # a killed run keeps what it measured
     finally:
         cache.flush()
-    from dsdeploy.fsutil import show
-
     return LatencyTable(name, list(shape), env, protocol.describe(), model_ms, layers, show(cache.path),
                         len(cache.measured), len(reused), time.perf_counter() - t_start)

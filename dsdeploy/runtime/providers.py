@@ -9,9 +9,11 @@ to EP names. Every EP configuration carries the numeric precision it computes in
 
 from __future__ import annotations
 
+import importlib
 import json
 import threading
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from typing import Any
 
 from dsdeploy.errors import ProviderError
@@ -100,8 +102,6 @@ def resolve_ep_name(name: str) -> str:
 
 
 def _dist_version(dist: str) -> str | None:
-    from importlib import metadata
-
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -114,8 +114,7 @@ def register_plugins() -> dict[str, str]:
     A plugin whose package is not installed is left out; one that fails to load is
     recorded (see ``list_providers``) rather than raised, so other EPs stay usable.
     """
-    import importlib
-
+    # onnxruntime is heavy: `dsdeploy --help` and the library import stay without it
     import onnxruntime as ort
 
     with _lock:
@@ -141,6 +140,7 @@ def register_plugins() -> dict[str, str]:
 
 def ep_devices(ep_name: str) -> list:
     """The ``OrtEpDevice`` objects ``ep_name`` claims on this machine (after plugin registration)."""
+    # onnxruntime is heavy: `dsdeploy --help` and the library import stay without it
     import onnxruntime as ort
 
     register_plugins()
@@ -187,6 +187,7 @@ def device_label(ep_name: str, options: dict[str, str] | None = None) -> str:
 
 def cpu_vendor() -> str:
     """The vendor of this machine's CPU as ONNX Runtime sees it (e.g. ``AMD``, ``Intel``)."""
+    # onnxruntime is heavy: `dsdeploy --help` and the library import stay without it
     import onnxruntime as ort
 
     for d in ort.get_ep_devices():
@@ -201,6 +202,7 @@ def list_providers() -> list[ProviderInfo]:
     Plugin EPs that are installed but claim no device here are listed as unavailable,
     with the reason in ``note``.
     """
+    # onnxruntime is heavy: `dsdeploy --help` and the library import stay without it
     import onnxruntime as ort
 
     register_plugins()

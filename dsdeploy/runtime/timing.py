@@ -25,6 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from dsdeploy.runtime.providers import ep_config
+from dsdeploy.runtime.sessions import create_session
+
 
 @dataclass
 class Stats:
@@ -113,9 +116,6 @@ def measure(model: str | bytes, feed: dict[str, np.ndarray] | None = None, *, ep
     ``feed`` defaults to standard-normal float32 inputs at the model's fixed input shapes
     (seeded by ``seed``). Raises ProviderError when the EP cannot create the session.
     """
-    from dsdeploy.runtime.providers import ep_config
-    from dsdeploy.runtime.sessions import create_session
-
     cfg = ep or ep_config("CPUExecutionProvider", None, threads)
     with timed_session(lambda: create_session(model, cfg, threads, spinning=protocol.spinning)) as sess:
         if feed is None:
