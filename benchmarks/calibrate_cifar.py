@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import time
 
@@ -23,7 +24,10 @@ from dsdeploy.conversion.plan import Policy
 from dsdeploy.data.datasets import load_data, make_loader
 from dsdeploy.data.preprocessing import Preprocess
 from dsdeploy.recover.distill import evaluate
+from dsdeploy.recover import als
 from dsdeploy.recover.reconstruct import calibrate
+
+ROWS_MIN = getattr(als, "PATCH_ROWS_MIN", None)
 
 PRE = {"size": [32, 32], "resize": None, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "channels": 3}
 
@@ -36,7 +40,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=10)
     ap.add_argument("--limit", type=int, default=1000)
     ap.add_argument("--settings", default="0:0,3:1024",
-                    help="comma-separated rounds:cache_mb[:nobn] (nobn: no BatchNorm re-estimation)")
+                    help="comma-separated rounds:cache_mb[:flag...]; flags: nobn (no final BatchNorm pass), "
+                         "noint (no interleaved BatchNorm re-estimation), w (bn_weight: post-BN channel weights), "
+                         "full (patch statistics on every row, no subsampling)")
     args = ap.parse_args()
     cm = api.convert("cifar_resnet:resnet32", policy=Policy(mac_budget=args.mac_budget), input_shape=(1, 3, 32, 32),
                      weights=args.weights, model_kwargs={"num_classes": 10}, preprocess=PRE, trust_code=True)
@@ -50,11 +56,15 @@ def main() -> None:
                       "calib_images": n, "test_images": min(args.limit, len(splits.val))}), flush=True)
     for setting in args.settings.split(","):
         rounds, cache_mb, *rest = setting.split(":")
-        rounds, cache_mb, bn = int(rounds), float(cache_mb), rest != ["nobn"]
+        rounds, cache_mb, bn, inter = int(rounds), float(cache_mb), "nobn" not in rest, "noint" not in rest
+        known = inspect.signature(calibrate).parameters
+        opts = {k: v for k, v in (("interleave_bn", inter), ("bn_weight", "w" in rest)) if k in known}
+        als.PATCH_ROWS_MIN = 1 << 60 if "full" in rest else ROWS_MIN
         model = copy.deepcopy(cm.model)
         t0 = time.perf_counter()
-        rep = calibrate(model, cm.original, cm.plan, batches, progress=False, rounds=rounds, cache_mb=cache_mb, bn=bn)
-        print(json.dumps({"rounds": rounds, "cache_mb": cache_mb, "bn": bn, "seconds": round(time.perf_counter() - t0, 1),
+        rep = calibrate(model, cm.original, cm.plan, batches, progress=False, rounds=rounds, cache_mb=cache_mb, bn=bn,
+                        **opts)
+        print(json.dumps({"setting": setting, "rounds": rounds, "cache_mb": cache_mb, "bn": bn, **opts, "seconds": round(time.perf_counter() - t0, 1),
                           "fit_seconds": round(rep.fit_seconds, 1), "top1": evaluate(model, test), "cache": rep.cache,
                           "sum_error_after": round(sum(c.error_after for c in rep.layers), 4),
                           "sum_error_bn": round(sum(c.error_bn or 0 for c in rep.layers), 4)}), flush=True)

@@ -182,7 +182,7 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
             reported on the labelled validation split), a float tensor of model-ready inputs
             (N, C, H, W), or an iterable of such batches (or ``(x, y)`` batches).
         params / options: :class:`dsdeploy.recover.config.CalibrationParams` fields:
-            ``ridge``, ``max_batches``, ``batch_size``, ``rounds`` (0: pointwise only), ``cache_mb``,
+            ``ridge``, ``max_batches``, ``batch_size``, ``rounds`` (0: pointwise only), ``cache_mb``, ``eval_images``,
             ``block_reconstruct`` (seconds or ``"90s"``: then fit blocks, :mod:`dsdeploy.recover.blockrec`).
         preprocess: preprocessing overrides (``size``, ``mean``, ...) for a data spec.
 

@@ -13,7 +13,7 @@ from dsdeploy.cli.options import (
     parse_shape,
     preprocess_options,
 )
-from dsdeploy.recover.config import CALIB_BATCHES, CALIB_CACHE_MB, CALIB_ROUNDS
+from dsdeploy.recover.config import CALIB_BATCHES, CALIB_CACHE_MB, CALIB_EVAL_IMAGES, CALIB_ROUNDS
 
 # Rule for this module: library modules that import torch or numpy (dsdeploy.api, the stage configs,
 # runtime.bench) are imported inside the commands, so `dsdeploy --help` stays torch-free
@@ -96,12 +96,14 @@ def inspect(model, weights, model_kwargs, trust_pickle, input_shape, calib_data,
               help="Alternating depthwise/pointwise least-squares rounds per layer (0: pointwise only).")
 @click.option("--calib-cache-mb", type=float, default=CALIB_CACHE_MB, show_default=True,
               help="MiB of stage inputs cached while calibrating (0: rerun the network prefix per layer).")
+@click.option("--calib-eval-images", type=int, default=CALIB_EVAL_IMAGES, show_default=True,
+              help="Score top-1 before and after calibrating on at most N validation images (0: none).")
 @block_reconstruct_option
 @preprocess_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, calib_data, calib_batches, calib_rounds,
-            calib_cache_mb, block_reconstruct, seed, as_json, preprocess, trust_code, **policy):
+            calib_cache_mb, calib_eval_images, block_reconstruct, seed, as_json, preprocess, trust_code, **policy):
     """Rewrite MODEL's convs into depthwise-separable blocks and write a .dsd artifact.
 
     Prints params/MACs before and after and the rank of every layer. Exit status 3 when
@@ -117,7 +119,8 @@ def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, cal
                      allocation_options={"seed": seed, "calib_batches": calib_batches})
     if calib_data:
         api.calibrate(cm, calib_data, max_batches=calib_batches, seed=seed, progress=True,
-                      block_reconstruct=block_reconstruct, rounds=calib_rounds, cache_mb=calib_cache_mb)
+                      block_reconstruct=block_reconstruct, rounds=calib_rounds, cache_mb=calib_cache_mb,
+                      eval_images=calib_eval_images)
     api.save(cm, output)
     report = cm.report(output)
     echo_json(report.to_dict()) if as_json else click.echo(flag_names(report.render()))

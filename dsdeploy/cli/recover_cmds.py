@@ -19,6 +19,7 @@ from dsdeploy.ranges import parse_duration
 from dsdeploy.recover.config import (
     CALIB_BATCHES,
     CALIB_CACHE_MB,
+    CALIB_EVAL_IMAGES,
     CALIB_ROUNDS,
     WARMUP_EPOCHS,
     CalibrationParams,
@@ -90,13 +91,15 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
               help="Alternating depthwise/pointwise least-squares rounds per layer (0: pointwise only).")
 @click.option("--cache-mb", type=float, default=CALIB_CACHE_MB, show_default=True,
               help="MiB of stage inputs cached (0: rerun the network prefix per layer; same result, slower).")
+@click.option("--eval-images", type=int, default=CALIB_EVAL_IMAGES, show_default=True,
+              help="Score top-1 before and after on at most N validation images (0: no scoring).")
 @block_reconstruct_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @preprocess_options
 @trust_code_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def calibrate(artifact, data, output, max_batches, batch_size, ridge, rounds, cache_mb, block_reconstruct, seed,
-              as_json, preprocess, trust_code):
+def calibrate(artifact, data, output, max_batches, batch_size, ridge, rounds, cache_mb, eval_images, block_reconstruct,
+              seed, as_json, preprocess, trust_code):
     """Fit each converted layer's pointwise (and, alternating, depthwise) weights by least squares
     against the original model's convs on DATA (training-free), then re-estimate BatchNorm statistics."""
     from dsdeploy import api
@@ -105,7 +108,7 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, rounds, ca
     check_artifact_output(output, what="--output",
                           inputs=[("artifact", artifact), ("--data", data)])
     params = CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size, rounds=rounds,
-                               cache_mb=cache_mb, block_reconstruct=block_reconstruct)
+                               cache_mb=cache_mb, block_reconstruct=block_reconstruct, eval_images=eval_images)
     report = api.calibrate(artifact, data, out=output, params=params, seed=seed, progress=not as_json,
                            preprocess=preprocess, trust_code=trust_code)
     if as_json:

@@ -24,7 +24,14 @@ from dsdeploy.errors import DsdeployError, RecipeError
 from dsdeploy.export.config import DeployConfig, ExportConfig
 from dsdeploy.pipeline.tomltypes import coerce, describe, type_name
 from dsdeploy.ranges import check_number, parse_duration
-from dsdeploy.recover.config import CALIB_BATCHES, CALIB_CACHE_MB, CALIB_ROUNDS, CalibrationParams, FinetuneConfig
+from dsdeploy.recover.config import (
+    CALIB_BATCHES,
+    CALIB_CACHE_MB,
+    CALIB_EVAL_IMAGES,
+    CALIB_ROUNDS,
+    CalibrationParams,
+    FinetuneConfig,
+)
 from dsdeploy.recover.evaluate import EvaluateConfig
 from dsdeploy.runtime.bench import BenchConfig
 
@@ -68,6 +75,7 @@ class CalibrateSection:
     ridge: float = 1e-6
     rounds: int = CALIB_ROUNDS  # alternating depthwise/pointwise rounds per layer (0: pointwise only)
     cache_mb: float = CALIB_CACHE_MB  # MiB of cached stage inputs (0: none)
+    eval_images: int = CALIB_EVAL_IMAGES  # validation images scored before/after (0: none)
     block_reconstruct: str | float | None = None  # e.g. "90s": label-free block reconstruction afterwards (kept in s)
 
 
@@ -311,7 +319,7 @@ def _check_numbers(r: Recipe, src: str) -> None:
     c = r.calibrate
     try:
         c.block_reconstruct = CalibrationParams(ridge=c.ridge, max_batches=c.batches, batch_size=c.batch_size,
-                                                rounds=c.rounds, cache_mb=c.cache_mb,
+                                                rounds=c.rounds, cache_mb=c.cache_mb, eval_images=c.eval_images,
                                                 block_reconstruct=c.block_reconstruct).block_reconstruct
     except DsdeployError as exc:
         raise RecipeError(f"{src}: {str(exc).replace('calibrate max_batches', 'calibrate.batches')}") from None

@@ -15,6 +15,9 @@ from torch import nn
 from dsdeploy.conversion.block import DSConv
 from dsdeploy.recover.lsq import (
     DEPTHWISE_UNKNOWNS,
+    FLOAT32_FEATURES,
+    PATCH_ROWS_MIN,
+    PATCH_ROWS_PER_FEATURE,
     TOLERANCE,
     _accumulate,
     _quadratic_error,
@@ -28,9 +31,20 @@ F64 = torch.float64
 
 class PatchEquations:
     """Per-group ``X^T X``, ``X^T B``, ``||B||^2`` of one block's input patches ``X`` (with a ones column)
-    against the original conv's output ``B``, in float64: the exact output error of any factors."""
+    against the original conv's output ``B``, in float64: the exact output error of any factors
+    (on the rows kept).
 
-    def __init__(self, block: DSConv, conv: nn.Module) -> None:
+    ``batches``: how many batches will be added (a hint). Only ``max(PATCH_ROWS_PER_FEATURE * D,
+    PATCH_ROWS_MIN)`` rows in all are kept (``D = Cin_g * prod(k) + 1``): from each batch a seeded
+    random subset of ``ceil(that / batches)`` output positions (all when fewer). ``subsample=False``
+    keeps every row. Products of chunks are float32 when ``D > FLOAT32_FEATURES`` (sums float64).
+    ``weight (Cout,)``: weight each output channel's error by ``weight^2`` (e.g. its gain through the
+    BatchNorm after it); the equations, factors and errors are then those of the weighted outputs
+    (:meth:`load` writes the unweighted factors).
+    """
+
+    def __init__(self, block: DSConv, conv: nn.Module, batches: int = 1, subsample: bool = True,
+                 seed: int = 0, weight: torch.Tensor | None = None) -> None:
         self.block, self.conv = block, conv
         g = block.groups
         self.g, self.cg, self.og = g, block.in_channels // g, block.out_channels // g
@@ -41,6 +55,11 @@ class PatchEquations:
         self.xtb = torch.zeros(g, d, self.og, dtype=F64)
         self.btb = torch.zeros(g, dtype=F64)
         self.rows = 0
+        cap = max(PATCH_ROWS_PER_FEATURE * d, PATCH_ROWS_MIN)
+        self.per_batch = -(-cap // max(1, batches)) if subsample else None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.dtype = torch.float32 if d > FLOAT32_FEATURES else F64
+        self.weight = None if weight is None else weight.detach().to(F64).reshape(g, self.og)
 
     @property
     def depthwise_solvable(self) -> bool:
@@ -51,8 +70,21 @@ class PatchEquations:
         """Accumulate one batch of block inputs ``x``."""
         p = patches(self.block, x)  # (N, Cin, T, L)
         n, length = p.shape[0], p.shape[-1]
-        a = p.reshape(n, self.g, self.cg * self.t, length).permute(0, 3, 1, 2).reshape(-1, self.g, self.cg * self.t)
-        _accumulate(self.xtx, self.xtb, self.btb, a, _targets(self.conv, x, self.g), True)
+        conv = self.conv
+        if self.per_batch is not None and n * length > self.per_batch and type(conv) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            # only the kept rows: gathered from the patches, targets as patches @ the conv's kernel
+            keep = torch.randperm(n * length, generator=self.generator)[:self.per_batch]
+            a = p[keep // length, :, :, keep % length].reshape(-1, self.g, self.cg * self.t)  # (m, g, Cin_g*T)
+            w = conv.weight.detach().reshape(self.g, self.og, self.cg * self.t).to(a.dtype)
+            b = torch.einsum("mgf,gof->mgo", a, w)
+            if conv.bias is not None:
+                b = b + conv.bias.detach().reshape(self.g, self.og).to(b.dtype)
+        else:
+            a = p.reshape(n, self.g, self.cg * self.t, length).permute(0, 3, 1, 2).reshape(-1, self.g, self.cg * self.t)
+            b = _targets(conv, x, self.g)
+        if self.weight is not None:
+            b = b * self.weight.to(b.dtype)
+        _accumulate(self.xtx, self.xtb, self.btb, a, b, True, self.dtype)
         self.rows += a.shape[0]
 
     # -- factors <-> the block -----------------------------------------------------------------
@@ -63,10 +95,14 @@ class PatchEquations:
         pw, bias = self.block.get_pointwise()
         p = pw.detach().to(F64).reshape(k, g, self.og, self.cg).transpose(0, 1)
         b = bias.detach().to(F64).reshape(g, self.og) if bias is not None else torch.zeros(g, self.og, dtype=F64)
+        if self.weight is not None:
+            p, b = p * self.weight[:, None, :, None], b * self.weight
         return d.contiguous(), p.contiguous(), b
 
     def load(self, d: torch.Tensor, p: torch.Tensor, b: torch.Tensor) -> None:
         """Write ``(d, P, b)`` into the block (in its dtype)."""
+        if self.weight is not None:
+            p, b = p / self.weight[:, None, :, None], b / self.weight
         blk = self.block
         dtype = blk.get_pointwise()[0].dtype
         blk.set_depthwise(d.transpose(0, 1).reshape(self.k, blk.in_channels, *blk.kernel_size).to(dtype))

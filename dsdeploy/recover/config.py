@@ -17,6 +17,7 @@ WARMUP_EPOCHS = 0.2  # default LR warmup: a fifth of an epoch, at most a tenth o
 CALIB_BATCHES = 50  # calibration batches by default: [calibrate] batches, convert/calibrate CLI, library
 CALIB_ROUNDS = 3  # alternating (depthwise + pointwise) rounds per layer after the pointwise solve
 CALIB_CACHE_MB = 1024.0  # MiB of cached stage inputs during calibration
+CALIB_EVAL_IMAGES = 2000  # validation images scored before and after calibration (0: no scoring)
 
 
 @dataclass
@@ -35,6 +36,8 @@ class CalibrationParams:
             and BatchNorm re-estimation (:mod:`dsdeploy.recover.blockrec`); a duration such as
             ``"90s"`` or ``"2m"`` is converted to seconds; None, 0, ``"0"`` or ``"off"``: off (the
             default: it costs the time it is given, which only the user can weigh).
+        eval_images: score top-1 before and after calibration on at most this many validation
+            images (the first of the split), ``>= 0`` (0: no scoring).
     """
 
     ridge: float = 1e-6
@@ -43,6 +46,7 @@ class CalibrationParams:
     rounds: int = CALIB_ROUNDS
     cache_mb: float = CALIB_CACHE_MB
     block_reconstruct: float | str | None = None
+    eval_images: int = CALIB_EVAL_IMAGES
 
     def __post_init__(self) -> None:
         self.block_reconstruct = block_budget(self.block_reconstruct)
@@ -51,10 +55,11 @@ class CalibrationParams:
         check_number(self.batch_size, "calibrate batch_size", low=1, integer=True)
         check_number(self.rounds, "calibrate.rounds", low=0, integer=True)
         check_number(self.cache_mb, "calibrate.cache_mb", low=0)
+        check_number(self.eval_images, "calibrate.eval_images", low=0, integer=True)
 
     def fit(self) -> dict[str, Any]:
         """The least-squares fit's options as keyword arguments of :func:`dsdeploy.recover.reconstruct.calibrate`."""
-        return {"rounds": self.rounds, "cache_mb": self.cache_mb}
+        return {"rounds": self.rounds, "cache_mb": self.cache_mb, "eval_images": self.eval_images}
 
 
 def block_budget(value: float | str | None, field: str = "calibrate.block_reconstruct") -> float | None:

@@ -26,6 +26,9 @@ CHUNK_ELEMENTS = 1 << 22  # rows x features per float64 product chunk (32 MiB)
 PATCH_MB = 512  # X^T X above this (float64, all groups) -> pointwise-only fit for the layer
 DEPTHWISE_UNKNOWNS = 6144  # K * Cin_g * prod(k) above this per group -> no depthwise step (solve cost ~D^3)
 TOLERANCE = 1e-3  # stop alternating when a round lowers the relative error by less than this fraction
+PATCH_ROWS_PER_FEATURE = 64  # patch statistics: keep at most max(this * features, PATCH_ROWS_MIN) rows per layer
+PATCH_ROWS_MIN = 65536
+FLOAT32_FEATURES = 512  # patch statistics with more features per group: float32 chunk products, float64 sums
 
 
 def _ridge_solve(ata: torch.Tensor, atb: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -46,19 +49,22 @@ def _quadratic_error(ata: torch.Tensor, atb: torch.Tensor, btb: torch.Tensor, w:
 
 
 def _accumulate(ata: torch.Tensor, atb: torch.Tensor, btb: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                ones: bool) -> None:
-    """Add ``a (m, g, D)`` and ``b (m, g, Cout_g)`` rows to the float64 sums, in chunks (``ones``: a bias column)."""
+                ones: bool, dtype: torch.dtype = torch.float64) -> None:
+    """Add ``a (m, g, D)`` and ``b (m, g, Cout_g)`` rows to the float64 sums, in chunks (``ones``: a bias column).
+
+    ``dtype``: of each chunk's products (float32: about twice as fast; the sums stay float64).
+    """
     g = a.shape[1]
     step = max(1, CHUNK_ELEMENTS // (g * (a.shape[-1] + 1)))
     for i in range(0, a.shape[0], step):
-        ac = a[i:i + step].to(torch.float64).transpose(0, 1)  # (g, m, D)
+        ac = a[i:i + step].to(dtype).transpose(0, 1)  # (g, m, D)
         if ones:
             ac = torch.cat([ac, ac.new_ones(ac.shape[0], ac.shape[1], 1)], dim=2)
-        bc = b[i:i + step].to(torch.float64).transpose(0, 1)  # (g, m, Cout_g)
+        bc = b[i:i + step].to(dtype).transpose(0, 1)  # (g, m, Cout_g)
         act = ac.transpose(1, 2)
-        ata += act @ ac
-        atb += act @ bc
-        btb += bc.square().sum(dim=(1, 2))
+        ata += (act @ ac).to(torch.float64)
+        atb += (act @ bc).to(torch.float64)
+        btb += bc.to(torch.float64).square().sum(dim=(1, 2))
 
 
 def _targets(conv: nn.Module, x: torch.Tensor, g: int) -> torch.Tensor:

@@ -22,12 +22,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsdeploy.conversion.block import DSConv, ds_blocks
+from dsdeploy.conversion.block import ds_blocks
 from dsdeploy.conversion.plan import Plan
 from dsdeploy.conversion.rewrite import original_convs
 from dsdeploy.errors import DataError
 from dsdeploy.recover.als import PatchEquations, alternate
-from dsdeploy.recover.config import CALIB_BATCHES, CALIB_CACHE_MB, CALIB_ROUNDS, CalibrationParams
+from dsdeploy.recover.bnfit import (
+    affected_norms,
+    bn_gain,
+    pass_moments,
+    patch_moments,
+    recalibrate_bn,
+    set_statistics,
+)
+from dsdeploy.recover.config import (
+    CALIB_BATCHES,
+    CALIB_CACHE_MB,
+    CALIB_EVAL_IMAGES,
+    CALIB_ROUNDS,
+    CalibrationParams,
+)
 from dsdeploy.recover.distill import call_order, evaluate
 from dsdeploy.recover.lsq import CHUNK_ELEMENTS, PATCH_MB, NormalEquations, patch_bytes
 from dsdeploy.recover.stagecache import LayerInputs
@@ -154,6 +168,48 @@ def _fit(eq: NormalEquations | PatchEquations, name: str, rounds: int, ridge: fl
     return LayerCalibration(name, before, min(before, after), eq.rows, min(before, after), method=method)
 
 
+def _count(loader: Iterable, max_batches: int | None) -> int:
+    """How many calibration batches there are (``len`` when the loader has one; else ``max_batches`` or 32)."""
+    try:
+        n = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        n = max_batches or 32
+    return max(1, min(n, max_batches) if max_batches is not None else n)
+
+
+class Capped:
+    """The first ``images`` images of a labelled loader, as ``(x, y)`` batches, re-iterable (nothing kept)."""
+
+    def __init__(self, loader: Iterable, images: int) -> None:
+        self.loader, self.images = loader, images
+
+    def __iter__(self):
+        n = 0
+        for x, y in self.loader:
+            if n >= self.images:
+                return
+            yield x[:self.images - n], y[:self.images - n]
+            n += min(x.shape[0], self.images - n)
+
+
+def capped(loader: Iterable | None, images: int) -> Capped | None:
+    """``loader`` scored on at most ``images`` images (None when ``images`` is 0 or there is no loader)."""
+    return None if loader is None or images <= 0 else Capped(loader, images)
+
+
+def _following_bns(student: nn.Module, loader: Iterable) -> dict[str, nn.Module]:
+    """The BatchNorm (tracking running statistics) called directly after each DS block."""
+    from dsdeploy.recover.distill import following_norms
+
+    x = _inputs(next(iter(_batches(loader, 1))))[:2]
+    out = {}
+    for block, norm in following_norms(student, x).items():
+        m = student.get_submodule(norm)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            out[block] = m
+    return out
+
+
 def layer_errors(student: nn.Module, convs: dict[str, nn.Module], loader: Iterable,
                  max_batches: int | None = None) -> dict[str, float]:
     """Each DS block's relative output error against its original conv, on the input it gets in ``student``.
@@ -191,7 +247,8 @@ def layer_errors(student: nn.Module, convs: dict[str, nn.Module], loader: Iterab
 def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterable, *,
               max_batches: int | None = None, ridge: float = 1e-6, progress: bool = True, bn: bool = True,
               eval_loader: Iterable | None = None, rounds: int = CALIB_ROUNDS,
-              cache_mb: float = CALIB_CACHE_MB) -> CalibrationReport:
+              cache_mb: float = CALIB_CACHE_MB, interleave_bn: bool = True,
+              bn_weight: bool = False, eval_images: int = CALIB_EVAL_IMAGES) -> CalibrationReport:
     """Fit every converted layer's factors by least squares, IN PLACE, then fix BN.
 
     Args:
@@ -204,18 +261,26 @@ def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterab
         progress: show a tqdm bar on stderr.
         bn: re-estimate BatchNorm statistics after the solve (:func:`recalibrate_bn`), then
             measure each layer's output error again (one more pass).
-        eval_loader: labelled batches to report top-1 accuracy before and after.
+        eval_loader: labelled batches to report top-1 accuracy before and after, on at most
+            ``eval_images`` images of it (0: not scored).
         rounds: alternating (depthwise, then pointwise) rounds after the pointwise solve; 0 fits
             the pointwise weights only. Layers whose patch statistics exceed ``lsq.PATCH_MB`` get
             the pointwise fit (their ``method`` says so).
         cache_mb: MiB of cached stage inputs (:mod:`dsdeploy.recover.stagecache`; 0: none).
+        interleave_bn: right after each layer is fitted, re-estimate the BatchNorm called directly
+            after it from the fitted layer's outputs (:mod:`dsdeploy.recover.bnfit`), so later layers
+            are fitted on inputs with the final statistics (``bn_layers`` counts these too).
+        bn_weight: with ``interleave_bn``, weight each output channel's error by its gain through the
+            original BatchNorm after it (the fit then targets the post-BN output; the errors reported
+            for those layers are the weighted ones).
 
     Returns:
         A CalibrationReport with per-layer relative output errors (SVD, pointwise, rounds, after BN).
     """
     from tqdm import tqdm
 
-    CalibrationParams(ridge=ridge, max_batches=max_batches, rounds=rounds, cache_mb=cache_mb)
+    CalibrationParams(ridge=ridge, max_batches=max_batches, rounds=rounds, cache_mb=cache_mb, eval_images=eval_images)
+    eval_loader = capped(eval_loader, eval_images)
     t0 = time.perf_counter()
     report = CalibrationReport(ridge=ridge, rounds=rounds)
     blocks, convs = ds_blocks(student), original_convs(teacher, plan)
@@ -224,17 +289,26 @@ def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterab
         report.accuracy_before = evaluate(student, eval_loader)
     student.eval()
     names = _layer_order(student, names, loader)
+    norms = _following_bns(student, loader) if interleave_bn else {}
+    n_batches = _count(loader, max_batches)
+    interleaved = 0
     bar = tqdm(total=len(names), desc="calibrating", unit="layer", disable=not progress, leave=False)
     with torch.no_grad():
         feeder = LayerInputs(student, lambda: (_inputs(b) for b in _batches(loader, max_batches)), cache_mb)
         for name in names:
             block = blocks[name]
             patch = rounds > 0 and patch_bytes(block) <= PATCH_MB * 2 ** 20
-            eq = PatchEquations(block, convs[name]) if patch else NormalEquations(block, convs[name])
+            weight = bn_gain(norms[name]) if bn_weight and name in norms else None
+            eq = (PatchEquations(block, convs[name], n_batches, weight=weight) if patch
+                  else NormalEquations(block, convs[name]))
             batches, images = feeder.feed(name, block, eq.add)
             if eq.rows == 0:
                 continue  # the forward pass never reached this layer
             layer = _fit(eq, name, rounds, ridge)
+            if name in norms:
+                moments = (patch_moments(eq) if isinstance(eq, PatchEquations)
+                           else pass_moments(lambda fn, n=name, b=block: feeder.feed(n, b, fn, False), block))
+                interleaved += set_statistics(norms[name], moments)
             report.layers.append(layer)
             report.batches, report.images = batches, images
             bar.set_postfix(layer=name, err=f"{layer.error_before:.3f}->{layer.error_after:.3f}")
@@ -242,6 +316,7 @@ def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterab
         feeder.inputs = []
     bar.close()
     report.cache, report.fit_seconds = feeder.stats, time.perf_counter() - t0
+    report.bn_layers = interleaved
     if bn:
         report.bn_layers = recalibrate_bn(student, loader, max_batches)
         errors = layer_errors(student, convs, loader, max_batches)
@@ -253,63 +328,12 @@ def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterab
     return report
 
 
-def affected_norms(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
-    """BatchNorm layers that run after the first DSConv (all of them when there is none)."""
-    bns = {n: m for n, m in model.named_modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
-    order = call_order(model, x)
-    first = next((i for i, n in enumerate(order) if isinstance(model.get_submodule(n), DSConv)), None)
-    if first is None:
-        return list(bns.values())
-    after = {n for n in order[first:]}
-    return [m for n, m in bns.items() if n in after]
-
-
-def recalibrate_bn(model: nn.Module, loader: Iterable, max_batches: int | None = None) -> int:
-    """Re-estimate BatchNorm running statistics on ``loader`` (cumulative average, no grad).
-
-    Only the BN layers downstream of the first DS block are reset (those whose inputs the
-    conversion changed). Other layers stay in eval mode during the passes. Returns the
-    number of BN layers re-estimated; the model is left in eval mode. Batches of one
-    image (e.g. a short last batch) are skipped: one image has no batch statistics.
-    Raises DataError when no batch has two images or more.
-    """
-    first = next(iter(_batches(loader, 1)), None)
-    if first is None:
-        raise DataError("the calibration data is empty")
-    bns = affected_norms(model, _inputs(first)[:2])
-    if not bns:
-        return 0
-    saved = [(m, m.momentum) for m in bns]
-    model.eval()
-    try:
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        used = 0
-        with torch.no_grad():
-            for batch in _batches(loader, max_batches):
-                x = _inputs(batch)
-                if x.shape[0] < 2:  # one image has no batch variance (BatchNorm1d refuses it); skip it
-                    continue
-                model(x)
-                used += 1
-        if used == 0:
-            raise DataError("BatchNorm re-estimation needs batches of at least 2 images; "
-                            "give more calibration images or a larger batch_size")
-    finally:
-        for m, momentum in saved:
-            m.momentum = momentum
-        model.eval()
-    return len(bns)
-
-
 def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
                    preprocessing: Any, *, max_batches: int | None = CALIB_BATCHES, seed: int = 0,
                    batch_size: int = 64, ridge: float = 1e-6, progress: bool = True, val_split: float = 0.2,
                    limit: int | None = None, labels: list[str] | None = None, rounds: int = CALIB_ROUNDS,
-                   cache_mb: float = CALIB_CACHE_MB, block_reconstruct: float | None = None) -> CalibrationReport:
+                   cache_mb: float = CALIB_CACHE_MB, block_reconstruct: float | None = None,
+                   eval_images: int = CALIB_EVAL_IMAGES) -> CalibrationReport:
     """Calibrate ``model`` in place on a data spec (``digits`` or a folder).
 
     ``preprocessing`` is the resolved preprocessing dict (:func:`dsdeploy.data.preprocessing.resolve`;
@@ -319,6 +343,7 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
     set; the validation split, when labelled, measures accuracy before and after (data classes
     mapped to ``labels`` by name when the model records them). ``rounds``, ``cache_mb``: as in :func:`calibrate`.
     ``block_reconstruct``: seconds of :mod:`dsdeploy.recover.blockrec` afterwards on the same batches (None: off).
+    ``eval_images``: score on at most this many validation images (0: none).
     """
     from torch.utils.data import Subset
 
@@ -326,7 +351,8 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
     from dsdeploy.data.labels import check_outputs, output_count
     from dsdeploy.data.preprocessing import resolve
 
-    CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size, rounds=rounds, cache_mb=cache_mb)
+    CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size, rounds=rounds, cache_mb=cache_mb,
+                      eval_images=eval_images)
     pre = resolve(preprocessing, data=data, model=teacher)
     splits = load_data(data, pre, seed=seed, labelled=False, val_split=val_split, limit=limit, model_labels=labels)
     calib = splits.train if splits.train is not None else splits.val
@@ -336,11 +362,14 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
         perm = torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))
         calib = Subset(calib, perm[:max_batches * batch_size].sort().values.tolist())
     loader = make_loader(calib, batch_size, shuffle=False)
-    eval_loader = make_loader(splits.val, 256, shuffle=False) if splits.val is not None and splits.classes else None
+    val = splits.val if eval_images > 0 and splits.val is not None and splits.classes else None
+    if val is not None and len(val) > eval_images:
+        val = Subset(val, range(eval_images))
+    eval_loader = make_loader(val, 256, shuffle=False) if val is not None else None
     if eval_loader is not None:
         check_outputs(splits.classes, output_count(teacher, calib[0][0][None]), "the model")
     report = calibrate(model, teacher, plan, loader, ridge=ridge, progress=progress, eval_loader=eval_loader,
-                       rounds=rounds, cache_mb=cache_mb)
+                       rounds=rounds, cache_mb=cache_mb, eval_images=eval_images)
     from dsdeploy.recover.blockrec import after_calibration
 
     after_calibration(report, model, teacher, loader, block_reconstruct, eval_loader=eval_loader, progress=progress)
@@ -352,14 +381,14 @@ def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: 
                        batch_size: int = 64, seed: int = 0, ridge: float = 1e-6, progress: bool = True,
                        preprocess: dict[str, Any] | None = None, val_split: float = 0.2,
                        limit: int | None = None, trust_code: bool = False, rounds: int = CALIB_ROUNDS,
-                       cache_mb: float = CALIB_CACHE_MB, block_reconstruct: float | str | None = None
-                       ) -> CalibrationReport:
+                       cache_mb: float = CALIB_CACHE_MB, block_reconstruct: float | str | None = None,
+                       eval_images: int = CALIB_EVAL_IMAGES) -> CalibrationReport:
     """``dsdeploy calibrate``: load a .dsd, calibrate it against its source model, write ``out``.
 
     The preprocessing is :func:`dsdeploy.data.preprocessing.resolve` of the artifact's recorded
     preprocessing and input shape with ``preprocess`` overrides; ``out`` records what was used.
     ``trust_code``: import the ``pkg.module:factory`` the artifact records (see :mod:`dsdeploy.models.trust`).
-    ``rounds``, ``cache_mb``: as in :func:`calibrate`.
+    ``rounds``, ``cache_mb``: as in :func:`calibrate`; ``eval_images``: as in :func:`calibrate_data`.
     ``block_reconstruct``: seconds or a duration (``"90s"``) of block reconstruction afterwards (None/0: off).
     """
     from dsdeploy.conversion.artifact import (
@@ -370,7 +399,7 @@ def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: 
     from dsdeploy.data.preprocessing import resolve
 
     params = CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size, rounds=rounds,
-                               cache_mb=cache_mb, block_reconstruct=block_reconstruct)
+                               cache_mb=cache_mb, block_reconstruct=block_reconstruct, eval_images=eval_images)
     art = load_artifact(artifact_path, trust_code=trust_code)
     teacher = load_source_model(art)
     pre = resolve(art.metadata.get("preprocessing"), art.metadata.get("input_shape"), preprocess, data=data,
@@ -378,7 +407,7 @@ def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: 
     report = calibrate_data(art.model, teacher, art.plan, data, pre, max_batches=max_batches, seed=seed,
                             batch_size=batch_size, ridge=ridge, progress=progress, val_split=val_split, limit=limit,
                             labels=art.metadata.get("labels"), rounds=rounds, cache_mb=cache_mb,
-                            block_reconstruct=params.block_reconstruct)
+                            block_reconstruct=params.block_reconstruct, eval_images=eval_images)
     save_artifact(out, art.model, art.plan, art.source, {**art.metadata, "preprocessing": pre.to_dict()},
                   art.history + [report.history_entry(data=data, seed=seed)])
     return report

@@ -185,14 +185,17 @@ class LayerInputs:
         self.stats["peak_mb"] = round(max(self.stats["peak_mb"], mb), 1)
         return True
 
-    def feed(self, name: str, block: nn.Module, fn: Callable[[torch.Tensor], None]) -> tuple[int, int]:
-        """Call ``fn(x)`` with ``block``'s input for every calibration batch; returns (batches, images)."""
+    def feed(self, name: str, block: nn.Module, fn: Callable[[torch.Tensor], None], count: bool = True
+             ) -> tuple[int, int]:
+        """Call ``fn(x)`` with ``block``'s input for every calibration batch; returns (batches, images).
+
+        ``count``: count the layer in ``stats`` (False for a second pass over the same layer)."""
         stage = self.owner.get(name)
         index = next((i for i, s in enumerate(self.stages) if s is stage), None)
         if index is None or not self._stage_inputs(index):
-            self.stats["prefix_layers"] += 1
+            self.stats["prefix_layers"] += count
             return self._prefix(block, fn)
-        self.stats["stage_layers"] += 1
+        self.stats["stage_layers"] += count
 
         def hook(_mod, args):
             fn(args[0])
