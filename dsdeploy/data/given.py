@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
 from dsdeploy.data.datasets import DataSplits, load_data
 from dsdeploy.data.labels import check_outputs, output_count
@@ -46,3 +46,22 @@ def finetune_splits(cm: Any, data: Any, cfg: FinetuneConfig, preprocess: dict[st
     val = TensorDataset(pairs[2], pairs[3].long()) if len(pairs) == 4 else None
     n = int(max(int(pairs[1].max()), int(pairs[3].max()) if val is not None else 0)) + 1
     return DataSplits(train, val, [str(i) for i in range(n)], Preprocess.from_dict(cm.preprocessing or {}))
+
+
+def calibration_images(data: str, pre: Preprocess, *, max_batches: int | None, batch_size: int, seed: int,
+                       val_split: float, limit: int | None, labels: list[str] | None) -> tuple[DataSplits, Any]:
+    """The splits of a data spec and the images calibration (and the sensitivity pass) use, in a fixed order.
+
+    The calibration images are the training split of ``load_data(data, pre, val_split=, seed=,
+    limit=)`` (no augmentation; the validation split when there is no training split), reduced to
+    a seeded random subset of ``max_batches * batch_size`` images when that is fewer (None: all).
+    Returns ``(splits, images)``. Raises DataError when there is no image to calibrate on.
+    """
+    splits = load_data(data, pre, seed=seed, labelled=False, val_split=val_split, limit=limit, model_labels=labels)
+    calib = splits.train if splits.train is not None else splits.val
+    if calib is None or len(calib) == 0:
+        raise DataError(f"no calibration images in {data}")
+    if max_batches is not None and max_batches * batch_size < len(calib):
+        perm = torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))
+        calib = Subset(calib, perm[:max_batches * batch_size].sort().values.tolist())
+    return splits, calib

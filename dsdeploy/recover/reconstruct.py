@@ -21,12 +21,20 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
+from tqdm import tqdm
 
+from dsdeploy.conversion.artifact import load_artifact, load_source_model, save_artifact
 from dsdeploy.conversion.block import ds_blocks
 from dsdeploy.conversion.plan import Plan
 from dsdeploy.conversion.rewrite import original_convs
+from dsdeploy.data.datasets import make_loader
+from dsdeploy.data.given import calibration_images
+from dsdeploy.data.labels import check_outputs, output_count
+from dsdeploy.data.preprocessing import resolve
 from dsdeploy.errors import DataError
 from dsdeploy.recover.als import PatchEquations, alternate
+from dsdeploy.recover.blockrec import after_calibration
 from dsdeploy.recover.bnfit import (
     affected_norms,
     bn_gain,
@@ -42,9 +50,10 @@ from dsdeploy.recover.config import (
     CALIB_ROUNDS,
     CalibrationParams,
 )
-from dsdeploy.recover.distill import call_order, evaluate
+from dsdeploy.recover.distill import call_order, evaluate, following_norms
 from dsdeploy.recover.lsq import CHUNK_ELEMENTS, PATCH_MB, NormalEquations, patch_bytes
 from dsdeploy.recover.stagecache import LayerInputs
+from dsdeploy.tables import format_table
 
 __all__ = ["CHUNK_ELEMENTS", "CalibrationReport", "LayerCalibration", "NormalEquations", "affected_norms",
            "calibrate", "calibrate_artifact", "calibrate_data", "recalibrate_bn"]
@@ -106,8 +115,6 @@ class CalibrationReport:
                 **({"block_reconstruction": self.block_reconstruction} if self.block_reconstruction else {}), **extra}
 
     def render(self) -> str:
-        from dsdeploy.tables import format_table
-
         def f(v: float | None) -> str:
             return "-" if v is None else f"{v:.4f}"
 
@@ -199,8 +206,6 @@ def capped(loader: Iterable | None, images: int) -> Capped | None:
 
 def _following_bns(student: nn.Module, loader: Iterable) -> dict[str, nn.Module]:
     """The BatchNorm (tracking running statistics) called directly after each DS block."""
-    from dsdeploy.recover.distill import following_norms
-
     x = _inputs(next(iter(_batches(loader, 1))))[:2]
     out = {}
     for block, norm in following_norms(student, x).items():
@@ -277,8 +282,6 @@ def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterab
     Returns:
         A CalibrationReport with per-layer relative output errors (SVD, pointwise, rounds, after BN).
     """
-    from tqdm import tqdm
-
     CalibrationParams(ridge=ridge, max_batches=max_batches, rounds=rounds, cache_mb=cache_mb, eval_images=eval_images)
     eval_loader = capped(eval_loader, eval_images)
     t0 = time.perf_counter()
@@ -345,22 +348,11 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
     ``block_reconstruct``: seconds of :mod:`dsdeploy.recover.blockrec` afterwards on the same batches (None: off).
     ``eval_images``: score on at most this many validation images (0: none).
     """
-    from torch.utils.data import Subset
-
-    from dsdeploy.data.datasets import load_data, make_loader
-    from dsdeploy.data.labels import check_outputs, output_count
-    from dsdeploy.data.preprocessing import resolve
-
     CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size, rounds=rounds, cache_mb=cache_mb,
                       eval_images=eval_images)
     pre = resolve(preprocessing, data=data, model=teacher)
-    splits = load_data(data, pre, seed=seed, labelled=False, val_split=val_split, limit=limit, model_labels=labels)
-    calib = splits.train if splits.train is not None else splits.val
-    if calib is None or len(calib) == 0:
-        raise DataError(f"no calibration images in {data}")
-    if max_batches is not None and max_batches * batch_size < len(calib):
-        perm = torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))
-        calib = Subset(calib, perm[:max_batches * batch_size].sort().values.tolist())
+    splits, calib = calibration_images(data, pre, max_batches=max_batches, batch_size=batch_size, seed=seed,
+                                       val_split=val_split, limit=limit, labels=labels)
     loader = make_loader(calib, batch_size, shuffle=False)
     val = splits.val if eval_images > 0 and splits.val is not None and splits.classes else None
     if val is not None and len(val) > eval_images:
@@ -370,8 +362,6 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
         check_outputs(splits.classes, output_count(teacher, calib[0][0][None]), "the model")
     report = calibrate(model, teacher, plan, loader, ridge=ridge, progress=progress, eval_loader=eval_loader,
                        rounds=rounds, cache_mb=cache_mb, eval_images=eval_images)
-    from dsdeploy.recover.blockrec import after_calibration
-
     after_calibration(report, model, teacher, loader, block_reconstruct, eval_loader=eval_loader, progress=progress)
     report.split = splits.split
     return report
@@ -391,13 +381,6 @@ def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: 
     ``rounds``, ``cache_mb``: as in :func:`calibrate`; ``eval_images``: as in :func:`calibrate_data`.
     ``block_reconstruct``: seconds or a duration (``"90s"``) of block reconstruction afterwards (None/0: off).
     """
-    from dsdeploy.conversion.artifact import (
-        load_artifact,
-        load_source_model,
-        save_artifact,
-    )
-    from dsdeploy.data.preprocessing import resolve
-
     params = CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size, rounds=rounds,
                                cache_mb=cache_mb, block_reconstruct=block_reconstruct, eval_images=eval_images)
     art = load_artifact(artifact_path, trust_code=trust_code)

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Subset
 from tqdm import tqdm
 
 from dsdeploy.conversion.block import DSConv
@@ -35,7 +34,8 @@ from dsdeploy.conversion.decompose import channel_svd
 from dsdeploy.conversion.opcount import run_model, trace_calls
 from dsdeploy.conversion.plan import Policy, conv_modules, ds_mac_ratio, make_plan, max_gainful_rank
 from dsdeploy.conversion.rewrite import _set_submodule, copy_model
-from dsdeploy.data.datasets import load_data, make_loader
+from dsdeploy.data.datasets import make_loader
+from dsdeploy.data.given import calibration_images
 from dsdeploy.data.preprocessing import resolve
 from dsdeploy.errors import DataError
 from dsdeploy.export.parity import flatten_outputs
@@ -271,12 +271,7 @@ def sensitivity_on_data(model: nn.Module, policy: Policy, data: str, preprocessi
     ``logit_batches``, ``ridge``, ``progress``).
     """
     pre = resolve(preprocessing, data=data, model=model)
-    splits = load_data(data, pre, seed=seed, labelled=False, val_split=val_split, limit=limit, model_labels=labels)
-    calib = splits.train if splits.train is not None else splits.val
-    if calib is None or len(calib) == 0:
-        raise DataError(f"no calibration images in {data}")
-    if max_batches is not None and max_batches * batch_size < len(calib):
-        perm = torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))
-        calib = Subset(calib, perm[:max_batches * batch_size].sort().values.tolist())
+    _, calib = calibration_images(data, pre, max_batches=max_batches, batch_size=batch_size, seed=seed,
+                                  val_split=val_split, limit=limit, labels=labels)
     loader = make_loader(calib, batch_size, shuffle=False)
     return measure_sensitivity(model, policy, loader, input_shape, **options)
