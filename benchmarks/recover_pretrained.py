@@ -154,7 +154,7 @@ def bench_checkpoint(th: Path, args: argparse.Namespace, run: Runner, rows: list
             save_results(args.results, rows)
         free = made.get(args.finetune_from) or (list(made.values())[-1] if made else None)
         for duration in args.finetune:
-            for busy in ([False, True] if args.busy else [False]):
+            for busy in {"no": [False], "also": [False, True], "only": [True]}[args.busy]:
                 if free is None:
                     continue
                 name = f"finetune-{duration}" + ("-busy" if busy else "")
@@ -248,7 +248,8 @@ def main() -> None:
     ap.add_argument("--finetune", default="3m,10m", help="comma-separated fine-tune budgets, or 'none'")
     ap.add_argument("--finetune-from", default="block-recon", help="the step whose .dsd is fine-tuned")
     ap.add_argument("--finetune-args", default="--augment --batch-size 128", help="extra finetune arguments")
-    ap.add_argument("--busy", action="store_true", help="also fine-tune with a second CPU-bound job running")
+    ap.add_argument("--busy", choices=["no", "also", "only"], default="no",
+                    help="fine-tune with a second CPU-bound job running: not, also, or only that way")
     ap.add_argument("--limit", type=int, help="score at most N test images (a quick check, not for the table)")
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the commands")
     ap.add_argument("--results", type=Path, default=RESULTS)
