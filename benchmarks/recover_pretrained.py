@@ -152,7 +152,8 @@ def bench_checkpoint(th: Path, args: argparse.Namespace, run: Runner, rows: list
                           "top1": acc, "mac_ratio": ratio, "seconds": round(secs, 1), "eval_seconds": round(esecs, 1),
                           "command": shown})
             save_results(args.results, rows)
-        free = made.get(args.finetune_from) or (list(made.values())[-1] if made else None)
+        free_step = args.finetune_from if args.finetune_from in made else (list(made)[-1] if made else None)
+        free = made.get(free_step) if free_step else None
         for duration in args.finetune:
             for busy in {"no": [False], "also": [False, True], "only": [True]}[args.busy]:
                 if free is None:
@@ -170,7 +171,7 @@ def bench_checkpoint(th: Path, args: argparse.Namespace, run: Runner, rows: list
                 upsert(rows, {"checkpoint": th.name, "budget": float(budget), "step": name,
                               "description": f"fine-tune from the training-free result, {duration} budget"
                                              + (" with a second CPU-bound job running" if busy else ""),
-                              "top1": acc, "mac_ratio": rows_ratio(rows, th.name, budget, "naive"),
+                              "top1": acc, "mac_ratio": rows_ratio(rows, th.name, budget, free_step),
                               "seconds": round(secs, 1), "eval_seconds": round(esecs, 1), "command": shown,
                               "result": {k: res.get(k) for k in ("kept_input", "stopped", "steps", "epochs",
                                                                  "decode_seconds", "train_seconds",
