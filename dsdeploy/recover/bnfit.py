@@ -16,6 +16,7 @@ sums in its ones column; no extra pass); otherwise one pass over the layer's inp
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,11 +96,13 @@ def set_statistics(norm: nn.modules.batchnorm._BatchNorm, m: Moments) -> bool:
     return True
 
 
-def _inputs(batch):
+def batch_inputs(batch: Any) -> torch.Tensor:
+    """The inputs of a batch: ``x`` of ``(x, y)``, or the batch itself."""
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
-def _batches(loader: Iterable, max_batches: int | None) -> Iterable:
+def take_batches(loader: Iterable, max_batches: int | None) -> Iterable:
+    """The first ``max_batches`` batches of ``loader`` (None: all)."""
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             return
@@ -127,10 +130,10 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, max_batches: int | None =
     image (e.g. a short last batch) are skipped: one image has no batch statistics.
     Raises DataError when no batch has two images or more.
     """
-    first = next(iter(_batches(loader, 1)), None)
+    first = next(iter(take_batches(loader, 1)), None)
     if first is None:
         raise DataError("the calibration data is empty")
-    bns = affected_norms(model, _inputs(first)[:2])
+    bns = affected_norms(model, batch_inputs(first)[:2])
     if not bns:
         return 0
     saved = [(m, m.momentum) for m in bns]
@@ -142,8 +145,8 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, max_batches: int | None =
             m.train()
         used = 0
         with torch.no_grad():
-            for batch in _batches(loader, max_batches):
-                x = _inputs(batch)
+            for batch in take_batches(loader, max_batches):
+                x = batch_inputs(batch)
                 if x.shape[0] < 2:  # one image has no batch variance (BatchNorm1d refuses it); skip it
                     continue
                 model(x)

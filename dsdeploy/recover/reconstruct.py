@@ -37,11 +37,13 @@ from dsdeploy.recover.als import PatchEquations, alternate
 from dsdeploy.recover.blockrec import after_calibration
 from dsdeploy.recover.bnfit import (
     affected_norms,
+    batch_inputs,
     bn_gain,
     pass_moments,
     patch_moments,
     recalibrate_bn,
     set_statistics,
+    take_batches,
 )
 from dsdeploy.recover.config import (
     CALIB_BATCHES,
@@ -138,23 +140,12 @@ class CalibrationReport:
         return "\n".join(lines)
 
 
-def _inputs(batch: Any) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
-
-
-def _batches(loader: Iterable, max_batches: int | None) -> Iterable:
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            return
-        yield batch
-
-
 def _layer_order(student: nn.Module, names: list[str], loader: Iterable) -> list[str]:
     """Converted layers in the order one forward pass calls them (unused ones last)."""
-    first = next(iter(_batches(loader, 1)), None)
+    first = next(iter(take_batches(loader, 1)), None)
     if first is None:
         raise DataError("the calibration data is empty")
-    order = call_order(student, _inputs(first)[:2])
+    order = call_order(student, batch_inputs(first)[:2])
     ranked = {n: i for i, n in reversed(list(enumerate(order)))}
     return sorted(names, key=lambda n: ranked.get(n, len(order)))
 
@@ -206,7 +197,7 @@ def capped(loader: Iterable | None, images: int) -> Capped | None:
 
 def _following_bns(student: nn.Module, loader: Iterable) -> dict[str, nn.Module]:
     """The BatchNorm (tracking running statistics) called directly after each DS block."""
-    x = _inputs(next(iter(_batches(loader, 1))))[:2]
+    x = batch_inputs(next(iter(take_batches(loader, 1))))[:2]
     out = {}
     for block, norm in following_norms(student, x).items():
         m = student.get_submodule(norm)
@@ -240,9 +231,9 @@ def layer_errors(student: nn.Module, convs: dict[str, nn.Module], loader: Iterab
         for n, b in blocks.items():
             handles.append(b.register_forward_hook(hook(n)))
         with torch.no_grad():
-            for batch in _batches(loader, max_batches):
+            for batch in take_batches(loader, max_batches):
                 seen.clear()
-                student(_inputs(batch))
+                student(batch_inputs(batch))
     finally:
         for h in handles:
             h.remove()
@@ -297,7 +288,7 @@ def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterab
     interleaved = 0
     bar = tqdm(total=len(names), desc="calibrating", unit="layer", disable=not progress, leave=False)
     with torch.no_grad():
-        feeder = LayerInputs(student, lambda: (_inputs(b) for b in _batches(loader, max_batches)), cache_mb)
+        feeder = LayerInputs(student, lambda: (batch_inputs(b) for b in take_batches(loader, max_batches)), cache_mb)
         for name in names:
             block = blocks[name]
             patch = rounds > 0 and patch_bytes(block) <= PATCH_MB * 2 ** 20

@@ -39,6 +39,7 @@ from dsdeploy.data.given import calibration_images
 from dsdeploy.data.preprocessing import resolve
 from dsdeploy.errors import DataError
 from dsdeploy.export.parity import flatten_outputs
+from dsdeploy.recover.bnfit import batch_inputs
 from dsdeploy.recover.config import CALIB_BATCHES
 from dsdeploy.recover.reconstruct import NormalEquations
 from dsdeploy.tables import format_table, human
@@ -94,10 +95,6 @@ class Sensitivity:
                           (f"sensitivity of {len(self.layers)} layers on {self.images} images: normal equations "
                           f"{t.get('normal_equations', 0):.1f}s, {self.evaluations} one-layer forwards on "
                           f"{self.logit_batches} batch(es) {t.get('logits', 0):.1f}s")])
-
-
-def _inputs(batch: Any) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
 def _is_logits(out: Any) -> bool:
@@ -213,7 +210,7 @@ def measure_sensitivity(model: nn.Module, policy: Policy, loader: Iterable, inpu
             for i, batch in enumerate(loader):
                 if i >= batches:
                     break
-                x = _inputs(batch)
+                x = batch_inputs(batch)
                 out = run_model(net, x)
                 table.batches, table.images = table.batches + 1, table.images + int(x.shape[0])
                 if i < logit_batches:
