@@ -131,6 +131,9 @@ def bench_checkpoint(th: Path, args: argparse.Namespace, run: Runner, rows: list
             if args.steps and name not in args.steps:
                 continue
             out = work / f"{th.stem}-{budget}-{name}.dsd"
+            if out.is_file() and rows_ratio(rows, th.name, budget, name) is not None:
+                made[name] = out  # made by an earlier run with the same --work folder: reuse, keep its record
+                continue
             if how[0] == "convert":
                 extra = [a.format(**subs) for a in how[1]]
                 extra += calib if "--calib-data" in extra else []
@@ -254,6 +257,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="score at most N test images (a quick check, not for the table)")
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the commands")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--work", type=Path, help="keep the .dsd files here and reuse them on a later run "
+                                              "(default: a temporary folder)")
     ap.add_argument("--render", action="store_true", help="only render the table and plot from --results")
     args = ap.parse_args()
     args_line = " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -269,9 +274,14 @@ def main() -> None:
         if not checkpoints:
             sys.exit(f"no checkpoints: none in {PRETRAINED}")
         run = Runner(args.threads)
-        with tempfile.TemporaryDirectory(prefix="dsdeploy-recover-") as work:
+        if args.work is not None:
+            args.work.mkdir(parents=True, exist_ok=True)
             for th in checkpoints:
-                bench_checkpoint(th.resolve(), args, run, rows, Path(work))
+                bench_checkpoint(th.resolve(), args, run, rows, args.work)
+        else:
+            with tempfile.TemporaryDirectory(prefix="dsdeploy-recover-") as work:
+                for th in checkpoints:
+                    bench_checkpoint(th.resolve(), args, run, rows, Path(work))
     order = {n: i for i, (n, _, _) in enumerate(STEPS)}
     for r in rows:
         r["order"] = order.get(r["step"], len(order) + (1 if "busy" in r["step"] else 0))
