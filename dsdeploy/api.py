@@ -34,6 +34,7 @@ from dsdeploy.recover import finetune as finetune_loop
 from dsdeploy.recover import reconstruct
 from dsdeploy.recover.blockrec import after_calibration
 from dsdeploy.recover.config import CALIB_BATCHES, CalibrationParams, FinetuneConfig, FinetuneResult
+from dsdeploy.recover.device import on_device, placed, resolve_device
 from dsdeploy.recover.evaluate import EvaluateConfig
 from dsdeploy.recover.evaluate import evaluate as run_evaluate
 from dsdeploy.recover.reconstruct import CalibrationReport
@@ -97,7 +98,8 @@ def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
             digits' mean/std). With a ``mac_budget`` (``allocation`` not "spectral") the budget is
             shared out by each layer's measured effect on the logits on this data
             (:mod:`dsdeploy.recover.sensitivity`); ``allocation_options``: ``seed``,
-            ``calib_batches``, ``batch_size``, ``val_split``, ``limit`` of the images calibration uses.
+            ``calib_batches``, ``batch_size``, ``val_split``, ``limit`` of the images calibration uses,
+            ``device`` where it runs.
 
     Returns:
         A :class:`ConvertedModel`.
@@ -209,7 +211,9 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
         loader = batches(data, p.batch_size)
         report = reconstruct.calibrate(cm.model, cm.original, cm.plan, loader,
                                        max_batches=p.max_batches, ridge=p.ridge, progress=progress, **p.fit())
-        after_calibration(report, cm.model, cm.original, loader, p.block_reconstruct, max_batches=p.max_batches)
+        with placed(dev := resolve_device(p.device, "calibrate.device"), cm.model, cm.original):
+            after_calibration(report, cm.model, cm.original, on_device(loader, dev), p.block_reconstruct,
+                              max_batches=p.max_batches)
         cm.history.append(report.history_entry(data="in-memory"))
     if out is not None:
         save(cm, out)
