@@ -233,3 +233,15 @@ def test_finetune_on_cuda_writes_an_fp32_cpu_artifact(precision, digits, tmp_pat
     result = finetune(student, copy.deepcopy(teacher), splits, cfg(device="cuda", precision=precision),
                       out_path=tmp_path / "o.dsd")
     assert module_device(student).type == "cpu" and result.best_accuracy >= result.accuracy_before
+
+
+def test_run_device_sets_every_stage_and_an_absent_one_is_one_line(tmp_path):
+    if CUDA:
+        pytest.skip("cuda is present on this machine")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\nspec = "sample:digits_cnn"\n[data]\nspec = "digits"\n[convert]\nrank = 1\n'
+                      '[calibrate]\nbatches = 2\n', encoding="utf-8")
+    proc = dsdeploy("run", recipe, "-o", tmp_path / "out", "--device", "cuda", env=ONE_THREAD)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[-1].startswith("error: ") and "'cuda' is not available" in lines[-1], proc.stderr
