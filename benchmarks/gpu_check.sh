@@ -32,20 +32,23 @@ PIP="timeout 90 $PY -m pip install -q --disable-pip-version-check --retries 0 --
 
 if (( DRY )); then
   DEVICE=cpu; ARCH=resnet18; SIZE=64; CLASSES=4; PER_CLASS=16; EPOCHS=2; BATCH=16; STEPS=3
-  PROVIDERS=cpu; BATCHES=1; ITERS=5
+  PROVIDERS=cpu; BATCHES=1; ITERS=5; PRECISIONS="fp32 bf16"  # fp16 autocast on an AVX2 CPU: minutes per step
 else
   DEVICE=cuda; ARCH=resnet50; SIZE=224; CLASSES=16; PER_CLASS=40; EPOCHS=5; BATCH=64; STEPS=20
-  PROVIDERS=cpu,cuda,tensorrt; BATCHES=1,16; ITERS=30
+  PROVIDERS=cpu,cuda,tensorrt; BATCHES=1,16; ITERS=30; PRECISIONS="fp32 bf16 fp16"
 fi
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 
 say "install"
+ONLINE=0
+(( DRY )) || { timeout 15 "$PY" -m pip download -q --no-deps --retries 0 --timeout 5 -d "$WORK/probe" onnxsim \
+  >/dev/null 2>&1 && ONLINE=1; }
 if (( DRY )); then
   say "dry run: no installs; PYTHONPATH=$ROOT"
-elif $PIP -e ".[test]"; then
+elif (( ONLINE )) && $PIP -e ".[test]"; then
   say "pip install -e .[test]: ok"
 elif $PIP --no-deps --no-build-isolation -e .; then
-  say "pip install -e .[test] failed (offline?); installed --no-deps"
+  say "pip install -e .[test] not possible (offline: online=$ONLINE); installed --no-deps"
 else
   say "pip install failed; using PYTHONPATH=$ROOT"
 fi
@@ -54,7 +57,7 @@ ORT_GPU=""
 if (( ! DRY )); then
   WHEELS=()
   [[ -d wheels ]] && WHEELS=(--no-index --find-links wheels)
-  if $PIP "${WHEELS[@]}" --target "$WORK/ortgpu" onnxruntime-gpu >/dev/null 2>&1; then
+  if (( ONLINE || ${#WHEELS[@]} )) && $PIP "${WHEELS[@]}" --target "$WORK/ortgpu" onnxruntime-gpu >/dev/null 2>&1; then
     ORT_GPU="$WORK/ortgpu"
     say "onnxruntime-gpu installed into a private folder"
   else
@@ -114,7 +117,7 @@ timeout 180 "$PY" -m dsdeploy convert "torchvision:$ARCH" -o "$DSD" --mac-budget
   --input-shape "1,3,$SIZE,$SIZE" > "$WORK/convert.txt" || { tail -5 "$WORK/convert.txt"; say "convert failed"; exit 1; }
 tail -2 "$WORK/convert.txt"
 
-for p in fp32 bf16 fp16; do
+for p in $PRECISIONS; do
   say "dsdeploy finetune --device $DEVICE --precision $p"
   timeout 150 "$PY" -m dsdeploy finetune "$DSD" --data "$WORK/images" -o "$WORK/ft-$p.dsd" --epochs "$EPOCHS" \
     --batch-size "$BATCH" --device "$DEVICE" --precision "$p" --size "$SIZE" --lr 0.01 --json \
