@@ -181,7 +181,8 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
             (N, C, H, W), or an iterable of such batches (or ``(x, y)`` batches).
         params / options: :class:`dsdeploy.recover.config.CalibrationParams` fields:
             ``ridge``, ``max_batches``, ``batch_size``, ``rounds`` (0: pointwise only), ``cache_mb``, ``eval_images``,
-            ``block_reconstruct`` (seconds or ``"90s"``: then fit blocks, :mod:`dsdeploy.recover.blockrec`).
+            ``block_reconstruct`` (seconds or ``"90s"``: then fit blocks, :mod:`dsdeploy.recover.blockrec`),
+            ``device`` (auto | cpu | cuda | cuda:N | mps; the models go back where they were).
         preprocess: preprocessing overrides (``size``, ``mean``, ...) for a data spec.
 
     Returns:
@@ -248,7 +249,8 @@ def finetune(converted: ConvertedModel | str | Path, data: Any, *, out: str | Pa
         out: a ``.dsd`` to write with the best weights (with ``OUT.ckpt``/``OUT.history.json``
             beside it, so ``resume=True`` continues); None: train in memory only.
         config / options: :class:`dsdeploy.recover.config.FinetuneConfig` fields (``epochs``,
-            ``time_budget`` seconds, ``lr``, ``mode``, ``init``, ``reinit``, ``channels_last``, ...).
+            ``time_budget`` seconds, ``lr``, ``mode``, ``init``, ``reinit``, ``channels_last``, ``device``,
+            ``precision`` (fp32 | bf16 | fp16 autocast; the weights and artifact stay fp32), ...).
         teacher: the distillation teacher (default: ``converted.original``); ``distill=False``:
             cross-entropy on labels only.
 
@@ -295,7 +297,8 @@ def evaluate(model: ConvertedModel | nn.Module | str, data: str, *, compare: Any
     (:func:`dsdeploy.recover.metrics.classification_metrics`). ``model``/``compare``: a
     ConvertedModel (its own preprocessing and labels), an ``nn.Module``, a LoadedModel or a
     spec/``.dsd`` path. ``data``: ``"digits"`` or a folder of class folders. ``config``: an
-    :class:`dsdeploy.recover.evaluate.EvaluateConfig` (``batch_size``, ``split``, ``limit``; also
+    :class:`dsdeploy.recover.evaluate.EvaluateConfig` (``batch_size``, ``split``, ``limit``, ``device``,
+    ``precision``; also
     settable by name in ``options``); other ``options``: those of
     :func:`dsdeploy.recover.evaluate.evaluate` (``val_split``, ``seed``, ``preprocess``, ``weights``,
     ``compare_weights``, ``model_kwargs``, ``trust_pickle``, ``trust_code``, ``input_shape``,
