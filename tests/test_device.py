@@ -54,10 +54,20 @@ def cfg(**kw) -> FinetuneConfig:
 
 # -- names -> devices ---------------------------------------------------------------------------
 
-def test_auto_picks_cuda_when_present_else_the_cpu():
+def test_auto_picks_cuda_when_present_else_the_cpu(monkeypatch):
+    monkeypatch.delenv("DSDEPLOY_DEVICE", raising=False)
     assert resolve_device("auto") == (torch.device("cuda") if CUDA else torch.device("cpu"))
     assert resolve_device(None) == resolve_device("auto")
     assert resolve_device("cpu") == resolve_device(" CPU ") == torch.device("cpu")
+
+
+def test_dsdeploy_device_sets_what_auto_means(monkeypatch):
+    monkeypatch.setenv("DSDEPLOY_DEVICE", "cpu")
+    assert resolve_device("auto") == torch.device("cpu")
+    if not CUDA:
+        monkeypatch.setenv("DSDEPLOY_DEVICE", "cuda")
+        with pytest.raises(DeviceError, match="^DSDEPLOY_DEVICE 'cuda' is not available"):
+            resolve_device("auto")
 
 
 @pytest.mark.parametrize("name", ["cuda", "cuda:1", "cuda:7", "mps"])

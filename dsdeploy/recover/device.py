@@ -1,6 +1,7 @@
 """Where the recovery stages run and in what precision: device names, autocast, the fp16 gradient scaler.
 
-A device is named ``auto`` (CUDA when torch sees one, else the CPU; MPS only when named),
+A device is named ``auto`` (``DSDEPLOY_DEVICE`` when set, else CUDA when torch sees one, else
+the CPU; MPS only when named),
 ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; :func:`resolve_device` turns the name into a
 ``torch.device`` or refuses, in one line, a device this machine does not have. A precision
 is ``fp32``, ``bf16`` or ``fp16``: training and scoring run the forward pass (and the loss)
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -35,8 +37,9 @@ _NAME = re.compile(r"^(auto|cpu|mps|cuda(?::(\d+))?)$")
 def resolve_device(name: str | torch.device | None = "auto", field: str = "device") -> torch.device:
     """The ``torch.device`` that ``name`` stands for on this machine.
 
-    ``auto`` (or None): ``cuda`` (the current CUDA device) when torch sees a CUDA device, else
-    ``cpu``. ``cuda:N`` must be below the number of CUDA devices.
+    ``auto`` (or None): the device the environment variable ``DSDEPLOY_DEVICE`` names when it is
+    set, else ``cuda`` (the current CUDA device) when torch sees a CUDA device, else ``cpu``.
+    ``cuda:N`` must be below the number of CUDA devices.
 
     Raises:
         DeviceError: an unknown name, or a device this machine (or this torch build) does not
@@ -49,6 +52,9 @@ def resolve_device(name: str | torch.device | None = "auto", field: str = "devic
     if m is None:
         raise DeviceError(f"{field} must be one of {DEVICE_NAMES}, got {name!r}")
     if text == "auto":
+        pinned = os.environ.get("DSDEPLOY_DEVICE", "").strip()
+        if pinned and pinned.lower() != "auto":
+            return resolve_device(pinned, "DSDEPLOY_DEVICE")
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if text == "cpu":
         return torch.device("cpu")
