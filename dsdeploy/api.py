@@ -34,6 +34,7 @@ from dsdeploy.recover import finetune as finetune_loop
 from dsdeploy.recover import reconstruct
 from dsdeploy.recover.blockrec import after_calibration
 from dsdeploy.recover.config import CALIB_BATCHES, CalibrationParams, FinetuneConfig, FinetuneResult
+from dsdeploy.recover.device import on_device, placed, resolve_device
 from dsdeploy.recover.evaluate import EvaluateConfig
 from dsdeploy.recover.evaluate import evaluate as run_evaluate
 from dsdeploy.recover.reconstruct import CalibrationReport
@@ -97,7 +98,8 @@ def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
             digits' mean/std). With a ``mac_budget`` (``allocation`` not "spectral") the budget is
             shared out by each layer's measured effect on the logits on this data
             (:mod:`dsdeploy.recover.sensitivity`); ``allocation_options``: ``seed``,
-            ``calib_batches``, ``batch_size``, ``val_split``, ``limit`` of the images calibration uses.
+            ``calib_batches``, ``batch_size``, ``val_split``, ``limit`` of the images calibration uses,
+            ``device`` where it runs.
 
     Returns:
         A :class:`ConvertedModel`.
@@ -179,7 +181,8 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
             (N, C, H, W), or an iterable of such batches (or ``(x, y)`` batches).
         params / options: :class:`dsdeploy.recover.config.CalibrationParams` fields:
             ``ridge``, ``max_batches``, ``batch_size``, ``rounds`` (0: pointwise only), ``cache_mb``, ``eval_images``,
-            ``block_reconstruct`` (seconds or ``"90s"``: then fit blocks, :mod:`dsdeploy.recover.blockrec`).
+            ``block_reconstruct`` (seconds or ``"90s"``: then fit blocks, :mod:`dsdeploy.recover.blockrec`),
+            ``device`` (auto | cpu | cuda | cuda:N | mps; the models go back where they were).
         preprocess: preprocessing overrides (``size``, ``mean``, ...) for a data spec.
 
     Returns:
@@ -209,7 +212,9 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
         loader = batches(data, p.batch_size)
         report = reconstruct.calibrate(cm.model, cm.original, cm.plan, loader,
                                        max_batches=p.max_batches, ridge=p.ridge, progress=progress, **p.fit())
-        after_calibration(report, cm.model, cm.original, loader, p.block_reconstruct, max_batches=p.max_batches)
+        with placed(dev := resolve_device(p.device, "calibrate.device"), cm.model, cm.original):
+            after_calibration(report, cm.model, cm.original, on_device(loader, dev), p.block_reconstruct,
+                              max_batches=p.max_batches)
         cm.history.append(report.history_entry(data="in-memory"))
     if out is not None:
         save(cm, out)
@@ -244,7 +249,8 @@ def finetune(converted: ConvertedModel | str | Path, data: Any, *, out: str | Pa
         out: a ``.dsd`` to write with the best weights (with ``OUT.ckpt``/``OUT.history.json``
             beside it, so ``resume=True`` continues); None: train in memory only.
         config / options: :class:`dsdeploy.recover.config.FinetuneConfig` fields (``epochs``,
-            ``time_budget`` seconds, ``lr``, ``mode``, ``init``, ``reinit``, ``channels_last``, ...).
+            ``time_budget`` seconds, ``lr``, ``mode``, ``init``, ``reinit``, ``channels_last``, ``device``,
+            ``precision`` (fp32 | bf16 | fp16 autocast; the weights and artifact stay fp32), ...).
         teacher: the distillation teacher (default: ``converted.original``); ``distill=False``:
             cross-entropy on labels only.
 
@@ -291,7 +297,8 @@ def evaluate(model: ConvertedModel | nn.Module | str, data: str, *, compare: Any
     (:func:`dsdeploy.recover.metrics.classification_metrics`). ``model``/``compare``: a
     ConvertedModel (its own preprocessing and labels), an ``nn.Module``, a LoadedModel or a
     spec/``.dsd`` path. ``data``: ``"digits"`` or a folder of class folders. ``config``: an
-    :class:`dsdeploy.recover.evaluate.EvaluateConfig` (``batch_size``, ``split``, ``limit``; also
+    :class:`dsdeploy.recover.evaluate.EvaluateConfig` (``batch_size``, ``split``, ``limit``, ``device``,
+    ``precision``; also
     settable by name in ``options``); other ``options``: those of
     :func:`dsdeploy.recover.evaluate.evaluate` (``val_split``, ``seed``, ``preprocess``, ``weights``,
     ``compare_weights``, ``model_kwargs``, ``trust_pickle``, ``trust_code``, ``input_shape``,

@@ -100,3 +100,7 @@ class StageError(DsdeployError):
 
 class LatencyCacheError(DsdeployError):
     """A latency-table cache file that cannot be read or written."""
+
+
+class DeviceError(DsdeployError):
+    """A device or precision this machine (or this torch build) cannot run (names the field)."""

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
+
+# The suite's exactness promises are CPU ones: device "auto" means the CPU here even where a GPU
+# exists (CLI subprocesses inherit it); tests that run on CUDA name their device.
+os.environ.setdefault("DSDEPLOY_DEVICE", "cpu")
 
 
 class SmallNet(nn.Module):

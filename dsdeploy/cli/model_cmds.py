@@ -7,6 +7,7 @@ import click
 from dsdeploy.cli import cli, flag_names
 from dsdeploy.cli.options import (
     block_reconstruct_option,
+    device_option,
     echo_json,
     model_options,
     parse_kwargs,
@@ -100,11 +101,13 @@ def inspect(model, weights, model_kwargs, trust_pickle, input_shape, calib_data,
 @click.option("--calib-eval-images", type=int, default=CALIB_EVAL_IMAGES, show_default=True,
               help="Score top-1 before and after calibrating on at most N validation images (0: none).")
 @block_reconstruct_option
+@device_option
 @preprocess_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, calib_data, calib_batches, calib_rounds,
-            calib_cache_mb, calib_eval_images, block_reconstruct, seed, as_json, preprocess, trust_code, **policy):
+            calib_cache_mb, calib_eval_images, block_reconstruct, device, seed, as_json, preprocess, trust_code,
+            **policy):
     """Rewrite MODEL's convs into depthwise-separable blocks and write a .dsd artifact.
 
     Prints params/MACs before and after and the rank of every layer. Exit status 3 when
@@ -117,11 +120,11 @@ def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, cal
     cm = api.convert(model, policy=_policy(policy),
                      input_shape=parse_shape(input_shape), weights=weights, model_kwargs=parse_kwargs(model_kwargs),
                      trust_pickle=trust_pickle, trust_code=trust_code, preprocess=preprocess, data=calib_data,
-                     allocation_options={"seed": seed, "calib_batches": calib_batches})
+                     allocation_options={"seed": seed, "calib_batches": calib_batches, "device": device})
     if calib_data:
         api.calibrate(cm, calib_data, max_batches=calib_batches, seed=seed, progress=True,
                       block_reconstruct=block_reconstruct, rounds=calib_rounds, cache_mb=calib_cache_mb,
-                      eval_images=calib_eval_images)
+                      eval_images=calib_eval_images, device=device)
     api.save(cm, output)
     report = cm.report(output)
     echo_json(report.to_dict()) if as_json else click.echo(flag_names(report.render()))

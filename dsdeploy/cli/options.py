@@ -54,6 +54,21 @@ def block_reconstruct_option(func: Callable) -> Callable:
                              "Adam) for this long in all, e.g. 90s or 2m (default: off).")(func)
 
 
+def device_option(func: Callable) -> Callable:
+    """Add --device (-> the stage config's ``device``): auto | cpu | cuda | cuda:N | mps."""
+    return click.option("--device", default="auto", show_default=True, metavar="DEVICE",
+                        help="auto, cpu, cuda, cuda:N or mps: where the model runs on the data (auto: CUDA "
+                             "when present, else the CPU).")(func)
+
+
+def precision_option(func: Callable) -> Callable:
+    """Add --precision (-> the stage config's ``precision``): fp32 | bf16 | fp16 autocast."""
+    return click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+                        show_default=True, metavar="PRECISION",
+                        help="fp32, bf16 or fp16: autocast of the forward passes (fp16 with a gradient "
+                             "scaler); the weights and the artifact stay fp32.")(func)
+
+
 def model_options(func: Callable) -> Callable:
     """Add --weights, --model-kwargs, --trust-pickle, --trust-code and --input-shape."""
     opts = [

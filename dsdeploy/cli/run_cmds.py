@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -39,9 +40,12 @@ def _print_summary(result, as_json: bool) -> None:
                    "caching; locked while a run uses it).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set finetune.epochs=2 (TOML value; repeatable).")
+@click.option("--device", default=None, metavar="DEVICE",
+              help="auto, cpu, cuda, cuda:N or mps for every stage that runs the model on data (sets "
+                   "calibrate/finetune/evaluate.device; --set wins).")
 @trust_code_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def run(recipe, data, weights, out, overrides, as_json, trust_code):
+def run(recipe, data, weights, out, overrides, device, as_json, trust_code):
     """Run RECIPE.toml end to end: inspect, convert (+ calibrate), finetune, evaluate,
     export (+ parity), deploy, bench, report. Stages whose inputs did not change are
     reported "cached" and skipped; an interrupted fine-tuning continues from its checkpoint.
@@ -49,6 +53,9 @@ def run(recipe, data, weights, out, overrides, as_json, trust_code):
     searched after installed packages); only model factories are called."""
     from dsdeploy.pipeline.runner import run_recipe
 
+    if device is not None:
+        overrides = [f"{stage}.device={json.dumps(device)}" for stage in ("calibrate", "finetune", "evaluate")] + \
+            list(overrides)
     with print_preprocessing():
         result = run_recipe(recipe, out, data=data, weights=weights, overrides=list(overrides),
                             progress=sys.stderr.isatty() and not as_json, trust_code=trust_code)

@@ -103,12 +103,12 @@ def latency_lines(policy: dict[str, Any]) -> list[str]:
 
 def measure_costs(loaded: LoadedModel, policy: Policy, shape: tuple[int, ...], pre: Any, data: str, *,
                   seed: int = 0, calib_batches: int | None = CALIB_BATCHES, batch_size: int = 64,
-                  val_split: float = 0.2, limit: int | None = None, progress: bool = False):
+                  val_split: float = 0.2, limit: int | None = None, progress: bool = False, device: str = "auto"):
     """The sensitivity table of ``loaded.model`` on the images calibration would use
-    (:func:`dsdeploy.recover.sensitivity.sensitivity_on_data`)."""
+    (:func:`dsdeploy.recover.sensitivity.sensitivity_on_data`; ``device`` runs its forward passes)."""
     return sensitivity_on_data(loaded.model, policy, data, pre, tuple(shape), seed=seed, batch_size=batch_size,
                                max_batches=calib_batches, val_split=val_split, limit=limit, labels=loaded.labels,
-                               progress=progress)
+                               progress=progress, device=device)
 
 
 def allocates_on_data(policy: Policy, data: str | None) -> bool:

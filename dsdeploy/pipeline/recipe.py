@@ -31,6 +31,7 @@ from dsdeploy.recover.config import (
     CALIB_ROUNDS,
     CalibrationParams,
     FinetuneConfig,
+    check_device_name,
 )
 from dsdeploy.recover.evaluate import EvaluateConfig
 from dsdeploy.runtime.bench import BenchConfig
@@ -77,6 +78,10 @@ class CalibrateSection:
     cache_mb: float = CALIB_CACHE_MB  # MiB of cached stage inputs (0: none)
     eval_images: int = CALIB_EVAL_IMAGES  # validation images scored before/after (0: none)
     block_reconstruct: str | float | None = None  # e.g. "90s": label-free block reconstruction afterwards (kept in s)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (also where a mac_budget's sensitivity is measured)
+
+    def __post_init__(self) -> None:
+        check_device_name(self.device, "calibrate.device")
 
 
 @dataclass

@@ -125,6 +125,7 @@ def run_convert(ctx: Context, folder: Path) -> StageOutput:
     with_data = _data(ctx) if c.enabled else None  # a mac_budget is then shared out on the data (allocation)
     cm = api.convert(loaded, policy=recipe_policy(ctx), input_shape=shape, data=with_data,
                      allocation_options={"seed": r.seed, "calib_batches": c.batches, "batch_size": c.batch_size,
+                                         "device": c.device,
                                          **data_split(ctx)})
     api.save(cm, folder / "converted.dsd")
     report = cm.report(folder / "converted.dsd")
@@ -135,7 +136,7 @@ def run_convert(ctx: Context, folder: Path) -> StageOutput:
     if r.calibrate.enabled and _data(ctx):
         cal = api.calibrate(cm, _data(ctx), out=folder / "calibrated.dsd", max_batches=c.batches,
                             batch_size=c.batch_size, ridge=c.ridge, rounds=c.rounds, cache_mb=c.cache_mb,
-                            eval_images=c.eval_images,
+                            eval_images=c.eval_images, device=c.device,
                             seed=r.seed, progress=ctx.progress,
                             block_reconstruct=c.block_reconstruct, **data_split(ctx))
         result["calibration"] = cal.to_dict()

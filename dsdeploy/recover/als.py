@@ -19,6 +19,7 @@ from dsdeploy.recover.lsq import (
     PATCH_ROWS_MIN,
     PATCH_ROWS_PER_FEATURE,
     TOLERANCE,
+    Sums,
     _accumulate,
     _quadratic_error,
     _ridge_solve,
@@ -29,7 +30,7 @@ from dsdeploy.recover.lsq import (
 F64 = torch.float64
 
 
-class PatchEquations:
+class PatchEquations(Sums):
     """Per-group ``X^T X``, ``X^T B``, ``||B||^2`` of one block's input patches ``X`` (with a ones column)
     against the original conv's output ``B``, in float64: the exact output error of any factors
     (on the rows kept).
@@ -42,6 +43,8 @@ class PatchEquations:
     BatchNorm after it); the equations, factors and errors are then those of the weighted outputs
     (:meth:`load` writes the unweighted factors).
     """
+
+    _SUMS = ("xtx", "xtb", "btb")
 
     def __init__(self, block: DSConv, conv: nn.Module, batches: int = 1, subsample: bool = True,
                  seed: int = 0, weight: torch.Tensor | None = None) -> None:
@@ -59,7 +62,7 @@ class PatchEquations:
         self.per_batch = -(-cap // max(1, batches)) if subsample else None
         self.generator = torch.Generator().manual_seed(seed)
         self.dtype = torch.float32 if d > FLOAT32_FEATURES else F64
-        self.weight = None if weight is None else weight.detach().to(F64).reshape(g, self.og)
+        self.weight = None if weight is None else weight.detach().cpu().to(F64).reshape(g, self.og)
 
     @property
     def depthwise_solvable(self) -> bool:
@@ -68,12 +71,13 @@ class PatchEquations:
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate one batch of block inputs ``x``."""
+        dtype = self.place(x.device, self.dtype)
         p = patches(self.block, x)  # (N, Cin, T, L)
         n, length = p.shape[0], p.shape[-1]
         conv = self.conv
         if self.per_batch is not None and n * length > self.per_batch and type(conv) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
             # only the kept rows: gathered from the patches, targets as patches @ the conv's kernel
-            keep = torch.randperm(n * length, generator=self.generator)[:self.per_batch]
+            keep = torch.randperm(n * length, generator=self.generator)[:self.per_batch].to(p.device)
             a = p[keep // length, :, :, keep % length].reshape(-1, self.g, self.cg * self.t)  # (m, g, Cin_g*T)
             w = conv.weight.detach().reshape(self.g, self.og, self.cg * self.t).to(a.dtype)
             b = torch.einsum("mgf,gof->mgo", a, w)
@@ -83,18 +87,19 @@ class PatchEquations:
             a = p.reshape(n, self.g, self.cg * self.t, length).permute(0, 3, 1, 2).reshape(-1, self.g, self.cg * self.t)
             b = _targets(conv, x, self.g)
         if self.weight is not None:
-            b = b * self.weight.to(b.dtype)
-        _accumulate(self.xtx, self.xtb, self.btb, a, b, True, self.dtype)
+            b = b * self.weight.to(b.device, b.dtype)
+        _accumulate(self.xtx, self.xtb, self.btb, a, b, True, dtype)
         self.rows += a.shape[0]
 
     # -- factors <-> the block -----------------------------------------------------------------
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The block's present ``(d, P, b)`` (``b`` zeros when the conv has no bias)."""
         g, k = self.g, self.k
-        d = self.block.get_depthwise().detach().to(F64).reshape(k, g, self.cg, self.t).transpose(0, 1)
+        self.host()
+        d = self.block.get_depthwise().detach().cpu().to(F64).reshape(k, g, self.cg, self.t).transpose(0, 1)
         pw, bias = self.block.get_pointwise()
-        p = pw.detach().to(F64).reshape(k, g, self.og, self.cg).transpose(0, 1)
-        b = bias.detach().to(F64).reshape(g, self.og) if bias is not None else torch.zeros(g, self.og, dtype=F64)
+        p = pw.detach().cpu().to(F64).reshape(k, g, self.og, self.cg).transpose(0, 1)
+        b = bias.detach().cpu().to(F64).reshape(g, self.og) if bias is not None else torch.zeros(g, self.og, dtype=F64)
         if self.weight is not None:
             p, b = p * self.weight[:, None, :, None], b * self.weight
         return d.contiguous(), p.contiguous(), b
@@ -116,6 +121,7 @@ class PatchEquations:
 
     def error(self, w: torch.Tensor) -> float:
         """Relative squared output error ``||X W - B||^2 / ||B||^2`` of a dense kernel ``W``, over groups."""
+        self.host()
         return _quadratic_error(self.xtx, self.xtb, self.btb, w)
 
     # -- the two half-problems -------------------------------------------------------------------

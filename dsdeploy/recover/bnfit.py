@@ -23,6 +23,7 @@ from torch import nn
 
 from dsdeploy.conversion.block import DSConv
 from dsdeploy.errors import DataError
+from dsdeploy.recover.device import supports_float64
 from dsdeploy.recover.distill import call_order
 
 F64 = torch.float64
@@ -37,11 +38,12 @@ class Moments:
         self.s2 = torch.zeros(channels, dtype=F64)
 
     def add(self, y: torch.Tensor) -> None:
-        """Accumulate an output batch ``y (N, C, *spatial)``."""
-        y = y.detach().to(F64).transpose(0, 1).reshape(y.shape[1], -1)
+        """Accumulate an output batch ``y (N, C, *spatial)`` (on any device; the sums stay on the CPU)."""
+        y = y.detach()
+        y = (y.to(F64) if supports_float64(y.device) else y.cpu().to(F64)).transpose(0, 1).reshape(y.shape[1], -1)
         self.n += y.shape[1]
-        self.s1 += y.sum(1)
-        self.s2 += y.square().sum(1)
+        self.s1 += y.sum(1).cpu()
+        self.s2 += y.square().sum(1).cpu()
 
     def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and unbiased variance per channel (what BatchNorm stores as running statistics)."""
@@ -73,8 +75,9 @@ def bn_gain(norm: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
 
     Weighting a layer's output error by it fits the output as it matters after the original BatchNorm.
     """
-    gamma = norm.weight.detach().abs() if norm.weight is not None else torch.ones_like(norm.running_var)
-    gain = gamma.to(F64) / (norm.running_var.to(F64) + norm.eps).sqrt()
+    var = norm.running_var.detach().cpu()
+    gamma = norm.weight.detach().cpu().abs() if norm.weight is not None else torch.ones_like(var)
+    gain = gamma.to(F64) / (var.to(F64) + norm.eps).sqrt()
     gain = gain.clamp_min(1e-3 * float(gain.max().clamp_min(1e-30)))
     return gain / gain.square().mean().sqrt()
 

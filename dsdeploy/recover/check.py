@@ -36,6 +36,7 @@ class ModelCheck:
         accuracy: whether the score is a top-1 accuracy (else minus a KL divergence).
         held_out: whether the images are a validation split (not trained on).
         max_batches: score on at most this many batches (None: all).
+        precision: autocast of the scoring forward passes (fp32 | bf16 | fp16), as the training's.
     """
 
     basis: str
@@ -45,16 +46,19 @@ class ModelCheck:
     teacher: nn.Module | None = field(default=None, repr=False)
     _targets: list[torch.Tensor] | None = field(default=None, repr=False)
     max_batches: int | None = None
+    precision: str = "fp32"
 
     def score(self, model: nn.Module, channels_last: bool = False) -> float | None:
         """The score of ``model`` (higher is better; None when nothing could be scored)."""
         if self.accuracy:
-            return evaluate(model, self.loader, self.max_batches, channels_last=channels_last)
+            return evaluate(model, self.loader, self.max_batches, channels_last=channels_last,
+                            precision=self.precision)
         if self._targets is None:
             self._targets = [F.softmax(out, 1) for out in _outputs(self.teacher, self.loader, channels_last,
-                                                                    self.max_batches)]
+                                                                    self.max_batches, self.precision)]
         kl = n = 0.0
-        for p_t, out in zip(self._targets, _outputs(model, self.loader, channels_last, self.max_batches)):
+        for p_t, out in zip(self._targets, _outputs(model, self.loader, channels_last, self.max_batches,
+                                                    self.precision)):
             kl += float(F.kl_div(F.log_softmax(out, 1), p_t, reduction="sum"))
             n += out.shape[0]
         return -kl / n if n else None
@@ -63,7 +67,7 @@ class ModelCheck:
         """Use only as many batches as score ``model`` in about ``seconds`` (at least one; says so in ``basis``)."""
         batches = len(self.loader)
         t = time.perf_counter()
-        evaluate(model, self.loader, 1, channels_last=channels_last)
+        evaluate(model, self.loader, 1, channels_last=channels_last, precision=self.precision)
         fit = max(1, int(seconds / max(time.perf_counter() - t, 1e-6)))
         if fit < batches:
             images = min(fit * (self.loader.batch_size or 1), len(self.loader.dataset))
@@ -77,9 +81,11 @@ class ModelCheck:
         return f"{100 * score:.2f}%" if self.accuracy else f"KL {-score:.4f}"
 
 
-def _outputs(model: nn.Module, loader: Any, channels_last: bool, max_batches: int | None) -> list[torch.Tensor]:
+def _outputs(model: nn.Module, loader: Any, channels_last: bool, max_batches: int | None,
+             precision: str = "fp32") -> list[torch.Tensor]:
     """The model's scores per batch, by the one evaluation loop (:func:`dsdeploy.recover.metrics.scored_batches`)."""
-    return [out for _y, out in scored_batches(model, loader, max_batches=max_batches, channels_last=channels_last)]
+    return [out for _y, out in scored_batches(model, loader, max_batches=max_batches, channels_last=channels_last,
+                                              precision=precision)]
 
 
 def _plain(dataset: Any) -> Any:

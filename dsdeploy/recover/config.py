@@ -18,6 +18,24 @@ CALIB_BATCHES = 50  # calibration batches by default: [calibrate] batches, conve
 CALIB_ROUNDS = 3  # alternating (depthwise + pointwise) rounds per layer after the pointwise solve
 CALIB_CACHE_MB = 1024.0  # MiB of cached stage inputs during calibration
 CALIB_EVAL_IMAGES = 2000  # validation images scored before and after calibration (0: no scoring)
+DEVICE_NAME = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
+
+
+def check_device_name(value: Any, field: str) -> None:
+    """Refuse, in one line naming ``field``, a device name that is not auto, cpu, cuda, cuda:N or mps.
+
+    Only the spelling is checked here (no torch import); whether this machine has the device is
+    decided when a stage runs (:func:`dsdeploy.recover.device.resolve_device`).
+    """
+    if not isinstance(value, str) or not DEVICE_NAME.match(value.strip().lower()):
+        raise DsdeployError(f"{field} must be one of auto, cpu, cuda, cuda:N, mps, got {value!r}")
+
+
+def check_precision_name(value: Any, field: str) -> None:
+    """Refuse, in one line naming ``field``, a precision other than fp32, bf16, fp16."""
+    if value not in PRECISION_NAMES:
+        raise DsdeployError(f"{field} must be one of {', '.join(PRECISION_NAMES)}, got {value!r}")
 
 
 @dataclass
@@ -38,6 +56,8 @@ class CalibrationParams:
             default: it costs the time it is given, which only the user can weigh).
         eval_images: score top-1 before and after calibration on at most this many validation
             images (the first of the split), ``>= 0`` (0: no scoring).
+        device: where the networks run: auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps.
+            The least-squares sums are float64 wherever the device has float64 (MPS has not).
     """
 
     ridge: float = 1e-6
@@ -47,9 +67,11 @@ class CalibrationParams:
     cache_mb: float = CALIB_CACHE_MB
     block_reconstruct: float | str | None = None
     eval_images: int = CALIB_EVAL_IMAGES
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         self.block_reconstruct = block_budget(self.block_reconstruct)
+        check_device_name(self.device, "calibrate.device")
         check_number(self.ridge, "calibrate ridge", low=0)
         check_number(self.max_batches, "calibrate max_batches", low=1, integer=True, optional=True)
         check_number(self.batch_size, "calibrate batch_size", low=1, integer=True)
@@ -59,7 +81,8 @@ class CalibrationParams:
 
     def fit(self) -> dict[str, Any]:
         """The least-squares fit's options as keyword arguments of :func:`dsdeploy.recover.reconstruct.calibrate`."""
-        return {"rounds": self.rounds, "cache_mb": self.cache_mb, "eval_images": self.eval_images}
+        return {"rounds": self.rounds, "cache_mb": self.cache_mb, "eval_images": self.eval_images,
+                "device": self.device}
 
 
 def block_budget(value: float | str | None, field: str = "calibrate.block_reconstruct") -> float | None:
@@ -73,7 +96,8 @@ def block_budget(value: float | str | None, field: str = "calibrate.block_recons
 
 MODES = ("none", "partial", "full")
 # options that may change between a run and its resume (the stored schedule fixes the step count)
-NOT_TRAJECTORY = ("progress", "history_path", "checkpoint_path", "time_budget")
+# (a resume may move to another device: the run continues, bit-exact only on the same one)
+NOT_TRAJECTORY = ("progress", "history_path", "checkpoint_path", "time_budget", "device")
 
 
 @dataclass
@@ -100,6 +124,8 @@ class FinetuneConfig:
     patience: int | None = None  # epochs without val improvement before stopping
     augment: bool = False
     channels_last: bool = True  # NHWC while training: ~2x faster convs on CPU; the model is given back NCHW
+    device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N | mps
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the forward pass (fp16 with a gradient scaler)
     seed: int = 0
     progress: bool = True
     history_path: str | None = None
@@ -138,6 +164,8 @@ class FinetuneConfig:
         check_number(self.clip_grad, "finetune.clip_grad (0 or None disables it)", low=0, optional=True)
         check_number(self.patience, "finetune.patience", low=0, integer=True, optional=True)
         check_number(self.seed, "finetune.seed", low=0, integer=True)
+        check_device_name(self.device, "finetune.device")
+        check_precision_name(self.precision, "finetune.precision")
         Schedule(self.schedule, self.lr)
 
     def trajectory(self) -> dict[str, Any]:

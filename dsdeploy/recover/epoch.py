@@ -19,6 +19,7 @@ from tqdm import tqdm
 from dsdeploy.conversion.block import ds_blocks
 from dsdeploy.recover.budget import Budget
 from dsdeploy.recover.config import FinetuneConfig
+from dsdeploy.recover.device import Precision, to_device
 from dsdeploy.recover.distill import Distiller, following_norms
 from dsdeploy.recover.resume import SignalGuard
 from dsdeploy.recover.schedule import Schedule
@@ -78,12 +79,15 @@ def make_optimizer(params: list[nn.Parameter], cfg: FinetuneConfig) -> torch.opt
 
 def train_epoch(distiller: Distiller, modules: list[nn.Module], params: list[nn.Parameter],
                 opt: torch.optim.Optimizer, sched: Schedule, train: Any, st: dict[str, Any], cfg: FinetuneConfig,
-                guard: SignalGuard, budget: Budget, sizing: dict[str, Any]) -> dict[str, Any] | None:
+                guard: SignalGuard, budget: Budget, sizing: dict[str, Any], *,
+                amp: Precision | None = None) -> dict[str, Any] | None:
     """One pass over the training data (or until the schedule/budget ends): the epoch record, None on a signal.
 
     ``sizing``: ``spe`` (steps per epoch), ``warmup`` (warmup steps wanted) and ``cap`` (the most
-    steps the run may take, None: no cap) for the budget's re-sizing.
+    steps the run may take, None: no cap) for the budget's re-sizing. ``amp``: the device the
+    models are on (batches are moved there) and the step's autocast/gradient scaler (None: CPU, fp32).
     """
+    amp = amp if amp is not None else Precision(torch.device("cpu"))
     spe = sizing["spe"]
     seed = epoch_seed(cfg.seed, st["epoch"])
     _seed_epoch(train, seed)
@@ -95,17 +99,16 @@ def train_epoch(distiller: Distiller, modules: list[nn.Module], params: list[nn.
     t_start = last = time.perf_counter()
     lr = sched.lr_at(st["step"])
     for x, y in bar:
+        x, y = to_device(x, amp.device), to_device(y, amp.device)
         if cfg.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         lr = sched.lr_at(st["step"])
         for g in opt.param_groups:
             g["lr"] = lr
-        loss, logits, _parts = distiller(x, y)
+        with amp.autocast():
+            loss, logits, _parts = distiller(x, y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_grad:
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-        opt.step()
+        amp.step(loss, opt, params, cfg.clip_grad)  # backward, clip, step (fp16: scaled; a plain step otherwise)
         st["step"] += 1
         steps += 1
         n = x.shape[0]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Sequence
 
+import torch
 from torch import nn
 
 from dsdeploy.conversion.loading import load_model
@@ -22,6 +23,8 @@ from dsdeploy.data.labels import check_outputs
 from dsdeploy.data.preprocessing import resolve
 from dsdeploy.errors import DataError
 from dsdeploy.ranges import check_number
+from dsdeploy.recover.config import check_device_name, check_precision_name
+from dsdeploy.recover.device import check_precision, placed, resolve_device
 from dsdeploy.recover.metrics import classification_metrics, predict
 
 log = logging.getLogger(__name__)
@@ -37,11 +40,15 @@ class EvaluateConfig:
         batch_size: images per forward pass (>= 1).
         split: "val" (the test/ or val/ folder, or the held-out part) or "train".
         limit: score at most this many images (a seeded subset; >= 1), None: all.
+        device: where the models run: auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps.
+        precision: autocast of the forward passes: fp32, bf16 or fp16.
     """
 
     batch_size: int = 256
     split: str = "val"
     limit: int | None = None
+    device: str = "auto"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -52,6 +59,8 @@ class EvaluateConfig:
             raise DataError(f"evaluate.split must be 'train' or 'val', got {self.split!r}")
         check_number(self.batch_size, "evaluate.batch_size", low=1, integer=True)
         check_number(self.limit, "evaluate.limit", low=1, integer=True, optional=True)
+        check_device_name(self.device, "evaluate.device")
+        check_precision_name(self.precision, "evaluate.precision")
 
 
 def _loaded(model: Any, weights: str | None, model_kwargs: dict | None, trust_pickle: bool,
@@ -77,15 +86,17 @@ def preprocess_for(loaded: Any, data: str, override: Preprocess | dict | None = 
                    override, data=data, model=getattr(loaded, "model", None))
 
 
-def _score(loaded: Any, splits: DataSplits, split: str, batch_size: int, progress: bool) -> dict[str, Any]:
+def _score(loaded: Any, splits: DataSplits, split: str, batch_size: int, progress: bool,
+           device: torch.device, precision: str) -> dict[str, Any]:
     dataset = getattr(splits, split)
     if dataset is None:
         raise DataError(f"the data has no {split!r} split; use evaluate.split train/val or set a val_split > 0")
     if splits.classes is None:
         raise DataError("evaluation needs labelled data (class folders or 'digits'), got unlabelled images")
     t0 = time.perf_counter()
-    y_true, scores = predict(loaded.model, make_loader(dataset, batch_size, shuffle=False), progress=progress,
-                             desc=f"evaluate {loaded.spec}")
+    with placed(device, loaded.model):
+        y_true, scores = predict(loaded.model, make_loader(dataset, batch_size, shuffle=False), progress=progress,
+                                 desc=f"evaluate {loaded.spec}", precision=precision)
     seconds = time.perf_counter() - t0
     n_out = scores.shape[1]
     check_outputs(splits.classes, n_out, f"model {loaded.spec}")
@@ -100,7 +111,8 @@ def evaluate(model: Any, data: str, *, compare: Any = None, weights: str | None 
              compare_weights: str | None = None, model_kwargs: dict | None = None, trust_pickle: bool = False,
              batch_size: int = 256, split: str = "val", val_split: float = 0.2, seed: int = 0,
              limit: int | None = None, preprocess: Preprocess | dict | None = None, progress: bool = False,
-             trust_code: bool = False, input_shape: Sequence[int] | None = None) -> dict[str, Any]:
+             trust_code: bool = False, input_shape: Sequence[int] | None = None, device: str = "auto",
+             precision: str = "fp32") -> dict[str, Any]:
     """Evaluate ``model`` (and ``compare``, side by side) on ``data``; return a JSON-able dict.
 
     ``model``/``compare``: a spec for ``convert.loading.load_model``, a ``LoadedModel``-like object
@@ -114,8 +126,12 @@ def evaluate(model: Any, data: str, *, compare: Any = None, weights: str | None 
     ``trust_code``: import the ``pkg.module:factory`` a ``.dsd`` spec records (:mod:`dsdeploy.models.trust`).
     ``input_shape``: (N, C, H, W) for models that record none (a factory's 32x32 CIFAR net); it
     sizes the preprocessing of every model evaluated, like the models' own recorded shape would.
+    ``device``/``precision``: where and in what autocast precision the models run
+    (:mod:`dsdeploy.recover.device`; a model given as a module is put back where it was).
     """
-    EvaluateConfig(batch_size=batch_size, split=split, limit=limit)
+    EvaluateConfig(batch_size=batch_size, split=split, limit=limit, device=device, precision=precision)
+    dev = resolve_device(device, "evaluate.device")
+    check_precision(precision, dev, "evaluate.precision")
     entries = [_loaded(model, weights, model_kwargs, trust_pickle, trust_code)]
     if compare is not None:
         entries.append(_loaded(compare, compare_weights, model_kwargs, trust_pickle, trust_code))
@@ -128,7 +144,7 @@ def evaluate(model: Any, data: str, *, compare: Any = None, weights: str | None 
         if key not in cache:
             cache[key] = load_data(data, pre, val_split=val_split, seed=seed, labelled=True, limit=limit,
                                    model_labels=labels)
-        results.append(_score(loaded, cache[key], split, batch_size, progress))
+        results.append(_score(loaded, cache[key], split, batch_size, progress, dev, precision))
     splits = next(iter(cache.values()))
     out: dict[str, Any] = {"data": data, "split": split, "images": int(results[0]["metrics"]["n"]),
                            "skipped": splits.skipped, "classes": splits.classes, "models": results,

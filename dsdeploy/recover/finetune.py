@@ -32,6 +32,7 @@ from dsdeploy.fsutil import write_json
 from dsdeploy.recover.budget import Budget
 from dsdeploy.recover.check import ModelCheck, model_check
 from dsdeploy.recover.config import FinetuneConfig, FinetuneResult
+from dsdeploy.recover.device import Precision, placed, resolve_device
 from dsdeploy.recover.distill import Distiller, LossWeights, fresh_parameters, init_parameters, load_teacher
 from dsdeploy.recover.epoch import (  # noqa: F401 (epoch_seed, steps_per_epoch, train_loader: public here too)
     epoch_seed,
@@ -119,6 +120,8 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: Any, config: F
         DataError: no training images, or no teacher and no labels.
     """
     config.validate()
+    device = resolve_device(config.device, "finetune.device")
+    amp = Precision(device, config.precision, "finetune.precision")
     clock = started if started is not None else time.perf_counter()
     out = Path(out_path)
     ckpt_path = Path(config.checkpoint_path or out.with_suffix(".ckpt"))
@@ -134,8 +137,10 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: Any, config: F
         check_resumable(ck, config.trajectory(), identity, ckpt_path)
     _memory_format(config, student, teacher, torch.channels_last)
     try:
-        return _run(student, teacher, data, config, check, ck, example, (ckpt_path, hist_path),
-                    {"clock": clock, "decode": decode_seconds + prep_s, "identity": identity or {}}, on_best)
+        with placed(device, student, teacher):  # each model goes back where it was (fp32: autocast keeps params so)
+            return _run(student, teacher, data, config, check, ck, example.to(device), (ckpt_path, hist_path),
+                        {"clock": clock, "decode": decode_seconds + prep_s, "identity": identity or {}, "amp": amp},
+                        on_best)
     finally:
         _memory_format(config, student, teacher, torch.contiguous_format)
 
@@ -145,6 +150,8 @@ def _run(student, teacher, data, config: FinetuneConfig, check: ModelCheck, ck: 
          on_best: Callable | None) -> FinetuneResult:
     ckpt_path, hist_path = paths
     cl = config.channels_last
+    amp = run["amp"]
+    check.precision = config.precision
     t = time.perf_counter()
     if ck is not None:  # the same images as before the interruption
         check.max_batches, check.basis = ck["check_batches"], ck["checked_on"]
@@ -186,6 +193,7 @@ def _run(student, teacher, data, config: FinetuneConfig, check: ModelCheck, ck: 
         sched = Schedule(**ck["schedule"])
         st.update({k: ck[k] for k in st})
         set_rng_state(ck["rng"])
+        amp.load_state_dict(ck.get("scaler"))
         result.resumed_from = st["epoch"]
     st["times"]["decode"] += run["decode"]
     st["times"]["eval"] += evals
@@ -201,7 +209,7 @@ def _run(student, teacher, data, config: FinetuneConfig, check: ModelCheck, ck: 
         with SignalGuard() as guard:
             while st["done"] is None and st["step"] < sched.total_steps:
                 record = train_epoch(distiller, modules, params, opt, sched, data.train, st, config, guard,
-                                     budget, sizing)
+                                     budget, sizing, amp=amp)
                 if record is None or guard.signum is not None:
                     raise interrupted(guard.signum or signal.SIGINT, st["epoch"], ckpt_path)
                 st["times"]["train"] += record["train_seconds"]
@@ -229,7 +237,7 @@ def _run(student, teacher, data, config: FinetuneConfig, check: ModelCheck, ck: 
                 record["seconds"] = round(budget.elapsed() - st["elapsed"], 3)  # this epoch's, all included
                 st["elapsed"] = budget.elapsed()
                 t_save = time.perf_counter()
-                _save(ckpt_path, student, opt, sched, st, config, run["identity"])
+                _save(ckpt_path, student, opt, sched, {**st, "scaler": amp.state_dict()}, config, run["identity"])
                 write_json(hist_path, st["history"])
                 save_s = time.perf_counter() - t_save
                 if improved and on_best is not None:
@@ -302,6 +310,7 @@ def finetune_artifact(student_path: str | Path, data: str, out: str | Path, conf
     ``trust_code``: import the ``pkg.module:factory`` the artifact (or a ``.dsd`` teacher) records.
     """
     config.validate()
+    Precision(resolve_device(config.device, "finetune.device"), config.precision, "finetune.precision")  # fail fast
     started = time.perf_counter()
     art = load_artifact(student_path, trust_code=trust_code)
     teacher_model = load_teacher(art, teacher, teacher_weights, trust_code=trust_code)

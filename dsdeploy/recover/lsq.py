@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsdeploy.conversion.block import DSConv
+from dsdeploy.recover.device import lsq_placement, supports_float64
 
 CHUNK_ELEMENTS = 1 << 22  # rows x features per float64 product chunk (32 MiB)
 PATCH_MB = 512  # X^T X above this (float64, all groups) -> pointwise-only fit for the layer
@@ -52,7 +53,8 @@ def _accumulate(ata: torch.Tensor, atb: torch.Tensor, btb: torch.Tensor, a: torc
                 ones: bool, dtype: torch.dtype = torch.float64) -> None:
     """Add ``a (m, g, D)`` and ``b (m, g, Cout_g)`` rows to the float64 sums, in chunks (``ones``: a bias column).
 
-    ``dtype``: of each chunk's products (float32: about twice as fast; the sums stay float64).
+    ``dtype``: of each chunk's products, computed on the rows' device (float32: about twice as
+    fast; the sums stay float64, on their own device: :func:`dsdeploy.recover.device.lsq_placement`).
     """
     g = a.shape[1]
     step = max(1, CHUNK_ELEMENTS // (g * (a.shape[-1] + 1)))
@@ -62,9 +64,32 @@ def _accumulate(ata: torch.Tensor, atb: torch.Tensor, btb: torch.Tensor, a: torc
             ac = torch.cat([ac, ac.new_ones(ac.shape[0], ac.shape[1], 1)], dim=2)
         bc = b[i:i + step].to(dtype).transpose(0, 1)  # (g, m, Cout_g)
         act = ac.transpose(1, 2)
-        ata += (act @ ac).to(torch.float64)
-        atb += (act @ bc).to(torch.float64)
-        btb += bc.to(torch.float64).square().sum(dim=(1, 2))
+        ata += (act @ ac).to(ata.device, torch.float64)
+        atb += (act @ bc).to(atb.device, torch.float64)
+        bsq = bc.to(torch.float64) if supports_float64(bc.device) else bc.cpu().to(torch.float64)
+        btb += bsq.square().sum(dim=(1, 2)).to(btb.device)
+
+
+class Sums:
+    """Where a system's float64 sums live: on the rows' device while accumulating (the CPU when that
+    device has no float64), on the CPU for the solves (:meth:`host`)."""
+
+    _SUMS: tuple[str, ...] = ()
+
+    def place(self, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+        """Move the sums to where rows from ``device`` accumulate; the chunk-product dtype to use there
+        (``dtype``, or float32 on a device without float64)."""
+        where, product = lsq_placement(device)
+        for name in self._SUMS:
+            t = getattr(self, name)
+            if t.device != where:
+                setattr(self, name, t.to(where))
+        return dtype if product == torch.float64 else torch.float32
+
+    def host(self) -> None:
+        """Move the sums to the CPU (the solves and error formulas run there, in float64)."""
+        for name in self._SUMS:
+            setattr(self, name, getattr(self, name).cpu())
 
 
 def _targets(conv: nn.Module, x: torch.Tensor, g: int) -> torch.Tensor:
@@ -73,8 +98,10 @@ def _targets(conv: nn.Module, x: torch.Tensor, g: int) -> torch.Tensor:
     return y.reshape(y.shape[0], g, y.shape[1] // g, -1).permute(0, 3, 1, 2).reshape(-1, g, y.shape[1] // g)
 
 
-class NormalEquations:
+class NormalEquations(Sums):
     """Per-group ``A^T A``, ``A^T B`` and ``||B||^2`` of the pointwise fit for one block, in float64."""
+
+    _SUMS = ("ata", "atb", "btb")
 
     def __init__(self, block: DSConv, conv: nn.Module) -> None:
         self.block, self.conv = block, conv
@@ -89,17 +116,19 @@ class NormalEquations:
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate one batch of block inputs ``x``."""
+        dtype = self.place(x.device, torch.float64)
         feats = self.block.depthwise_features(x)  # (N, K, Cin, *sp)
         n, k = feats.shape[:2]
         a = feats.reshape(n, k, self.g, self.cin_g, -1).permute(0, 4, 2, 1, 3).reshape(-1, self.g, k * self.cin_g)
-        _accumulate(self.ata, self.atb, self.btb, a, _targets(self.conv, x, self.g), self.bias)
+        _accumulate(self.ata, self.atb, self.btb, a, _targets(self.conv, x, self.g), self.bias, dtype)
         self.rows += a.shape[0]
 
     def current(self) -> torch.Tensor:
         """The block's present pointwise weights as ``W (g, D, Cout_g)``."""
         pw, bias = self.block.get_pointwise()  # (K, Cout, Cin_g)
         k = pw.shape[0]
-        w = pw.detach().reshape(k, self.g, self.cout_g, self.cin_g).permute(1, 0, 3, 2)
+        pw, bias = pw.detach().cpu(), bias.detach().cpu() if bias is not None else None
+        w = pw.reshape(k, self.g, self.cout_g, self.cin_g).permute(1, 0, 3, 2)
         w = w.reshape(self.g, k * self.cin_g, self.cout_g).to(torch.float64)
         if self.bias:
             bias = bias.detach() if bias is not None else torch.zeros(self.block.out_channels)
@@ -108,10 +137,12 @@ class NormalEquations:
 
     def error(self, w: torch.Tensor) -> float:
         """Relative squared error ``||A W - B||^2 / ||B||^2`` summed over groups."""
+        self.host()
         return _quadratic_error(self.ata, self.atb, self.btb, w)
 
     def solve(self, ridge: float) -> torch.Tensor:
         """Ridge-regularised least squares: ``(A^T A + lam I) W = A^T B``, lam = ridge * trace / D."""
+        self.host()
         return _ridge_solve(self.ata, self.atb, ridge)
 
     def load(self, w: torch.Tensor) -> None:

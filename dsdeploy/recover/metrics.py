@@ -11,6 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dsdeploy.errors import DataError, DsdeployError, InputShapeError
+from dsdeploy.recover.device import autocast, module_device, to_device
 
 
 def classification_metrics(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
@@ -78,36 +79,43 @@ def _scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()  # on a generator: grad is off while it runs, back on while the caller holds a batch
 def scored_batches(model: nn.Module, loader: Iterable, *, max_batches: int | None = None,
-                   channels_last: bool = False, progress: bool = False, desc: str = "predict"
-                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                   channels_last: bool = False, progress: bool = False, desc: str = "predict",
+                   precision: str = "fp32") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The one evaluation loop: yield (labels[B], scores[B, C]) per batch of ``loader`` (``(x, y)`` pairs).
 
     ``model`` runs in eval mode without gradients (its mode is restored when the loop ends or
-    is abandoned); at most ``max_batches`` batches; ``channels_last`` feeds 4-D batches in NHWC
-    memory format (for a model converted to it). Errors as :func:`_scores`.
+    is abandoned) on the device it is on (the batches are moved there; the scores come back
+    float32 on the CPU), under autocast of ``precision`` (fp32 | bf16 | fp16); at most
+    ``max_batches`` batches; ``channels_last`` feeds 4-D batches in NHWC memory format (for a
+    model converted to it). Errors as :func:`_scores`.
     """
     was_training = model.training
+    device = module_device(model)
     model.eval()
     try:
         for i, (x, y) in enumerate(tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False)):
             if max_batches is not None and i >= max_batches:
                 break
+            x = to_device(x, device)
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield torch.as_tensor(y), _scores(model, x)
+            with autocast(device, precision):
+                out = _scores(model, x)
+            yield torch.as_tensor(y).cpu(), out.float().cpu()
     finally:
         model.train(was_training)
 
 
-def predict(model: nn.Module, loader: Iterable, *, progress: bool = False, desc: str = "predict"
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``model`` (in eval mode, no grad) over ``loader``; return (y_true, scores[N, C]).
+def predict(model: nn.Module, loader: Iterable, *, progress: bool = False, desc: str = "predict",
+            precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+    """Run ``model`` (in eval mode, no grad, on its device, autocast ``precision``) over ``loader``;
+    return (y_true, scores[N, C]).
 
     The model's train/eval mode is restored afterwards. Raises DsdeployError when the
     model does not return a (N, C) tensor of class scores, DataError for an empty loader.
     """
     ys, outs = [], []
-    for y, out in scored_batches(model, loader, progress=progress, desc=desc):
+    for y, out in scored_batches(model, loader, progress=progress, desc=desc, precision=precision):
         ys.append(y)
         outs.append(out.cpu())
     if not outs:
@@ -123,14 +131,16 @@ def top1(y_true: np.ndarray | torch.Tensor, y_pred: np.ndarray | torch.Tensor) -
 
 
 def evaluate(model: nn.Module, loader: Iterable, max_batches: int | None = None,
-             channels_last: bool = False) -> float | None:
+             channels_last: bool = False, precision: str = "fp32") -> float | None:
     """Top-1 accuracy (0-1) of ``model`` on the labelled items of ``loader``; None without labels.
 
-    ``channels_last`` feeds 4-D batches in NHWC memory format (for a model converted to it).
+    ``channels_last`` feeds 4-D batches in NHWC memory format (for a model converted to it);
+    ``precision``: autocast of the forward pass (:func:`scored_batches`).
     Only the counts are kept, not the scores (a cheap check inside training loops).
     """
     correct = total = 0
-    for y, out in scored_batches(model, loader, max_batches=max_batches, channels_last=channels_last):
+    for y, out in scored_batches(model, loader, max_batches=max_batches, channels_last=channels_last,
+                                 precision=precision):
         c, n = top1(y, out.argmax(1))
         correct, total = correct + c, total + n
     return correct / total if total else None

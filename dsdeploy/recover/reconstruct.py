@@ -52,6 +52,7 @@ from dsdeploy.recover.config import (
     CALIB_ROUNDS,
     CalibrationParams,
 )
+from dsdeploy.recover.device import on_device, placed, resolve_device, supports_float64
 from dsdeploy.recover.distill import call_order, evaluate, following_norms
 from dsdeploy.recover.lsq import CHUNK_ELEMENTS, PATCH_MB, NormalEquations, patch_bytes
 from dsdeploy.recover.stagecache import LayerInputs
@@ -222,8 +223,9 @@ def layer_errors(student: nn.Module, convs: dict[str, nn.Module], loader: Iterab
             if name not in seen:
                 seen.add(name)
                 ref = convs[name](args[0])
-                sums[name][0] += float((out - ref).double().square().sum())
-                sums[name][1] += float(ref.double().square().sum())
+                dt = torch.float64 if supports_float64(ref.device) else torch.float32
+                sums[name][0] += float((out - ref).to(dt).square().sum())
+                sums[name][1] += float(ref.to(dt).square().sum())
         return fn
 
     student.eval()
@@ -244,7 +246,8 @@ def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterab
               max_batches: int | None = None, ridge: float = 1e-6, progress: bool = True, bn: bool = True,
               eval_loader: Iterable | None = None, rounds: int = CALIB_ROUNDS,
               cache_mb: float = CALIB_CACHE_MB, interleave_bn: bool = True,
-              bn_weight: bool = False, eval_images: int = CALIB_EVAL_IMAGES) -> CalibrationReport:
+              bn_weight: bool = False, eval_images: int = CALIB_EVAL_IMAGES,
+              device: str | torch.device = "auto") -> CalibrationReport:
     """Fit every converted layer's factors by least squares, IN PLACE, then fix BN.
 
     Args:
@@ -269,12 +272,25 @@ def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterab
         bn_weight: with ``interleave_bn``, weight each output channel's error by its gain through the
             original BatchNorm after it (the fit then targets the post-BN output; the errors reported
             for those layers are the weighted ones).
+        device: where the networks run (auto | cpu | cuda | cuda:N | mps; :mod:`dsdeploy.recover.device`);
+            both models go back where they were afterwards. The least-squares sums are float64 (on
+            the device when it has float64, else on the CPU); the solves run on the CPU.
 
     Returns:
         A CalibrationReport with per-layer relative output errors (SVD, pointwise, rounds, after BN).
     """
     CalibrationParams(ridge=ridge, max_batches=max_batches, rounds=rounds, cache_mb=cache_mb, eval_images=eval_images)
-    eval_loader = capped(eval_loader, eval_images)
+    dev = resolve_device(device, "calibrate.device")
+    with placed(dev, student, teacher):
+        return _calibrate(student, teacher, plan, on_device(loader, dev), max_batches=max_batches, ridge=ridge,
+                          progress=progress, bn=bn, eval_loader=capped(eval_loader, eval_images), rounds=rounds,
+                          cache_mb=cache_mb, interleave_bn=interleave_bn, bn_weight=bn_weight)
+
+
+def _calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterable, *, max_batches: int | None,
+               ridge: float, progress: bool, bn: bool, eval_loader: Iterable | None, rounds: int, cache_mb: float,
+               interleave_bn: bool, bn_weight: bool) -> CalibrationReport:
+    """:func:`calibrate` with the models and ``loader`` on one device."""
     t0 = time.perf_counter()
     report = CalibrationReport(ridge=ridge, rounds=rounds)
     blocks, convs = ds_blocks(student), original_convs(teacher, plan)
@@ -327,7 +343,7 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
                    batch_size: int = 64, ridge: float = 1e-6, progress: bool = True, val_split: float = 0.2,
                    limit: int | None = None, labels: list[str] | None = None, rounds: int = CALIB_ROUNDS,
                    cache_mb: float = CALIB_CACHE_MB, block_reconstruct: float | None = None,
-                   eval_images: int = CALIB_EVAL_IMAGES) -> CalibrationReport:
+                   eval_images: int = CALIB_EVAL_IMAGES, device: str | torch.device = "auto") -> CalibrationReport:
     """Calibrate ``model`` in place on a data spec (``digits`` or a folder).
 
     ``preprocessing`` is the resolved preprocessing dict (:func:`dsdeploy.data.preprocessing.resolve`;
@@ -338,9 +354,11 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
     mapped to ``labels`` by name when the model records them). ``rounds``, ``cache_mb``: as in :func:`calibrate`.
     ``block_reconstruct``: seconds of :mod:`dsdeploy.recover.blockrec` afterwards on the same batches (None: off).
     ``eval_images``: score on at most this many validation images (0: none).
+    ``device``: where calibration and block reconstruction run (as in :func:`calibrate`).
     """
     CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size, rounds=rounds, cache_mb=cache_mb,
                       eval_images=eval_images)
+    dev = resolve_device(device, "calibrate.device")
     pre = resolve(preprocessing, data=data, model=teacher)
     splits, calib = calibration_images(data, pre, max_batches=max_batches, batch_size=batch_size, seed=seed,
                                        val_split=val_split, limit=limit, labels=labels)
@@ -352,8 +370,10 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
     if eval_loader is not None:
         check_outputs(splits.classes, output_count(teacher, calib[0][0][None]), "the model")
     report = calibrate(model, teacher, plan, loader, ridge=ridge, progress=progress, eval_loader=eval_loader,
-                       rounds=rounds, cache_mb=cache_mb, eval_images=eval_images)
-    after_calibration(report, model, teacher, loader, block_reconstruct, eval_loader=eval_loader, progress=progress)
+                       rounds=rounds, cache_mb=cache_mb, eval_images=eval_images, device=dev)
+    with placed(dev, model, teacher):
+        after_calibration(report, model, teacher, on_device(loader, dev), block_reconstruct, eval_loader=eval_loader,
+                          progress=progress)
     report.split = splits.split
     return report
 
@@ -363,7 +383,7 @@ def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: 
                        preprocess: dict[str, Any] | None = None, val_split: float = 0.2,
                        limit: int | None = None, trust_code: bool = False, rounds: int = CALIB_ROUNDS,
                        cache_mb: float = CALIB_CACHE_MB, block_reconstruct: float | str | None = None,
-                       eval_images: int = CALIB_EVAL_IMAGES) -> CalibrationReport:
+                       eval_images: int = CALIB_EVAL_IMAGES, device: str = "auto") -> CalibrationReport:
     """``dsdeploy calibrate``: load a .dsd, calibrate it against its source model, write ``out``.
 
     The preprocessing is :func:`dsdeploy.data.preprocessing.resolve` of the artifact's recorded
@@ -371,9 +391,12 @@ def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: 
     ``trust_code``: import the ``pkg.module:factory`` the artifact records (see :mod:`dsdeploy.models.trust`).
     ``rounds``, ``cache_mb``: as in :func:`calibrate`; ``eval_images``: as in :func:`calibrate_data`.
     ``block_reconstruct``: seconds or a duration (``"90s"``) of block reconstruction afterwards (None/0: off).
+    ``device``: as in :func:`calibrate`; the artifact written holds float32 CPU tensors whatever the device.
     """
     params = CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size, rounds=rounds,
-                               cache_mb=cache_mb, block_reconstruct=block_reconstruct, eval_images=eval_images)
+                               cache_mb=cache_mb, block_reconstruct=block_reconstruct, eval_images=eval_images,
+                               device=device)
+    resolve_device(device, "calibrate.device")  # before any loading: an absent device is refused at once
     art = load_artifact(artifact_path, trust_code=trust_code)
     teacher = load_source_model(art)
     pre = resolve(art.metadata.get("preprocessing"), art.metadata.get("input_shape"), preprocess, data=data,
@@ -381,7 +404,7 @@ def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: 
     report = calibrate_data(art.model, teacher, art.plan, data, pre, max_batches=max_batches, seed=seed,
                             batch_size=batch_size, ridge=ridge, progress=progress, val_split=val_split, limit=limit,
                             labels=art.metadata.get("labels"), rounds=rounds, cache_mb=cache_mb,
-                            block_reconstruct=params.block_reconstruct, eval_images=eval_images)
+                            block_reconstruct=params.block_reconstruct, eval_images=eval_images, device=device)
     save_artifact(out, art.model, art.plan, art.source, {**art.metadata, "preprocessing": pre.to_dict()},
                   art.history + [report.history_entry(data=data, seed=seed)])
     return report

@@ -41,6 +41,7 @@ from dsdeploy.errors import DataError
 from dsdeploy.export.parity import flatten_outputs
 from dsdeploy.recover.bnfit import batch_inputs
 from dsdeploy.recover.config import CALIB_BATCHES
+from dsdeploy.recover.device import on_device, resolve_device
 from dsdeploy.recover.reconstruct import NormalEquations
 from dsdeploy.tables import format_table, human
 
@@ -105,12 +106,13 @@ def output_change(reference: Any, out: Any) -> float:
     """Mean KL(softmax(reference) || softmax(out)) per row for ``(N, C)`` logits, else the relative
     squared error over all output tensors."""
     if _is_logits(reference):
-        p = torch.log_softmax(reference.double(), dim=1)
-        q = torch.log_softmax(out.double(), dim=1)
+        p = torch.log_softmax(reference.cpu().double(), dim=1)
+        q = torch.log_softmax(out.cpu().double(), dim=1)
         return float((p.exp() * (p - q)).sum(dim=1).mean().clamp_min(0))
     ref, got = flatten_outputs(reference), flatten_outputs(out)
-    num = sum(float((g.double() - r.double()).square().sum()) for r, g in zip(ref, got))
-    den = sum(float(r.double().square().sum()) for r in ref)
+    ref, got = [r.cpu().double() for r in ref], [g.cpu().double() for g in got]
+    num = sum(float((g - r).square().sum()) for r, g in zip(ref, got))
+    den = sum(float(r.square().sum()) for r in ref)
     return num / max(den, 1e-30)
 
 
@@ -121,6 +123,7 @@ def truncated(eq: NormalEquations, block: DSConv) -> NormalEquations:
     factors are nested), so its system is the sub-matrix of the features of ranks 1..r (the
     columns ``add`` lays out rank-major) plus the bias column.
     """
+    eq.host()
     sub = NormalEquations(block, eq.conv)
     keep = list(range(block.rank * eq.cin_g)) + ([eq.ata.shape[-1] - 1] if eq.bias else [])
     idx = torch.tensor(keep)
@@ -155,7 +158,7 @@ def candidates(model: nn.Module, policy: Policy, input_shape: tuple[int, ...], m
 
 def measure_sensitivity(model: nn.Module, policy: Policy, loader: Iterable, input_shape: tuple[int, ...], *,
                         max_rank: int = MAX_RANK, batches: int = BATCHES, logit_batches: int = LOGIT_BATCHES,
-                        ridge: float = 1e-6, progress: bool = False) -> Sensitivity:
+                        ridge: float = 1e-6, progress: bool = False, device: str | torch.device = "auto") -> Sensitivity:
     """Measure the sensitivity table of ``model`` (never modified) on ``loader``'s first batches.
 
     Args:
@@ -168,6 +171,7 @@ def measure_sensitivity(model: nn.Module, policy: Policy, loader: Iterable, inpu
         logit_batches: batches each one-layer-converted forward runs on (capped at ``batches``).
         ridge: relative ridge of the least squares (as calibration's).
         progress: a tqdm bar on stderr for the logit passes.
+        device: where the forward passes run (auto | cpu | cuda | cuda:N | mps); the solves run on the CPU.
 
     Returns:
         A :class:`Sensitivity`; its ``evaluations`` = number of one-layer forwards (sum of ranks x
@@ -190,6 +194,10 @@ def measure_sensitivity(model: nn.Module, policy: Policy, loader: Iterable, inpu
         blocks[name] = {r: DSConv.from_conv(conv, r, "multiplier", svd).eval() for r in ranks}  # fewest torch calls
         # one system at the largest rank (one grouped depthwise conv computes all its features)
         eqs[name] = NormalEquations(DSConv.from_conv(conv, ranks[-1], "multiplier", svd).eval(), conv)
+    dev = resolve_device(device, "calibrate.device")
+    for m in [net, *(b for per in blocks.values() for b in per.values()), *(eq.block for eq in eqs.values())]:
+        m.to(dev)  # copies (the model itself is never modified)
+    loader = on_device(loader, dev)
     busy: set[str] = set()
 
     def hook(_mod: nn.Module, args: tuple, name: str) -> None:
