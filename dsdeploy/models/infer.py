@@ -3,8 +3,9 @@
 A ``.dsd`` stores the source spec, not code. For a module built in a notebook the spec is
 inferred without running anything the user did not already import: a torchvision model
 is matched by its class and state-dict signature against the torchvision builders (built
-on the ``meta`` device with ``weights=None``: no memory, no download); any other class
-that builds without arguments is recorded as ``module:Class`` (which loading imports only
+on the ``meta`` device with ``weights=None``: no memory, no download), a timm model by its
+recorded architecture (``timm:ARCH``, :func:`dsdeploy.models.timm_source.timm_spec`); any
+other class that builds without arguments is recorded as ``module:Class`` (which loading imports only
 with ``trust_code=True`` or ``factory=``, like every recorded factory).
 """
 
@@ -106,7 +107,10 @@ def infer_source(model: nn.Module) -> tuple[str, dict[str, Any]]:
     Raises:
         SourceError: nothing rebuilds it without the user naming a factory (one line, says how).
     """
-    found = torchvision_spec(model)
+    # local import: timm_source builds on this module's signature helpers
+    from dsdeploy.models.timm_source import timm_spec
+
+    found = torchvision_spec(model) or timm_spec(model)
     if found is not None:
         return found
     return class_spec(model), {}
