@@ -20,8 +20,10 @@ import dsdeploy
 from dsdeploy.conversion.loading import load_model
 from dsdeploy.data.preprocessing import resolve
 from dsdeploy.errors import SourceError, WeightsError
+from dsdeploy.export.exporters import META_EXPORTER_FALLBACK
 from dsdeploy.export.graph import META_PREPROCESSING, load_onnx, metadata
-from dsdeploy.export.onnx_export import META_EXPORTER_FALLBACK, export_onnx
+from dsdeploy.export.onnx_export import export_onnx
+from dsdeploy.models.infer import infer_source
 from tests.clirun import ROOT, invoke
 
 SPEC = "timm:test_resnet"
@@ -45,6 +47,7 @@ def test_timm_spec_takes_timms_data_config_and_rebuilds_from_an_artifact(convert
     assert pre.source == "recorded with the model"
     assert loaded.preprocessing["interpolation"] == "bilinear"
     assert loaded.model.get_classifier().out_features == 7  # model_kwargs pass through to create_model
+    assert infer_source(loaded.model) == (SPEC, {"num_classes": 7})  # a bare timm module names its source
 
     dsdeploy.save(cm, tmp_path / "m.dsd")
     back = load_model(str(tmp_path / "m.dsd"))  # a timm: source needs no trust_code, like torchvision:

@@ -16,11 +16,9 @@ import difflib
 import math
 from typing import Any
 
-import torch
 from torch import nn
 
 from dsdeploy.errors import SourceError
-from dsdeploy.models.infer import _class_count, signature
 
 PREFIX = "timm:"
 INSTALL_HINT = "pip install -e '.[timm]'"
@@ -79,30 +77,3 @@ def build_timm(name: str, kwargs: dict[str, Any]) -> tuple[nn.Module, tuple[int,
         raise SourceError(f"{spec} cannot be built with {args}: {type(exc).__name__}: {first[:200]}") from None
     shape, pre = data_config_preprocessing(timm.data.resolve_model_data_config(model))
     return model, shape, pre
-
-
-def timm_spec(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
-    """``("timm:ARCH", model_kwargs)`` for a model timm built (its class lives in ``timm.models``),
-    when ``timm.create_model(ARCH)`` (with ``num_classes`` when only the classifier differs)
-    makes exactly its state-dict signature; else None. Builds on the ``meta`` device."""
-    if not type(model).__module__.startswith("timm.models"):
-        return None
-    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    if not arch:
-        return None
-    timm = import_timm(PREFIX + arch)
-    want = signature(model)
-    kwargs: dict[str, Any] = {}
-    for _ in range(2):
-        try:
-            with torch.device("meta"):
-                got = signature(timm.create_model(arch, pretrained=False, **kwargs))
-        except (TypeError, ValueError, RuntimeError, NotImplementedError, AssertionError):
-            return None
-        if got == want:
-            return PREFIX + arch, kwargs
-        n = _class_count(want, got)
-        if n is None or kwargs:
-            return None
-        kwargs = {"num_classes": n}
-    return None
