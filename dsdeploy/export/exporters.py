@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import logging
 import re
 import warnings
@@ -50,11 +51,13 @@ def exporter_reason(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def _quiet_logs():
-    """Hold back log records below ERROR (torch.export's graph dumps on a failed attempt) while exporting."""
+    """While exporting: hold back log records below ERROR and what is printed (torch.export prints the
+    traced graph when an attempt fails; the one-line reason is what the user gets)."""
     before = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
         logging.disable(before)
 
