@@ -317,7 +317,7 @@ def export_onnx(model: ConvertedModel | nn.Module | str, path: str | Path, *,
                 **options: Any) -> ExportReport:
     """Export to ONE ``.onnx`` file, gated by ONNX Runtime parity with torch.
 
-    Method: ``torch.onnx.export`` (TorchScript by default), then BN folding and onnxsim, each kept
+    Method: ``torch.onnx.export`` (dynamo, falling back to TorchScript), then BN folding and onnxsim, each kept
     only when ONNX Runtime's CPU EP still matches torch (:func:`dsdeploy.export.onnx_export.export_onnx`).
 
     ``model``: a ConvertedModel (its preprocessing and labels go into the ONNX metadata, which

@@ -32,6 +32,7 @@ RECIPES: dict[str, str | list[int]] = {
     "torchvision_mobilenet_v2.toml": [1, 3, 64, 64],
     "torchvision_vgg16.toml": [1, 3, 64, 64],
     "torchvision_fasterrcnn_mobilenet_fpn.toml": [1, 3, 128, 128],
+    "timm_resnet.toml": [1, 3, 64, 64],
 }
 PLANNED = [name for name, how in RECIPES.items() if how != E2E]
 

@@ -65,7 +65,7 @@ def test_plain_bundle_manifest_and_predict_agree_with_torch(digits, fp32, pngs, 
     assert man["inputs"][0]["shape"][1:] == [1, 16, 16] and man["inputs"][0]["dtype"] == "tensor(float)"
     assert man["outputs"][0]["shape"][1:] == [10]
     assert man["preprocessing"] == digits.preprocessing and man["labels"] == digits.labels
-    assert man["opset"] == 17 and man["quantize"] == "none" and man["source"]["source"] == "sample:digits_cnn"
+    assert man["opset"] == 18 and man["quantize"] == "none" and man["source"]["source"] == "sample:digits_cnn"
     assert man["accuracy"]["drop_pts"] == 0 and man["accuracy"]["fp32_top1"] > 95
     assert man["latency_ms"]["fp32"]["p50"] > 0 and rep.accuracy == man["accuracy"]
     # predict.py in a clean subprocess agrees with the torch model on the same PNG files

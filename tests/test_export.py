@@ -44,14 +44,14 @@ def test_sample_export_with_data_parity_metadata_and_one_file(digits, tmp_path):
     out = tmp_path / "digits.onnx"
     rep = export_model("sample:digits_cnn", out, data="digits")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.onnx"]  # no stray external data
-    assert rep.exporter == "torchscript" and rep.opset == 17 and rep.simplified
+    assert rep.exporter == "dynamo" and rep.opset == 18 and rep.simplified and rep.fallback is None  # the default
     labels = {p.inputs for p in rep.parity}
     assert {"export, random batch 1", "export, random batch 3", "export, data batch 16"} <= labels
     assert all(p.ok for p in rep.parity)
     meta = metadata(load_onnx(out))
     assert json.loads(meta[META_PREPROCESSING]) == digits.preprocessing
     assert json.loads(meta[META_LABELS]) == digits.labels
-    assert meta["dsdeploy.exporter"] == "torchscript" and meta["dsdeploy.source"] == "sample:digits_cnn"
+    assert meta["dsdeploy.exporter"] == "dynamo" and meta["dsdeploy.source"] == "sample:digits_cnn"
     prof = profile_model(digits.model, DIGITS_SHAPE)
     assert int(meta[META_CONV_MACS]) == prof.conv_macs == rep.conv_macs
     # dynamic batch: runs at two batch sizes
@@ -131,7 +131,7 @@ def test_simplification_that_breaks_parity_is_discarded(digits, tmp_path, monkey
 def test_dynamo_exporter_single_file_and_recorded(digits, tmp_path):
     out = tmp_path / "dyn.onnx"
     with pytest.warns(UserWarning, match="opset >= 18"):
-        rep = export_onnx(digits.model, out, DIGITS_SHAPE, exporter="dynamo", simplify=False)
+        rep = export_onnx(digits.model, out, DIGITS_SHAPE, exporter="dynamo", opset=17, simplify=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dyn.onnx"]
     assert rep.exporter == "dynamo" and rep.opset == 18 and all(p.ok for p in rep.parity)
     assert metadata(load_onnx(out))["dsdeploy.exporter"] == "dynamo"
@@ -165,7 +165,7 @@ def test_corrupt_and_missing_onnx_give_one_line_errors(tmp_path):
 
 
 def test_bad_exporter_and_shape(digits, tmp_path):
-    with pytest.raises(ExportError, match="exporter must be one of torchscript, dynamo"):
+    with pytest.raises(ExportError, match="exporter must be one of auto, dynamo, torchscript"):
         export_onnx(digits.model, tmp_path / "x.onnx", DIGITS_SHAPE, exporter="tflite")
     proc = invoke("export", "sample:digits_cnn", "-o", tmp_path / "x.onnx", "--input-shape", "1,3,16,16")
     assert proc.returncode != 0 and "input shape" in proc.stderr and not (tmp_path / "x.onnx").exists()

@@ -19,4 +19,4 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "python -m pytest -q" in readme and "python -m pytest -q" in ci
-    assert 'pip install -e ".[test,openvino]"' in readme and '-e ".[test,openvino]"' in ci
+    assert 'pip install -e ".[test,openvino,timm]"' in readme and '-e ".[test,openvino,timm]"' in ci

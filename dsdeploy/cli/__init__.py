@@ -98,7 +98,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     blocks, recover its accuracy, export it to ONNX and benchmark it on ONNX Runtime
     execution providers side by side with the original.
 
-    MODEL arguments accept: torchvision:NAME, sample:NAME, pkg.module:factory, or a
+    MODEL arguments accept: torchvision:NAME, timm:NAME, sample:NAME, pkg.module:factory, or a
     .dsd artifact written by `dsdeploy convert`.
     """
     ctx.ensure_object(dict)

@@ -31,13 +31,15 @@ def _worst(parity: list) -> str:
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
 @model_options
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (dynamo: at least 18).")
+@click.option("--opset", type=int, default=18, show_default=True,
+              help="ONNX opset (dynamo writes at least 18; auto uses torchscript below 18).")
 @click.option("--dynamic-batch/--static-batch", default=True, show_default=True,
               help="Dynamic axis 0 (verified at two batch sizes) or the fixed --input-shape batch.")
 @click.option("--simplify/--no-simplify", default=True, show_default=True,
               help="Run onnxsim; a result that breaks parity is discarded with a warning.")
-@click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
-              help="torch.onnx exporter (torchscript = dynamo=False, robust for CNNs).")
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
+              help="torch.onnx exporter: auto = dynamo (torch.export), falling back to torchscript when it fails "
+                   "(the reason is warned and recorded in the ONNX metadata); dynamo/torchscript = only that one.")
 @click.option("--data", default=None, metavar="DATA", help="Also check parity on real images: 'digits' or a folder.")
 @preprocess_options
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity: absolute tolerance.")

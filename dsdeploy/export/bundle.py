@@ -196,6 +196,10 @@ def bundle_files(folder: Path) -> set[str] | None:
     return names
 
 
+SOURCE_KEYS = ("dsdeploy.source", "dsdeploy.source_model", "dsdeploy.plan_digest", "dsdeploy.exporter",
+               "dsdeploy.exporter_fallback")  # the ONNX metadata a manifest's "source" repeats
+
+
 def _manifest(report: DeployReport, sess, qmodel, meta: dict[str, str], pre: dict | None, labels: list | None,
               ort_format: bool) -> dict[str, Any]:
     opset = next((o.version for o in qmodel.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -203,8 +207,7 @@ def _manifest(report: DeployReport, sess, qmodel, meta: dict[str, str], pre: dic
             "model": "model.onnx", "ort_model": "model.ort" if ort_format else None, "quantize": report.quantize,
             "reduce_range": report.reduce_range,
             "opset": opset, **_io(sess), "preprocessing": pre, "labels": labels,
-            "source": {k.removeprefix("dsdeploy."): v for k, v in meta.items()
-                       if k in ("dsdeploy.source", "dsdeploy.source_model", "dsdeploy.plan_digest", "dsdeploy.exporter")},
+            "source": {k.removeprefix("dsdeploy."): v for k, v in meta.items() if k in SOURCE_KEYS},
             "accuracy": report.accuracy, "latency_ms": report.latency_ms, "warnings": report.warnings,
             "sha256": dict(report.files)}
 

@@ -13,7 +13,7 @@ from dsdeploy.errors import DeployError, ExportError
 from dsdeploy.export.parity import ATOL, RTOL
 from dsdeploy.ranges import check_number
 
-EXPORTERS = ("torchscript", "dynamo")
+EXPORTERS = ("auto", "dynamo", "torchscript")
 QUANT_MODES = ("none", "int8", "int8-dynamic", "fp16")
 
 
@@ -22,18 +22,21 @@ class ExportConfig:
     """How :func:`dsdeploy.export.onnx_export.export_onnx` exports and gates a model.
 
     Attributes:
-        opset: ONNX opset (>= 7; the dynamo exporter uses at least 18).
+        opset: ONNX opset (>= 7; the dynamo exporter writes at least 18, so "auto" takes
+            TorchScript for a lower one).
         dynamic_batch: axis 0 dynamic (verified at two batch sizes), else the example's fixed batch.
         simplify: run onnxsim; a result that fails or breaks parity is discarded with a warning.
-        exporter: "torchscript" (``torch.onnx.export(dynamo=False)``, robust for CNNs) or "dynamo".
+        exporter: "auto" (the ``torch.export``-based exporter, ``dynamo=True``; when it fails or
+            breaks parity, TorchScript, the reason warned and recorded in the ONNX metadata),
+            "dynamo" or "torchscript" (``dynamo=False``): that one only.
         atol, rtol: parity gate ``max|onnx - torch| <= atol + rtol * max|torch|`` (>= 0; see
             :mod:`dsdeploy.export.parity`).
     """
 
-    opset: int = 17
+    opset: int = 18
     dynamic_batch: bool = True
     simplify: bool = True
-    exporter: str = "torchscript"
+    exporter: str = "auto"
     atol: float = ATOL
     rtol: float = RTOL
 

@@ -1,10 +1,12 @@
 """Export a torch model to ONNX with a parity gate after every transformation.
 
-``export_onnx`` exports with an explicitly chosen exporter (TorchScript by default, the
-robust choice for these CNNs in torch 2.14, whose ``torch.onnx.export`` defaults to
-``dynamo=True``), checks parity against torch on ONNX Runtime's CPU EP (random inputs at
-the export batch, at a second batch size when the batch is dynamic, and real samples when
-``data`` is given), simplifies with onnxsim only when the result keeps parity, writes ONE
+``export_onnx`` exports with the ``torch.export``-based exporter (``dynamo=True``, torch's
+default since 2.9) and, when that fails (the exporter raises, ONNX Runtime cannot run its
+graph, or the graph breaks parity), with the TorchScript exporter instead: the reason is
+recorded in ``metadata_props`` (``dsdeploy.exporter_fallback``) and warned
+(:mod:`dsdeploy.export.exporters`); ``exporter`` "dynamo" or "torchscript" forces one. It
+checks parity against torch on ONNX Runtime's CPU EP (random inputs at the export batch, at
+a second batch size when the batch is dynamic, and real samples when ``data`` is given), simplifies with onnxsim only when the result keeps parity, writes ONE
 self-contained file with provenance in ``metadata_props`` and reports op counts, conv
 MACs and the DS-structure check.
 
@@ -32,8 +34,16 @@ from dsdeploy.conversion.loading import load_model
 from dsdeploy.conversion.opcount import _wants_image_list
 from dsdeploy.data.datasets import load_data
 from dsdeploy.data.preprocessing import input_shape_for, resolve
-from dsdeploy.errors import DsdeployError, ExportError, InputShapeError, ParityError
+from dsdeploy.errors import DsdeployError, ExportError, InputShapeError
 from dsdeploy.export.config import ExportConfig
+from dsdeploy.export.exporters import (
+    DYNAMO_MIN_OPSET,
+    META_EXPORTER_FALLBACK,
+    Attempt,
+    export_auto,
+    first_line,
+    gate,
+)
 from dsdeploy.export.graph import (
     META_CONV_MACS,
     META_LABELS,
@@ -41,7 +51,6 @@ from dsdeploy.export.graph import (
     check_ds_structure,
     check_model,
     fold_bn_after_conv_sum,
-    load_onnx,
     set_metadata,
     summarize,
 )
@@ -49,18 +58,14 @@ from dsdeploy.export.parity import (
     ATOL,
     RTOL,
     OutputParity,
-    check_parity,
     flatten_outputs,
-    raise_failures,
     random_inputs,
 )
 from dsdeploy.fsutil import atomic_path
-from dsdeploy.runtime.sessions import cpu_session
 from dsdeploy.version import __version__
 
 log = logging.getLogger(__name__)
 
-DYNAMO_MIN_OPSET = 18
 TWO_GB = 2 * 1024**3
 
 
@@ -80,38 +85,15 @@ class ExportReport:
     conv_macs: int | None = None
     ds_problems: list[str] | None = None
     warnings: list[str] = field(default_factory=list)
+    fallback: str | None = None  # why "auto" did not use the dynamo exporter (None: it did, or one was forced)
     original: dict[str, Any] | None = None  # op counts / conv MACs of the source model's export
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def _is_detection(model: nn.Module) -> bool:
     return _wants_image_list(model)
-
-
-def _run_exporter(model: nn.Module, x: torch.Tensor, dest: Path, exporter: str, opset: int,
-                  dynamic_batch: bool, n_outputs: int) -> int:
-    """Write the raw export to ``dest``; returns the opset actually used."""
-    outputs = ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        if exporter == "torchscript":
-            axes = {n: {0: "batch"} for n in ["input", *outputs]} if dynamic_batch else None
-            torch.onnx.export(model, (x,), str(dest), dynamo=False, opset_version=opset, input_names=["input"],
-                              output_names=outputs, dynamic_axes=axes, do_constant_folding=True)
-            return opset
-        used = max(opset, DYNAMO_MIN_OPSET)
-        shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
-        prog = torch.onnx.export(model, (x,), None, dynamo=True, opset_version=used, input_names=["input"],
-                                 output_names=outputs, dynamic_shapes=shapes, external_data=False, verbose=False)
-        prog.save(str(dest), external_data=False)
-        return used
 
 
 def _save(model, path: Path) -> None:
@@ -123,18 +105,6 @@ def _save(model, path: Path) -> None:
             onnx.save_model(model, str(tmp))
 
 
-def _gate(model: nn.Module, onnx_path: Path, cases: list[tuple[torch.Tensor, str]], stage: str, atol: float,
-          rtol: float) -> list[OutputParity]:
-    """Parity on every case (collecting all failures); raises ONE ParityError listing them."""
-    sess = cpu_session(onnx_path)
-    results: list[OutputParity] = []
-    for x, label in cases:
-        results += check_parity(model, onnx_path, x, atol=atol, rtol=rtol, stage=stage, raise_on_fail=False,
-                                label=f"{stage}, {label}", session=sess)
-    raise_failures(results, stage)
-    return results
-
-
 def _simplify(raw, raw_path: Path, model: nn.Module, cases, atol: float, rtol: float, warns: list[str]):
     """onnxsim on ``raw``; returns (model, parity) or (None, []) when it fails or breaks parity."""
     # onnxsim is heavy and needed only when simplifying
@@ -143,7 +113,7 @@ def _simplify(raw, raw_path: Path, model: nn.Module, cases, atol: float, rtol: f
     try:
         simplified, ok = onnxsim.simplify(raw)
     except Exception as exc:  # onnxsim raises plain RuntimeError/ValueError from C++
-        warns.append(f"onnxsim failed ({_first_line(exc)}); kept the unsimplified model")
+        warns.append(f"onnxsim failed ({first_line(exc)}); kept the unsimplified model")
         return None, []
     if not ok:
         warns.append("onnxsim could not validate its result; kept the unsimplified model")
@@ -152,7 +122,7 @@ def _simplify(raw, raw_path: Path, model: nn.Module, cases, atol: float, rtol: f
     onnx.save_model(simplified, str(sim_path))
     try:
         check_model(simplified, "the simplified model")
-        return simplified, _gate(model, sim_path, cases, "simplification", atol, rtol)
+        return simplified, gate(model, sim_path, cases, "simplification", atol, rtol)
     except ExportError as exc:  # ParityError included
         warns.append(f"simplification broke parity or validity, kept the unsimplified model ({exc})")
         return None, []
@@ -169,7 +139,7 @@ def _fold_bn(raw, raw_path: Path, model: nn.Module, cases, atol: float, rtol: fl
     onnx.save_model(folded, str(path))
     try:
         check_model(folded, "the BN-folded model")
-        return folded, parity + _gate(model, path, cases, "BN folding", atol, rtol)
+        return folded, parity + gate(model, path, cases, "BN folding", atol, rtol)
     except ExportError as exc:  # ParityError included
         warns.append(f"folding BatchNorm into summed branches broke parity, kept it unfolded ({exc})")
         return raw, parity
@@ -186,8 +156,8 @@ def _parity_cases(shape: tuple[int, ...], dynamic_batch: bool, data: torch.Tenso
     return cases
 
 
-def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...], *, opset: int = 17,
-                dynamic_batch: bool = True, simplify: bool = True, exporter: str = "torchscript",
+def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...], *, opset: int = 18,
+                dynamic_batch: bool = True, simplify: bool = True, exporter: str = "auto",
                 metadata: dict[str, Any] | None = None, data: torch.Tensor | None = None, atol: float = ATOL,
                 rtol: float = RTOL, seed: int = 0) -> ExportReport:
     """Export ``model`` to ONE ``.onnx`` file at ``path``, gated by parity with torch.
@@ -196,24 +166,27 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
         model: an ``nn.Module`` taking one tensor (put in eval mode; not otherwise changed).
         path: destination; written atomically (nothing is written when a gate fails).
         input_shape: example input shape, batch first.
-        opset: ONNX opset (the dynamo exporter uses at least 18; the report says which).
+        opset: ONNX opset (the dynamo exporter uses at least 18, so "auto" exports an opset below
+            18 with TorchScript; the report says which opset and exporter were used).
         dynamic_batch: make axis 0 dynamic, verified by running ONNX at two batch sizes.
         simplify: run onnxsim; a result that fails or breaks parity is discarded with a warning.
-        exporter: "torchscript" (``dynamo=False``) or "dynamo".
+        exporter: "auto" (dynamo, falling back to TorchScript with the reason in the report's
+            ``fallback``, its warnings and the ONNX metadata), "dynamo" or "torchscript" (forced).
         metadata: extra ``metadata_props`` (non-strings stored as JSON), e.g. provenance.
         data: real input samples (N, *input_shape[1:]) added to the parity cases.
         atol, rtol: parity tolerance, see :mod:`dsdeploy.export.parity`.
         seed: seed for the random parity inputs.
 
     Raises:
-        ExportError: the exporter failed, or the model takes a list of images (detection).
-        ParityError: ONNX Runtime disagrees with torch on the export (every failing output listed).
+        ExportError: the exporter failed ("auto": both did), or the model takes a list of images (detection).
+        ParityError: ONNX Runtime disagrees with torch on the export (every failing output listed;
+            "auto": on both exporters' graphs).
     """
     ExportConfig(opset=opset, dynamic_batch=dynamic_batch, simplify=simplify, exporter=exporter, atol=atol, rtol=rtol)
     path = Path(path)
     shape = tuple(int(d) for d in input_shape)
     warns: list[str] = []
-    if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
+    if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:  # forced; "auto" takes TorchScript for opset < 18
         warns.append(f"the dynamo exporter supports opset >= {DYNAMO_MIN_OPSET}; exporting with opset "
                      f"{DYNAMO_MIN_OPSET} instead of {opset}")
     if _is_detection(model):
@@ -222,29 +195,10 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
                           f"batched tensor — export the backbone, or wrap the model to take a tensor")
     model.eval()
     n_outputs = _check_runs(model, shape, dynamic_batch, seed)
-    example = random_inputs(shape, seed)
-    if exporter == "dynamo" and dynamic_batch and shape[0] == 1:
-        example = random_inputs((2, *shape[1:]), seed)  # torch.export specialises a size-1 dim
     cases = _parity_cases(shape, dynamic_batch, data, seed)
     with tempfile.TemporaryDirectory(prefix="dsdeploy-export-") as tmpdir:
-        raw_path = Path(tmpdir) / "raw.onnx"
-        try:
-            used_opset = _run_exporter(model, example, raw_path, exporter, opset, dynamic_batch, n_outputs)
-        except Exception as exc:  # exporters raise many types; the user gets one line
-            raise ExportError(f"torch.onnx.export ({exporter}) failed for {type(model).__name__}: "
-                              f"{type(exc).__name__}: {_first_line(exc)}") from None
-        if exporter == "dynamo" and any(p.name != "raw.onnx" for p in Path(tmpdir).iterdir()):
-            warns.append("the dynamo exporter wrote an external data file; it was folded into the single file")
-        raw = load_onnx(raw_path)  # checker before use
-        try:
-            parity = _gate(model, raw_path, cases, "export", atol, rtol)
-        except ParityError:
-            raise
-        except ExportError as exc:  # ORT cannot run the graph: name the cause, not the temp file
-            hint = "; the dynamo exporter may work: set export.exporter to dynamo" \
-                if exporter == "torchscript" else ""
-            msg = str(exc).replace(str(raw_path), "the exported model")
-            raise ExportError(f"{msg.splitlines()[0] if msg else exc}{hint}") from None
+        attempt = Attempt(model, shape, opset, dynamic_batch, n_outputs, cases, atol, rtol, seed, Path(tmpdir))
+        used, fallback, (raw, raw_path, parity, used_opset) = export_auto(attempt, exporter, warns)
         raw, parity = _fold_bn(raw, raw_path, model, cases, atol, rtol, parity, warns)
         final, simplified = raw, False
         if simplify:
@@ -256,14 +210,15 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
     summary = summarize(final, shape)
     blocks = _ds_block_shapes(model)
     problems = check_ds_structure(final, blocks) if blocks else None
-    set_metadata(final, {"dsdeploy.version": __version__, "dsdeploy.exporter": exporter,
+    set_metadata(final, {"dsdeploy.version": __version__, "dsdeploy.exporter": used,
+                         **({META_EXPORTER_FALLBACK: fallback} if fallback else {}),
                          "dsdeploy.opset": str(used_opset), "dsdeploy.input_shape": list(shape),
                          "dsdeploy.dynamic_batch": "true" if dynamic_batch else "false",
                          **({META_CONV_MACS: str(summary.conv_macs)} if summary.conv_macs is not None else {}),
                          **(metadata or {})})
     _save(final, path)
-    return ExportReport(str(path), exporter, used_opset, list(shape), dynamic_batch, parity, simplified,
-                        summary.op_counts, summary.kinds(), summary.conv_macs, problems, warns)
+    return ExportReport(str(path), used, used_opset, list(shape), dynamic_batch, parity, simplified,
+                        summary.op_counts, summary.kinds(), summary.conv_macs, problems, warns, fallback)
 
 
 def _check_runs(model: nn.Module, shape: tuple[int, ...], dynamic_batch: bool, seed: int) -> int:
@@ -284,7 +239,7 @@ def _check_runs(model: nn.Module, shape: tuple[int, ...], dynamic_batch: bool, s
             n_outputs = len(flatten_outputs(model(random_inputs(shape, seed))))
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise InputShapeError(f"the model cannot run on input shape {','.join(map(str, shape))}: "
-                              f"{_first_line(exc)}") from None
+                              f"{first_line(exc)}") from None
     if dynamic_batch:
         other = shape[0] + 2
         try:
@@ -292,7 +247,7 @@ def _check_runs(model: nn.Module, shape: tuple[int, ...], dynamic_batch: bool, s
                 model(random_inputs((other, *shape[1:]), seed + 1))
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             raise InputShapeError(f"the model runs at batch {shape[0]} but cannot run at batch {other} (it fixes "
-                                  f"its batch size: {_first_line(exc)[:120]}); export with a static batch "
+                                  f"its batch size: {first_line(exc)[:120]}); export with a static batch "
                                   f"(dynamic_batch=False)") from None
     return n_outputs
 

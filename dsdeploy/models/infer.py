@@ -3,8 +3,9 @@
 A ``.dsd`` stores the source spec, not code. For a module built in a notebook the spec is
 inferred without running anything the user did not already import: a torchvision model
 is matched by its class and state-dict signature against the torchvision builders (built
-on the ``meta`` device with ``weights=None``: no memory, no download); any other class
-that builds without arguments is recorded as ``module:Class`` (which loading imports only
+on the ``meta`` device with ``weights=None``: no memory, no download), a timm model by its
+recorded architecture (``timm:ARCH``, :func:`timm_spec`); any
+other class that builds without arguments is recorded as ``module:Class`` (which loading imports only
 with ``trust_code=True`` or ``factory=``, like every recorded factory).
 """
 
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 from dsdeploy.errors import SourceError
+from dsdeploy.models.timm_source import PREFIX as TIMM_PREFIX
+from dsdeploy.models.timm_source import import_timm
 from dsdeploy.models.trust import resolve_factory
 
 HINT = "pass source='pkg.module:factory' (and model_kwargs=) naming code that builds it"
@@ -74,6 +77,33 @@ def torchvision_spec(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
     return None
 
 
+def timm_spec(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
+    """``("timm:ARCH", model_kwargs)`` for a model timm built (its class lives in ``timm.models``),
+    when ``timm.create_model(ARCH)`` (with ``num_classes`` when only the classifier differs)
+    makes exactly its state-dict signature; else None. Builds on the ``meta`` device."""
+    if not type(model).__module__.startswith("timm.models"):
+        return None
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not arch:
+        return None
+    timm = import_timm(TIMM_PREFIX + arch)
+    want = signature(model)
+    kwargs: dict[str, Any] = {}
+    for _ in range(2):
+        try:
+            with torch.device("meta"):
+                got = signature(timm.create_model(arch, pretrained=False, **kwargs))
+        except (TypeError, ValueError, RuntimeError, NotImplementedError, AssertionError):
+            return None
+        if got == want:
+            return TIMM_PREFIX + arch, kwargs
+        n = _class_count(want, got)
+        if n is None or kwargs:
+            return None
+        kwargs = {"num_classes": n}
+    return None
+
+
 def class_spec(model: nn.Module) -> str:
     """``"module:Class"`` when ``type(model)`` is importable and builds, without arguments, the same signature.
 
@@ -106,7 +136,7 @@ def infer_source(model: nn.Module) -> tuple[str, dict[str, Any]]:
     Raises:
         SourceError: nothing rebuilds it without the user naming a factory (one line, says how).
     """
-    found = torchvision_spec(model)
+    found = torchvision_spec(model) or timm_spec(model)
     if found is not None:
         return found
     return class_spec(model), {}

@@ -1,9 +1,10 @@
 """Model specs -> ``nn.Module``.
 
 Specs: ``torchvision:NAME`` (never downloads; weights from ``--weights``),
-``sample:NAME`` (the project's shipped models), ``pkg.module:factory`` (an ``nn.Module``
-subclass or a function that builds one; see :mod:`dsdeploy.models.trust`), or a path to a ``.dsd``
-artifact (whose recorded factory is imported only with ``trust_code=True``).
+``timm:NAME`` (optional timm; never downloads; its preprocessing from timm's data config,
+:mod:`dsdeploy.models.timm_source`), ``sample:NAME`` (the project's shipped models),
+``pkg.module:factory`` (an ``nn.Module`` subclass or a function that builds one; see
+:mod:`dsdeploy.models.trust`), or a path to a ``.dsd`` artifact (whose recorded factory is imported only with ``trust_code=True``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from torch import nn
 
 from dsdeploy.errors import ArtifactError, SourceError
 from dsdeploy.models import samples
+from dsdeploy.models.timm_source import PREFIX as TIMM_PREFIX
+from dsdeploy.models.timm_source import build_timm
 from dsdeploy.models.trust import (
     check_plain,
     library_builder_kwargs,
@@ -94,7 +97,7 @@ def _is_factory_spec(spec: str) -> bool:
 
 def build_source(spec: str, model_kwargs: dict[str, Any] | None = None, *, recorded_in: str | None = None,
                  trust_code: bool = False, factory: Callable[..., Any] | None = None) -> LoadedModel:
-    """Build the architecture a spec names (torchvision/factory: random init; samples: trained).
+    """Build the architecture a spec names (torchvision/timm/factory: random init; samples: trained).
 
     ``recorded_in``: the file the spec was read from (a ``.dsd``). A ``pkg.module:factory``
     spec recorded in a file is imported only when ``trust_code`` is True (or the running
@@ -103,14 +106,18 @@ def build_source(spec: str, model_kwargs: dict[str, Any] | None = None, *, recor
     ``model_kwargs`` must be plain JSON data.
 
     Raises:
-        SourceError: an unknown spec or one that is not a model factory; ArtifactError: a
-        recorded factory that is not trusted, or recorded kwargs that are not plain data.
+        SourceError: an unknown spec or one that is not a model factory, or a ``timm:`` spec
+        without timm installed; ArtifactError: a recorded factory that is not trusted, or
+        recorded kwargs that are not plain data.
     """
     kwargs = dict(model_kwargs or {})
     check_plain(kwargs, f"model_kwargs of {recorded_in}" if recorded_in else "model_kwargs",
                 ArtifactError if recorded_in else SourceError)
     if spec.startswith("torchvision:"):
         return LoadedModel(_torchvision(spec.split(":", 1)[1], kwargs), spec, kwargs)
+    if spec.startswith(TIMM_PREFIX):
+        model, shape, pre = build_timm(spec[len(TIMM_PREFIX):], kwargs)
+        return LoadedModel(model, spec, kwargs, input_shape=shape, preprocessing=pre)
     if spec.startswith("sample:"):
         model, meta = samples.load_sample(spec.split(":", 1)[1])
         return LoadedModel(model, spec, kwargs, input_shape=tuple(meta["input_shape"]),
@@ -124,5 +131,5 @@ def build_source(spec: str, model_kwargs: dict[str, Any] | None = None, *, recor
             raise refuse_recorded(spec, recorded_in)
         builder = resolve_factory(spec)
         return LoadedModel(_call(builder, spec, kwargs), spec, kwargs, builder=builder)
-    raise SourceError(f"unknown model spec {spec!r:.200}: use torchvision:NAME, sample:NAME, pkg.module:factory "
+    raise SourceError(f"unknown model spec {spec!r:.200}: use torchvision:NAME, timm:NAME, sample:NAME, pkg.module:factory "
                       f"or a .dsd file")

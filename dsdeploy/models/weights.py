@@ -2,12 +2,16 @@
 
 Accepts the shapes real checkpoints come in: a bare state_dict; one nested under
 ``state_dict``, ``model``, ``model_state_dict`` or ``net`` (other entries ignored);
-keys prefixed ``module.`` (DataParallel/DDP) or ``_orig_mod.`` (torch.compile).
+keys prefixed ``module.`` (DataParallel/DDP) or ``_orig_mod.`` (torch.compile). A
+``.safetensors`` file (named so, or recognised by its header) is read with the ``safetensors``
+package: tensors only, no code, so it needs no ``trust_pickle``.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,53 @@ def torch_load(path: str | Path, *, trust_pickle: bool = False, what: str = "che
     except Exception as exc:  # garbage bytes fail in many ways (zip, struct, unicode, EOF...): all mean corrupt
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise WeightsError(f"{p} is corrupt, truncated or not a PyTorch {what}: {first[:200]}") from None
+
+
+def is_safetensors(path: str | Path) -> bool:
+    """Whether ``path`` is a safetensors file: named ``*.safetensors``, or starting with the format's
+    header (an 8-byte little-endian length, then a JSON object of that length)."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        return True
+    try:
+        with p.open("rb") as fh:
+            head = fh.read(9)
+            if len(head) < 9 or head[8:9] != b"{":
+                return False
+            (size,) = struct.unpack("<Q", head[:8])
+            if size > min(p.stat().st_size - 8, 100 * 1024**2):
+                return False
+            json.loads(b"{" + fh.read(size - 1))
+            return True
+    except (OSError, ValueError, struct.error):
+        return False
+
+
+def safetensors_load(path: str | Path, what: str = "weights file") -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file (on CPU).
+
+    Raises WeightsError for a missing, truncated or corrupt file, and when the ``safetensors``
+    package is not installed (one line: how to install it).
+    """
+    p = require_file(path, what)
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise WeightsError(f"{p} is a safetensors file, which needs the safetensors package: "
+                           f"pip install safetensors") from None
+    try:
+        return load_file(str(p), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # all mean a damaged file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise WeightsError(f"{p} is corrupt, truncated or not a safetensors file: {first[:200]}") from None
+
+
+def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Any:
+    """The object a weights file holds: a safetensors file's tensors, else :func:`torch_load`."""
+    if is_safetensors(path):
+        return safetensors_load(path)
+    return torch_load(path, trust_pickle=trust_pickle)
 
 
 def extract_state_dict(obj: Any, path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
@@ -93,14 +144,14 @@ def check_entries(state: dict[str, Any], origin: str) -> None:
 
 
 def load_weights(model: nn.Module, path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
-    """Load a checkpoint file into ``model`` as ``load_state_dict(strict=True)`` would.
+    """Load a checkpoint file (PyTorch or ``.safetensors``) into ``model`` as ``load_state_dict(strict=True)`` would.
 
     Accepts exactly what torch accepts (e.g. old BatchNorm state without
     ``num_batches_tracked``, which BatchNorm fills in). Raises WeightsError with one line
     on missing/unexpected keys, shape mismatches or damaged entries; ``model`` is then
     left as it was.
     """
-    state = extract_state_dict(torch_load(path, trust_pickle=trust_pickle), path)
+    state = extract_state_dict(read_checkpoint(path, trust_pickle=trust_pickle), path)
     load_state_checked(model, state, str(path))
     return model
 

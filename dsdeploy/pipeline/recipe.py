@@ -299,7 +299,7 @@ def recipe_from_dict(data: dict[str, Any], src: str = "<recipe>") -> Recipe:
 def validate(r: Recipe, src: str) -> None:
     """Check values (ranges, choices, exclusive options) beyond their types."""
     if not r.model.spec:
-        raise RecipeError(f"{src}: model.spec is required (torchvision:NAME, sample:NAME or pkg.module:factory)")
+        raise RecipeError(f"{src}: model.spec is required (torchvision:NAME, timm:NAME, sample:NAME or pkg.module:factory)")
     if r.model.input_shape is not None and (len(r.model.input_shape) < 3 or min(r.model.input_shape) < 1):
         raise RecipeError(f"{src}: model.input_shape must be positive integers like [1, 3, 224, 224]")
     p = r.preprocess
