@@ -73,7 +73,8 @@ def block_budget(value: float | str | None, field: str = "calibrate.block_recons
 
 MODES = ("none", "partial", "full")
 # options that may change between a run and its resume (the stored schedule fixes the step count)
-NOT_TRAJECTORY = ("progress", "history_path", "checkpoint_path", "time_budget")
+# (nproc: the processes a run has are compared on resume as the checkpoint's world size instead)
+NOT_TRAJECTORY = ("progress", "history_path", "checkpoint_path", "time_budget", "nproc")
 
 
 @dataclass
@@ -104,6 +105,7 @@ class FinetuneConfig:
     progress: bool = True
     history_path: str | None = None
     checkpoint_path: str | None = None
+    nproc: int = 1  # > 1: start this many data-parallel worker processes on this machine (batch_size is split)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -138,6 +140,7 @@ class FinetuneConfig:
         check_number(self.clip_grad, "finetune.clip_grad (0 or None disables it)", low=0, optional=True)
         check_number(self.patience, "finetune.patience", low=0, integer=True, optional=True)
         check_number(self.seed, "finetune.seed", low=0, integer=True)
+        check_number(self.nproc, "finetune.nproc", low=1, integer=True)
         Schedule(self.schedule, self.lr)
 
     def trajectory(self) -> dict[str, Any]:
