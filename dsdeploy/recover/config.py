@@ -168,6 +168,7 @@ class FinetuneResult:
         checked_on: the measure that picked the model, in words.
         score_before / best_score: that measure for the input and the returned model (higher is better).
         time_budget: the budget in seconds (None: sized by epochs).
+        processes: how many data-parallel processes trained the model (1: this one alone).
     """
 
     best_accuracy: float | None
@@ -193,6 +194,7 @@ class FinetuneResult:
     score_before: float | None = None
     best_score: float | None = None
     time_budget: float | None = None
+    processes: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -198,7 +198,8 @@ def _run(student, teacher, data, config: FinetuneConfig, check: ModelCheck, ck: 
         st["best_state"] = cpu_state_dict(student)  # the input: returned unchanged when no epoch beats it
     input_eval, evals = time.perf_counter() - t_input, time.perf_counter() - t
     result = FinetuneResult(None, 0, 0, 0, "none", None, teacher_acc, 0.0, checkpoint=str(ckpt_path),
-                            history_file=str(hist_path), checked_on=check.basis, time_budget=config.time_budget)
+                            history_file=str(hist_path), checked_on=check.basis, time_budget=config.time_budget,
+                            processes=team.world)
     if config.mode == "none":
         st["times"]["decode"], st["times"]["eval"] = run["decode"], evals
         return _finish(result, student, st, check, Budget(None, run["clock"]))
@@ -349,6 +350,7 @@ def finetune_artifact(student_path: str | Path, data: str, out: str | Path, conf
     if config.nproc > 1 and not distributed.launched():
         from dsdeploy.recover.launch import launch_finetune
 
+        Team(world=config.nproc).split_batch(config.batch_size)  # refused here, before any process starts
         return launch_finetune(config.nproc, student_path=student_path, data=data, out=out, config=config,
                                teacher=teacher, teacher_weights=teacher_weights, resume=resume, limit=limit,
                                preprocess=preprocess, val_split=val_split, trust_code=trust_code)

@@ -77,14 +77,14 @@ def _raise_recorded(errdir: Path, fallback: DsdeployError) -> None:
 
 
 def _quiet_elastic_logs() -> dict[logging.Logger, int]:
-    """Raise torch's elastic agent loggers to ERROR (their warnings repeat our one line); their old levels."""
+    """Quiet torch's launcher loggers (their reports and tracebacks repeat our one line); their old levels."""
     import torch.distributed.elastic.agent.server.api  # noqa: F401 (creates the loggers to quiet)
     import torch.distributed.elastic.multiprocessing.api  # noqa: F401
 
-    names = [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(("torch.distributed", "torch.multiprocessing"))]
     old = {logging.getLogger(n): logging.getLogger(n).level for n in names}
     for logger in old:
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(logging.CRITICAL)
     return old
 
 
