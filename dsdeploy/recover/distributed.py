@@ -3,7 +3,7 @@
 A fine-tune runs data-parallel when it is started by a launcher that sets the standard
 environment variables ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
 ``MASTER_PORT`` (``torchrun``, ``accelerate launch``, SLURM scripts that export them) with
-``WORLD_SIZE`` > 1; :func:`dsdeploy.recover.launch.launch_finetune` is such a launcher for
+``WORLD_SIZE`` > 1; :func:`dsdeploy.recover.launch.launch` is such a launcher for
 one machine. :func:`team` joins (or reuses) the process group: ``gloo`` for CPU tensors, plus
 ``nccl`` for CUDA tensors when CUDA is present (one backend per device type, so the small
 control messages below stay on the CPU while gradients of a model on a GPU use NCCL).

@@ -343,15 +343,15 @@ def finetune_artifact(student_path: str | Path, data: str, out: str | Path, conf
     mapped to the artifact's recorded labels by name; more data classes than outputs is a DataError.
     ``trust_code``: import the ``pkg.module:factory`` the artifact (or a ``.dsd`` teacher) records.
     ``config.nproc`` > 1 (outside a launcher): runs in that many data-parallel worker processes
-    (:func:`dsdeploy.recover.launch.launch_finetune`) and returns rank 0's result; under a launcher
+    (:func:`dsdeploy.recover.launch.launch`) and returns rank 0's result; under a launcher
     (``WORLD_SIZE`` > 1) this process is one rank and only rank 0 writes ``out``.
     """
     config.validate()
     if config.nproc > 1 and not distributed.launched():
-        from dsdeploy.recover.launch import launch_finetune
+        from dsdeploy.recover.launch import launch
 
         Team(world=config.nproc).split_batch(config.batch_size)  # refused here, before any process starts
-        return launch_finetune(config.nproc, student_path=student_path, data=data, out=out, config=config,
+        return launch(config.nproc, finetune_artifact, student_path=student_path, data=data, out=out, config=config,
                                teacher=teacher, teacher_weights=teacher_weights, resume=resume, limit=limit,
                                preprocess=preprocess, val_split=val_split, trust_code=trust_code)
     team = distributed.team()

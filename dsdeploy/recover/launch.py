@@ -1,6 +1,6 @@
 """``finetune.nproc``: start N worker processes on this machine that fine-tune one model together.
 
-:func:`launch_finetune` is what ``torchrun --standalone --nproc-per-node N`` does, in-process:
+:func:`launch` is what ``torchrun --standalone --nproc-per-node N`` does, in-process:
 it runs torch's elastic agent (:func:`torch.distributed.launcher.api.elastic_launch`), which
 sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` for each worker;
 each worker calls :func:`dsdeploy.recover.finetune.finetune_artifact` with the same arguments
@@ -13,6 +13,7 @@ epoch's checkpoint stays valid for ``resume``).
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -21,24 +22,22 @@ import sys
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dsdeploy import errors
 from dsdeploy.errors import DsdeployError, TrainingInterrupted
 
 SHUTDOWN_S = 60  # after a signal, the workers get this long to stop at a step boundary before SIGKILL
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
-def _worker(kwargs: dict[str, Any], errdir: str, threads: int | None, announce: bool) -> Any:
-    """One worker: ``finetune_artifact(**kwargs)``; a DsdeployError is written to ``errdir`` and raised.
+def _worker(fn: Callable[..., Any], kwargs: dict[str, Any], errdir: str, threads: int | None, announce: bool) -> Any:
+    """One worker: ``fn(**kwargs)``; a DsdeployError is written to ``errdir`` and raised.
 
     ``announce``: rank 0 prints the preprocessing line as the launching process would have.
     """
     import torch
-
-    from dsdeploy.recover.finetune import finetune_artifact
 
     if threads:
         torch.set_num_threads(threads)
@@ -50,7 +49,7 @@ def _worker(kwargs: dict[str, Any], errdir: str, threads: int | None, announce: 
     else:
         logging.getLogger("dsdeploy").setLevel(logging.ERROR)  # rank 0 says it once
     try:
-        result = finetune_artifact(**kwargs)
+        result = fn(**kwargs)
     except DsdeployError as exc:
         rank = os.environ.get("RANK", "0")
         record = {"kind": type(exc).__name__, "message": str(exc), "exit_code": exc.exit_code}
@@ -59,15 +58,23 @@ def _worker(kwargs: dict[str, Any], errdir: str, threads: int | None, announce: 
     return result if int(os.environ.get("RANK", "0")) == 0 else None
 
 
+def _error_classes() -> dict[str, type[DsdeployError]]:
+    """DsdeployError and its subclasses by name (what a worker's error record names)."""
+    found, todo = {}, [DsdeployError]
+    while todo:
+        cls = todo.pop()
+        found[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    return found
+
+
 def _raise_recorded(errdir: Path, fallback: DsdeployError) -> None:
     """Raise the DsdeployError rank 0 recorded (else the lowest rank's), or ``fallback``."""
     files = sorted(errdir.glob("rank*.json"), key=lambda p: int(p.stem[4:]))
     if not files:
         raise fallback
     rec = json.loads(files[0].read_text(encoding="utf-8"))
-    cls = getattr(errors, rec.get("kind", ""), None)
-    if not (isinstance(cls, type) and issubclass(cls, DsdeployError)):
-        cls = DsdeployError
+    cls = _error_classes().get(rec.get("kind", ""), DsdeployError)
     try:
         exc = cls(rec["message"])
     except TypeError:  # a subclass with another constructor
@@ -78,8 +85,8 @@ def _raise_recorded(errdir: Path, fallback: DsdeployError) -> None:
 
 def _quiet_elastic_logs() -> dict[logging.Logger, int]:
     """Quiet torch's launcher loggers (their reports and tracebacks repeat our one line); their old levels."""
-    import torch.distributed.elastic.agent.server.api  # noqa: F401 (creates the loggers to quiet)
-    import torch.distributed.elastic.multiprocessing.api  # noqa: F401
+    for module in ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api"):
+        importlib.import_module(module)  # creates the loggers to quiet
 
     names = [n for n in logging.root.manager.loggerDict if n.startswith(("torch.distributed", "torch.multiprocessing"))]
     old = {logging.getLogger(n): logging.getLogger(n).level for n in names}
@@ -88,8 +95,11 @@ def _quiet_elastic_logs() -> dict[logging.Logger, int]:
     return old
 
 
-def launch_finetune(nproc: int, **kwargs: Any) -> Any:
-    """Run ``finetune_artifact(**kwargs)`` in ``nproc`` worker processes on this machine; rank 0's result.
+def launch(nproc: int, fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """Run ``fn(**kwargs)`` in ``nproc`` worker processes on this machine; rank 0's result.
+
+    ``fn`` is a module-level function (the workers import it by name: e.g.
+    :func:`dsdeploy.recover.finetune.finetune_artifact`) and ``kwargs`` are picklable.
 
     Each worker uses ``cpu_count // nproc`` threads unless ``OMP_NUM_THREADS`` is set; on CUDA
     machines worker ``i`` uses device ``i`` (more workers than GPUs share them round-robin).
@@ -111,7 +121,7 @@ def launch_finetune(nproc: int, **kwargs: Any) -> Any:
     with tempfile.TemporaryDirectory(prefix="dsdeploy-workers-") as errdir:
         try:
             announce = logging.getLogger("dsdeploy.data.preprocessing").isEnabledFor(logging.INFO)
-            results = elastic_launch(config, _worker)(kwargs, errdir, threads, announce)
+            results = elastic_launch(config, _worker)(fn, kwargs, errdir, threads, announce)
         except SignalException as exc:
             sig = signal.Signals(exc.sigval).name
             _raise_recorded(Path(errdir), TrainingInterrupted(
