@@ -18,13 +18,14 @@ every rank takes the same number of steps and no rank waits forever in a collect
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from dsdeploy.errors import ConfigError
+from dsdeploy.errors import ConfigError, DsdeployError
 
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -90,6 +91,21 @@ class Team:
         box = [value if self.main else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` run on rank 0 only, its result on every rank; a DsdeployError it raises, raised on every rank."""
+        if not self.active:
+            return fn(*args)
+        got: Any = None
+        if self.main:
+            try:
+                got = fn(*args)
+            except DsdeployError as exc:  # shared, so no rank waits for a result that never comes
+                got = exc
+        got = self.share(got)
+        if isinstance(got, DsdeployError):
+            raise got
+        return got
 
     def sum(self, values: list[float]) -> list[float]:
         """The element-wise sum of ``values`` over the ranks (float64, on the CPU)."""

@@ -14,7 +14,8 @@ of an uninterrupted run (on CPU).
 Under a multi-process launcher (``torchrun``, or ``nproc`` > 1: :mod:`dsdeploy.recover.launch`)
 the student trains as DistributedDataParallel (:mod:`dsdeploy.recover.distributed`): rank 0
 scores the models, sizes the time budget and decides what is kept, and broadcasts it; only
-rank 0 writes the checkpoint, history and artifact while the others wait. The checkpoint
+rank 0 writes the checkpoint, history and artifact while the others wait, and reads the
+checkpoint on resume for all of them (so only rank 0's machine needs it). The checkpoint
 records the number of processes, and a resume with another number is refused.
 """
 
@@ -160,9 +161,8 @@ def _finetune(student, teacher, data, config: FinetuneConfig, out_path, resume: 
     if teacher is None and not labelled:
         raise DataError("without a teacher, fine-tuning needs labelled data")
     check = model_check(data, teacher, labelled)
-    ck = None
-    if resume and ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path)
+    ck = team.on_main(lambda: load_checkpoint(ckpt_path) if ckpt_path.is_file() else None) if resume else None
+    if ck is not None:
         check_resumable(ck, config.trajectory(), identity, ckpt_path)
         check_world(ck, team.world, ckpt_path)
     _memory_format(config, student, teacher, torch.channels_last)
@@ -186,15 +186,14 @@ def _run(student, teacher, data, config: FinetuneConfig, check: ModelCheck, ck: 
     elif config.time_budget and config.mode != "none" and team.main:
         check.fit_to(student, EVAL_SHARE * config.time_budget, cl)  # each evaluation: a small share of the budget
     check.max_batches, check.basis = team.share((check.max_batches, check.basis))  # rank 0 scores; all agree
-    teacher_acc = team.share(check.score(teacher, cl) if check.accuracy and teacher is not None and team.main
-                             else None)
+    teacher_acc = team.on_main(check.score, teacher, cl) if check.accuracy and teacher is not None else None
     st: dict[str, Any] = {"epoch": 0, "step": 0, "best_score": None, "best_epoch": 0, "best_state": None,
                           "input_score": None, "bad_epochs": 0, "history": [], "elapsed": 0.0, "done": None,
                           "times": {"decode": 0.0, "train": 0.0, "eval": 0.0}, "check_batches": check.max_batches,
                           "checked_on": check.basis}
     t_input = time.perf_counter()
     if ck is None:
-        st["input_score"] = st["best_score"] = team.share(check.score(student, cl) if team.main else None)
+        st["input_score"] = st["best_score"] = team.on_main(check.score, student, cl)
         st["best_state"] = cpu_state_dict(student)  # the input: returned unchanged when no epoch beats it
     input_eval, evals = time.perf_counter() - t_input, time.perf_counter() - t
     result = FinetuneResult(None, 0, 0, 0, "none", None, teacher_acc, 0.0, checkpoint=str(ckpt_path),
@@ -245,7 +244,7 @@ def _run(student, teacher, data, config: FinetuneConfig, check: ModelCheck, ck: 
                     raise interrupted(guard.signum or signal.SIGINT, st["epoch"], ckpt_path)
                 st["times"]["train"] += record["train_seconds"]
                 t_eval = time.perf_counter()
-                score = team.share(check.score(student, cl) if team.main else None)
+                score = team.on_main(check.score, student, cl)
                 record["score"] = score
                 record["val_acc"] = score if check.accuracy else None
                 st["epoch"] += 1
