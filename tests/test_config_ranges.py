@@ -31,6 +31,7 @@ FINETUNE_BAD = {
     "epochs": [-1, 1.5],
     "patience": [-1],
     "seed": [-1, 0.5],
+    "nproc": [0, -1, 1.5],
 }
 SCHEDULE_BAD = {
     "lr": [NAN, INF, 0.0, -1.0],

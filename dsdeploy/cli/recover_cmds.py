@@ -164,6 +164,9 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, rounds, ca
 @precision_option
 @click.option("--limit", type=int, default=None, help="Use at most N images per split (seeded subset).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Train data-parallel in N processes on this machine (as torchrun --nproc-per-node N; "
+                   "--batch-size is split over them). Under torchrun, leave it at 1.")
 @preprocess_options
 @trust_code_option
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt after an interruption.")
@@ -172,12 +175,14 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, rounds, ca
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, time_budget, batch_size, optimizer, lr,
              momentum, weight_decay, schedule, warmup_epochs, kd_weight, feature_weight, ce_weight, temperature,
-             clip_grad, init, reinit, patience, augment, channels_last, device, precision, limit, seed, resume, history,
-             as_json, preprocess, trust_code):
+             clip_grad, init, reinit, patience, augment, channels_last, device, precision, limit, seed, nproc,
+             resume, history, as_json, preprocess, trust_code):
     """Recover accuracy by distillation from the original model (logits, optionally the
-    replaced blocks' outputs, plus labels when DATA has them)."""
+    replaced blocks' outputs, plus labels when DATA has them). Under torchrun (or --nproc N)
+    it trains data-parallel; only rank 0 writes files and prints."""
     from dsdeploy import api
     from dsdeploy.conversion.artifact import check_artifact_output
+    from dsdeploy.recover.distributed import env_rank
 
     inputs = [("artifact", artifact), ("--data", data), ("--teacher", teacher), ("--teacher-weights", teacher_weights)]
     check_artifact_output(output, what="--output", inputs=inputs)
@@ -191,9 +196,12 @@ def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, tim
                             kd_weight=kd_weight, feature_weight=feature_weight, ce_weight=ce_weight,
                             temperature=temperature, clip_grad=clip_grad or None, init=init, reinit=reinit,
                             patience=patience, augment=augment, channels_last=channels_last, device=device,
-                            precision=precision, seed=seed, progress=not as_json, history_path=history)
+                            precision=precision, seed=seed, progress=not as_json, history_path=history,
+                            nproc=nproc)
     result = api.finetune(artifact, data, out=output, config=config, teacher=teacher, teacher_weights=teacher_weights,
                           resume=resume, limit=limit, preprocess=preprocess, trust_code=trust_code)
+    if env_rank() != 0:  # one report, from rank 0
+        return
     if result.warning:
         click.echo(f"warning: {result.warning}", err=True)
     if as_json:

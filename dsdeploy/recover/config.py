@@ -96,8 +96,9 @@ def block_budget(value: float | str | None, field: str = "calibrate.block_recons
 
 MODES = ("none", "partial", "full")
 # options that may change between a run and its resume (the stored schedule fixes the step count)
-# (a resume may move to another device: the run continues, bit-exact only on the same one)
-NOT_TRAJECTORY = ("progress", "history_path", "checkpoint_path", "time_budget", "device")
+# (a resume may move to another device: the run continues, bit-exact only on the same one;
+# nproc: the processes a run has are compared on resume as the checkpoint's world size instead)
+NOT_TRAJECTORY = ("progress", "history_path", "checkpoint_path", "time_budget", "device", "nproc")
 
 
 @dataclass
@@ -130,6 +131,7 @@ class FinetuneConfig:
     progress: bool = True
     history_path: str | None = None
     checkpoint_path: str | None = None
+    nproc: int = 1  # > 1: start this many data-parallel worker processes on this machine (batch_size is split)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -166,6 +168,7 @@ class FinetuneConfig:
         check_number(self.seed, "finetune.seed", low=0, integer=True)
         check_device_name(self.device, "finetune.device")
         check_precision_name(self.precision, "finetune.precision")
+        check_number(self.nproc, "finetune.nproc", low=1, integer=True)
         Schedule(self.schedule, self.lr)
 
     def trajectory(self) -> dict[str, Any]:
@@ -193,6 +196,7 @@ class FinetuneResult:
         checked_on: the measure that picked the model, in words.
         score_before / best_score: that measure for the input and the returned model (higher is better).
         time_budget: the budget in seconds (None: sized by epochs).
+        processes: how many data-parallel processes trained the model (1: this one alone).
     """
 
     best_accuracy: float | None
@@ -218,6 +222,7 @@ class FinetuneResult:
     score_before: float | None = None
     best_score: float | None = None
     time_budget: float | None = None
+    processes: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

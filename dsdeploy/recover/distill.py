@@ -76,13 +76,15 @@ class Distiller(nn.Module):
 
     The teacher runs in eval mode without gradients. Feature taps are installed only
     when ``weights.feature > 0``, on the student's DS blocks (or ``layers``) and the
-    teacher's modules of the same names (the original convs they replaced).
+    teacher's modules of the same names (the original convs they replaced). ``runner``: what
+    the student's forward pass goes through (its DistributedDataParallel wrapper; default the student).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, weights: LossWeights,
-                 layers: list[str] | None = None) -> None:
+                 layers: list[str] | None = None, runner: nn.Module | None = None) -> None:
         super().__init__()
         self.student, self.weights = student, weights
+        self.runner = [runner if runner is not None else student]  # a list: not a submodule
         self.teacher = [teacher]  # a list: keeps the teacher out of this module's parameters/state_dict
         if teacher is not None:
             teacher.eval()
@@ -103,7 +105,7 @@ class Distiller(nn.Module):
         if need_teacher:
             with torch.no_grad():
                 t_logits = teacher(x)
-        logits = self.student(x)
+        logits = self.runner[0](x)
         total = logits.new_zeros(())
         parts: dict[str, float] = {}
         if need_teacher and w.kd > 0 and t_logits.shape == logits.shape:

@@ -4,6 +4,12 @@ Each epoch's data order and RNG state derive from the run's seed and the epoch n
 (:func:`epoch_seed`), so an epoch replayed after a resume takes exactly the same steps.
 While a time budget runs, every step's duration feeds :class:`dsdeploy.recover.budget.Budget`,
 which re-sizes the schedule every few seconds.
+
+Data-parallel (a :class:`dsdeploy.recover.distributed.Team` of several processes): each rank
+reads its share of the epoch through a ``DistributedSampler`` seeded by the run's seed and
+set to the epoch, takes ``batch_size / world`` images per step, follows rank 0's schedule
+and agrees on stopping after every step, and the epoch's loss and accuracy are summed over
+the ranks.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from dsdeploy.conversion.block import ds_blocks
@@ -21,6 +27,7 @@ from dsdeploy.recover.budget import Budget
 from dsdeploy.recover.config import FinetuneConfig
 from dsdeploy.recover.device import Precision, to_device
 from dsdeploy.recover.distill import Distiller, following_norms
+from dsdeploy.recover.distributed import Team
 from dsdeploy.recover.resume import SignalGuard
 from dsdeploy.recover.schedule import Schedule
 
@@ -43,14 +50,37 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, n // batch_size) if n > batch_size else 1
 
 
-def train_loader(dataset: Any, batch_size: int, seed: int) -> Any:
-    """The shuffled training loader of one epoch (order fixed by ``seed``).
+def train_loader(dataset: Any, batch_size: int, seed: int, sampler: Any = None) -> Any:
+    """The shuffled training loader of one epoch (order fixed by ``seed``, or by ``sampler`` when given).
 
-    When the split holds more than one batch, the short last batch is dropped: a batch of
-    one image cannot train BatchNorm (``BatchNorm1d`` refuses it, 2d gets a zero variance).
+    When the split (or this process's share of it, ``sampler``) holds more than one batch, the
+    short last batch is dropped: a batch of one image cannot train BatchNorm (``BatchNorm1d``
+    refuses it, 2d gets a zero variance).
     """
+    n = len(sampler) if sampler is not None else len(dataset)
+    if sampler is not None:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0, drop_last=n > batch_size)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
-                      num_workers=0, drop_last=len(dataset) > batch_size)
+                      num_workers=0, drop_last=n > batch_size)
+
+
+def rank_sampler(dataset: Any, team: Team, seed: int) -> DistributedSampler | None:
+    """This rank's share of each epoch (None with one process): shuffled by ``seed`` + the epoch (``set_epoch``).
+
+    Every rank gets the same number of images (the tail that does not divide is dropped), so
+    all ranks take the same number of steps.
+    """
+    if not team.active:
+        return None
+    return DistributedSampler(dataset, num_replicas=team.world, rank=team.rank, shuffle=True, seed=seed,
+                              drop_last=True)
+
+
+def epoch_steps(n: int, batch_size: int, team: Team) -> int:
+    """Optimizer steps per epoch of ``n`` training images at a global ``batch_size`` split over ``team``."""
+    if not team.active:
+        return steps_per_epoch(n, batch_size)
+    return steps_per_epoch(n // team.world, team.split_batch(batch_size))
 
 
 def trainable_modules(student: nn.Module, mode: str, example: torch.Tensor) -> list[nn.Module]:
@@ -79,22 +109,28 @@ def make_optimizer(params: list[nn.Parameter], cfg: FinetuneConfig) -> torch.opt
 
 def train_epoch(distiller: Distiller, modules: list[nn.Module], params: list[nn.Parameter],
                 opt: torch.optim.Optimizer, sched: Schedule, train: Any, st: dict[str, Any], cfg: FinetuneConfig,
-                guard: SignalGuard, budget: Budget, sizing: dict[str, Any], *,
+                guard: SignalGuard, budget: Budget, sizing: dict[str, Any], team: Team | None = None, *,
                 amp: Precision | None = None) -> dict[str, Any] | None:
     """One pass over the training data (or until the schedule/budget ends): the epoch record, None on a signal.
 
     ``sizing``: ``spe`` (steps per epoch), ``warmup`` (warmup steps wanted) and ``cap`` (the most
-    steps the run may take, None: no cap) for the budget's re-sizing. ``amp``: the device the
+    steps the run may take, None: no cap) for the budget's re-sizing. ``team``: the processes
+    training together (see the module notes; None: this one alone). With several, every rank
+    returns None when any of them received a signal, at the same step. ``amp``: the device the
     models are on (batches are moved there) and the step's autocast/gradient scaler (None: CPU, fp32).
     """
+    team = team or Team()
     amp = amp if amp is not None else Precision(torch.device("cpu"))
     spe = sizing["spe"]
     seed = epoch_seed(cfg.seed, st["epoch"])
-    _seed_epoch(train, seed)
-    loader = train_loader(train, cfg.batch_size, seed)
+    _seed_epoch(train, seed + team.rank)  # augmentation and dropout differ between ranks (rank 0: as alone)
+    sampler = rank_sampler(train, team, cfg.seed)
+    if sampler is not None:
+        sampler.set_epoch(st["epoch"])
+    loader = train_loader(train, team.split_batch(cfg.batch_size), seed, sampler=sampler)
     set_train(distiller.student, modules)
     bar = tqdm(loader, total=min(spe, sched.total_steps - st["step"]), desc=f"epoch {st['epoch'] + 1}",
-               unit="batch", disable=not cfg.progress, leave=False)
+               unit="batch", disable=not cfg.progress or not team.main, leave=False)
     loss_sum = correct = labelled = seen = steps = 0
     t_start = last = time.perf_counter()
     lr = sched.lr_at(st["step"])
@@ -123,18 +159,19 @@ def train_epoch(distiller: Distiller, modules: list[nn.Module], params: list[nn.
         if cfg.progress:
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / max(1, labelled):.3f}",
                             ips=f"{seen / (now - t_start):.0f}", refresh=False)
-        if guard.signum is not None:
-            bar.close()
-            return None
         if budget.due() or st["step"] >= sched.total_steps:  # at the planned end: is there time for more?
             budget.resize(sched, st["step"], spe, steps, sizing["warmup"], sizing["cap"])
-            bar.total = min(spe, sched.total_steps - st["step"] + steps)
         if budget.over():  # the safety net: the sizing should have ended the run before this
             sched.resize(st["step"], st["step"])
+        if team.follow_schedule(sched, guard.signum is not None):  # rank 0's plan; a signal to any rank stops all
+            bar.close()
+            return None
+        bar.total = min(spe, sched.total_steps - st["step"] + steps)
         if st["step"] >= sched.total_steps:
             break
     bar.close()
     secs = time.perf_counter() - t_start
+    loss_sum, correct, labelled, seen = team.sum([loss_sum, correct, labelled, seen])
     return {"epoch": st["epoch"] + 1, "train_loss": loss_sum / max(1, seen),
             "train_acc": correct / labelled if labelled else None, "val_acc": None, "lr": lr,
             "images_per_s": seen / max(secs, 1e-9), "seconds": 0.0, "train_seconds": round(secs, 3),

@@ -10,6 +10,13 @@ plateau, and writes an atomic checkpoint plus the per-epoch history after each e
 Each epoch's data order and RNG state derive from ``seed`` and the epoch number, so a
 run killed at any point and resumed with ``resume=True`` ends with exactly the weights
 of an uninterrupted run (on CPU).
+
+Under a multi-process launcher (``torchrun``, or ``nproc`` > 1: :mod:`dsdeploy.recover.launch`)
+the student trains as DistributedDataParallel (:mod:`dsdeploy.recover.distributed`): rank 0
+scores the models, sizes the time budget and decides what is kept, and broadcasts it; only
+rank 0 writes the checkpoint, history and artifact while the others wait, and reads the
+checkpoint on resume for all of them (so only rank 0's machine needs it). The checkpoint
+records the number of processes, and a resume with another number is refused.
 """
 
 from __future__ import annotations
@@ -27,15 +34,18 @@ from dsdeploy.conversion.artifact import load_artifact, save_artifact
 from dsdeploy.data.datasets import load_data, make_loader
 from dsdeploy.data.labels import check_outputs, output_count
 from dsdeploy.data.preprocessing import resolve
-from dsdeploy.errors import DataError
+from dsdeploy.errors import ConfigError, DataError
 from dsdeploy.fsutil import write_json
+from dsdeploy.recover import distributed
 from dsdeploy.recover.budget import Budget
 from dsdeploy.recover.check import ModelCheck, model_check
 from dsdeploy.recover.config import FinetuneConfig, FinetuneResult
 from dsdeploy.recover.device import Precision, placed, resolve_device
 from dsdeploy.recover.distill import Distiller, LossWeights, fresh_parameters, init_parameters, load_teacher
+from dsdeploy.recover.distributed import Team
 from dsdeploy.recover.epoch import (  # noqa: F401 (epoch_seed, steps_per_epoch, train_loader: public here too)
     epoch_seed,
+    epoch_steps,
     make_optimizer,
     steps_per_epoch,
     train_epoch,
@@ -45,6 +55,7 @@ from dsdeploy.recover.epoch import (  # noqa: F401 (epoch_seed, steps_per_epoch,
 from dsdeploy.recover.resume import (
     SignalGuard,
     check_resumable,
+    check_world,
     cpu_state_dict,
     interrupted,
     load_checkpoint,
@@ -88,7 +99,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: Any, config: F
              out_path: str | Path, resume: bool = False,
              on_best: Callable[[nn.Module, dict[str, Any]], None] | None = None,
              started: float | None = None, identity: dict[str, Any] | None = None,
-             decode_seconds: float = 0.0) -> FinetuneResult:
+             decode_seconds: float = 0.0, team: Team | None = None) -> FinetuneResult:
     """Fine-tune ``student`` IN PLACE by distillation; it ends holding the best of its input and each epoch.
 
     The input is scored before the first step and is the best so far (epoch 0); an epoch
@@ -111,6 +122,10 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: Any, config: F
             in the checkpoint; a resume with a different identity or options is refused (None:
             the options only).
         decode_seconds: data preparation the caller already did (added to ``decode_seconds``).
+        team: the processes training together (default: joins the launcher's process group when
+            ``WORLD_SIZE`` > 1, else this process alone). Every rank returns the same result and
+            ends holding the same weights; ``on_best`` and the checkpoint/history writes happen on
+            rank 0 only.
 
     Raises:
         TrainingInterrupted: on SIGINT/SIGTERM (exit code 130); the last completed epoch's
@@ -118,8 +133,26 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: Any, config: F
         CheckpointError: ``resume`` with a checkpoint of another run (inputs or options differ)
             or of an older format.
         DataError: no training images, or no teacher and no labels.
+        ConfigError: ``config.nproc`` > 1 outside a launcher (this function trains in-memory models:
+            use :func:`finetune_artifact`, or start the processes with torchrun); a batch size the
+            processes do not divide.
     """
     config.validate()
+    if team is None and config.nproc > 1 and not distributed.launched():
+        raise ConfigError("finetune.nproc > 1 starts worker processes, which load the student and data from "
+                          "files: fine-tune a .dsd path (finetune_artifact), or start this code with torchrun")
+    own = team is None
+    team = team or distributed.team()
+    try:
+        return _finetune(student, teacher, data, config, out_path, resume, on_best, started, identity,
+                         decode_seconds, team)
+    finally:
+        if own:
+            team.close()
+
+
+def _finetune(student, teacher, data, config: FinetuneConfig, out_path, resume: bool, on_best, started,
+              identity, decode_seconds: float, team: Team) -> FinetuneResult:
     device = resolve_device(config.device, "finetune.device")
     amp = Precision(device, config.precision, "finetune.precision")
     clock = started if started is not None else time.perf_counter()
@@ -131,16 +164,16 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: Any, config: F
     if teacher is None and not labelled:
         raise DataError("without a teacher, fine-tuning needs labelled data")
     check = model_check(data, teacher, labelled)
-    ck = None
-    if resume and ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path)
+    ck = team.on_main(lambda: load_checkpoint(ckpt_path) if ckpt_path.is_file() else None) if resume else None
+    if ck is not None:
         check_resumable(ck, config.trajectory(), identity, ckpt_path)
+        check_world(ck, team.world, ckpt_path)
     _memory_format(config, student, teacher, torch.channels_last)
     try:
         with placed(device, student, teacher):  # each model goes back where it was (fp32: autocast keeps params so)
             return _run(student, teacher, data, config, check, ck, example.to(device), (ckpt_path, hist_path),
-                        {"clock": clock, "decode": decode_seconds + prep_s, "identity": identity or {}, "amp": amp},
-                        on_best)
+                        {"clock": clock, "decode": decode_seconds + prep_s, "identity": identity or {}, "amp": amp,
+                         "team": team}, on_best if team.main else None)
     finally:
         _memory_format(config, student, teacher, torch.contiguous_format)
 
@@ -152,23 +185,26 @@ def _run(student, teacher, data, config: FinetuneConfig, check: ModelCheck, ck: 
     cl = config.channels_last
     amp = run["amp"]
     check.precision = config.precision
+    team: Team = run["team"]
     t = time.perf_counter()
     if ck is not None:  # the same images as before the interruption
         check.max_batches, check.basis = ck["check_batches"], ck["checked_on"]
-    elif config.time_budget and config.mode != "none":
+    elif config.time_budget and config.mode != "none" and team.main:
         check.fit_to(student, EVAL_SHARE * config.time_budget, cl)  # each evaluation: a small share of the budget
-    teacher_acc = check.score(teacher, cl) if check.accuracy and teacher is not None else None
+    check.max_batches, check.basis = team.share((check.max_batches, check.basis))  # rank 0 scores; all agree
+    teacher_acc = team.on_main(check.score, teacher, cl) if check.accuracy and teacher is not None else None
     st: dict[str, Any] = {"epoch": 0, "step": 0, "best_score": None, "best_epoch": 0, "best_state": None,
                           "input_score": None, "bad_epochs": 0, "history": [], "elapsed": 0.0, "done": None,
                           "times": {"decode": 0.0, "train": 0.0, "eval": 0.0}, "check_batches": check.max_batches,
                           "checked_on": check.basis}
     t_input = time.perf_counter()
     if ck is None:
-        st["input_score"] = st["best_score"] = check.score(student, cl)
+        st["input_score"] = st["best_score"] = team.on_main(check.score, student, cl)
         st["best_state"] = cpu_state_dict(student)  # the input: returned unchanged when no epoch beats it
     input_eval, evals = time.perf_counter() - t_input, time.perf_counter() - t
     result = FinetuneResult(None, 0, 0, 0, "none", None, teacher_acc, 0.0, checkpoint=str(ckpt_path),
-                            history_file=str(hist_path), checked_on=check.basis, time_budget=config.time_budget)
+                            history_file=str(hist_path), checked_on=check.basis, time_budget=config.time_budget,
+                            processes=team.world)
     if config.mode == "none":
         st["times"]["decode"], st["times"]["eval"] = run["decode"], evals
         return _finish(result, student, st, check, Budget(None, run["clock"]))
@@ -182,7 +218,7 @@ def _run(student, teacher, data, config: FinetuneConfig, check: ModelCheck, ck: 
         p.requires_grad_(id(p) in train_ids)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = make_optimizer(params, config)
-    spe = steps_per_epoch(len(data.train), config.batch_size)
+    spe = epoch_steps(len(data.train), config.batch_size, team)
     cap = config.epochs * spe if config.epochs else None
     total = cap or 10 ** 6  # a time budget sizes it once the pace is known
     sched = Schedule(config.schedule, config.lr, total_steps=total,
@@ -201,20 +237,21 @@ def _run(student, teacher, data, config: FinetuneConfig, check: ModelCheck, ck: 
     budget.evaluation_took(input_eval)
     sizing = {"spe": spe, "warmup": _warmup_steps(config, spe, 10 * spe), "cap": cap}
     distiller = Distiller(student, teacher, LossWeights(config.kd_weight, config.feature_weight,
-                                                        config.ce_weight, config.temperature))
+                                                        config.ce_weight, config.temperature),
+                          runner=team.wrap(student))
     save_s = 0.0
-    if budget.over():  # the data and the first evaluations took the whole budget: nothing can be trained
+    if team.share(budget.over()):  # the data and the first evaluations took the whole budget: nothing trains
         st["done"] = "budget"
     try:
         with SignalGuard() as guard:
             while st["done"] is None and st["step"] < sched.total_steps:
                 record = train_epoch(distiller, modules, params, opt, sched, data.train, st, config, guard,
-                                     budget, sizing, amp=amp)
-                if record is None or guard.signum is not None:
+                                     budget, sizing, team, amp=amp)
+                if record is None or team.agree(guard.signum is not None):
                     raise interrupted(guard.signum or signal.SIGINT, st["epoch"], ckpt_path)
                 st["times"]["train"] += record["train_seconds"]
                 t_eval = time.perf_counter()
-                score = check.score(student, cl)
+                score = team.on_main(check.score, student, cl)
                 record["score"] = score
                 record["val_acc"] = score if check.accuracy else None
                 st["epoch"] += 1
@@ -230,6 +267,7 @@ def _run(student, teacher, data, config: FinetuneConfig, check: ModelCheck, ck: 
                 budget.evaluation_took(record["eval_seconds"] + save_s)
                 if config.time_budget and not (config.patience and st["bad_epochs"] >= config.patience):
                     budget.resize(sched, st["step"], spe, 0, sizing["warmup"], cap)
+                team.follow_schedule(sched, False)  # rank 0's sizing
                 if config.patience and st["bad_epochs"] >= config.patience:
                     st["done"] = "early-stop"
                 elif st["step"] >= sched.total_steps:
@@ -237,8 +275,11 @@ def _run(student, teacher, data, config: FinetuneConfig, check: ModelCheck, ck: 
                 record["seconds"] = round(budget.elapsed() - st["elapsed"], 3)  # this epoch's, all included
                 st["elapsed"] = budget.elapsed()
                 t_save = time.perf_counter()
-                _save(ckpt_path, student, opt, sched, {**st, "scaler": amp.state_dict()}, config, run["identity"])
-                write_json(hist_path, st["history"])
+                if team.main:
+                    _save(ckpt_path, student, opt, sched, {**st, "scaler": amp.state_dict()}, config, run["identity"],
+                          team.world)
+                    write_json(hist_path, st["history"])
+                team.barrier()
                 save_s = time.perf_counter() - t_save
                 if improved and on_best is not None:
                     on_best(student, record)
@@ -285,10 +326,10 @@ def _finish(result: FinetuneResult, student: nn.Module, st: dict[str, Any], chec
 
 
 def _save(path: Path, student: nn.Module, opt, sched: Schedule, st: dict[str, Any], cfg: FinetuneConfig,
-          identity: dict[str, Any]) -> None:
+          identity: dict[str, Any], world: int = 1) -> None:
     save_checkpoint(path, {"model": cpu_state_dict(student), "optimizer": opt.state_dict(),
                            "schedule": sched.to_dict(), "rng": rng_state(), "config": cfg.trajectory(),
-                           "identity": identity, **st})
+                           "identity": identity, "world_size": world, **st})
 
 
 def finetune_artifact(student_path: str | Path, data: str, out: str | Path, config: FinetuneConfig, *,
@@ -308,9 +349,29 @@ def finetune_artifact(student_path: str | Path, data: str, out: str | Path, conf
     :func:`dsdeploy.data.preprocessing.resolve` (the artifact's own, ``preprocess`` overrides), labels
     mapped to the artifact's recorded labels by name; more data classes than outputs is a DataError.
     ``trust_code``: import the ``pkg.module:factory`` the artifact (or a ``.dsd`` teacher) records.
+    ``config.nproc`` > 1 (outside a launcher): runs in that many data-parallel worker processes
+    (:func:`dsdeploy.recover.launch.launch`) and returns rank 0's result; under a launcher
+    (``WORLD_SIZE`` > 1) this process is one rank and only rank 0 writes ``out``.
     """
     config.validate()
     Precision(resolve_device(config.device, "finetune.device"), config.precision, "finetune.precision")  # fail fast
+    if config.nproc > 1 and not distributed.launched():
+        from dsdeploy.recover.launch import launch
+
+        Team(world=config.nproc).split_batch(config.batch_size)  # refused here, before any process starts
+        return launch(config.nproc, finetune_artifact, student_path=student_path, data=data, out=out, config=config,
+                      teacher=teacher, teacher_weights=teacher_weights, resume=resume, limit=limit,
+                      preprocess=preprocess, val_split=val_split, trust_code=trust_code)
+    team = distributed.team()
+    try:
+        return _finetune_artifact(student_path, data, out, config, teacher, teacher_weights, resume, limit,
+                                  preprocess, val_split, trust_code, team)
+    finally:
+        team.close()
+
+
+def _finetune_artifact(student_path, data: str, out, config: FinetuneConfig, teacher, teacher_weights, resume: bool,
+                       limit, preprocess, val_split: float, trust_code: bool, team: Team) -> FinetuneResult:
     started = time.perf_counter()
     art = load_artifact(student_path, trust_code=trust_code)
     teacher_model = load_teacher(art, teacher, teacher_weights, trust_code=trust_code)
@@ -340,7 +401,9 @@ def finetune_artifact(student_path: str | Path, data: str, out: str | Path, conf
 
     result = finetune(art.model, teacher_model, splits, config, out_path=out, resume=resume,
                       on_best=lambda model, record: save(model, entry(None, record)), started=started,
-                      identity=identity, decode_seconds=decode_s)
+                      identity=identity, decode_seconds=decode_s, team=team)
     result.split = splits.split
-    save(art.model, entry(result))
+    if team.main:
+        save(art.model, entry(result))
+    team.barrier()
     return result

@@ -128,6 +128,19 @@ def check_resumable(ck: dict[str, Any], options: dict[str, Any], identity: dict[
 
 
 
+def check_world(ck: dict[str, Any], world: int, path: Path) -> None:
+    """Refuse to resume a checkpoint written by another number of processes (one line naming both).
+
+    Each rank's share of every epoch depends on the number of processes, so a run resumes exactly
+    only with the number it started with. Checkpoints that record none were written by one process.
+    """
+    saved = int(ck.get("world_size") or 1)
+    if saved != world:
+        raise CheckpointError(f"checkpoint {show(path)} was written by {saved} process{'es' if saved > 1 else ''} "
+                              f"and this run has {world}: resume with finetune.nproc (or WORLD_SIZE) = {saved}, "
+                              f"or start afresh without resume")
+
+
 class SignalGuard:
     """Turn SIGINT/SIGTERM into a flag checked between steps (main thread only)."""
 
