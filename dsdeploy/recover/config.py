@@ -73,7 +73,7 @@ def block_budget(value: float | str | None, field: str = "calibrate.block_recons
 
 MODES = ("none", "partial", "full")
 # options that may change between a run and its resume (the stored schedule fixes the step count)
-NOT_TRAJECTORY = ("progress", "history_path", "checkpoint_path", "time_budget")
+NOT_TRAJECTORY = ("progress", "history_path", "checkpoint_path", "time_budget", "workers")
 
 
 @dataclass
@@ -99,6 +99,7 @@ class FinetuneConfig:
     reinit: str | None = None  # regex of module names to treat as not from the original
     patience: int | None = None  # epochs without val improvement before stopping
     augment: bool = False
+    workers: int | None = None  # DataLoader worker processes (None: 0 on 1-2 CPUs, else min(4, cpus-1))
     channels_last: bool = True  # NHWC while training: ~2x faster convs on CPU; the model is given back NCHW
     seed: int = 0
     progress: bool = True
@@ -138,6 +139,7 @@ class FinetuneConfig:
         check_number(self.clip_grad, "finetune.clip_grad (0 or None disables it)", low=0, optional=True)
         check_number(self.patience, "finetune.patience", low=0, integer=True, optional=True)
         check_number(self.seed, "finetune.seed", low=0, integer=True)
+        check_number(self.workers, "finetune.workers", low=0, integer=True, optional=True)
         Schedule(self.schedule, self.lr)
 
     def trajectory(self) -> dict[str, Any]:

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dsdeploy.conversion.block import ds_blocks
+from dsdeploy.data.loader import train_loader as data_train_loader
 from dsdeploy.recover.budget import Budget
 from dsdeploy.recover.config import FinetuneConfig
 from dsdeploy.recover.distill import Distiller, following_norms
@@ -42,14 +42,16 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, n // batch_size) if n > batch_size else 1
 
 
-def train_loader(dataset: Any, batch_size: int, seed: int) -> Any:
-    """The shuffled training loader of one epoch (order fixed by ``seed``).
+def train_loader(dataset: Any, batch_size: int, seed: int, *, workers: int | None = 0, sampler: Any = None,
+                 shard: tuple[int, int] | None = None) -> Any:
+    """The shuffled training loader of one epoch (order and augmentation fixed by ``seed``, whatever
+    ``workers``): :func:`dsdeploy.data.loader.train_loader` (``sampler``: e.g. a DistributedSampler;
+    ``shard=(rank, world)``: this rank's share of the seeded order).
 
     When the split holds more than one batch, the short last batch is dropped: a batch of
     one image cannot train BatchNorm (``BatchNorm1d`` refuses it, 2d gets a zero variance).
     """
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
-                      num_workers=0, drop_last=len(dataset) > batch_size)
+    return data_train_loader(dataset, batch_size, seed, workers=workers, sampler=sampler, shard=shard)
 
 
 def trainable_modules(student: nn.Module, mode: str, example: torch.Tensor) -> list[nn.Module]:
@@ -87,7 +89,7 @@ def train_epoch(distiller: Distiller, modules: list[nn.Module], params: list[nn.
     spe = sizing["spe"]
     seed = epoch_seed(cfg.seed, st["epoch"])
     _seed_epoch(train, seed)
-    loader = train_loader(train, cfg.batch_size, seed)
+    loader = train_loader(train, cfg.batch_size, seed, workers=cfg.workers)
     set_train(distiller.student, modules)
     bar = tqdm(loader, total=min(spe, sched.total_steps - st["step"]), desc=f"epoch {st['epoch'] + 1}",
                unit="batch", disable=not cfg.progress, leave=False)

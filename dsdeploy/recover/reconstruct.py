@@ -28,7 +28,7 @@ from dsdeploy.conversion.artifact import load_artifact, load_source_model, save_
 from dsdeploy.conversion.block import ds_blocks
 from dsdeploy.conversion.plan import Plan
 from dsdeploy.conversion.rewrite import original_convs
-from dsdeploy.data.datasets import make_loader
+from dsdeploy.data.datasets import first_item, make_loader
 from dsdeploy.data.given import calibration_images
 from dsdeploy.data.labels import check_outputs, output_count
 from dsdeploy.data.preprocessing import resolve
@@ -350,7 +350,7 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
         val = Subset(val, range(eval_images))
     eval_loader = make_loader(val, 256, shuffle=False) if val is not None else None
     if eval_loader is not None:
-        check_outputs(splits.classes, output_count(teacher, calib[0][0][None]), "the model")
+        check_outputs(splits.classes, output_count(teacher, first_item(calib)[0][None]), "the model")
     report = calibrate(model, teacher, plan, loader, ridge=ridge, progress=progress, eval_loader=eval_loader,
                        rounds=rounds, cache_mb=cache_mb, eval_images=eval_images)
     after_calibration(report, model, teacher, loader, block_reconstruct, eval_loader=eval_loader, progress=progress)
