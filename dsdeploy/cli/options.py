@@ -47,6 +47,13 @@ def trust_code_option(func: Callable) -> Callable:
                              "in the file!). Not needed for torchvision:/sample: sources.")(func)
 
 
+def workers_option(func: Callable) -> Callable:
+    """Add --workers N (-> the stage config's ``workers``): DataLoader worker processes."""
+    return click.option("--workers", type=int, default=None, metavar="N",
+                        help="Data loader worker processes decoding images (default: 0 on 1-2 CPUs, else "
+                             "min(4, CPUs-1)); results do not depend on it.")(func)
+
+
 def block_reconstruct_option(func: Callable) -> Callable:
     """Add --block-reconstruct DURATION (-> CalibrationParams.block_reconstruct)."""
     return click.option("--block-reconstruct", default=None, metavar="DURATION",

@@ -12,6 +12,7 @@ from dsdeploy.cli.options import (
     parse_shape,
     preprocess_options,
     trust_code_option,
+    workers_option,
 )
 from dsdeploy.fsutil import show
 from dsdeploy.outputs import check_distinct, check_output
@@ -50,16 +51,17 @@ from dsdeploy.tables import format_table
               help="Held-out fraction when the data has no test/ or val/ folder.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
 @click.option("--limit", type=int, default=None, help="Score at most this many images (seeded subset).")
+@workers_option
 @preprocess_options
 @click.option("--json", "as_json", is_flag=True, help="Print the full result (with confusion matrices) as JSON.")
 def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust_pickle, input_shape, batch_size,
-             split, val_split, seed, limit, as_json, preprocess, trust_code):
+             split, val_split, seed, limit, workers, as_json, preprocess, trust_code):
     """Accuracy of MODEL (top-1/top-5, macro precision/recall/F1) on labelled DATA,
     side by side with MODEL2 when --compare is given."""
     from dsdeploy import api
     from dsdeploy.recover.evaluate import EvaluateConfig, summary_rows
 
-    config = EvaluateConfig(batch_size=batch_size, split=split, limit=limit)
+    config = EvaluateConfig(batch_size=batch_size, split=split, limit=limit, workers=workers)
     result = api.evaluate(model, data, compare=compare, config=config, weights=weights,
                           compare_weights=compare_weights, model_kwargs=parse_kwargs(model_kwargs),
                           trust_pickle=trust_pickle, val_split=val_split, seed=seed, progress=not as_json,
@@ -94,12 +96,13 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
 @click.option("--eval-images", type=int, default=CALIB_EVAL_IMAGES, show_default=True,
               help="Score top-1 before and after on at most N validation images (0: no scoring).")
 @block_reconstruct_option
+@workers_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @preprocess_options
 @trust_code_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def calibrate(artifact, data, output, max_batches, batch_size, ridge, rounds, cache_mb, eval_images, block_reconstruct,
-              seed, as_json, preprocess, trust_code):
+              workers, seed, as_json, preprocess, trust_code):
     """Fit each converted layer's pointwise (and, alternating, depthwise) weights by least squares
     against the original model's convs on DATA (training-free), then re-estimate BatchNorm statistics."""
     from dsdeploy import api
@@ -108,7 +111,8 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, rounds, ca
     check_artifact_output(output, what="--output",
                           inputs=[("artifact", artifact), ("--data", data)])
     params = CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size, rounds=rounds,
-                               cache_mb=cache_mb, block_reconstruct=block_reconstruct, eval_images=eval_images)
+                               cache_mb=cache_mb, block_reconstruct=block_reconstruct, eval_images=eval_images,
+                               workers=workers)
     report = api.calibrate(artifact, data, out=output, params=params, seed=seed, progress=not as_json,
                            preprocess=preprocess, trust_code=trust_code)
     if as_json:
@@ -151,10 +155,12 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, rounds, ca
               help="Init of parameters not taken from the original model.")
 @click.option("--reinit", default=None, metavar="REGEX", help="Also re-initialise modules whose name matches.")
 @click.option("--patience", type=int, default=None, help="Stop after N epochs without val improvement.")
-@click.option("--augment", is_flag=True, help="Random crop + flip on the training split.")
+@click.option("--augment", is_flag=True, help="Augment the training split: RandomResizedCrop + flip for inputs of 96 px "
+              "and more, pad + random crop + flip for smaller ones.")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="Train in NHWC memory format (about 2x faster convs on CPU).")
 @click.option("--limit", type=int, default=None, help="Use at most N images per split (seeded subset).")
+@workers_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @preprocess_options
 @trust_code_option
@@ -164,8 +170,8 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, rounds, ca
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, time_budget, batch_size, optimizer, lr,
              momentum, weight_decay, schedule, warmup_epochs, kd_weight, feature_weight, ce_weight, temperature,
-             clip_grad, init, reinit, patience, augment, channels_last, limit, seed, resume, history, as_json,
-             preprocess, trust_code):
+             clip_grad, init, reinit, patience, augment, channels_last, limit, workers, seed, resume, history,
+             as_json, preprocess, trust_code):
     """Recover accuracy by distillation from the original model (logits, optionally the
     replaced blocks' outputs, plus labels when DATA has them)."""
     from dsdeploy import api
@@ -182,7 +188,7 @@ def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, tim
                             weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
                             kd_weight=kd_weight, feature_weight=feature_weight, ce_weight=ce_weight,
                             temperature=temperature, clip_grad=clip_grad or None, init=init, reinit=reinit,
-                            patience=patience, augment=augment, channels_last=channels_last, seed=seed,
+                            patience=patience, augment=augment, channels_last=channels_last, seed=seed, workers=workers,
                             progress=not as_json, history_path=history)
     result = api.finetune(artifact, data, out=output, config=config, teacher=teacher, teacher_weights=teacher_weights,
                           resume=resume, limit=limit, preprocess=preprocess, trust_code=trust_code)

@@ -27,6 +27,7 @@ from dsdeploy.data.preprocessing import Preprocess
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 IMAGENET_RECIPE_SIDE = 96  # inputs at least this many px on the shorter side train with the ImageNet recipe
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what a broken file raises
+OPENS = [0]  # image files this process has opened for decoding (diagnostics: start-up never reads them all)
 
 
 def to_8bit(im):
@@ -59,6 +60,7 @@ def open_image(path: str | Path, channels: int):
     """The whole image at ``path`` as a loaded PIL image with ``channels`` (1/3/4) 8-bit channels.
 
     Raises one of :data:`UNREADABLE` for a file that is not a readable image."""
+    OPENS[0] += 1
     with Image.open(path) as im:
         im = to_8bit(im).convert(MODES[channels])
         im.load()

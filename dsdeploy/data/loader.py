@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import default_collate
 
 from dsdeploy.errors import DataError
 from dsdeploy.ranges import check_number

@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import math
 import weakref
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ from dsdeploy.data.preprocessing import Preprocess
 CACHE_BYTES = 2 << 30  # cache decoded images of a listing when they all fit in this many bytes
 UNREAD, CACHED, BAD, READABLE = 0, 1, 2, 3  # status of one file
 
-_REGISTRY: "weakref.WeakValueDictionary[tuple, DecodedStore]" = weakref.WeakValueDictionary()
+_REGISTRY: weakref.WeakValueDictionary[tuple, DecodedStore] = weakref.WeakValueDictionary()
 _KEPT: list[list[DecodedStore]] = []  # strong references while keep_decoded() is active
 
 

@@ -77,6 +77,7 @@ class CalibrateSection:
     cache_mb: float = CALIB_CACHE_MB  # MiB of cached stage inputs (0: none)
     eval_images: int = CALIB_EVAL_IMAGES  # validation images scored before/after (0: none)
     block_reconstruct: str | float | None = None  # e.g. "90s": label-free block reconstruction afterwards (kept in s)
+    workers: int | None = None  # data loader worker processes (None: 0 on 1-2 CPUs, else min(4, CPUs-1))
 
 
 @dataclass

@@ -38,6 +38,7 @@ class CalibrationParams:
             default: it costs the time it is given, which only the user can weigh).
         eval_images: score top-1 before and after calibration on at most this many validation
             images (the first of the split), ``>= 0`` (0: no scoring).
+        workers: DataLoader worker processes reading the images (None: ``dsdeploy.data.loader.default_workers``).
     """
 
     ridge: float = 1e-6
@@ -47,6 +48,7 @@ class CalibrationParams:
     cache_mb: float = CALIB_CACHE_MB
     block_reconstruct: float | str | None = None
     eval_images: int = CALIB_EVAL_IMAGES
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         self.block_reconstruct = block_budget(self.block_reconstruct)
@@ -56,6 +58,7 @@ class CalibrationParams:
         check_number(self.rounds, "calibrate.rounds", low=0, integer=True)
         check_number(self.cache_mb, "calibrate.cache_mb", low=0)
         check_number(self.eval_images, "calibrate.eval_images", low=0, integer=True)
+        check_number(self.workers, "calibrate.workers", low=0, integer=True, optional=True)
 
     def fit(self) -> dict[str, Any]:
         """The least-squares fit's options as keyword arguments of :func:`dsdeploy.recover.reconstruct.calibrate`."""

@@ -37,11 +37,13 @@ class EvaluateConfig:
         batch_size: images per forward pass (>= 1).
         split: "val" (the test/ or val/ folder, or the held-out part) or "train".
         limit: score at most this many images (a seeded subset; >= 1), None: all.
+        workers: DataLoader worker processes (>= 0; None: ``dsdeploy.data.loader.default_workers``).
     """
 
     batch_size: int = 256
     split: str = "val"
     limit: int | None = None
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -52,6 +54,7 @@ class EvaluateConfig:
             raise DataError(f"evaluate.split must be 'train' or 'val', got {self.split!r}")
         check_number(self.batch_size, "evaluate.batch_size", low=1, integer=True)
         check_number(self.limit, "evaluate.limit", low=1, integer=True, optional=True)
+        check_number(self.workers, "evaluate.workers", low=0, integer=True, optional=True)
 
 
 def _loaded(model: Any, weights: str | None, model_kwargs: dict | None, trust_pickle: bool,
@@ -77,14 +80,16 @@ def preprocess_for(loaded: Any, data: str, override: Preprocess | dict | None = 
                    override, data=data, model=getattr(loaded, "model", None))
 
 
-def _score(loaded: Any, splits: DataSplits, split: str, batch_size: int, progress: bool) -> dict[str, Any]:
+def _score(loaded: Any, splits: DataSplits, split: str, batch_size: int, progress: bool,
+           workers: int | None = None) -> dict[str, Any]:
     dataset = getattr(splits, split)
     if dataset is None:
         raise DataError(f"the data has no {split!r} split; use evaluate.split train/val or set a val_split > 0")
     if splits.classes is None:
         raise DataError("evaluation needs labelled data (class folders or 'digits'), got unlabelled images")
     t0 = time.perf_counter()
-    y_true, scores = predict(loaded.model, make_loader(dataset, batch_size, shuffle=False), progress=progress,
+    loader = make_loader(dataset, batch_size, shuffle=False, workers=workers)
+    y_true, scores = predict(loaded.model, loader, progress=progress,
                              desc=f"evaluate {loaded.spec}")
     seconds = time.perf_counter() - t0
     n_out = scores.shape[1]
@@ -100,7 +105,8 @@ def evaluate(model: Any, data: str, *, compare: Any = None, weights: str | None 
              compare_weights: str | None = None, model_kwargs: dict | None = None, trust_pickle: bool = False,
              batch_size: int = 256, split: str = "val", val_split: float = 0.2, seed: int = 0,
              limit: int | None = None, preprocess: Preprocess | dict | None = None, progress: bool = False,
-             trust_code: bool = False, input_shape: Sequence[int] | None = None) -> dict[str, Any]:
+             trust_code: bool = False, input_shape: Sequence[int] | None = None,
+             workers: int | None = None) -> dict[str, Any]:
     """Evaluate ``model`` (and ``compare``, side by side) on ``data``; return a JSON-able dict.
 
     ``model``/``compare``: a spec for ``convert.loading.load_model``, a ``LoadedModel``-like object
@@ -114,8 +120,9 @@ def evaluate(model: Any, data: str, *, compare: Any = None, weights: str | None 
     ``trust_code``: import the ``pkg.module:factory`` a ``.dsd`` spec records (:mod:`dsdeploy.models.trust`).
     ``input_shape``: (N, C, H, W) for models that record none (a factory's 32x32 CIFAR net); it
     sizes the preprocessing of every model evaluated, like the models' own recorded shape would.
+    ``workers``: DataLoader worker processes (None: ``dsdeploy.data.loader.default_workers``).
     """
-    EvaluateConfig(batch_size=batch_size, split=split, limit=limit)
+    EvaluateConfig(batch_size=batch_size, split=split, limit=limit, workers=workers)
     entries = [_loaded(model, weights, model_kwargs, trust_pickle, trust_code)]
     if compare is not None:
         entries.append(_loaded(compare, compare_weights, model_kwargs, trust_pickle, trust_code))
@@ -128,7 +135,7 @@ def evaluate(model: Any, data: str, *, compare: Any = None, weights: str | None 
         if key not in cache:
             cache[key] = load_data(data, pre, val_split=val_split, seed=seed, labelled=True, limit=limit,
                                    model_labels=labels)
-        results.append(_score(loaded, cache[key], split, batch_size, progress))
+        results.append(_score(loaded, cache[key], split, batch_size, progress, workers))
     splits = next(iter(cache.values()))
     out: dict[str, Any] = {"data": data, "split": split, "images": int(results[0]["metrics"]["n"]),
                            "skipped": splits.skipped, "classes": splits.classes, "models": results,
