@@ -152,3 +152,31 @@ def test_workers_is_a_validated_option():
     with pytest.raises(DsdeployError, match="finetune.workers"):
         FinetuneConfig(workers=-1)
     assert "workers" not in FinetuneConfig(workers=3).trajectory()  # resume may change it
+
+
+def test_interpolation_is_a_preprocessing_option(tmp_path):
+    from click.testing import CliRunner
+
+    from dsdeploy.cli import load_commands
+    from dsdeploy.data.preprocessing import describe, resolve
+    from dsdeploy.errors import DataError
+    from dsdeploy.pipeline.recipe import recipe_from_dict
+
+    cli = load_commands()
+    for command in ("finetune", "evaluate", "calibrate", "convert", "export", "bench"):  # every data command
+        params = {p.name for p in cli.commands[command].params}
+        assert {"size", "resize", "mean", "std", "channels", "interpolation", *(
+            ["workers"] if command in ("finetune", "evaluate", "calibrate") else [])} <= params, command
+    assert "--interpolation" in CliRunner().invoke(cli, ["evaluate", "--help"]).output
+    r = recipe_from_dict({"model": {"spec": "sample:digits_cnn"}, "preprocess": {"interpolation": "bicubic"}}, "r.toml")
+    assert r.preprocess.interpolation == "bicubic"
+    pre = resolve(None, (1, 3, 16, 16), {"interpolation": "bicubic"})
+    assert pre.interpolation == "bicubic" and "bicubic" in describe(pre)
+    assert Preprocess.from_dict(pre.to_dict()) == pre  # recorded with the model
+    with pytest.raises(DataError, match="interpolation"):
+        Preprocess(interpolation="lanczos2")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    a = decode.decode(tmp_path / "x.png", resolve(None, (1, 3, 16, 16)))
+    b = decode.decode(tmp_path / "x.png", pre)
+    assert a.shape == b.shape == (16, 16, 3) and not np.array_equal(a, b)

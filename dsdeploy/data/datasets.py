@@ -26,7 +26,7 @@ from dsdeploy.data.decode import UNREADABLE, chw, decode, open_image, recipe, tr
 from dsdeploy.data.decode import decode as _decode  # noqa: F401 (the bundle's predict.py is tested against it)
 from dsdeploy.data.labels import split_record, to_model_labels
 from dsdeploy.data.listing import IMAGE_EXTS, class_folders, scan  # noqa: F401 (re-exported)
-from dsdeploy.data.loader import first_item, make_loader  # noqa: F401 (re-exported)
+from dsdeploy.data.loader import first_item, make_loader, readable_images  # noqa: F401 (re-exported)
 from dsdeploy.data.preprocessing import (  # noqa: F401 (re-exported)
     DIGITS_PREPROCESS,
     IMAGENET_MEAN,
@@ -99,6 +99,9 @@ class ImageDataset(Dataset):
         self._epoch.share_memory_()
         if self.store is not None:
             self.store.share()
+
+    def __getstate__(self) -> dict[str, Any]:  # spawned workers: without the loaders kept on the dataset
+        return {k: v for k, v in self.__dict__.items() if k != "_dsdeploy_loaders"}
 
     def set_epoch_seed(self, seed: int) -> None:
         """Seed the augmentation of the next pass (each item's draws derive from this and its index)."""

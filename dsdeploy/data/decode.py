@@ -43,15 +43,19 @@ def to_8bit(im):
     return im
 
 
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
 def eval_geometry(im, pre: Preprocess):
     """``im`` (PIL) resized straight to ``pre.size`` (``resize`` None), or its shorter side to ``pre.resize``
-    then center-cropped to ``pre.size``; Pillow bilinear, as the bundle's predict.py."""
+    then center-cropped to ``pre.size``; Pillow resampling ``pre.interpolation``, as the bundle's predict.py."""
     h, w = pre.size
+    resample = RESAMPLE[pre.interpolation]
     if pre.resize is None:
-        return im.resize((w, h), Image.BILINEAR)
+        return im.resize((w, h), resample)
     scale = pre.resize / min(im.size)
     nw, nh = max(w, round(im.size[0] * scale)), max(h, round(im.size[1] * scale))
-    im = im.resize((nw, nh), Image.BILINEAR)
+    im = im.resize((nw, nh), resample)
     left, top = (nw - w) // 2, (nh - h) // 2
     return im.crop((left, top, left + w, top + h))
 
@@ -95,8 +99,8 @@ def train_transform(pre: Preprocess) -> Any:
     from torchvision.transforms import v2
 
     if recipe(pre) == "imagenet":
-        return v2.Compose([v2.RandomResizedCrop(pre.size, interpolation=v2.InterpolationMode.BILINEAR,
-                                                antialias=True),
+        mode = v2.InterpolationMode(pre.interpolation)
+        return v2.Compose([v2.RandomResizedCrop(pre.size, interpolation=mode, antialias=True),
                            v2.RandomHorizontalFlip(), v2.PILToTensor()])
     pad = max(pre.size) // 8
     return v2.Compose([v2.RandomCrop(pre.size, padding=pad or None), v2.RandomHorizontalFlip()])

@@ -20,8 +20,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
 from dsdeploy.errors import DataError
 from dsdeploy.ranges import check_number
@@ -117,7 +116,8 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
         workers: DataLoader worker processes (0: in this process; None: :func:`default_workers`);
             persistent while the loader lives.
         sampler: an explicit sampler (e.g. a DistributedSampler; its order is the caller's), instead of ``shuffle``.
-        pin_memory: pin batches for fast copies to a GPU (None: when CUDA is available).
+        pin_memory: pin batches for fast copies to a GPU (None: when this process already uses CUDA,
+            i.e. a model was moved there; pinning would otherwise start a CUDA context for nothing).
 
     Raises:
         DsdeployError: ``batch_size`` or ``workers`` out of range.
@@ -132,7 +132,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
     if images is not None and workers > 0:
         images.share()
     if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
+        pin_memory = torch.cuda.is_available() and torch.cuda.is_initialized()
     return SkippingLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
                           drop_last=drop_last, pin_memory=pin_memory, persistent_workers=workers > 0,
                           generator=torch.Generator().manual_seed(seed))
@@ -152,7 +152,7 @@ def train_loader(dataset: Any, batch_size: int, seed: int, *, workers: int | Non
     workers = resolve_workers(workers)
     if hasattr(dataset, "set_epoch_seed"):
         dataset.set_epoch_seed(seed)
-    n = len(dataset) if shard is None else len(dataset) // shard[1]
+    n = len(sampler) if sampler is not None else len(dataset) if shard is None else len(dataset) // shard[1]
     key = (batch_size, workers, id(sampler), shard)
     kept = getattr(dataset, "_dsdeploy_loaders", None) if workers > 0 else None
     if kept is not None and key in kept:
@@ -170,6 +170,20 @@ def train_loader(dataset: Any, batch_size: int, seed: int, *, workers: int | Non
     if isinstance(loader.sampler, SeededSampler):
         loader.sampler.seed = seed
     return loader
+
+
+def readable_images(dataset: Any, count: int) -> torch.Tensor:
+    """The first ``count`` readable images of ``dataset`` in order (unreadable ones skipped and counted),
+    repeated cyclically when it holds fewer: a (count, C, H, W) tensor.
+
+    Raises DataError when none is readable."""
+    got: list[torch.Tensor] = []
+    for x, _ in make_loader(dataset, min(64, count), shuffle=False):
+        got.append(x)
+        if sum(len(t) for t in got) >= count:
+            break
+    x = torch.cat(got)
+    return x[torch.arange(count) % len(x)]
 
 
 def first_item(dataset: Any) -> tuple[torch.Tensor, Any]:

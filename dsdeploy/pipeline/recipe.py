@@ -59,6 +59,7 @@ class PreprocessSection:
     mean: list[float] | None = None
     std: list[float] | None = None
     channels: int | None = None
+    interpolation: str | None = None  # bilinear | bicubic | nearest
 
 
 # [convert] IS the library's rank policy (dsdeploy.conversion.plan.Policy): one definition, one validation.
@@ -303,6 +304,8 @@ def validate(r: Recipe, src: str) -> None:
         raise RecipeError(f"{src}: preprocess.size must be [H, W], got {p.size}")
     if p.channels is not None and p.channels not in (1, 3, 4):
         raise RecipeError(f"{src}: preprocess.channels must be 1, 3 or 4, got {p.channels}")
+    if p.interpolation is not None and p.interpolation not in ("bilinear", "bicubic", "nearest"):
+        raise RecipeError(f"{src}: preprocess.interpolation must be bilinear, bicubic or nearest, got {p.interpolation!r}")
     if p.resize is not None and p.resize < 0:
         raise RecipeError(f"{src}: preprocess.resize must be >= 0 (0: resize straight to size), got {p.resize}")
     if r.data.limit is not None and r.data.limit < 1:
