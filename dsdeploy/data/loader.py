@@ -114,7 +114,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
         shuffle: permute with :class:`SeededSampler` (``seed``); the dataset's augmentation is seeded
             with ``seed`` too (``set_epoch_seed``). False: dataset order.
         workers: DataLoader worker processes (0: in this process; None: :func:`default_workers`);
-            persistent while the loader lives.
+            persistent while the loader lives. A dataset of in-memory images (digits) always uses 0.
         sampler: an explicit sampler (e.g. a DistributedSampler; its order is the caller's), instead of ``shuffle``.
         pin_memory: pin batches for fast copies to a GPU (None: when this process already uses CUDA,
             i.e. a model was moved there; pinning would otherwise start a CUDA context for nothing).
@@ -125,6 +125,8 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
     check_number(batch_size, "batch_size", low=1, integer=True)
     workers = resolve_workers(workers)
     images = _images(dataset)
+    if images is not None and images.store is None:  # images already in memory: nothing for a worker to decode
+        workers = 0
     if shuffle and sampler is None:
         sampler = SeededSampler(len(dataset), seed)
         if hasattr(dataset, "set_epoch_seed"):
