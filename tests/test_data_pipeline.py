@@ -180,3 +180,38 @@ def test_interpolation_is_a_preprocessing_option(tmp_path):
     a = decode.decode(tmp_path / "x.png", resolve(None, (1, 3, 16, 16)))
     b = decode.decode(tmp_path / "x.png", pre)
     assert a.shape == b.shape == (16, 16, 3) and not np.array_equal(a, b)
+
+
+def test_dsdeploy_run_decodes_each_image_once(tmp_path):
+    """calibrate, fine-tune and evaluate of one run read the same 20 images: 20 decodes, not one set per stage."""
+    from dsdeploy.pipeline.runner import run_recipe
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8), "L").save(tmp_path / "imgs" / c / f"{i}.png")
+    (tmp_path / "r.toml").write_text(f'''
+[model]
+spec = "tests.test_preprocessing:graynet"
+input_shape = [1, 1, 16, 16]
+[data]
+spec = "{tmp_path / 'imgs'}"
+val_split = 0.3
+limit = 10
+[calibrate]
+batch_size = 4
+workers = 0
+[finetune]
+epochs = 2
+batch_size = 4
+workers = 0
+[evaluate]
+workers = 0
+[export]
+enabled = false
+''')
+    before = decode.OPENS[0]
+    res = run_recipe(tmp_path / "r.toml", tmp_path / "out")
+    assert {res.records[s]["status"] for s in ("convert", "finetune", "evaluate")} == {"done"}
+    assert decode.OPENS[0] - before == 20  # 10 train + 10 val images, each decoded once for every stage

@@ -1,7 +1,7 @@
 """What is known about each listed image file: unread, decoded (and cached), or unreadable.
 
 One :class:`DecodedStore` serves every dataset over the same listing and geometry (folder,
-channels, size, resize): the train and val splits of one ``load_data`` call, and, while
+channels, size, resize, interpolation): the train and val splits of one ``load_data`` call, and, while
 they live or inside :func:`keep_decoded`, the splits later ``load_data`` calls make of the
 same folder — so calibrate, fine-tune and evaluate in one ``dsdeploy run`` decode each
 image once. Its tensors move to shared memory before DataLoader workers start
@@ -91,7 +91,7 @@ def _key(root: str, files: Sequence[str], pre: Preprocess) -> tuple:
     h = hashlib.sha1()
     for f in files:
         h.update(f.encode("utf-8", "surrogateescape") + b"\0")
-    return (root, pre.channels, pre.size, pre.resize, len(files), h.hexdigest())
+    return (root, pre.channels, pre.size, pre.resize, pre.interpolation, len(files), h.hexdigest())
 
 
 def store_for(root: str, files: Sequence[str], pre: Preprocess) -> DecodedStore:
