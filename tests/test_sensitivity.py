@@ -112,13 +112,13 @@ def test_data_plan_beats_the_spectral_plan_on_its_measured_cost(digits_case, bud
 
 def test_inspect_prints_the_table_and_convert_allocates_on_data(tmp_path):
     text = invoke("inspect", "sample:digits_cnn", "--mac-budget", "0.3", "--calib-data", "digits",
-                  "--calib-batches", "1")
+                  "--calib-batches", "1", "--allocation", "data")
     assert text.returncode == 0, text.stderr
     assert "logit err (kl)" in text.stdout and "ranks allocated on data" in text.stdout
-    for allocation, want in (("auto", "data"), ("spectral", "spectral")):
-        out = tmp_path / f"{allocation}.dsd"
+    for allocation, want in (("auto", "data"), ("spectral", "spectral"), (None, "spectral")):
+        out = tmp_path / f"{allocation or 'default'}.dsd"
         res = invoke("convert", "sample:digits_cnn", "-o", out, "--mac-budget", "0.3", "--calib-data", "digits",
-                     "--calib-batches", "1", "--allocation", allocation, "--json")
+                     "--calib-batches", "1", *(["--allocation", allocation] if allocation else []), "--json")
         assert res.returncode == 0, res.stderr
         report = json.loads(res.stdout)
         assert report["policy"]["allocation"] == want

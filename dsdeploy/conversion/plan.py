@@ -102,8 +102,10 @@ class Policy:
 
     ``allocation`` says how a ``mac_budget`` is shared out: "spectral" by the kernels' spectral
     energy; "data" by each layer's measured effect on the network's logits at each rank
-    (:mod:`dsdeploy.recover.sensitivity`; needs calibration data); "auto" (default): "data"
-    when calibration data is given, else "spectral".
+    (:mod:`dsdeploy.recover.sensitivity`; needs calibration data); "auto": "data" when calibration
+    data is given, else "spectral". The default is "spectral": on the third-party CIFAR ResNets
+    (benchmarks/RESULTS-recover-pretrained.md) data-aware ranks gained 1-3 points at a MAC budget
+    of 0.17 but lost up to 5 at 0.25 and 0.35, after the same alternating least squares.
     """
 
     rank: int | None = None
@@ -114,7 +116,7 @@ class Policy:
     convert_stem: bool = False
     layout: str = "branches"
     require_gain: bool = True  # False: convert even where a DS block costs more (exactness checks)
-    allocation: str = "auto"  # auto | spectral | data (how a mac_budget / latency target is allocated)
+    allocation: str = "spectral"  # spectral | data | auto (how a mac_budget / latency target is allocated)
     speedup: float | None = None
     target_latency_ms: float | None = None
     provider: str | None = None  # the EP latencies are measured on (None: cpu for a latency target)
