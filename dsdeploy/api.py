@@ -183,6 +183,7 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
             ``ridge``, ``max_batches``, ``batch_size``, ``rounds`` (0: pointwise only), ``cache_mb``, ``eval_images``,
             ``block_reconstruct`` (seconds or ``"90s"``: then fit blocks, :mod:`dsdeploy.recover.blockrec`),
             ``device`` (auto | cpu | cuda | cuda:N | mps; the models go back where they were).
+            ``workers`` (DataLoader processes reading a data spec; None: by the CPU count).
         preprocess: preprocessing overrides (``size``, ``mean``, ...) for a data spec.
 
     Returns:
@@ -198,14 +199,15 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
         return reconstruct.calibrate_artifact(str(converted), data, str(out), max_batches=p.max_batches,
                                               batch_size=p.batch_size, seed=seed, ridge=p.ridge, progress=progress,
                                               preprocess=preprocess, val_split=val_split, limit=limit,
-                                              trust_code=trust_code, block_reconstruct=p.block_reconstruct, **p.fit())
+                                              trust_code=trust_code, block_reconstruct=p.block_reconstruct,
+                                              workers=p.workers, **p.fit())
     cm = _require_converted(converted, "calibrate")
     if isinstance(data, str):
         pre = resolve(cm.preprocessing, cm.input_shape, preprocess, data=data, model=cm.original)
         report = reconstruct.calibrate_data(cm.model, cm.original, cm.plan, data, pre, max_batches=p.max_batches,
                                             seed=seed, batch_size=p.batch_size, ridge=p.ridge, progress=progress,
                                             val_split=val_split, limit=limit, labels=cm.labels,
-                                            block_reconstruct=p.block_reconstruct, **p.fit())
+                                            block_reconstruct=p.block_reconstruct, workers=p.workers, **p.fit())
         cm.preprocessing = pre.to_dict()
         cm.history.append(report.history_entry(data=data, seed=seed))
     else:

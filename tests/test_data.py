@@ -79,7 +79,9 @@ def test_class_tree_split_skips_corrupt_and_non_images(tmp_path, caplog):
         s = load_data(str(tmp_path), PRE, val_split=0.2, seed=0)
         assert s.classes == ["blue", "green", "red"]
         assert s.skipped == 1  # the text file, found by the scan
-        assert len(s.train) + len(s.val) == 30  # first use decodes both splits and drops the corrupt jpeg
+        assert len(s.train) + len(s.val) == 31  # listed, not read: the corrupt jpeg is found when read
+        read = sum(len(y) for d in (s.train, s.val) for _, y in make_loader(d, 4, shuffle=False))
+        assert read == 30  # the loaders drop it
     assert s.skipped == 2
     assert "skipped 1 non-image" in caplog.text and "skipped 1 corrupt" in caplog.text
     assert len(s.val) in (5, 6)  # 31 images found, 6 held out (stratified) before decoding
@@ -96,8 +98,10 @@ def test_unused_split_is_never_decoded(tmp_path):
     _tree(tmp_path / "test", COLORS, 2)
     (tmp_path / "train" / "red" / "bad.png").write_bytes(b"garbage")
     s = load_data(str(tmp_path), PRE)
-    assert len(s.val) == 6 and s.skipped == 0 and s.train.images is None  # train untouched
-    assert len(s.train) == 9 and s.skipped == 1 and s.train.images.shape == (9, 3, 8, 8)
+    assert sum(len(y) for _, y in make_loader(s.val, 4, shuffle=False)) == 6 and s.skipped == 0
+    assert not s.train.store.status[torch.from_numpy(s.train.ids)].any()  # train untouched
+    assert sum(len(y) for _, y in make_loader(s.train, 4, shuffle=False)) == 9 and s.skipped == 1
+    assert s.train.store.images.shape == (16, 3, 8, 8)  # one cache for the listing, filled as read
 
 
 def test_imagefolder_train_test_layout(tmp_path):
@@ -149,9 +153,12 @@ def test_augment_train_only_and_seeded(tmp_path):
     a = load_data(str(tmp_path), pre, seed=1)
     b = load_data(str(tmp_path), pre, seed=1)
     plain = load_data(str(tmp_path), Preprocess.from_dict(pre.to_dict()), seed=1)
-    xa = torch.stack([a.train[0][0] for _ in range(8)])
-    xb = torch.stack([b.train[0][0] for _ in range(8)])
-    assert torch.equal(xa, xb)  # same seed, same augmentation stream
+    def draws(s):  # item 0 in 8 epochs
+        return torch.stack([s.train.set_epoch_seed(e) or s.train[0][0] for e in range(8)])
+
+    xa, xb = draws(a), draws(b)
+    assert torch.equal(xa, xb)  # same seeds, same augmentation
+    assert torch.equal(a.train[0][0], a.train[0][0])  # a function of (epoch seed, index): rereads agree
     assert len({tuple(v.flatten().tolist()) for v in xa}) > 1  # augmentation changes the image
     assert torch.equal(a.val[0][0], plain.val[0][0])  # never on val
 
@@ -173,8 +180,10 @@ def test_all_images_corrupt_is_an_error(tmp_path):
         (tmp_path / c).mkdir()
         (tmp_path / c / "x.png").write_bytes(b"garbage")
     s = load_data(str(tmp_path), PRE, val_split=0)
+    assert len(s.train) == 2  # listed only
     with pytest.raises(DataError, match="no readable images"):
-        len(s.train)
+        list(make_loader(s.train, 1, shuffle=False))
+    assert s.skipped == 2
 
 
 def test_preprocess_roundtrip_and_validation():
@@ -191,13 +200,17 @@ def test_preprocess_roundtrip_and_validation():
 def test_lazy_file_dataset_matches_cache(tmp_path, monkeypatch):
     _tree(tmp_path, COLORS, 3)
     cached = load_data(str(tmp_path), PRE, val_split=0)
-    assert len(cached.train) == 9  # decoded into the cache on first use
-    monkeypatch.setattr("dsdeploy.data.datasets.CACHE_BYTES", 0)
-    lazy = load_data(str(tmp_path), PRE, val_split=0)
+    first = [x for x, _ in make_loader(cached.train, 3, shuffle=False)]  # decoded into the cache as read
+    assert cached.train.store.cacheable and cached.train.store.images is not None
+    monkeypatch.setattr("dsdeploy.data.store.CACHE_BYTES", 0)
+    lazy = load_data(str(tmp_path), PRE, val_split=0, seed=1)  # another store: another geometry key is not
+    lazy.train.store = type(lazy.train.store)(lazy.train.store.files, PRE)  # needed; a fresh uncached one
     assert len(lazy.train) == len(cached.train) == 9
-    assert lazy.train.files is not None and lazy.train.images is None and cached.train.images is not None
+    assert lazy.train.files is not None and not lazy.train.store.cacheable
     for i in range(len(cached.train)):
         assert torch.equal(cached.train[i][0], lazy.train[i][0])
+    assert torch.equal(torch.cat(first), torch.cat([x for x, _ in make_loader(cached.train, 3, shuffle=False)]))
+    assert lazy.train.store.images is None
 
 
 def test_make_loader_order_depends_on_seed():

@@ -310,7 +310,8 @@ def test_predict_py_decodes_like_dsdeploy_data(tmp_path):
     Image.fromarray(rng.integers(0, 255, (20, 30, 4), dtype=np.uint8), "RGBA").save(tmp_path / "rgba.png")
     for name, pre in (("g16.png", Preprocess(size=(16, 16), resize=None, mean=(0.5,), std=(0.5,), channels=1)),
                       ("rgba.png", resolve(None, (1, 4, 16, 16))),
-                      ("g16.png", resolve(None, (1, 3, 96, 96)))):
+                      ("g16.png", resolve(None, (1, 3, 96, 96))),
+                      ("rgba.png", resolve(None, (1, 3, 12, 12), {"interpolation": "bicubic", "resize": 14}))):
         ours = _decode(tmp_path / name, pre).astype(np.float32) / 255
         ours = ours[None] if ours.ndim == 2 else ours.transpose(2, 0, 1)
         c = pre.channels

@@ -47,6 +47,13 @@ def trust_code_option(func: Callable) -> Callable:
                              "in the file!). Not needed for torchvision:/sample: sources.")(func)
 
 
+def workers_option(func: Callable) -> Callable:
+    """Add --workers N (-> the stage config's ``workers``): DataLoader worker processes."""
+    return click.option("--workers", type=int, default=None, metavar="N",
+                        help="Data loader worker processes decoding images (default: 0 on 1-2 CPUs, else "
+                             "min(4, CPUs-1)); results do not depend on it.")(func)
+
+
 def block_reconstruct_option(func: Callable) -> Callable:
     """Add --block-reconstruct DURATION (-> CalibrationParams.block_reconstruct)."""
     return click.option("--block-reconstruct", default=None, metavar="DURATION",
@@ -146,7 +153,7 @@ def print_preprocessing() -> Iterator[None]:
 
 
 def preprocess_options(func: Callable) -> Callable:
-    """Add --size, --resize, --mean, --std, --channels; the command gets ``preprocess`` (a dict of the
+    """Add --size, --resize, --mean, --std, --channels, --interpolation; the command gets ``preprocess`` (a dict of the
     keys given, for ``dsdeploy.data.preprocessing.resolve``) and the resolved preprocessing is printed once."""
     opts = [
         click.option("--size", default=None, metavar="H[,W]", help="Model input size (default: the model's own, "
@@ -158,10 +165,13 @@ def preprocess_options(func: Callable) -> Callable:
         click.option("--std", default=None, metavar="S[,S,S]", help="Per-channel std after scaling to [0,1]."),
         click.option("--channels", type=click.Choice(["1", "3", "4"]), default=None,
                      help="Image channels: 1 gray, 3 RGB, 4 RGBA (default: the model's)."),
+        click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]), default=None,
+                     help="Resampling of every resize (default: the model's, else bilinear)."),
     ]
 
     @functools.wraps(func)
-    def wrapper(*args: Any, size=None, resize=None, mean=None, std=None, channels=None, **kwargs: Any):
+    def wrapper(*args: Any, size=None, resize=None, mean=None, std=None, channels=None, interpolation=None,
+                **kwargs: Any):
         pre: dict[str, Any] = {}
         if size is not None:
             pre["size"] = _ints(size, "--size")
@@ -173,6 +183,8 @@ def preprocess_options(func: Callable) -> Callable:
             pre["std"] = _floats(std, "--std")
         if channels is not None:
             pre["channels"] = int(channels)
+        if interpolation is not None:
+            pre["interpolation"] = interpolation
         with print_preprocessing():
             return func(*args, preprocess=pre or None, **kwargs)
 

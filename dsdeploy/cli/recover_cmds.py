@@ -14,6 +14,7 @@ from dsdeploy.cli.options import (
     precision_option,
     preprocess_options,
     trust_code_option,
+    workers_option,
 )
 from dsdeploy.fsutil import show
 from dsdeploy.outputs import check_distinct, check_output
@@ -54,16 +55,18 @@ from dsdeploy.tables import format_table
 @click.option("--limit", type=int, default=None, help="Score at most this many images (seeded subset).")
 @device_option
 @precision_option
+@workers_option
 @preprocess_options
 @click.option("--json", "as_json", is_flag=True, help="Print the full result (with confusion matrices) as JSON.")
 def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust_pickle, input_shape, batch_size,
-             split, val_split, seed, limit, device, precision, as_json, preprocess, trust_code):
+             split, val_split, seed, limit, device, precision, workers, as_json, preprocess, trust_code):
     """Accuracy of MODEL (top-1/top-5, macro precision/recall/F1) on labelled DATA,
     side by side with MODEL2 when --compare is given."""
     from dsdeploy import api
     from dsdeploy.recover.evaluate import EvaluateConfig, summary_rows
 
-    config = EvaluateConfig(batch_size=batch_size, split=split, limit=limit, device=device, precision=precision)
+    config = EvaluateConfig(batch_size=batch_size, split=split, limit=limit, device=device, precision=precision,
+                            workers=workers)
     result = api.evaluate(model, data, compare=compare, config=config, weights=weights,
                           compare_weights=compare_weights, model_kwargs=parse_kwargs(model_kwargs),
                           trust_pickle=trust_pickle, val_split=val_split, seed=seed, progress=not as_json,
@@ -99,12 +102,13 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
               help="Score top-1 before and after on at most N validation images (0: no scoring).")
 @block_reconstruct_option
 @device_option
+@workers_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @preprocess_options
 @trust_code_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def calibrate(artifact, data, output, max_batches, batch_size, ridge, rounds, cache_mb, eval_images, block_reconstruct,
-              device, seed, as_json, preprocess, trust_code):
+              device, workers, seed, as_json, preprocess, trust_code):
     """Fit each converted layer's pointwise (and, alternating, depthwise) weights by least squares
     against the original model's convs on DATA (training-free), then re-estimate BatchNorm statistics."""
     from dsdeploy import api
@@ -114,7 +118,7 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, rounds, ca
                           inputs=[("artifact", artifact), ("--data", data)])
     params = CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size, rounds=rounds,
                                cache_mb=cache_mb, block_reconstruct=block_reconstruct, eval_images=eval_images,
-                               device=device)
+                               device=device, workers=workers)
     report = api.calibrate(artifact, data, out=output, params=params, seed=seed, progress=not as_json,
                            preprocess=preprocess, trust_code=trust_code)
     if as_json:
@@ -157,12 +161,14 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, rounds, ca
               help="Init of parameters not taken from the original model.")
 @click.option("--reinit", default=None, metavar="REGEX", help="Also re-initialise modules whose name matches.")
 @click.option("--patience", type=int, default=None, help="Stop after N epochs without val improvement.")
-@click.option("--augment", is_flag=True, help="Random crop + flip on the training split.")
+@click.option("--augment", is_flag=True, help="Augment the training split: RandomResizedCrop + flip for inputs of 96 px "
+              "and more, pad + random crop + flip for smaller ones.")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="Train in NHWC memory format (about 2x faster convs on CPU).")
 @device_option
 @precision_option
 @click.option("--limit", type=int, default=None, help="Use at most N images per split (seeded subset).")
+@workers_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--nproc", type=int, default=1, show_default=True,
               help="Train data-parallel in N processes on this machine (as torchrun --nproc-per-node N; "
@@ -175,8 +181,8 @@ def calibrate(artifact, data, output, max_batches, batch_size, ridge, rounds, ca
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, time_budget, batch_size, optimizer, lr,
              momentum, weight_decay, schedule, warmup_epochs, kd_weight, feature_weight, ce_weight, temperature,
-             clip_grad, init, reinit, patience, augment, channels_last, device, precision, limit, seed, nproc,
-             resume, history, as_json, preprocess, trust_code):
+             clip_grad, init, reinit, patience, augment, channels_last, device, precision, limit, workers, seed,
+             nproc, resume, history, as_json, preprocess, trust_code):
     """Recover accuracy by distillation from the original model (logits, optionally the
     replaced blocks' outputs, plus labels when DATA has them). Under torchrun (or --nproc N)
     it trains data-parallel; only rank 0 writes files and prints."""
@@ -197,7 +203,7 @@ def finetune(artifact, data, output, teacher, teacher_weights, mode, epochs, tim
                             temperature=temperature, clip_grad=clip_grad or None, init=init, reinit=reinit,
                             patience=patience, augment=augment, channels_last=channels_last, device=device,
                             precision=precision, seed=seed, progress=not as_json, history_path=history,
-                            nproc=nproc)
+                            nproc=nproc, workers=workers)
     result = api.finetune(artifact, data, out=output, config=config, teacher=teacher, teacher_weights=teacher_weights,
                           resume=resume, limit=limit, preprocess=preprocess, trust_code=trust_code)
     if env_rank() != 0:  # one report, from rank 0

@@ -109,6 +109,7 @@ def _check_preprocessing(pre: dict[str, Any], origin: str) -> None:
         "mean": lambda v: isinstance(v, (list, tuple)) and 1 <= len(v) <= 4 and all(map(_number, v)),
         "std": lambda v: isinstance(v, (list, tuple)) and 1 <= len(v) <= 4 and all(map(_number, v)),
         "channels": lambda v: type(v) is int,
+        "interpolation": lambda v: v in ("bilinear", "bicubic", "nearest"),
     }
     for key, ok in checks.items():
         if key in pre and not ok(pre[key]):

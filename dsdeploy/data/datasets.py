@@ -3,14 +3,16 @@
 ``load_data(spec, preprocess)`` returns train/val splits of ``(FloatTensor[C,H,W], label)``
 items. Folders may be an ImageFolder with ``train/`` plus ``test/`` or ``val/``, one
 class-folder tree (split by ``val_split``), or a flat folder of images (unlabelled,
-label -1). Corrupt and non-image files are skipped and counted. A split is decoded on first
-use into an in-memory uint8 cache (when it fits), so epochs never re-decode JPEGs and a
-split nobody uses is never decoded.
+label -1). Start-up only lists file names (:mod:`dsdeploy.data.listing`); each image is
+decoded when a loader first reads it, into a shared uint8 cache when the listing fits in
+it (:mod:`dsdeploy.data.store`), so later epochs and later stages of a run never decode
+it again. Non-image files are counted by the listing, unreadable images when read.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,11 +20,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
+from dsdeploy.data.decode import UNREADABLE, chw, decode, open_image, recipe, train_transform
+from dsdeploy.data.decode import decode as _decode  # noqa: F401 (the bundle's predict.py is tested against it)
 from dsdeploy.data.labels import split_record, to_model_labels
+from dsdeploy.data.listing import IMAGE_EXTS, class_folders, scan  # noqa: F401 (re-exported)
+from dsdeploy.data.loader import first_item, make_loader, readable_images  # noqa: F401 (re-exported)
 from dsdeploy.data.preprocessing import (  # noqa: F401 (re-exported)
     DIGITS_PREPROCESS,
     IMAGENET_MEAN,
@@ -31,82 +35,127 @@ from dsdeploy.data.preprocessing import (  # noqa: F401 (re-exported)
     announce,
     warn_if_images_small,
 )
+from dsdeploy.data.store import BAD, DecodedStore, store_for
 from dsdeploy.errors import DataError
 from dsdeploy.ranges import check_number
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
-CACHE_BYTES = 2 << 30  # decode a split into memory when its uint8 images fit in this many bytes
-class ImageDataset(Dataset):
-    """Images with int labels: a tensor (uint8, or float in [0,1]) or files.
 
-    Files are checked on first use (``len`` or an item): small splits are decoded once into
-    a uint8 cache, large ones verified and decoded per item. Unreadable files are dropped
-    then and counted in ``skipped``, so a split nobody touches is never decoded.
+class ImageDataset(Dataset):
+    """Images with int labels: a tensor (uint8, or float in [0,1]) or listed files, decoded when read.
+
+    Files are opened only when an item is read (never at construction or by ``len``). The
+    decoded evaluation-geometry image goes into the listing's :class:`~dsdeploy.data.store.DecodedStore`
+    cache when the listing fits in it. A file that cannot be decoded is recorded as unreadable
+    and counted in ``skipped``: through a loader (``__getitems__``, what :func:`make_loader` and
+    ``DataLoader`` call) its item is ``None`` and the loader's collate drops it, so a bad file
+    costs one image of one batch, never the epoch; indexing it directly (``ds[i]``) raises DataError.
+
+    With ``augment`` the training recipe of :func:`dsdeploy.data.decode.recipe` applies; its random
+    draws are seeded by (epoch seed, item index) (:meth:`set_epoch_seed`), so an item's augmentation
+    does not depend on which process reads it or in what order.
     """
 
     def __init__(self, labels: Sequence[int], preprocess: Preprocess, *, images: torch.Tensor | None = None,
-                 files: Sequence[Path] | None = None, augment: bool = False, seed: int = 0, where: str = "") -> None:
-        if (images is None) == (files is None):
+                 files: Sequence[str | Path] | None = None, augment: bool = False, seed: int = 0, where: str = "",
+                 store: DecodedStore | None = None, ids: Sequence[int] | None = None) -> None:
+        if (images is None) == (files is None and store is None):
             raise ValueError("give exactly one of images or files")
-        self.images, self.files = images, list(files) if files is not None else None
+        self.images = images
+        if images is None and store is None:
+            store = DecodedStore([str(f) for f in files], preprocess)
+        self.store = store
+        self.ids = np.asarray(ids if ids is not None else range(len(labels)), dtype=np.int64)
         self._labels = [int(v) for v in labels]
-        self._pending = files is not None
-        self.skipped, self.where = 0, where
+        self.where = where
         self.preprocess, self.augment = preprocess, augment
         c = preprocess.channels
         self._mean = torch.tensor(preprocess.mean).expand(c).reshape(c, 1, 1).clone()
         self._std = torch.tensor(preprocess.std).expand(c).reshape(c, 1, 1).clone()
-        self._gen = torch.Generator().manual_seed(seed)
+        self._epoch = torch.tensor([seed], dtype=torch.int64)
+        self._recipe = recipe(preprocess) if augment else None
+        self._transform = train_transform(preprocess) if augment else None
 
-    def _ensure(self) -> None:
-        if not self._pending:
-            return
-        self._pending = False
-        cache, files, labels = _materialise(self.files, self._labels, self.preprocess, self.where)
-        self.skipped = len(self._labels) - len(labels)
-        if self.skipped:
-            log.warning("skipped %d corrupt image files in %s", self.skipped, self.where)
-        if not labels:
-            raise DataError(f"no readable images in {self.where} ({self.skipped} corrupt files)")
-        self.images, self.files, self._labels = cache, (None if cache is not None else files), labels
+    @property
+    def files(self) -> list[Path] | None:
+        """The files of the items (None for a tensor dataset)."""
+        return None if self.store is None else [Path(self.store.files[j]) for j in self.ids]
 
     @property
     def labels(self) -> list[int]:
-        self._ensure()
+        """The label of each item (-1: unlabelled)."""
         return self._labels
 
-    def __len__(self) -> int:
-        return len(self.labels)
+    @property
+    def skipped(self) -> int:
+        """Items found unreadable so far (files are checked when read, not before)."""
+        if self.store is None:
+            return 0
+        return int((self.store.status[torch.from_numpy(self.ids)] == BAD).sum())
 
-    def _raw(self, i: int) -> torch.Tensor:
+    def share(self) -> None:
+        """Put the decode state in shared memory (DataLoader workers then share it; called by the loaders)."""
+        self._epoch.share_memory_()
+        if self.store is not None:
+            self.store.share()
+
+    def __getstate__(self) -> dict[str, Any]:  # spawned workers: without the loaders kept on the dataset
+        return {k: v for k, v in self.__dict__.items() if k != "_dsdeploy_loaders"}
+
+    def set_epoch_seed(self, seed: int) -> None:
+        """Seed the augmentation of the next pass (each item's draws derive from this and its index)."""
+        self._epoch[0] = int(seed) % (2 ** 63)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def _augmented(self, i: int, source: Any) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((int(self._epoch[0]) * 1_000_003 + i) % (2 ** 63))
+            return self._transform(source)
+
+    def _image(self, i: int) -> torch.Tensor | None:
+        """Item ``i`` as a uint8 (or [0,1] float) CxHxW tensor, augmented when training; None if unreadable."""
         if self.images is not None:
             img = self.images[i]
-        else:
-            arr = _decode(self.files[i], self.preprocess)
-            if arr is None:
-                raise DataError(f"cannot decode image {self.files[i]}: remove or replace the file")
-            img = _to_chw(arr)
-        return img.float().div_(255) if img.dtype == torch.uint8 else img.float()
+            return self._augmented(i, img) if self.augment else img
+        st, j = self.store, int(self.ids[i])
+        if st.unreadable(j):
+            return None
+        path = st.files[j]
+        if self._recipe == "imagenet":  # RandomResizedCrop wants the whole image: decoded from the file
+            try:
+                whole = open_image(path, self.preprocess.channels)
+            except UNREADABLE:
+                st.put(j, None)
+                return None
+            return self._augmented(i, whole)
+        img = st.cached(j)
+        if img is None:
+            arr = decode(path, self.preprocess)
+            img = None if arr is None else chw(arr)
+            st.put(j, img)
+            if img is None:
+                return None
+        return self._augmented(i, img) if self.augment else img
 
-    def _augment(self, img: torch.Tensor) -> torch.Tensor:
-        h, w = img.shape[-2:]
-        pad = max(h, w) // 8
-        if pad:
-            img = F.pad(img, (pad, pad, pad, pad))
-            dy, dx = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=self._gen))
-            img = img[:, dy:dy + h, dx:dx + w]
-        if torch.rand((), generator=self._gen) < 0.5:
-            img = img.flip(-1)
-        return img
+    def _item(self, i: int) -> tuple[torch.Tensor, int] | None:
+        img = self._image(i)
+        if img is None:
+            return None
+        img = img.float().div_(255) if img.dtype == torch.uint8 else img.float()
+        return (img - self._mean) / self._std, self._labels[i]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int] | None]:
+        """Items for a loader: None for an unreadable file (counted in ``skipped``; the collate drops it)."""
+        return [self._item(int(i)) for i in indices]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        self._ensure()
-        img = self._raw(i)
-        if self.augment:
-            img = self._augment(img)
-        return (img - self._mean) / self._std, self._labels[i]
+        item = self._item(i)
+        if item is None:
+            raise DataError(f"cannot decode image {self.store.files[int(self.ids[i])]}: remove or replace the file")
+        return item
 
 
 @dataclass
@@ -123,117 +172,8 @@ class DataSplits:
 
     @property
     def skipped(self) -> int:
-        """Non-image files found by the scan plus corrupt images found in the splits used so far."""
-        return self.scan_skipped + sum(d.skipped for d in (self.train, self.val) if d is not None)
-
-
-def _to_chw(arr: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(arr))
-    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
-
-
-def _resize(im, pre: Preprocess):
-    h, w = pre.size
-    if pre.resize is None:
-        return im.resize((w, h), Image.BILINEAR)
-    scale = pre.resize / min(im.size)
-    nw, nh = max(w, round(im.size[0] * scale)), max(h, round(im.size[1] * scale))
-    im = im.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - w) // 2, (nh - h) // 2
-    return im.crop((left, top, left + w, top + h))
-
-
-MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-
-
-def to_8bit(im):
-    """A PIL image with 8-bit channels: 16-bit (``I;16*``) and 32-bit integer (``I``) grayscale are
-    scaled by 255/65535 (a 16-bit PNG opens as one of them), float (``F``) in [0, 1] by 255."""
-    if im.mode.startswith("I;16") or im.mode == "I":
-        arr = np.asarray(im, dtype=np.float64)
-        return Image.fromarray(np.clip(np.rint(arr * (255 / 65535)), 0, 255).astype(np.uint8), "L")
-    if im.mode == "F":
-        arr = np.asarray(im, dtype=np.float64)
-        scale = 255.0 if arr.size and np.nanmax(arr) <= 1.0 else 1.0
-        return Image.fromarray(np.clip(np.rint(np.nan_to_num(arr) * scale), 0, 255).astype(np.uint8), "L")
-    return im
-
-
-def _decode(path: Path, pre: Preprocess) -> np.ndarray | None:
-    """Decode, convert to ``pre.channels`` (L/RGB/RGBA, 16-bit scaled to 8) and resize one image to
-    uint8 HxW(xC); None when unreadable."""
-    try:
-        with Image.open(path) as im:
-            im = to_8bit(im).convert(MODES[pre.channels])
-            return np.array(_resize(im, pre), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
-
-
-def _verify(path: Path) -> bool:
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        return True
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return False
-
-
-def _files(folder: Path) -> tuple[list[Path], int]:
-    """All non-hidden files below ``folder`` (sorted): image-extension files and a count of others."""
-    images, other = [], 0
-    for p in sorted(folder.rglob("*")):
-        if any(part.startswith(".") for part in p.relative_to(folder).parts) or not p.is_file():
-            continue
-        if p.suffix.lower() in IMAGE_EXTS:
-            images.append(p)
-        else:
-            other += 1
-    return images, other
-
-
-def class_folders(folder: Path) -> list[str]:
-    """The class names of ``folder``: every non-hidden sub-folder, sorted (empty ones included).
-
-    The label rule everywhere: a class's index is its position in this list, as torchvision's
-    ``ImageFolder.find_classes`` does, so an empty class folder never shifts later labels."""
-    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
-def _scan_tree(folder: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str], int]:
-    """Scan ``folder/<class>/**``: files, labels (index in ``classes``, default :func:`class_folders`),
-    class names, non-image files skipped."""
-    classes = class_folders(folder) if classes is None else classes
-    files, labels, skipped = [], [], 0
-    for index, name in enumerate(classes):
-        if not (folder / name).is_dir():
-            continue
-        found, other = _files(folder / name)
-        skipped += other
-        labels += [index] * len(found)
-        files += found
-    return files, labels, classes, skipped
-
-
-def _materialise(files: list[Path], labels: list[int], pre: Preprocess, what: str
-                 ) -> tuple[torch.Tensor | None, list[Path], list[int]]:
-    """Decode ``files`` into a uint8 cache when it fits in memory, else only verify them.
-
-    Returns (cache or None, readable files, their labels)."""
-    fits = len(files) * pre.channels * pre.size[0] * pre.size[1] <= CACHE_BYTES
-    arrays, good, good_labels = [], [], []
-    for path, label in tqdm(list(zip(files, labels)), desc=f"{'decoding' if fits else 'checking'} {what}",
-                            unit="img", disable=len(files) < 2000, leave=False):
-        arr = _decode(path, pre) if fits else None
-        if arr is not None or (not fits and _verify(path)):
-            arrays.append(arr)
-            good.append(path)
-            good_labels.append(label)
-    if not fits or not arrays:
-        return None, good, good_labels
-    cache = torch.from_numpy(np.stack(arrays))
-    cache = cache.unsqueeze(1) if cache.ndim == 3 else cache.permute(0, 3, 1, 2).contiguous()
-    return cache, good, good_labels
+        """Non-image files found by the scan plus unreadable images found so far (they are found when read)."""
+        return self.scan_skipped + sum(getattr(d, "skipped", 0) for d in (self.train, self.val) if d is not None)
 
 
 def _split(labels: list[int], val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -289,29 +229,6 @@ def _load_digits(pre: Preprocess | None, val_split: float, seed: int, limit: int
     return DataSplits(mk(tr, pre.augment), mk(va, False), classes, pre, 0, "digits", record)
 
 
-def _scan(root: Path) -> tuple[list[Path], list[int], list[str | None], list[str] | None, int]:
-    """Find images under ``root``: (files, labels, split of each file or None, classes, non-images skipped)."""
-    held = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
-    if (root / "train").is_dir() or held is not None:
-        folders = [(name, folder) for name, folder in (("train", root / "train"), ("val", held))
-                   if folder is not None and folder.is_dir()]
-        names = sorted({c for _, folder in folders for c in class_folders(folder)})
-        files, labels, which, skipped = [], [], [], 0
-        for name, folder in folders:
-            f, l, _, s = _scan_tree(folder, names)
-            files += f
-            labels += l
-            which += [name] * len(f)
-            skipped += s
-        return files, labels, which, names, skipped
-    files, labels, classes, skipped = _scan_tree(root)
-    if not files:  # a flat folder of images: unlabelled
-        loose = [p for p in sorted(root.iterdir()) if p.is_file() and not p.name.startswith(".")]
-        files = [p for p in loose if p.suffix.lower() in IMAGE_EXTS]
-        labels, classes, skipped = [-1] * len(files), None, skipped + len(loose) - len(files)
-    return files, labels, [None] * len(files), classes, skipped
-
-
 def load_data(spec: str, preprocess: Preprocess | None = None, *, val_split: float = 0.2, seed: int = 0,
               labelled: bool = True, limit: int | None = None, model_labels: Sequence[str] | None = None
               ) -> DataSplits:
@@ -339,7 +256,7 @@ def load_data(spec: str, preprocess: Preprocess | None = None, *, val_split: flo
         raise DataError(f"data {spec!r} not found: give 'digits' or a folder of images")
     if not root.is_dir():
         raise DataError(f"data {spec!r} is a file, not a folder of images (or 'digits')")
-    files, labels, which, classes, skipped = _scan(root)
+    files, labels, which, classes, skipped = scan(root)
     if not files:
         raise DataError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTS))})")
     if labelled and classes is None:
@@ -359,17 +276,13 @@ def load_data(spec: str, preprocess: Preprocess | None = None, *, val_split: flo
         lookup = to_model_labels(classes, model_labels, set(labels), str(root))
         labels, classes = [lookup[v] for v in labels], list(model_labels)
 
+    store = store_for(str(root.resolve()), files, pre)
+
     def mk(idx: np.ndarray, what: str, augment: bool) -> ImageDataset | None:
-        return ImageDataset([labels[i] for i in idx], pre, files=[files[i] for i in idx], augment=augment,
+        return ImageDataset([labels[i] for i in idx], pre, store=store, ids=idx, augment=augment,
                             seed=seed, where=f"{root} ({what})") if len(idx) else None
 
-    rel = lambda idx: [files[i].relative_to(root).as_posix() for i in idx]  # noqa: E731
+    prefix = len(os.path.join(str(root), ""))
+    rel = lambda idx: [files[i][prefix:].replace(os.sep, "/") for i in idx]  # noqa: E731
     record = split_record({"train": rel(tr), "val": rel(va)}, val_split=val_split, seed=seed, limit=limit)
     return DataSplits(mk(tr, "train", pre.augment), mk(va, "val", False), classes, pre, skipped, str(root), record)
-
-
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
-    """A single-process DataLoader whose order depends only on ``seed``."""
-    check_number(batch_size, "batch_size", low=1, integer=True)
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0)

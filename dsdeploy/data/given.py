@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 from torch.utils.data import Subset, TensorDataset
 
-from dsdeploy.data.datasets import DataSplits, load_data
+from dsdeploy.data.datasets import DataSplits, first_item, load_data
 from dsdeploy.data.labels import check_outputs, output_count
 from dsdeploy.data.preprocessing import Preprocess, resolve
 from dsdeploy.errors import DataError
@@ -35,7 +35,7 @@ def finetune_splits(cm: Any, data: Any, cfg: FinetuneConfig, preprocess: dict[st
         splits = load_data(data, pre, seed=cfg.seed, labelled=False, limit=limit, val_split=val_split,
                            model_labels=cm.labels)
         if splits.classes and splits.train is not None and len(splits.train):
-            check_outputs(splits.classes, output_count(cm.model, splits.train[0][0][None]), "the converted model")
+            check_outputs(splits.classes, output_count(cm.model, first_item(splits.train)[0][None]), "the converted model")
         cm.preprocessing = pre.to_dict()
         return splits
     pairs = list(data) if isinstance(data, (tuple, list)) else None

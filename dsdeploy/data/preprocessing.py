@@ -35,7 +35,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_SIDE = 4096  # the largest size/resize side accepted (larger: a typo, and no memory for it)
 SMALL_SIDE = 64  # inputs whose shorter side is at most this many pixels resize straight to size
 CHANNELS = (1, 3, 4)
-OVERRIDE_KEYS = ("size", "resize", "mean", "std", "channels")
+OVERRIDE_KEYS = ("size", "resize", "mean", "std", "channels", "interpolation")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # Pillow / torchvision resampling by name
 DEFAULT_SOURCES = ("ImageNet defaults", "224x224 defaults")  # sources of a preprocessing nobody chose
 
 
@@ -44,9 +45,11 @@ class Preprocess:
     """How images become model inputs: resize/crop to ``size``, scale to [0,1], normalise.
 
     ``resize`` is the shorter side before a center crop to ``size`` (None: resize straight
-    to ``size``). ``channels`` 1 (grayscale), 3 (RGB) or 4 (RGBA). ``augment`` (random crop
-    with padding size//8 + horizontal flip) applies to the training split only. ``source``
-    says where the values came from (shown to the user, not stored).
+    to ``size``). ``channels`` 1 (grayscale), 3 (RGB) or 4 (RGBA). ``interpolation``
+    (bilinear, bicubic or nearest) is the resampling of every resize. ``augment`` (the
+    training recipe of :func:`dsdeploy.data.decode.recipe`: RandomResizedCrop + flip from 96 px,
+    pad + random crop + flip below) applies to the training split only. ``source`` says where
+    the values came from (shown to the user, not stored).
     """
 
     size: tuple[int, int] = (224, 224)
@@ -55,6 +58,7 @@ class Preprocess:
     std: tuple[float, ...] = IMAGENET_STD
     channels: int = 3
     augment: bool = False
+    interpolation: str = "bilinear"
     source: str = field(default="given", compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -62,6 +66,9 @@ class Preprocess:
             int(self.size), int(self.size))
         self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
         self.resize = None if self.resize in (None, 0) else int(self.resize)
+        if self.interpolation not in INTERPOLATIONS:
+            raise DataError(f"preprocessing interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                            f"got {self.interpolation!r}")
         if self.channels not in CHANNELS:
             raise DataError(f"preprocessing channels must be 1, 3 or 4, got {self.channels}")
         for name, vals in (("mean", self.mean), ("std", self.std)):
@@ -80,12 +87,12 @@ class Preprocess:
     def to_dict(self) -> dict[str, Any]:
         """The dict stored as ``LoadedModel.preprocessing`` / artifact and ONNX metadata / bundle manifest."""
         return {"size": list(self.size), "resize": self.resize, "mean": list(self.mean), "std": list(self.std),
-                "channels": self.channels, "layout": "NCHW"}
+                "channels": self.channels, "interpolation": self.interpolation, "layout": "NCHW"}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> "Preprocess":
         """Inverse of ``to_dict`` (unknown keys such as ``layout`` are ignored; no ``resize``: straight)."""
-        keys = {"size", "resize", "mean", "std", "channels", "augment", "source"}
+        keys = {"size", "resize", "mean", "std", "channels", "interpolation", "augment", "source"}
         args = {k: v for k, v in d.items() if k in keys}
         if "size" in args:
             args["size"] = tuple(args["size"]) if isinstance(args["size"], (list, tuple)) else args["size"]
@@ -173,7 +180,7 @@ def resolve(recorded: Mapping[str, Any] | Preprocess | None = None, input_shape:
         input_shape: the model's input shape (N, C, H, W); dynamic dims (strings) are ignored.
             When it disagrees with ``recorded`` on channels or size, the shape wins (the model
             cannot take anything else) and mean/std are kept where the channel count matches.
-        overrides: explicit values (keys ``size``, ``resize``, ``mean``, ``std``, ``channels``;
+        overrides: explicit values (keys ``size``, ``resize``, ``mean``, ``std``, ``channels``, ``interpolation``;
             None values ignored). ``size`` without ``resize`` derives ``resize`` from the size;
             ``channels`` without ``mean``/``std`` takes the defaults for that channel count.
         data: the data spec (``digits`` without recorded preprocessing uses digits mean/std).
@@ -202,6 +209,7 @@ def resolve(recorded: Mapping[str, Any] | Preprocess | None = None, input_shape:
         if fixed is not None and (base.channels, base.size) != fixed:
             keep = base.channels == fixed[0]
             base = replace(_from_shape(*fixed, digits, "recorded, sized to the model's input shape"),
+                           interpolation=base.interpolation,
                            **({"mean": base.mean, "std": base.std} if keep else {}))
     elif fixed is not None:
         base = _from_shape(*fixed, digits, "from the model's input shape")
@@ -267,6 +275,8 @@ def describe(pre: Preprocess) -> str:
     h, w = pre.size
     how = f"resize to {h}x{w}" if pre.resize is None else f"resize shorter side to {pre.resize}, center-crop {h}x{w}"
     fmt = lambda v: "[" + ", ".join(f"{x:g}" for x in v) + "]"  # noqa: E731
+    if pre.interpolation != "bilinear":
+        how += f" ({pre.interpolation})"
     return (f"preprocessing: {pre.channels}x{h}x{w}, {how}, mean {fmt(pre.mean)}, std {fmt(pre.std)} "
             f"({pre.source})")
 

@@ -32,7 +32,7 @@ from dsdeploy.conversion.artifact import source_architecture
 from dsdeploy.conversion.block import ds_blocks
 from dsdeploy.conversion.loading import load_model
 from dsdeploy.conversion.opcount import _wants_image_list
-from dsdeploy.data.datasets import load_data
+from dsdeploy.data.datasets import load_data, readable_images
 from dsdeploy.data.preprocessing import input_shape_for, resolve
 from dsdeploy.errors import DsdeployError, ExportError, InputShapeError
 from dsdeploy.export.config import ExportConfig
@@ -282,7 +282,7 @@ def data_samples(spec: str, preprocessing: dict[str, Any] | None, shape: tuple[i
     pre = resolve(preprocessing, shape, data=spec)
     splits = load_data(spec, pre, seed=seed, labelled=False, limit=count)
     ds = splits.val if splits.val is not None and len(splits.val) else splits.train
-    x = torch.stack([ds[i][0] for i in range(min(count, len(ds)))])
+    x = readable_images(ds, min(count, len(ds)))
     if tuple(x.shape[1:]) != tuple(shape[1:]):
         raise InputShapeError(f"the data images are {tuple(x.shape[1:])} but the model input is {tuple(shape[1:])}")
     return x

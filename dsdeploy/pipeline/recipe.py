@@ -60,6 +60,7 @@ class PreprocessSection:
     mean: list[float] | None = None
     std: list[float] | None = None
     channels: int | None = None
+    interpolation: str | None = None  # bilinear | bicubic | nearest
 
 
 # [convert] IS the library's rank policy (dsdeploy.conversion.plan.Policy): one definition, one validation.
@@ -79,6 +80,7 @@ class CalibrateSection:
     eval_images: int = CALIB_EVAL_IMAGES  # validation images scored before/after (0: none)
     block_reconstruct: str | float | None = None  # e.g. "90s": label-free block reconstruction afterwards (kept in s)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (also where a mac_budget's sensitivity is measured)
+    workers: int | None = None  # data loader worker processes (None: 0 on 1-2 CPUs, else min(4, CPUs-1))
 
     def __post_init__(self) -> None:
         check_device_name(self.device, "calibrate.device")
@@ -307,6 +309,8 @@ def validate(r: Recipe, src: str) -> None:
         raise RecipeError(f"{src}: preprocess.size must be [H, W], got {p.size}")
     if p.channels is not None and p.channels not in (1, 3, 4):
         raise RecipeError(f"{src}: preprocess.channels must be 1, 3 or 4, got {p.channels}")
+    if p.interpolation is not None and p.interpolation not in ("bilinear", "bicubic", "nearest"):
+        raise RecipeError(f"{src}: preprocess.interpolation must be bilinear, bicubic or nearest, got {p.interpolation!r}")
     if p.resize is not None and p.resize < 0:
         raise RecipeError(f"{src}: preprocess.resize must be >= 0 (0: resize straight to size), got {p.resize}")
     if r.data.limit is not None and r.data.limit < 1:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dsdeploy.conversion.workflow import inspect_model
+from dsdeploy.data.store import keep_decoded
 from dsdeploy.errors import RecipeError
 from dsdeploy.models.trust import user_scope
 from dsdeploy.pipeline.engine import Context, PipelineResult, run_pipeline
@@ -45,7 +46,7 @@ def run_recipe(path: str | Path, out: str | Path, *, data: str | None = None, we
         extra.append(("model", "weights", weights))
     recipe = load_recipe(path, extra)
     ctx = Context(recipe, Path(out), progress=progress)
-    with _user_code(recipe, trust_code):
+    with _user_code(recipe, trust_code), keep_decoded():  # calibrate, finetune, evaluate decode each image once
         return run_pipeline(STAGES, ctx)
 
 

@@ -136,7 +136,7 @@ def run_convert(ctx: Context, folder: Path) -> StageOutput:
     if r.calibrate.enabled and _data(ctx):
         cal = api.calibrate(cm, _data(ctx), out=folder / "calibrated.dsd", max_batches=c.batches,
                             batch_size=c.batch_size, ridge=c.ridge, rounds=c.rounds, cache_mb=c.cache_mb,
-                            eval_images=c.eval_images, device=c.device,
+                            eval_images=c.eval_images, device=c.device, workers=c.workers,
                             seed=r.seed, progress=ctx.progress,
                             block_reconstruct=c.block_reconstruct, **data_split(ctx))
         result["calibration"] = cal.to_dict()

@@ -58,6 +58,7 @@ class CalibrationParams:
             images (the first of the split), ``>= 0`` (0: no scoring).
         device: where the networks run: auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps.
             The least-squares sums are float64 wherever the device has float64 (MPS has not).
+        workers: DataLoader worker processes reading the images (None: ``dsdeploy.data.loader.default_workers``).
     """
 
     ridge: float = 1e-6
@@ -68,6 +69,7 @@ class CalibrationParams:
     block_reconstruct: float | str | None = None
     eval_images: int = CALIB_EVAL_IMAGES
     device: str = "auto"
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         self.block_reconstruct = block_budget(self.block_reconstruct)
@@ -78,6 +80,7 @@ class CalibrationParams:
         check_number(self.rounds, "calibrate.rounds", low=0, integer=True)
         check_number(self.cache_mb, "calibrate.cache_mb", low=0)
         check_number(self.eval_images, "calibrate.eval_images", low=0, integer=True)
+        check_number(self.workers, "calibrate.workers", low=0, integer=True, optional=True)
 
     def fit(self) -> dict[str, Any]:
         """The least-squares fit's options as keyword arguments of :func:`dsdeploy.recover.reconstruct.calibrate`."""
@@ -98,7 +101,7 @@ MODES = ("none", "partial", "full")
 # options that may change between a run and its resume (the stored schedule fixes the step count)
 # (a resume may move to another device: the run continues, bit-exact only on the same one;
 # nproc: the processes a run has are compared on resume as the checkpoint's world size instead)
-NOT_TRAJECTORY = ("progress", "history_path", "checkpoint_path", "time_budget", "device", "nproc")
+NOT_TRAJECTORY = ("progress", "history_path", "checkpoint_path", "time_budget", "device", "nproc", "workers")
 
 
 @dataclass
@@ -124,6 +127,7 @@ class FinetuneConfig:
     reinit: str | None = None  # regex of module names to treat as not from the original
     patience: int | None = None  # epochs without val improvement before stopping
     augment: bool = False
+    workers: int | None = None  # DataLoader worker processes (None: 0 on 1-2 CPUs, else min(4, cpus-1))
     channels_last: bool = True  # NHWC while training: ~2x faster convs on CPU; the model is given back NCHW
     device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the forward pass (fp16 with a gradient scaler)
@@ -169,6 +173,7 @@ class FinetuneConfig:
         check_device_name(self.device, "finetune.device")
         check_precision_name(self.precision, "finetune.precision")
         check_number(self.nproc, "finetune.nproc", low=1, integer=True)
+        check_number(self.workers, "finetune.workers", low=0, integer=True, optional=True)
         Schedule(self.schedule, self.lr)
 
     def trajectory(self) -> dict[str, Any]:

@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from dsdeploy.conversion.block import ds_blocks
+from dsdeploy.data.loader import train_loader as data_train_loader
 from dsdeploy.recover.budget import Budget
 from dsdeploy.recover.config import FinetuneConfig
 from dsdeploy.recover.device import Precision, to_device
@@ -50,30 +51,37 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, n // batch_size) if n > batch_size else 1
 
 
-def train_loader(dataset: Any, batch_size: int, seed: int, sampler: Any = None) -> Any:
-    """The shuffled training loader of one epoch (order fixed by ``seed``, or by ``sampler`` when given).
+def train_loader(dataset: Any, batch_size: int, seed: int, *, workers: int | None = 0, sampler: Any = None,
+                 shard: tuple[int, int] | None = None) -> Any:
+    """The shuffled training loader of one epoch (order and augmentation fixed by ``seed``, whatever
+    ``workers``): :func:`dsdeploy.data.loader.train_loader` (``sampler``: e.g. a DistributedSampler;
+    ``shard=(rank, world)``: this rank's share of the seeded order).
 
     When the split (or this process's share of it, ``sampler``) holds more than one batch, the
     short last batch is dropped: a batch of one image cannot train BatchNorm (``BatchNorm1d``
     refuses it, 2d gets a zero variance).
     """
-    n = len(sampler) if sampler is not None else len(dataset)
-    if sampler is not None:
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0, drop_last=n > batch_size)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
-                      num_workers=0, drop_last=n > batch_size)
+    return data_train_loader(dataset, batch_size, seed, workers=workers, sampler=sampler, shard=shard)
 
 
 def rank_sampler(dataset: Any, team: Team, seed: int) -> DistributedSampler | None:
     """This rank's share of each epoch (None with one process): shuffled by ``seed`` + the epoch (``set_epoch``).
 
     Every rank gets the same number of images (the tail that does not divide is dropped), so
-    all ranks take the same number of steps.
+    all ranks take the same number of steps. One sampler per (world, rank, seed) is kept on the
+    dataset, so a loader with worker processes (kept per sampler) persists across epochs.
     """
     if not team.active:
         return None
-    return DistributedSampler(dataset, num_replicas=team.world, rank=team.rank, shuffle=True, seed=seed,
-                              drop_last=True)
+    key = ("_dsdeploy_rank_sampler", team.world, team.rank, seed)
+    kept = getattr(dataset, "__dict__", None)
+    if kept is not None and key in kept:
+        return kept[key]
+    sampler = DistributedSampler(dataset, num_replicas=team.world, rank=team.rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    if kept is not None:
+        kept[key] = sampler
+    return sampler
 
 
 def epoch_steps(n: int, batch_size: int, team: Team) -> int:
@@ -127,7 +135,8 @@ def train_epoch(distiller: Distiller, modules: list[nn.Module], params: list[nn.
     sampler = rank_sampler(train, team, cfg.seed)
     if sampler is not None:
         sampler.set_epoch(st["epoch"])
-    loader = train_loader(train, team.split_batch(cfg.batch_size), seed, sampler=sampler)
+    loader = train_loader(train, team.split_batch(cfg.batch_size), seed, workers=cfg.workers,
+                          sampler=sampler)
     set_train(distiller.student, modules)
     bar = tqdm(loader, total=min(spe, sched.total_steps - st["step"]), desc=f"epoch {st['epoch'] + 1}",
                unit="batch", disable=not cfg.progress or not team.main, leave=False)

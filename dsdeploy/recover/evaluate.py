@@ -42,6 +42,7 @@ class EvaluateConfig:
         limit: score at most this many images (a seeded subset; >= 1), None: all.
         device: where the models run: auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps.
         precision: autocast of the forward passes: fp32, bf16 or fp16.
+        workers: DataLoader worker processes (>= 0; None: ``dsdeploy.data.loader.default_workers``).
     """
 
     batch_size: int = 256
@@ -49,6 +50,7 @@ class EvaluateConfig:
     limit: int | None = None
     device: str = "auto"
     precision: str = "fp32"
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -61,6 +63,7 @@ class EvaluateConfig:
         check_number(self.limit, "evaluate.limit", low=1, integer=True, optional=True)
         check_device_name(self.device, "evaluate.device")
         check_precision_name(self.precision, "evaluate.precision")
+        check_number(self.workers, "evaluate.workers", low=0, integer=True, optional=True)
 
 
 def _loaded(model: Any, weights: str | None, model_kwargs: dict | None, trust_pickle: bool,
@@ -87,7 +90,7 @@ def preprocess_for(loaded: Any, data: str, override: Preprocess | dict | None = 
 
 
 def _score(loaded: Any, splits: DataSplits, split: str, batch_size: int, progress: bool,
-           device: torch.device, precision: str) -> dict[str, Any]:
+           device: torch.device, precision: str, workers: int | None = None) -> dict[str, Any]:
     dataset = getattr(splits, split)
     if dataset is None:
         raise DataError(f"the data has no {split!r} split; use evaluate.split train/val or set a val_split > 0")
@@ -95,8 +98,9 @@ def _score(loaded: Any, splits: DataSplits, split: str, batch_size: int, progres
         raise DataError("evaluation needs labelled data (class folders or 'digits'), got unlabelled images")
     t0 = time.perf_counter()
     with placed(device, loaded.model):
-        y_true, scores = predict(loaded.model, make_loader(dataset, batch_size, shuffle=False), progress=progress,
-                                 desc=f"evaluate {loaded.spec}", precision=precision)
+        loader = make_loader(dataset, batch_size, shuffle=False, workers=workers)
+        y_true, scores = predict(loaded.model, loader, progress=progress, desc=f"evaluate {loaded.spec}",
+                                 precision=precision)
     seconds = time.perf_counter() - t0
     n_out = scores.shape[1]
     check_outputs(splits.classes, n_out, f"model {loaded.spec}")
@@ -112,7 +116,7 @@ def evaluate(model: Any, data: str, *, compare: Any = None, weights: str | None 
              batch_size: int = 256, split: str = "val", val_split: float = 0.2, seed: int = 0,
              limit: int | None = None, preprocess: Preprocess | dict | None = None, progress: bool = False,
              trust_code: bool = False, input_shape: Sequence[int] | None = None, device: str = "auto",
-             precision: str = "fp32") -> dict[str, Any]:
+             precision: str = "fp32", workers: int | None = None) -> dict[str, Any]:
     """Evaluate ``model`` (and ``compare``, side by side) on ``data``; return a JSON-able dict.
 
     ``model``/``compare``: a spec for ``convert.loading.load_model``, a ``LoadedModel``-like object
@@ -128,8 +132,9 @@ def evaluate(model: Any, data: str, *, compare: Any = None, weights: str | None 
     sizes the preprocessing of every model evaluated, like the models' own recorded shape would.
     ``device``/``precision``: where and in what autocast precision the models run
     (:mod:`dsdeploy.recover.device`; a model given as a module is put back where it was).
+    ``workers``: DataLoader worker processes (None: ``dsdeploy.data.loader.default_workers``).
     """
-    EvaluateConfig(batch_size=batch_size, split=split, limit=limit, device=device, precision=precision)
+    EvaluateConfig(batch_size=batch_size, split=split, limit=limit, device=device, precision=precision, workers=workers)
     dev = resolve_device(device, "evaluate.device")
     check_precision(precision, dev, "evaluate.precision")
     entries = [_loaded(model, weights, model_kwargs, trust_pickle, trust_code)]
@@ -144,7 +149,7 @@ def evaluate(model: Any, data: str, *, compare: Any = None, weights: str | None 
         if key not in cache:
             cache[key] = load_data(data, pre, val_split=val_split, seed=seed, labelled=True, limit=limit,
                                    model_labels=labels)
-        results.append(_score(loaded, cache[key], split, batch_size, progress, dev, precision))
+        results.append(_score(loaded, cache[key], split, batch_size, progress, dev, precision, workers))
     splits = next(iter(cache.values()))
     out: dict[str, Any] = {"data": data, "split": split, "images": int(results[0]["metrics"]["n"]),
                            "skipped": splits.skipped, "classes": splits.classes, "models": results,

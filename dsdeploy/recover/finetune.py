@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from dsdeploy.conversion.artifact import load_artifact, save_artifact
-from dsdeploy.data.datasets import load_data, make_loader
+from dsdeploy.data.datasets import first_item, load_data, make_loader
 from dsdeploy.data.labels import check_outputs, output_count
 from dsdeploy.data.preprocessing import resolve
 from dsdeploy.errors import ConfigError, DataError
@@ -387,7 +387,7 @@ def _finetune_artifact(student_path, data: str, out, config: FinetuneConfig, tea
             len(split)  # decodes the images (into memory when they fit): data preparation, not training
     decode_s = time.perf_counter() - t_data
     if splits.classes and splits.train is not None and len(splits.train):
-        check_outputs(splits.classes, output_count(art.model, splits.train[0][0][None]), f"{student_path}")
+        check_outputs(splits.classes, output_count(art.model, first_item(splits.train)[0][None]), f"{student_path}")
     art.metadata = {**art.metadata, "preprocessing": pre.to_dict()}  # what the model was trained with
 
     def entry(res: FinetuneResult | None, record: dict[str, Any] | None = None) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from dsdeploy.conversion.artifact import load_artifact, load_source_model, save_
 from dsdeploy.conversion.block import ds_blocks
 from dsdeploy.conversion.plan import Plan
 from dsdeploy.conversion.rewrite import original_convs
-from dsdeploy.data.datasets import make_loader
+from dsdeploy.data.datasets import first_item, make_loader
 from dsdeploy.data.given import calibration_images
 from dsdeploy.data.labels import check_outputs, output_count
 from dsdeploy.data.preprocessing import resolve
@@ -343,7 +343,8 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
                    batch_size: int = 64, ridge: float = 1e-6, progress: bool = True, val_split: float = 0.2,
                    limit: int | None = None, labels: list[str] | None = None, rounds: int = CALIB_ROUNDS,
                    cache_mb: float = CALIB_CACHE_MB, block_reconstruct: float | None = None,
-                   eval_images: int = CALIB_EVAL_IMAGES, device: str | torch.device = "auto") -> CalibrationReport:
+                   eval_images: int = CALIB_EVAL_IMAGES, device: str | torch.device = "auto",
+                   workers: int | None = None) -> CalibrationReport:
     """Calibrate ``model`` in place on a data spec (``digits`` or a folder).
 
     ``preprocessing`` is the resolved preprocessing dict (:func:`dsdeploy.data.preprocessing.resolve`;
@@ -355,6 +356,7 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
     ``block_reconstruct``: seconds of :mod:`dsdeploy.recover.blockrec` afterwards on the same batches (None: off).
     ``eval_images``: score on at most this many validation images (0: none).
     ``device``: where calibration and block reconstruction run (as in :func:`calibrate`).
+    ``workers``: DataLoader worker processes reading the images.
     """
     CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size, rounds=rounds, cache_mb=cache_mb,
                       eval_images=eval_images)
@@ -362,13 +364,13 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
     pre = resolve(preprocessing, data=data, model=teacher)
     splits, calib = calibration_images(data, pre, max_batches=max_batches, batch_size=batch_size, seed=seed,
                                        val_split=val_split, limit=limit, labels=labels)
-    loader = make_loader(calib, batch_size, shuffle=False)
+    loader = make_loader(calib, batch_size, shuffle=False, workers=workers)
     val = splits.val if eval_images > 0 and splits.val is not None and splits.classes else None
     if val is not None and len(val) > eval_images:
         val = Subset(val, range(eval_images))
-    eval_loader = make_loader(val, 256, shuffle=False) if val is not None else None
+    eval_loader = make_loader(val, 256, shuffle=False, workers=workers) if val is not None else None
     if eval_loader is not None:
-        check_outputs(splits.classes, output_count(teacher, calib[0][0][None]), "the model")
+        check_outputs(splits.classes, output_count(teacher, first_item(calib)[0][None]), "the model")
     report = calibrate(model, teacher, plan, loader, ridge=ridge, progress=progress, eval_loader=eval_loader,
                        rounds=rounds, cache_mb=cache_mb, eval_images=eval_images, device=dev)
     with placed(dev, model, teacher):
@@ -383,7 +385,8 @@ def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: 
                        preprocess: dict[str, Any] | None = None, val_split: float = 0.2,
                        limit: int | None = None, trust_code: bool = False, rounds: int = CALIB_ROUNDS,
                        cache_mb: float = CALIB_CACHE_MB, block_reconstruct: float | str | None = None,
-                       eval_images: int = CALIB_EVAL_IMAGES, device: str = "auto") -> CalibrationReport:
+                       eval_images: int = CALIB_EVAL_IMAGES, device: str = "auto",
+                       workers: int | None = None) -> CalibrationReport:
     """``dsdeploy calibrate``: load a .dsd, calibrate it against its source model, write ``out``.
 
     The preprocessing is :func:`dsdeploy.data.preprocessing.resolve` of the artifact's recorded
@@ -404,7 +407,8 @@ def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: 
     report = calibrate_data(art.model, teacher, art.plan, data, pre, max_batches=max_batches, seed=seed,
                             batch_size=batch_size, ridge=ridge, progress=progress, val_split=val_split, limit=limit,
                             labels=art.metadata.get("labels"), rounds=rounds, cache_mb=cache_mb,
-                            block_reconstruct=params.block_reconstruct, eval_images=eval_images, device=device)
+                            block_reconstruct=params.block_reconstruct, eval_images=eval_images, device=device,
+                            workers=workers)
     save_artifact(out, art.model, art.plan, art.source, {**art.metadata, "preprocessing": pre.to_dict()},
                   art.history + [report.history_entry(data=data, seed=seed)])
     return report

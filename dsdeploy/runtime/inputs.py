@@ -115,7 +115,7 @@ def data_images(spec: str, info: ModelInfo, count: int, seed: int,
     preprocessed per :func:`dsdeploy.data.preprocessing.resolve` (``preprocess`` overrides > the model's
     ``dsdeploy.data.preprocessing`` metadata > derived from its fixed input shape)."""
     # torch stays out: only real-image inputs (data) need the data loaders
-    from dsdeploy.data.datasets import load_data
+    from dsdeploy.data.datasets import load_data, readable_images
 
     dims = info.inputs[0]["shape"] if len(info.inputs) == 1 else []
     if len(dims) != 4:
@@ -129,7 +129,7 @@ def data_images(spec: str, info: ModelInfo, count: int, seed: int,
     ds = splits.val if splits.val is not None and len(splits.val) else splits.train
     if ds is None or not len(ds):
         raise DataError(f"no images in {spec}")
-    imgs = np.stack([ds[i % len(ds)][0].numpy() for i in range(count)]).astype(np.float32)
+    imgs = readable_images(ds, count).numpy().astype(np.float32)
     want = [d for d in dims[1:]]
     if any(isinstance(w, int) and w != g for w, g in zip(want, imgs.shape[1:])):
         raise DataError(f"the data images are {tuple(imgs.shape[1:])} but {info.name} wants {tuple(want)}")

@@ -4,7 +4,8 @@
 Usage: python predict.py IMAGE [IMAGE ...] [--top-k 5] [--model FILE] [--batch 16]
 
 Reads manifest.json beside this script for the model file, input name and preprocessing
-(resize/center-crop with Pillow bilinear, scale to [0,1], normalise by mean/std, NCHW)
+(resize/center-crop with Pillow, bilinear unless "interpolation" says otherwise, scale to [0,1],
+normalise by mean/std, NCHW)
 and prints one JSON line per image: {"file", "top": [{"label", "index", "score"}...]}.
 Scores are softmax probabilities of the model's output. Unreadable files print an
 "error" line and make the exit status 1. A damaged bundle (manifest.json, model file,
@@ -25,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 MAX_SIDE = 4096
 
 
@@ -56,6 +58,9 @@ def check_preprocessing(pre):
     resize = pre.get("resize")
     if resize is not None and not (_int(resize) and 1 <= resize <= MAX_SIDE):
         fail(f"manifest.json preprocessing.resize must be null or an int in 1..{MAX_SIDE}, got {resize!r:.100}")
+    if pre.get("interpolation", "bilinear") not in RESAMPLE:
+        fail(f"manifest.json preprocessing.interpolation must be one of {', '.join(RESAMPLE)}, "
+             f"got {pre.get('interpolation')!r:.100}")
     for key in ("mean", "std"):
         value = pre.get(key)
         values = value if isinstance(value, list) else [value]
@@ -116,12 +121,13 @@ def load_image(path, pre):
     h, w = pre["size"]
     with Image.open(path) as im:
         im = to_8bit(im).convert(MODES[int(pre["channels"])])
+        resample = RESAMPLE[pre.get("interpolation", "bilinear")]
         if pre.get("resize") is None:
-            im = im.resize((w, h), Image.BILINEAR)
+            im = im.resize((w, h), resample)
         else:
             scale = pre["resize"] / min(im.size)
             nw, nh = max(w, round(im.size[0] * scale)), max(h, round(im.size[1] * scale))
-            im = im.resize((nw, nh), Image.BILINEAR)
+            im = im.resize((nw, nh), resample)
             left, top = (nw - w) // 2, (nh - h) // 2
             im = im.crop((left, top, left + w, top + h))
         arr = np.asarray(im, dtype=np.uint8)
