@@ -30,8 +30,8 @@ from dsdeploy.export.config import DeployConfig, ExportConfig
 from dsdeploy.export.onnx_export import ExportReport, export_model, provenance
 from dsdeploy.export.onnx_export import export_onnx as run_export
 from dsdeploy.models.sources import LoadedModel
+from dsdeploy.recover import artifact_steps, reconstruct
 from dsdeploy.recover import finetune as finetune_loop
-from dsdeploy.recover import reconstruct
 from dsdeploy.recover.blockrec import after_calibration
 from dsdeploy.recover.config import CALIB_BATCHES, CalibrationParams, FinetuneConfig, FinetuneResult
 from dsdeploy.recover.device import on_device, placed, resolve_device
@@ -196,7 +196,7 @@ def calibrate(converted: ConvertedModel | str | Path, data: str | torch.Tensor |
     if isinstance(converted, (str, Path)):
         if out is None or not isinstance(data, str):
             raise DsdeployError("calibrating a .dsd file needs out= (the .dsd to write) and a data spec")
-        return reconstruct.calibrate_artifact(str(converted), data, str(out), max_batches=p.max_batches,
+        return artifact_steps.calibrate_artifact(str(converted), data, str(out), max_batches=p.max_batches,
                                               batch_size=p.batch_size, seed=seed, ridge=p.ridge, progress=progress,
                                               preprocess=preprocess, val_split=val_split, limit=limit,
                                               trust_code=trust_code, block_reconstruct=p.block_reconstruct,
@@ -244,7 +244,7 @@ def finetune(converted: ConvertedModel | str | Path, data: Any, *, out: str | Pa
         converted: what :func:`convert` returned, or a ``.dsd`` path (trained against its source
             model or ``teacher``, a spec with ``teacher_weights``; ``out`` is then required and
             ``trust_code`` imports a ``pkg.module:factory`` the files record;
-            :func:`dsdeploy.recover.finetune.finetune_artifact`).
+            :func:`dsdeploy.recover.artifact_steps.finetune_artifact`).
         data: ``"digits"`` or a folder of images; a DataSplits; or tensors ``(x, y)`` /
             ``(x, y, x_val, y_val)`` of model-ready inputs (N, C, H, W) and int class labels (N,).
             The best epoch is picked on the validation split when there is one.
@@ -269,7 +269,7 @@ def finetune(converted: ConvertedModel | str | Path, data: Any, *, out: str | Pa
         if out is None or not isinstance(data, str) or not distill or isinstance(teacher, nn.Module):
             raise DsdeployError("fine-tuning a .dsd file needs out= (the .dsd to write), a data spec, and a "
                                 "teacher spec (or none: its source model)")
-        return finetune_loop.finetune_artifact(converted, data, out, cfg, teacher=teacher,
+        return artifact_steps.finetune_artifact(converted, data, out, cfg, teacher=teacher,
                                                teacher_weights=teacher_weights, resume=resume, limit=limit,
                                                preprocess=preprocess, val_split=val_split, trust_code=trust_code)
     cm = _require_converted(converted, "finetune")

@@ -63,8 +63,8 @@ def test_the_plan_keeps_the_predicted_latency_within_the_target(speedup):
 def test_data_costs_replace_the_spectral_error():
     model, table = small_net().eval(), hand_table()
     costs = {"conv1": {1: 0.9, 2: 0.01}, "conv2": {1: 0.001, 2: 0.0005}, "grouped": {1: 0.1, 2: 0.05}}
-    plan = make_plan(model, Policy(speedup=1.5), trace_calls(model, SHAPE), SHAPE, costs=costs, cost_name="logit",
-                     latency=table)
+    plan = make_plan(model, Policy(speedup=1.5, allocation="data"), trace_calls(model, SHAPE), SHAPE, costs=costs,
+                     cost_name="logit", latency=table)
     assert plan.policy["allocation"] == "data" and plan.policy["cost"] == "logit"
     assert predicted(plan, table) <= 8.0 + 1e-9
     assert sum(d.cost for d in plan.converted) == pytest.approx(min(  # the exhaustive optimum of this instance

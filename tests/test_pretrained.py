@@ -137,6 +137,7 @@ def test_recipe_runs_on_the_real_checkpoint(images, tmp_path):
     out = tmp_path / "run"
     proc = dsdeploy("run", RECIPE, "--weights", checkpoint("resnet32-d509ac18.th"), "--data", images, "--out", out,
                     "--json", "--set", 'finetune.mode="none"', "--set", "calibrate.batches=1",
+                    "--set", 'calibrate.block_reconstruct="2s"',  # the recipe's 60 s, shortened for the suite
                     "--set", 'bench.providers=["cpu"]', "--set", "bench.batches=[1]", "--set", "bench.iters=3",
                     "--set", "bench.warmup=0", env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr

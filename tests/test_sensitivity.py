@@ -142,7 +142,7 @@ def test_recipe_convert_stage_allocates_on_the_run_data(tmp_path):
     from dsdeploy.pipeline.stages import run_convert
 
     recipe = recipe_from_dict({"model": {"spec": "sample:digits_cnn"}, "data": {"spec": "digits"},
-                               "convert": {"mac_budget": 0.3}, "calibrate": {"batches": 1}}, "r.toml")
+                               "convert": {"mac_budget": 0.3, "allocation": "data"}, "calibrate": {"batches": 1}}, "r.toml")
     folder = tmp_path / "convert"
     folder.mkdir()
     out = run_convert(Context(recipe, tmp_path), folder)

@@ -151,7 +151,7 @@ def _finetune_skip(ctx: Context) -> str | None:
 
 
 def run_finetune(ctx: Context, folder: Path) -> StageOutput:
-    """``finetune.finetune_artifact`` on the converted (calibrated) artifact, resumable.
+    """``artifact_steps.finetune_artifact`` on the converted (calibrated) artifact, resumable.
 
     The checkpoint lives at ``OUT/resume/finetune.ckpt`` (outside the stage's temporary
     folder), so a run interrupted or killed mid-training continues from its last completed

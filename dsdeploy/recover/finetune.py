@@ -30,10 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dsdeploy.conversion.artifact import load_artifact, save_artifact
-from dsdeploy.data.datasets import first_item, load_data, make_loader
-from dsdeploy.data.labels import check_outputs, output_count
-from dsdeploy.data.preprocessing import resolve
+from dsdeploy.data.datasets import make_loader
 from dsdeploy.errors import ConfigError, DataError
 from dsdeploy.fsutil import write_json
 from dsdeploy.recover import distributed
@@ -41,7 +38,7 @@ from dsdeploy.recover.budget import Budget
 from dsdeploy.recover.check import ModelCheck, model_check
 from dsdeploy.recover.config import FinetuneConfig, FinetuneResult
 from dsdeploy.recover.device import Precision, placed, resolve_device
-from dsdeploy.recover.distill import Distiller, LossWeights, fresh_parameters, init_parameters, load_teacher
+from dsdeploy.recover.distill import Distiller, LossWeights, fresh_parameters, init_parameters
 from dsdeploy.recover.distributed import Team
 from dsdeploy.recover.epoch import (  # noqa: F401 (epoch_seed, steps_per_epoch, train_loader: public here too)
     epoch_seed,
@@ -60,7 +57,6 @@ from dsdeploy.recover.resume import (
     interrupted,
     load_checkpoint,
     rng_state,
-    run_identity,
     save_checkpoint,
     set_rng_state,
 )
@@ -134,7 +130,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: Any, config: F
             or of an older format.
         DataError: no training images, or no teacher and no labels.
         ConfigError: ``config.nproc`` > 1 outside a launcher (this function trains in-memory models:
-            use :func:`finetune_artifact`, or start the processes with torchrun); a batch size the
+            use :func:`dsdeploy.recover.artifact_steps.finetune_artifact`, or start the processes with torchrun); a batch size the
             processes do not divide.
     """
     config.validate()
@@ -330,80 +326,3 @@ def _save(path: Path, student: nn.Module, opt, sched: Schedule, st: dict[str, An
     save_checkpoint(path, {"model": cpu_state_dict(student), "optimizer": opt.state_dict(),
                            "schedule": sched.to_dict(), "rng": rng_state(), "config": cfg.trajectory(),
                            "identity": identity, "world_size": world, **st})
-
-
-def finetune_artifact(student_path: str | Path, data: str, out: str | Path, config: FinetuneConfig, *,
-                      teacher: str | None = None, teacher_weights: str | None = None, resume: bool = False,
-                      limit: int | None = None, preprocess: dict[str, Any] | None = None,
-                      val_split: float = 0.2, trust_code: bool = False) -> FinetuneResult:
-    """``dsdeploy finetune``: fine-tune a .dsd against its source model (or ``teacher``); write the best to ``out``.
-
-    ``out`` is rewritten whenever a trained epoch becomes the best, and written at the end with the
-    model returned (the input itself when no epoch beat it: ``result.kept_input``).
-    ``config.time_budget`` counts from this call's start: loading the artifact, teacher and data
-    (``decode_seconds``), the evaluations and the training steps all count against it.
-    The checkpoint records the digests of the student, data, split, teacher and the resolved
-    preprocessing (size, resize, mean, std, channels); ``resume`` with
-    any of them changed raises CheckpointError naming what differs.
-    Data: ``load_data(data, val_split=, seed=config.seed, limit=)`` preprocessed per
-    :func:`dsdeploy.data.preprocessing.resolve` (the artifact's own, ``preprocess`` overrides), labels
-    mapped to the artifact's recorded labels by name; more data classes than outputs is a DataError.
-    ``trust_code``: import the ``pkg.module:factory`` the artifact (or a ``.dsd`` teacher) records.
-    ``config.nproc`` > 1 (outside a launcher): runs in that many data-parallel worker processes
-    (:func:`dsdeploy.recover.launch.launch`) and returns rank 0's result; under a launcher
-    (``WORLD_SIZE`` > 1) this process is one rank and only rank 0 writes ``out``.
-    """
-    config.validate()
-    Precision(resolve_device(config.device, "finetune.device"), config.precision, "finetune.precision")  # fail fast
-    if config.nproc > 1 and not distributed.launched():
-        from dsdeploy.recover.launch import launch
-
-        Team(world=config.nproc).split_batch(config.batch_size)  # refused here, before any process starts
-        return launch(config.nproc, finetune_artifact, student_path=student_path, data=data, out=out, config=config,
-                      teacher=teacher, teacher_weights=teacher_weights, resume=resume, limit=limit,
-                      preprocess=preprocess, val_split=val_split, trust_code=trust_code)
-    team = distributed.team()
-    try:
-        return _finetune_artifact(student_path, data, out, config, teacher, teacher_weights, resume, limit,
-                                  preprocess, val_split, trust_code, team)
-    finally:
-        team.close()
-
-
-def _finetune_artifact(student_path, data: str, out, config: FinetuneConfig, teacher, teacher_weights, resume: bool,
-                       limit, preprocess, val_split: float, trust_code: bool, team: Team) -> FinetuneResult:
-    started = time.perf_counter()
-    art = load_artifact(student_path, trust_code=trust_code)
-    teacher_model = load_teacher(art, teacher, teacher_weights, trust_code=trust_code)
-    pre = resolve(art.metadata.get("preprocessing"), art.metadata.get("input_shape"), preprocess, data=data,
-                  model=art.model, augment=config.augment)
-    identity = run_identity(student=student_path, data=data, limit=limit, val_split=val_split, teacher=teacher,
-                            teacher_weights=teacher_weights, preprocessing=pre.to_dict())
-    t_data = time.perf_counter()
-    splits = load_data(data, pre, seed=config.seed, labelled=False, limit=limit, val_split=val_split,
-                       model_labels=art.metadata.get("labels"))
-    for split in (splits.train, splits.val):
-        if split is not None:
-            len(split)  # decodes the images (into memory when they fit): data preparation, not training
-    decode_s = time.perf_counter() - t_data
-    if splits.classes and splits.train is not None and len(splits.train):
-        check_outputs(splits.classes, output_count(art.model, first_item(splits.train)[0][None]), f"{student_path}")
-    art.metadata = {**art.metadata, "preprocessing": pre.to_dict()}  # what the model was trained with
-
-    def entry(res: FinetuneResult | None, record: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        info = res.history_entry(config, data=data) if res else {"stage": "finetune", "data": data,
-                                                                  "best_epoch": record["epoch"],
-                                                                  "best_accuracy": record["val_acc"]}
-        return art.history + [info]
-
-    def save(model: nn.Module, history: list[dict[str, Any]]) -> None:
-        save_artifact(out, model, art.plan, art.source, art.metadata, history)
-
-    result = finetune(art.model, teacher_model, splits, config, out_path=out, resume=resume,
-                      on_best=lambda model, record: save(model, entry(None, record)), started=started,
-                      identity=identity, decode_seconds=decode_s, team=team)
-    result.split = splits.split
-    if team.main:
-        save(art.model, entry(result))
-    team.barrier()
-    return result

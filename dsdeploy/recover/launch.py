@@ -3,7 +3,7 @@
 :func:`launch` is what ``torchrun --standalone --nproc-per-node N`` does, in-process:
 it runs torch's elastic agent (:func:`torch.distributed.launcher.api.elastic_launch`), which
 sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` for each worker;
-each worker calls :func:`dsdeploy.recover.finetune.finetune_artifact` with the same arguments
+each worker calls :func:`dsdeploy.recover.artifact_steps.finetune_artifact` with the same arguments
 and joins the process group there (:mod:`dsdeploy.recover.distributed`). Rank 0's result is
 returned. A :class:`DsdeployError` in a worker (bad input, a refused resume, an interruption)
 is raised again here, as the same class with the same one line; SIGINT/SIGTERM reach the
@@ -99,7 +99,7 @@ def launch(nproc: int, fn: Callable[..., Any], **kwargs: Any) -> Any:
     """Run ``fn(**kwargs)`` in ``nproc`` worker processes on this machine; rank 0's result.
 
     ``fn`` is a module-level function (the workers import it by name: e.g.
-    :func:`dsdeploy.recover.finetune.finetune_artifact`) and ``kwargs`` are picklable.
+    :func:`dsdeploy.recover.artifact_steps.finetune_artifact`) and ``kwargs`` are picklable.
 
     Each worker uses ``cpu_count // nproc`` threads unless ``OMP_NUM_THREADS`` is set; on CUDA
     machines worker ``i`` uses device ``i`` (more workers than GPUs share them round-robin).

@@ -24,7 +24,6 @@ from torch import nn
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from dsdeploy.conversion.artifact import load_artifact, load_source_model, save_artifact
 from dsdeploy.conversion.block import ds_blocks
 from dsdeploy.conversion.plan import Plan
 from dsdeploy.conversion.rewrite import original_convs
@@ -59,7 +58,7 @@ from dsdeploy.recover.stagecache import LayerInputs
 from dsdeploy.tables import format_table
 
 __all__ = ["CHUNK_ELEMENTS", "CalibrationReport", "LayerCalibration", "NormalEquations", "affected_norms",
-           "calibrate", "calibrate_artifact", "calibrate_data", "recalibrate_bn"]
+           "calibrate", "calibrate_data", "recalibrate_bn"]
 
 
 @dataclass
@@ -377,38 +376,4 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
         after_calibration(report, model, teacher, on_device(loader, dev), block_reconstruct, eval_loader=eval_loader,
                           progress=progress)
     report.split = splits.split
-    return report
-
-
-def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: int | None = CALIB_BATCHES,
-                       batch_size: int = 64, seed: int = 0, ridge: float = 1e-6, progress: bool = True,
-                       preprocess: dict[str, Any] | None = None, val_split: float = 0.2,
-                       limit: int | None = None, trust_code: bool = False, rounds: int = CALIB_ROUNDS,
-                       cache_mb: float = CALIB_CACHE_MB, block_reconstruct: float | str | None = None,
-                       eval_images: int = CALIB_EVAL_IMAGES, device: str = "auto",
-                       workers: int | None = None) -> CalibrationReport:
-    """``dsdeploy calibrate``: load a .dsd, calibrate it against its source model, write ``out``.
-
-    The preprocessing is :func:`dsdeploy.data.preprocessing.resolve` of the artifact's recorded
-    preprocessing and input shape with ``preprocess`` overrides; ``out`` records what was used.
-    ``trust_code``: import the ``pkg.module:factory`` the artifact records (see :mod:`dsdeploy.models.trust`).
-    ``rounds``, ``cache_mb``: as in :func:`calibrate`; ``eval_images``: as in :func:`calibrate_data`.
-    ``block_reconstruct``: seconds or a duration (``"90s"``) of block reconstruction afterwards (None/0: off).
-    ``device``: as in :func:`calibrate`; the artifact written holds float32 CPU tensors whatever the device.
-    """
-    params = CalibrationParams(ridge=ridge, max_batches=max_batches, batch_size=batch_size, rounds=rounds,
-                               cache_mb=cache_mb, block_reconstruct=block_reconstruct, eval_images=eval_images,
-                               device=device)
-    resolve_device(device, "calibrate.device")  # before any loading: an absent device is refused at once
-    art = load_artifact(artifact_path, trust_code=trust_code)
-    teacher = load_source_model(art)
-    pre = resolve(art.metadata.get("preprocessing"), art.metadata.get("input_shape"), preprocess, data=data,
-                  model=teacher)
-    report = calibrate_data(art.model, teacher, art.plan, data, pre, max_batches=max_batches, seed=seed,
-                            batch_size=batch_size, ridge=ridge, progress=progress, val_split=val_split, limit=limit,
-                            labels=art.metadata.get("labels"), rounds=rounds, cache_mb=cache_mb,
-                            block_reconstruct=params.block_reconstruct, eval_images=eval_images, device=device,
-                            workers=workers)
-    save_artifact(out, art.model, art.plan, art.source, {**art.metadata, "preprocessing": pre.to_dict()},
-                  art.history + [report.history_entry(data=data, seed=seed)])
     return report
