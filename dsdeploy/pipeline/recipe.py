@@ -22,7 +22,7 @@ import tomllib
 from dsdeploy.conversion.plan import Policy
 from dsdeploy.errors import DsdeployError, RecipeError
 from dsdeploy.export.config import DeployConfig, ExportConfig
-from dsdeploy.pipeline.tomltypes import coerce, describe, type_name
+from dsdeploy.pipeline.tomltypes import coerce, describe, parse_override, type_name
 from dsdeploy.ranges import check_number, parse_duration
 from dsdeploy.recover.config import (
     CALIB_BATCHES,
@@ -340,21 +340,6 @@ def _check_numbers(r: Recipe, src: str) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # loading, overrides, paths
-# ----------------------------------------------------------------------------------------------
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"finetune.epochs=2"`` -> (["finetune", "epochs"], 2); the value is TOML, else a plain string."""
-    key, sep, raw = text.partition("=")
-    parts = [p.strip() for p in key.split(".")]
-    if not sep or not all(parts) or len(parts) > 2:
-        raise RecipeError(f"--set {text!r}: use section.key=value (e.g. finetune.epochs=2) or key=value")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()  # a bare word such as digits or a path
-    return parts, value
-
-
 def _resolve(section: str, key: str, value: Any, base: Path) -> Any:
     """``value`` with relative paths made absolute against ``base`` (specs only when they name files)."""
     if (section, key) not in PATH_KEYS or value is None or (section, value) == ("data", "digits") or (

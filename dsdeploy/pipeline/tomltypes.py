@@ -1,6 +1,7 @@
 """Checking plain TOML values against dataclass type hints (for recipes).
 
-``coerce(value, hint)`` accepts a value when it fits the hint (ints pass for floats; a
+``parse_override("section.key=value")`` reads one ``--set`` override (the value is TOML, else a
+plain string). ``coerce(value, hint)`` accepts a value when it fits the hint (ints pass for floats; a
 bool is never an int) and returns it converted; ``type_name`` and ``describe`` word the
 error messages.
 """
@@ -10,6 +11,10 @@ from __future__ import annotations
 import types
 import typing
 from typing import Any
+
+import tomllib
+
+from dsdeploy.errors import RecipeError
 
 
 def type_name(tp: Any) -> str:
@@ -61,3 +66,16 @@ def coerce(value: Any, tp: Any) -> tuple[bool, Any]:
 def describe(value: Any) -> str:
     kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "table"}
     return f"{kind.get(type(value), type(value).__name__)} {value!r}" if not isinstance(value, dict) else "a table"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"finetune.epochs=2"`` -> (["finetune", "epochs"], 2); the value is TOML, else a plain string."""
+    key, sep, raw = text.partition("=")
+    parts = [p.strip() for p in key.split(".")]
+    if not sep or not all(parts) or len(parts) > 2:
+        raise RecipeError(f"--set {text!r}: use section.key=value (e.g. finetune.epochs=2) or key=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word such as digits or a path
+    return parts, value
