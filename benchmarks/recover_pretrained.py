@@ -156,8 +156,18 @@ def rows_ratio(rows: list[dict], ckpt: str, budget: str | float, step: str) -> f
                  and r["step"] == step), None)
 
 
+def kept_notes(text: str) -> dict[str, str]:
+    """The hand-written blocks of an earlier table, ``<!-- keep:NAME -->`` ... ``<!-- /keep:NAME -->``, by NAME."""
+    return {m.group(1): m.group(0) for m in re.finditer(r"<!-- keep:(\w+) -->.*?<!-- /keep:\1 -->", text, re.S)}
+
+
 def render(rows: list[dict], args_line: str) -> None:
-    """Write the Markdown table and the accuracy-vs-MACs plot from the accumulated records."""
+    """Write the Markdown table and the accuracy-vs-MACs plot from the accumulated records.
+
+    Hand-written notes survive a re-render: the blocks ``keep:runs`` (how the records were made,
+    placed after the header) and ``keep:after`` (placed at the end) are carried over from the
+    table being replaced.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,6 +179,8 @@ def render(rows: list[dict], args_line: str) -> None:
              "cores. Each record's command is below; records accumulate in "
              f"`{RESULTS.relative_to(ROOT)}`. Top-1 on the 10,000 CIFAR-10 test JPEGs (unless a command "
              "shows --limit). Seconds: wall time of the command (start-up and data loading included)."), ""]
+    notes = kept_notes(TABLE.read_text(encoding="utf-8")) if TABLE.is_file() else {}
+    lines += [notes["runs"], ""] if "runs" in notes else []
     ckpts = sorted({r["checkpoint"] for r in rows})
     for ck in ckpts:
         orig = next((r for r in rows if r["checkpoint"] == ck and r["step"] == "original"), None)
@@ -188,6 +200,7 @@ def render(rows: list[dict], args_line: str) -> None:
               "running."), "", "## Commands", "", "```"]
     lines += [f"{r['command']}    # {r['seconds']} s" for r in rows if r.get("command")]
     lines += ["```", "", f"![accuracy vs conv MACs]({PLOT.name})", ""]
+    lines += [notes["after"], ""] if "after" in notes else []
     write_text(TABLE, "\n".join(lines))
     fig, axes = plt.subplots(1, max(1, len(ckpts)), figsize=(6 * max(1, len(ckpts)), 4.5), squeeze=False)
     for ax, ck in zip(axes[0], ckpts):
