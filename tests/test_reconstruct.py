@@ -16,7 +16,7 @@ from dsdeploy.errors import DsdeployError, RecipeError
 from dsdeploy.pipeline.recipe import recipe_from_dict
 from dsdeploy.recover.als import PatchEquations, alternate
 from dsdeploy.recover.config import CalibrationParams
-from dsdeploy.recover.lsq import NormalEquations, patches
+from dsdeploy.recover.lsq import NormalEquations, patch_rows, patches, positions
 from dsdeploy.recover.reconstruct import calibrate
 from tests.test_calibrate import one_thread, plan_for, train_digits  # noqa: F401 (one_thread: autouse fixture)
 
@@ -46,6 +46,19 @@ def test_patches_reproduce_the_conv(dims, padding, mode, stride, dilation, group
         ref = conv(x)
     torch.testing.assert_close(out.reshape(ref.shape) + conv.bias.reshape(1, -1, *([1] * dims)), ref,
                                atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dims,padding,mode,stride,dilation,groups", GEOMETRIES)
+def test_patch_rows_are_the_same_rows_of_the_patches(dims, padding, mode, stride, dilation, groups):
+    torch.manual_seed(0)
+    conv = CONVS[dims](8, 6 * groups, 3, padding=padding, padding_mode=mode, stride=stride, dilation=dilation,
+                       groups=groups)
+    block = DSConv.from_conv(conv, 1)
+    x = torch.randn(3, 8, *([7] * dims))
+    p = patches(block, x)  # (N, Cin, T, L)
+    assert positions(block, x) == p.shape[-1]
+    rows = torch.randperm(3 * p.shape[-1], generator=torch.Generator().manual_seed(1))[:20]
+    assert torch.equal(patch_rows(block, x, rows), p[rows // p.shape[-1], :, :, rows % p.shape[-1]])
 
 
 @pytest.mark.parametrize("layout", ["branches", "concat", "multiplier"])

@@ -85,7 +85,10 @@ class LayerCalibration:
 
 @dataclass
 class CalibrationReport:
-    """What calibration did and measured (``seconds``: the whole call; ``cache``: stage-cache use)."""
+    """What calibration did and measured (``seconds``: the whole call; ``cache``: stage-cache use).
+
+    ``fit_seconds``: the per-layer fits; ``bn_seconds``: the final BatchNorm re-estimation and error
+    pass; ``eval_seconds``: scoring top-1 before and after."""
 
     layers: list[LayerCalibration] = field(default_factory=list)
     batches: int = 0
@@ -98,6 +101,8 @@ class CalibrationReport:
     split: dict[str, Any] | None = None  # the data split calibrated on (dsdeploy.data.labels.split_record)
     rounds: int = 0
     fit_seconds: float = 0.0
+    bn_seconds: float = 0.0
+    eval_seconds: float = 0.0
     cache: dict[str, Any] | None = None
     block_reconstruction: dict[str, Any] | None = None  # dsdeploy.recover.blockrec.BlockReconReport, when run
 
@@ -112,7 +117,8 @@ class CalibrationReport:
         return {"stage": "calibrate", "images": self.images, "batches": self.batches, "ridge": self.ridge,
                 "rounds": self.rounds, "bn_layers": self.bn_layers, "accuracy_before": self.accuracy_before,
                 "accuracy_after": self.accuracy_after, "seconds": round(self.seconds, 2),
-                "fit_seconds": round(self.fit_seconds, 2), "cache": self.cache,
+                "fit_seconds": round(self.fit_seconds, 2), "bn_seconds": round(self.bn_seconds, 2),
+                "eval_seconds": round(self.eval_seconds, 2), "cache": self.cache,
                 "layers": [{"name": c.name, "error_before": r6(c.error_before), "error_after": r6(c.error_after),
                             "error_pointwise": r6(c.error_pointwise), "error_rounds": [r6(e) for e in c.error_rounds],
                             "error_bn": r6(c.error_bn), "method": c.method, "seconds": round(c.seconds, 2)}
@@ -128,10 +134,10 @@ class CalibrationReport:
                  f"{c.seconds:.1f}"]
                 for c in self.layers]
         cache = self.cache or {}
-        summary = (f"calibrated {len(self.layers)} layers on {self.images} images ({self.seconds:.1f}s, "
-                   f"fit {self.fit_seconds:.1f}s; {cache.get('stage_layers', 0) + cache.get('streamed_layers', 0)} "
-                   f"layers from cached stage inputs, "
-                   f"peak {cache.get('peak_mb', 0)} MiB); re-estimated {self.bn_layers} BatchNorm layers")
+        cached = cache.get("stage_layers", 0) + cache.get("streamed_layers", 0)
+        summary = (f"calibrated {len(self.layers)} layers on {self.images} images ({self.seconds:.1f}s: fit "
+                   f"{self.fit_seconds:.1f}s, BN {self.bn_seconds:.1f}s, scoring {self.eval_seconds:.1f}s; {cached} "
+                   f"layers from cached stage inputs, peak {cache.get('peak_mb', 0)} MiB); re-estimated {self.bn_layers} BatchNorm layers")
         lines = [format_table(["layer", "rel.err SVD", "pointwise", "rounds", "fitted", "after BN", "method", "s"], rows),
                  "", summary]
         if self.accuracy_before is not None and self.accuracy_after is not None:
@@ -302,6 +308,8 @@ def _calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Itera
     names = [d.name for d in plan.converted if d.name in blocks]
     if eval_loader is not None:
         report.accuracy_before = evaluate(student, eval_loader)
+    t_fit = time.perf_counter()
+    report.eval_seconds = t_fit - t0
     student.eval()
     names = _layer_order(student, names, loader)
     norms = _following_bns(student, loader) if interleave_bn else {}
@@ -332,15 +340,19 @@ def _calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Itera
             bar.update(1)
         feeder.inputs = []
     bar.close()
-    report.cache, report.fit_seconds = feeder.stats, time.perf_counter() - t0
+    report.cache, report.fit_seconds = feeder.stats, time.perf_counter() - t_fit
     report.bn_layers = interleaved
+    t_bn = time.perf_counter()
     if bn:
         report.bn_layers = recalibrate_bn(student, loader, max_batches)
         errors = layer_errors(student, convs, loader, max_batches)
         for layer in report.layers:
             layer.error_bn = errors.get(layer.name)
+    t_eval = time.perf_counter()
+    report.bn_seconds = t_eval - t_bn
     if eval_loader is not None:
         report.accuracy_after = evaluate(student, eval_loader)
+    report.eval_seconds += time.perf_counter() - t_eval
     report.seconds = time.perf_counter() - t0
     return report
 
