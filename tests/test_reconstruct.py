@@ -61,6 +61,17 @@ def test_patch_rows_are_the_same_rows_of_the_patches(dims, padding, mode, stride
     assert torch.equal(patch_rows(block, x, rows), p[rows // p.shape[-1], :, :, rows % p.shape[-1]])
 
 
+@pytest.mark.parametrize("d", [5, 37, 64])
+def test_banded_gram_is_the_full_product(monkeypatch, d):
+    from dsdeploy.recover import lsq
+
+    monkeypatch.setattr(lsq, "SYMMETRIC_FEATURES", 4)  # the banded path at test sizes (uneven last band too)
+    a = torch.randn(2, 300, d, dtype=torch.float64)
+    gram = lsq._gram(a)
+    torch.testing.assert_close(gram, a.transpose(1, 2) @ a, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(gram, gram.transpose(1, 2), rtol=1e-12, atol=1e-10)
+
+
 @pytest.mark.parametrize("layout", ["branches", "concat", "multiplier"])
 @pytest.mark.parametrize("geometry", GEOMETRIES[:4], ids=["strided", "reflect-dilated-grouped", "1d", "3d"])
 def test_alternating_rounds_lower_the_error_they_report(layout, geometry):
