@@ -18,6 +18,7 @@ from dsdeploy.recover.als import PatchEquations, alternate
 from dsdeploy.recover.config import CalibrationParams
 from dsdeploy.recover.lsq import NormalEquations, patch_rows, patches, positions
 from dsdeploy.recover.reconstruct import calibrate
+from tests.clirun import invoke
 from tests.test_calibrate import one_thread, plan_for, train_digits  # noqa: F401 (one_thread: autouse fixture)
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -266,7 +267,7 @@ def test_auto_cache_size_is_half_the_available_memory(monkeypatch):
     assert real is None or real > 0
 
 
-def test_cache_size_option_takes_auto_or_mib():
+def test_cache_size_option_takes_auto_or_mib(tmp_path):
     assert CalibrationParams().cache_mb == "auto" and CalibrationParams(cache_mb="AUTO").cache_mb == "auto"
     assert CalibrationParams(cache_mb="64").cache_mb == 64.0 and CalibrationParams(cache_mb=0).cache_mb == 0
     for bad in ("lots", -1, float("inf")):
@@ -276,6 +277,10 @@ def test_cache_size_option_takes_auto_or_mib():
     assert r.calibrate.cache_mb == "auto"
     with pytest.raises(RecipeError, match="calibrate.cache_mb"):
         recipe_from_dict({"model": {"spec": "sample:digits_cnn"}, "calibrate": {"cache_mb": "big"}}, "r.toml")
+    proc = invoke("convert", "sample:digits_cnn", "-o", tmp_path / "x.dsd", "--calib-data", "digits",
+                  "--calib-cache-mb", "lots")
+    assert proc.returncode != 0 and "--calib-cache-mb must be 'auto' or a number" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x.dsd").exists()
 
 
 def test_a_cache_too_small_falls_back_to_the_prefix_pass():
