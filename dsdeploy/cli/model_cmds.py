@@ -97,8 +97,9 @@ def inspect(model, weights, model_kwargs, trust_pickle, input_shape, calib_data,
               help="Calibrate on at most N batches.")
 @click.option("--calib-rounds", type=int, default=CALIB_ROUNDS, show_default=True,
               help="Alternating depthwise/pointwise least-squares rounds per layer (0: pointwise only).")
-@click.option("--calib-cache-mb", type=float, default=CALIB_CACHE_MB, show_default=True,
-              help="MiB of stage inputs cached while calibrating (0: rerun the network prefix per layer).")
+@click.option("--calib-cache-mb", default=CALIB_CACHE_MB, show_default=True, metavar="MIB|auto",
+              help="MiB of stage inputs cached while calibrating; auto: half the memory available "
+                   "(0: rerun the network prefix per layer).")
 @click.option("--calib-eval-images", type=int, default=CALIB_EVAL_IMAGES, show_default=True,
               help="Score top-1 before and after calibrating on at most N validation images (0: none).")
 @block_reconstruct_option
