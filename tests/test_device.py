@@ -40,10 +40,10 @@ def digits(one_thread):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def sample_dsd(tmp_path_factory):
-    """sample:digits_cnn converted at rank 1 and calibrated on digits with --device cpu (the CLI, end to end)."""
+    """sample:digits_cnn converted at rank 1 and calibrated on digits with --device cpu (the CLI in-process)."""
     out = tmp_path_factory.mktemp("dev") / "cal.dsd"
-    proc = dsdeploy("convert", "sample:digits_cnn", "-o", out, "--rank", "1", "--calib-data", "digits",
-                    "--calib-batches", "4", "--device", "cpu", env=ONE_THREAD)
+    proc = invoke("convert", "sample:digits_cnn", "-o", out, "--rank", "1", "--calib-data", "digits",
+                  "--calib-batches", "4", "--device", "cpu")  # in-process (suite time); the commands below run it
     assert proc.returncode == 0, proc.stderr
     return out
 
