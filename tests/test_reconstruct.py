@@ -16,8 +16,9 @@ from dsdeploy.errors import DsdeployError, RecipeError
 from dsdeploy.pipeline.recipe import recipe_from_dict
 from dsdeploy.recover.als import PatchEquations, alternate
 from dsdeploy.recover.config import CalibrationParams
-from dsdeploy.recover.lsq import NormalEquations, patches
+from dsdeploy.recover.lsq import NormalEquations, patch_rows, patches, positions
 from dsdeploy.recover.reconstruct import calibrate
+from tests.clirun import invoke
 from tests.test_calibrate import one_thread, plan_for, train_digits  # noqa: F401 (one_thread: autouse fixture)
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -46,6 +47,30 @@ def test_patches_reproduce_the_conv(dims, padding, mode, stride, dilation, group
         ref = conv(x)
     torch.testing.assert_close(out.reshape(ref.shape) + conv.bias.reshape(1, -1, *([1] * dims)), ref,
                                atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dims,padding,mode,stride,dilation,groups", GEOMETRIES)
+def test_patch_rows_are_the_same_rows_of_the_patches(dims, padding, mode, stride, dilation, groups):
+    torch.manual_seed(0)
+    conv = CONVS[dims](8, 6 * groups, 3, padding=padding, padding_mode=mode, stride=stride, dilation=dilation,
+                       groups=groups)
+    block = DSConv.from_conv(conv, 1)
+    x = torch.randn(3, 8, *([7] * dims))
+    p = patches(block, x)  # (N, Cin, T, L)
+    assert positions(block, x) == p.shape[-1]
+    rows = torch.randperm(3 * p.shape[-1], generator=torch.Generator().manual_seed(1))[:20]
+    assert torch.equal(patch_rows(block, x, rows), p[rows // p.shape[-1], :, :, rows % p.shape[-1]])
+
+
+@pytest.mark.parametrize("d", [5, 37, 64])
+def test_banded_gram_is_the_full_product(monkeypatch, d):
+    from dsdeploy.recover import lsq
+
+    monkeypatch.setattr(lsq, "SYMMETRIC_FEATURES", 4)  # the banded path at test sizes (uneven last band too)
+    a = torch.randn(2, 300, d, dtype=torch.float64)
+    gram = lsq._gram(a)
+    torch.testing.assert_close(gram, a.transpose(1, 2) @ a, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(gram, gram.transpose(1, 2), rtol=1e-12, atol=1e-10)
 
 
 @pytest.mark.parametrize("layout", ["branches", "concat", "multiplier"])
@@ -185,6 +210,77 @@ def test_cached_calibration_equals_the_uncached_one(gap):
     s0, s1 = m0.state_dict(), m1.state_dict()
     for k in s0:
         torch.testing.assert_close(s1[k], s0[k], atol=1e-4, rtol=1e-3)
+
+
+def _bn_teacher(gap: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    teacher = TinyResNet(gap)
+    with torch.no_grad():  # BN statistics of a trained-ish model
+        for m in teacher.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2)
+    return teacher.eval()
+
+
+def test_stages_too_large_to_cache_are_streamed_from_the_last_one_that_fits():
+    # 24 images: the 8 x 16 x 16 stage inputs (192 KiB) exceed a 0.12 MiB cache, the image (72 KiB) and the
+    # 16 x 8 x 8 ones (96 KiB) fit: layer1's and layer2.0's layers are fed by running the stages after the
+    # cached image batches, layer2.1's inputs become the cache; the result equals the uncached calibration.
+    teacher = _bn_teacher()
+    res = convert(teacher, input_shape=(1, 3, 16, 16), rank=1, convert_stem=True)
+    loader = [torch.randn(6, 3, 16, 16) for _ in range(4)]
+    out = {}
+    for cache_mb in (0, 0.12):
+        model = copy.deepcopy(res.model)
+        out[cache_mb] = (model, calibrate(model, teacher, res.plan, loader, progress=False, cache_mb=cache_mb,
+                                          rounds=1))
+    (m0, r0), (m1, r1) = out[0], out[0.12]
+    c = r1.cache
+    assert c["streamed_layers"] >= 4 and c["stage_layers"] >= 3 and c["prefix_layers"] == 0
+    assert c["prefix_passes"] == 1 and 0 < c["peak_mb"] <= 0.12
+    assert all(layer.seconds > 0 for layer in r1.layers)
+    for a, b in zip(r0.layers, r1.layers, strict=True):
+        assert a.name == b.name and a.error_after == pytest.approx(b.error_after, rel=1e-4, abs=1e-7)
+    s0, s1 = m0.state_dict(), m1.state_dict()
+    for k in s0:
+        torch.testing.assert_close(s1[k], s0[k], atol=1e-4, rtol=1e-3)
+
+
+def test_auto_cache_size_is_half_the_available_memory(monkeypatch):
+    from dsdeploy.recover import stagecache
+
+    monkeypatch.setattr(stagecache, "available_mb", lambda: 3000.0)
+    assert stagecache.cache_budget_mb("auto") == 1500.0 and stagecache.cache_budget_mb(64) == 64.0
+    monkeypatch.setattr(stagecache, "available_mb", lambda: None)  # not Linux: a fixed size
+    assert stagecache.cache_budget_mb("auto") == stagecache.AUTO_FALLBACK_MB
+    monkeypatch.setattr(stagecache, "available_mb", lambda: 0.2)  # too little memory: the prefix path, same result
+    teacher = _bn_teacher()
+    res = convert(teacher, input_shape=(1, 3, 16, 16), rank=1)
+    report = calibrate(res.model, teacher, res.plan, [torch.randn(6, 3, 16, 16) for _ in range(2)],
+                       progress=False, rounds=0)
+    assert report.cache["auto"] and report.cache["cache_mb"] == 0.1
+    assert report.cache["prefix_layers"] + report.cache["stage_layers"] + report.cache["streamed_layers"] == len(
+        report.layers)
+    monkeypatch.undo()
+    real = stagecache.available_mb()  # the real reader: a number on Linux, None elsewhere
+    assert real is None or real > 0
+
+
+def test_cache_size_option_takes_auto_or_mib(tmp_path):
+    assert CalibrationParams().cache_mb == "auto" and CalibrationParams(cache_mb="AUTO").cache_mb == "auto"
+    assert CalibrationParams(cache_mb="64").cache_mb == 64.0 and CalibrationParams(cache_mb=0).cache_mb == 0
+    for bad in ("lots", -1, float("inf")):
+        with pytest.raises(DsdeployError, match="calibrate.cache_mb"):
+            CalibrationParams(cache_mb=bad)
+    r = recipe_from_dict({"model": {"spec": "sample:digits_cnn"}, "calibrate": {"cache_mb": "auto"}}, "r.toml")
+    assert r.calibrate.cache_mb == "auto"
+    with pytest.raises(RecipeError, match="calibrate.cache_mb"):
+        recipe_from_dict({"model": {"spec": "sample:digits_cnn"}, "calibrate": {"cache_mb": "big"}}, "r.toml")
+    proc = invoke("convert", "sample:digits_cnn", "-o", tmp_path / "x.dsd", "--calib-data", "digits",
+                  "--calib-cache-mb", "lots")
+    assert proc.returncode != 0 and "--calib-cache-mb must be 'auto' or a number" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x.dsd").exists()
 
 
 def test_a_cache_too_small_falls_back_to_the_prefix_pass():

@@ -31,7 +31,8 @@ COMMAND_MODULES = (
 # on the command line the same value is a flag. One rule maps them: a name that is a parameter of
 # the command being run becomes its flag (``convert.mac_budget`` -> ``--mac-budget``); the
 # config fields whose parameter is named otherwise are listed here.
-PARAM_OF = {"bench.batches": "batch", "finetune.history_path": "history", "calibrate.max_batches": "calib_batches"}
+PARAM_OF = {"bench.batches": "batch", "finetune.history_path": "history", "calibrate.max_batches": "calib_batches",
+            "calibrate.cache_mb": "calib_cache_mb"}
 SECTIONS = ("convert", "calibrate", "finetune", "evaluate", "export", "deploy", "bench", "preprocess")
 _FIELD = re.compile(r"(?<![\w./-])(?:(?P<section>" + "|".join(SECTIONS) +
                     r")\.)?(?P<name>[a-z][a-z0-9]*(?:_[a-z0-9]+)*)(?P<value>=(?:True|False))?(?![\w/-])")

@@ -96,8 +96,9 @@ def evaluate(model, data, compare, weights, compare_weights, model_kwargs, trust
 @click.option("--ridge", type=float, default=1e-6, show_default=True, help="Relative ridge of the least squares.")
 @click.option("--rounds", type=int, default=CALIB_ROUNDS, show_default=True,
               help="Alternating depthwise/pointwise least-squares rounds per layer (0: pointwise only).")
-@click.option("--cache-mb", type=float, default=CALIB_CACHE_MB, show_default=True,
-              help="MiB of stage inputs cached (0: rerun the network prefix per layer; same result, slower).")
+@click.option("--cache-mb", default=CALIB_CACHE_MB, show_default=True, metavar="MIB|auto",
+              help="MiB of stage inputs cached; auto: half the memory available when calibration starts "
+                   "(0: rerun the network prefix per layer; same result, slower).")
 @click.option("--eval-images", type=int, default=CALIB_EVAL_IMAGES, show_default=True,
               help="Score top-1 before and after on at most N validation images (0: no scoring).")
 @block_reconstruct_option

@@ -76,7 +76,7 @@ class CalibrateSection:
     batch_size: int = 64
     ridge: float = 1e-6
     rounds: int = CALIB_ROUNDS  # alternating depthwise/pointwise rounds per layer (0: pointwise only)
-    cache_mb: float = CALIB_CACHE_MB  # MiB of cached stage inputs (0: none)
+    cache_mb: float | str = CALIB_CACHE_MB  # MiB of cached stage inputs (0: none; "auto": half the free memory)
     eval_images: int = CALIB_EVAL_IMAGES  # validation images scored before/after (0: none)
     block_reconstruct: str | float | None = None  # e.g. "90s": label-free block reconstruction afterwards (kept in s)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (also where a mac_budget's sensitivity is measured)

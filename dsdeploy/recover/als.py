@@ -24,7 +24,9 @@ from dsdeploy.recover.lsq import (
     _quadratic_error,
     _ridge_solve,
     _targets,
+    patch_rows,
     patches,
+    positions,
 )
 
 F64 = torch.float64
@@ -72,18 +74,18 @@ class PatchEquations(Sums):
     def add(self, x: torch.Tensor) -> None:
         """Accumulate one batch of block inputs ``x``."""
         dtype = self.place(x.device, self.dtype)
-        p = patches(self.block, x)  # (N, Cin, T, L)
-        n, length = p.shape[0], p.shape[-1]
+        n, length = x.shape[0], positions(self.block, x)
         conv = self.conv
         if self.per_batch is not None and n * length > self.per_batch and type(conv) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-            # only the kept rows: gathered from the patches, targets as patches @ the conv's kernel
-            keep = torch.randperm(n * length, generator=self.generator)[:self.per_batch].to(p.device)
-            a = p[keep // length, :, :, keep % length].reshape(-1, self.g, self.cg * self.t)  # (m, g, Cin_g*T)
+            # only the kept rows: gathered from the input, targets as patches @ the conv's kernel
+            keep = torch.randperm(n * length, generator=self.generator)[:self.per_batch]
+            a = patch_rows(self.block, x, keep).reshape(-1, self.g, self.cg * self.t)  # (m, g, Cin_g*T)
             w = conv.weight.detach().reshape(self.g, self.og, self.cg * self.t).to(a.dtype)
             b = torch.einsum("mgf,gof->mgo", a, w)
             if conv.bias is not None:
                 b = b + conv.bias.detach().reshape(self.g, self.og).to(b.dtype)
         else:
+            p = patches(self.block, x)  # (N, Cin, T, L)
             a = p.reshape(n, self.g, self.cg * self.t, length).permute(0, 3, 1, 2).reshape(-1, self.g, self.cg * self.t)
             b = _targets(conv, x, self.g)
         if self.weight is not None:

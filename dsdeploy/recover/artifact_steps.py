@@ -40,7 +40,7 @@ def calibrate_artifact(artifact_path: str, data: str, out: str, *, max_batches: 
                        batch_size: int = 64, seed: int = 0, ridge: float = 1e-6, progress: bool = True,
                        preprocess: dict[str, Any] | None = None, val_split: float = 0.2,
                        limit: int | None = None, trust_code: bool = False, rounds: int = CALIB_ROUNDS,
-                       cache_mb: float = CALIB_CACHE_MB, block_reconstruct: float | str | None = None,
+                       cache_mb: float | str = CALIB_CACHE_MB, block_reconstruct: float | str | None = None,
                        eval_images: int = CALIB_EVAL_IMAGES, device: str = "auto",
                        workers: int | None = None) -> CalibrationReport:
     """``dsdeploy calibrate``: load a .dsd, calibrate it against its source model, write ``out``.

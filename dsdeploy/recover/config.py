@@ -16,7 +16,7 @@ from dsdeploy.recover.schedule import Schedule
 WARMUP_EPOCHS = 0.2  # default LR warmup: a fifth of an epoch, at most a tenth of the run (0: none)
 CALIB_BATCHES = 50  # calibration batches by default: [calibrate] batches, convert/calibrate CLI, library
 CALIB_ROUNDS = 3  # alternating (depthwise + pointwise) rounds per layer after the pointwise solve
-CALIB_CACHE_MB = 1024.0  # MiB of cached stage inputs during calibration
+CALIB_CACHE_MB = "auto"  # cached stage inputs during calibration: "auto" (a share of free memory) or MiB
 CALIB_EVAL_IMAGES = 2000  # validation images scored before and after calibration (0: no scoring)
 DEVICE_NAME = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 PRECISION_NAMES = ("fp32", "bf16", "fp16")
@@ -49,7 +49,9 @@ class CalibrationParams:
         rounds: alternating least-squares rounds per layer (a depthwise solve, then a pointwise
             solve) after the first pointwise solve, ``>= 0`` (0: pointwise weights only).
         cache_mb: MiB of stage inputs cached to avoid rerunning the network prefix per layer,
-            ``>= 0`` (0: no cache; same result, slower on deep models).
+            ``>= 0`` (0: no cache; same result, slower on deep models), or ``"auto"`` (the default):
+            half the memory available when calibration starts (``MemAvailable``, within a cgroup's
+            limit; 1024 MiB where neither can be read; :func:`dsdeploy.recover.stagecache.cache_budget_mb`).
         block_reconstruct: seconds for label-free block reconstruction after the least squares
             and BatchNorm re-estimation (:mod:`dsdeploy.recover.blockrec`); a duration such as
             ``"90s"`` or ``"2m"`` is converted to seconds; None, 0, ``"0"`` or ``"off"``: off (the
@@ -65,7 +67,7 @@ class CalibrationParams:
     max_batches: int | None = CALIB_BATCHES
     batch_size: int = 64
     rounds: int = CALIB_ROUNDS
-    cache_mb: float = CALIB_CACHE_MB
+    cache_mb: float | str = CALIB_CACHE_MB
     block_reconstruct: float | str | None = None
     eval_images: int = CALIB_EVAL_IMAGES
     device: str = "auto"
@@ -78,7 +80,7 @@ class CalibrationParams:
         check_number(self.max_batches, "calibrate max_batches", low=1, integer=True, optional=True)
         check_number(self.batch_size, "calibrate batch_size", low=1, integer=True)
         check_number(self.rounds, "calibrate.rounds", low=0, integer=True)
-        check_number(self.cache_mb, "calibrate.cache_mb", low=0)
+        self.cache_mb = cache_size(self.cache_mb)
         check_number(self.eval_images, "calibrate.eval_images", low=0, integer=True)
         check_number(self.workers, "calibrate.workers", low=0, integer=True, optional=True)
 
@@ -86,6 +88,20 @@ class CalibrationParams:
         """The least-squares fit's options as keyword arguments of :func:`dsdeploy.recover.reconstruct.calibrate`."""
         return {"rounds": self.rounds, "cache_mb": self.cache_mb, "eval_images": self.eval_images,
                 "device": self.device}
+
+
+def cache_size(value: float | str, field: str = "calibrate.cache_mb") -> float | str:
+    """A stage-cache size: ``"auto"``, or MiB ``>= 0`` (a number or a numeric string); else a one-line error."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        try:
+            value = float(text)
+        except ValueError:
+            raise DsdeployError(f"{field} must be 'auto' or a number of MiB >= 0, got {value!r}") from None
+    check_number(value, field, low=0)
+    return value
 
 
 def block_budget(value: float | str | None, field: str = "calibrate.block_reconstruct") -> float | None:

@@ -16,6 +16,8 @@ float64, chunked (no activations are stored), per conv group:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +32,9 @@ TOLERANCE = 1e-3  # stop alternating when a round lowers the relative error by l
 PATCH_ROWS_PER_FEATURE = 64  # patch statistics: keep at most max(this * features, PATCH_ROWS_MIN) rows per layer
 PATCH_ROWS_MIN = 65536
 FLOAT32_FEATURES = 512  # patch statistics with more features per group: float32 chunk products, float64 sums
+FLOAT32_CHUNK = 4  # float32 chunk products take this many times CHUNK_ELEMENTS (fewer float64 additions)
+SYMMETRIC_FEATURES = 1024  # A^T A with at least this many features: upper row bands only, mirrored
+BANDS = 8  # ... in this many bands (about (BANDS + 1) / (2 * BANDS) of the full product's multiply-adds)
 
 
 def _ridge_solve(ata: torch.Tensor, atb: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -49,6 +54,23 @@ def _quadratic_error(ata: torch.Tensor, atb: torch.Tensor, btb: torch.Tensor, w:
     return float(sq.clamp_min(0) / btb.sum().clamp_min(1e-30))
 
 
+def _gram(ac: torch.Tensor) -> torch.Tensor:
+    """``ac^T ac`` per group for ``ac (g, m, D)``: from its upper row bands when ``D >= SYMMETRIC_FEATURES``
+    (the lower part mirrored; equal to the full product up to float rounding, about 0.56x the work)."""
+    d = ac.shape[-1]
+    act = ac.transpose(1, 2)
+    if d < SYMMETRIC_FEATURES:
+        return act @ ac
+    out = ac.new_empty(ac.shape[0], d, d)
+    size = -(-d // BANDS)
+    for lo in range(0, d, size):
+        hi = min(d, lo + size)
+        band = act[:, lo:hi] @ ac[:, :, lo:]  # rows lo:hi, columns lo: (the diagonal block and right of it)
+        out[:, lo:hi, lo:] = band
+        out[:, hi:, lo:hi] = band[:, :, hi - lo:].transpose(1, 2)
+    return out
+
+
 def _accumulate(ata: torch.Tensor, atb: torch.Tensor, btb: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                 ones: bool, dtype: torch.dtype = torch.float64) -> None:
     """Add ``a (m, g, D)`` and ``b (m, g, Cout_g)`` rows to the float64 sums, in chunks (``ones``: a bias column).
@@ -57,14 +79,15 @@ def _accumulate(ata: torch.Tensor, atb: torch.Tensor, btb: torch.Tensor, a: torc
     fast; the sums stay float64, on their own device: :func:`dsdeploy.recover.device.lsq_placement`).
     """
     g = a.shape[1]
-    step = max(1, CHUNK_ELEMENTS // (g * (a.shape[-1] + 1)))
+    elements = CHUNK_ELEMENTS * (FLOAT32_CHUNK if dtype == torch.float32 else 1)
+    step = max(1, elements // (g * (a.shape[-1] + 1)))
     for i in range(0, a.shape[0], step):
         ac = a[i:i + step].to(dtype).transpose(0, 1)  # (g, m, D)
         if ones:
             ac = torch.cat([ac, ac.new_ones(ac.shape[0], ac.shape[1], 1)], dim=2)
         bc = b[i:i + step].to(dtype).transpose(0, 1)  # (g, m, Cout_g)
         act = ac.transpose(1, 2)
-        ata += (act @ ac).to(ata.device, torch.float64)
+        ata += _gram(ac).to(ata.device, torch.float64)
         atb += (act @ bc).to(atb.device, torch.float64)
         bsq = bc.to(torch.float64) if supports_float64(bc.device) else bc.cpu().to(torch.float64)
         btb += bsq.square().sum(dim=(1, 2)).to(btb.device)
@@ -154,6 +177,34 @@ class NormalEquations(Sums):
         self.block.set_pointwise(wk.reshape(k, self.block.out_channels, self.cin_g).to(dtype), bias)
 
 
+def _padding(block: DSConv) -> list[tuple[int, int]]:
+    """(before, after) padding per spatial dim of ``block`` (ints or ``"same"``/``"valid"``)."""
+    dims, k, dil = len(block.kernel_size), block.kernel_size, block.dilation
+    if isinstance(block.padding, str):
+        total = [0] * dims if block.padding == "valid" else [dl * (kk - 1) for dl, kk in zip(dil, k)]
+        return [(t // 2, t - t // 2) for t in total]
+    pad = block.padding if isinstance(block.padding, (tuple, list)) else (block.padding,) * dims
+    return [(p, p) for p in pad]
+
+
+def _padded(block: DSConv, x: torch.Tensor) -> torch.Tensor:
+    """``x`` padded as ``block``'s depthwise conv pads it (its padding_mode)."""
+    flat = [v for pr in reversed(_padding(block)) for v in pr]  # F.pad wants the last dim first
+    if any(flat):
+        mode = "constant" if block.padding_mode == "zeros" else block.padding_mode
+        x = F.pad(x, flat, mode=mode)
+    return x
+
+
+def positions(block: DSConv, x: torch.Tensor) -> int:
+    """How many output positions ``block`` has per image of ``x``."""
+    k, dil, st = block.kernel_size, block.dilation, block.stride
+    count = 1
+    for i, (lo, hi) in enumerate(_padding(block)):
+        count *= (x.shape[2 + i] + lo + hi - dil[i] * (k[i] - 1) - 1) // st[i] + 1
+    return count
+
+
 def patches(block: DSConv, x: torch.Tensor) -> torch.Tensor:
     """The input patches each output position of ``block`` sees: ``(N, Cin, prod(k), positions)``.
 
@@ -161,16 +212,7 @@ def patches(block: DSConv, x: torch.Tensor) -> torch.Tensor:
     dilation for 1D, 2D and 3D convs: ``conv(x)[n, o, p] = sum_{c,t} W[o, c, t] * X[n, c, t, p]``.
     """
     dims, k, dil, st = len(block.kernel_size), block.kernel_size, block.dilation, block.stride
-    if isinstance(block.padding, str):
-        total = [0] * dims if block.padding == "valid" else [dl * (kk - 1) for dl, kk in zip(dil, k)]
-        pads = [(t // 2, t - t // 2) for t in total]
-    else:
-        pad = block.padding if isinstance(block.padding, (tuple, list)) else (block.padding,) * dims
-        pads = [(p, p) for p in pad]
-    flat = [v for pr in reversed(pads) for v in pr]  # F.pad wants the last dim first
-    if any(flat):
-        mode = "constant" if block.padding_mode == "zeros" else block.padding_mode
-        x = F.pad(x, flat, mode=mode)
+    x = _padded(block, x)
     for i in range(dims):  # windows of the dilated extent, then every dil-th element
         x = x.unfold(2 + i, dil[i] * (k[i] - 1) + 1, st[i])
     n, c = x.shape[:2]
@@ -179,6 +221,25 @@ def patches(block: DSConv, x: torch.Tensor) -> torch.Tensor:
     x = x[(Ellipsis, *win)]  # (N, C, *out, *k)
     perm = [0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims)]
     return x.permute(perm).reshape(n, c, -1, int(torch.tensor(out).prod()) if out else 1)
+
+
+def patch_rows(block: DSConv, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``patches(block, x)`` at flat rows ``rows`` of ``(N * positions)``, as ``(m, Cin, prod(k))``:
+    ``patches(block, x)[rows // L, :, :, rows % L]`` (the same values) without forming every patch."""
+    dims, k, dil, st = len(block.kernel_size), block.kernel_size, block.dilation, block.stride
+    xp = _padded(block, x)
+    out = [(xp.shape[2 + i] - dil[i] * (k[i] - 1) - 1) // st[i] + 1 for i in range(dims)]
+    rows = rows.to(x.device)
+    length = math.prod(out)
+    n, rest = rows // length, rows % length
+    coords = []
+    for size in reversed(out):  # positions are row-major over the output dims
+        coords.append(rest % size)
+        rest = rest // size
+    coords.reverse()
+    offsets = torch.meshgrid(*[torch.arange(kk, device=x.device) for kk in k], indexing="ij")  # row-major over k
+    index = [coords[i][:, None] * st[i] + offsets[i].reshape(1, -1) * dil[i] for i in range(dims)]  # (m, T) each
+    return xp[(n[:, None], slice(None), *index)].transpose(1, 2)  # (m, T, C) -> (m, C, T)
 
 
 def patch_bytes(block: DSConv) -> int:

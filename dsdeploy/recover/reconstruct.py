@@ -68,7 +68,8 @@ class LayerCalibration:
     ``error_before``: after SVD (before any fit); ``error_pointwise``: after the pointwise solve;
     ``error_rounds``: after each alternating round; ``error_after``: the fitted layer (all on the
     inputs it had while being fitted); ``error_bn``: after BatchNorm re-estimation, on its final
-    inputs (None without it). ``method``: how it was fitted.
+    inputs (None without it). ``method``: how it was fitted. ``seconds``: wall time of this layer's
+    fit (its inputs, statistics, solves and BatchNorm moments).
     """
 
     name: str
@@ -79,11 +80,15 @@ class LayerCalibration:
     error_rounds: list[float] = field(default_factory=list)
     error_bn: float | None = None
     method: str = "pointwise"
+    seconds: float = 0.0
 
 
 @dataclass
 class CalibrationReport:
-    """What calibration did and measured (``seconds``: the whole call; ``cache``: stage-cache use)."""
+    """What calibration did and measured (``seconds``: the whole call; ``cache``: stage-cache use).
+
+    ``fit_seconds``: the per-layer fits; ``bn_seconds``: the final BatchNorm re-estimation and error
+    pass; ``eval_seconds``: scoring top-1 before and after."""
 
     layers: list[LayerCalibration] = field(default_factory=list)
     batches: int = 0
@@ -96,6 +101,8 @@ class CalibrationReport:
     split: dict[str, Any] | None = None  # the data split calibrated on (dsdeploy.data.labels.split_record)
     rounds: int = 0
     fit_seconds: float = 0.0
+    bn_seconds: float = 0.0
+    eval_seconds: float = 0.0
     cache: dict[str, Any] | None = None
     block_reconstruction: dict[str, Any] | None = None  # dsdeploy.recover.blockrec.BlockReconReport, when run
 
@@ -110,10 +117,12 @@ class CalibrationReport:
         return {"stage": "calibrate", "images": self.images, "batches": self.batches, "ridge": self.ridge,
                 "rounds": self.rounds, "bn_layers": self.bn_layers, "accuracy_before": self.accuracy_before,
                 "accuracy_after": self.accuracy_after, "seconds": round(self.seconds, 2),
-                "fit_seconds": round(self.fit_seconds, 2), "cache": self.cache,
+                "fit_seconds": round(self.fit_seconds, 2), "bn_seconds": round(self.bn_seconds, 2),
+                "eval_seconds": round(self.eval_seconds, 2), "cache": self.cache,
                 "layers": [{"name": c.name, "error_before": r6(c.error_before), "error_after": r6(c.error_after),
                             "error_pointwise": r6(c.error_pointwise), "error_rounds": [r6(e) for e in c.error_rounds],
-                            "error_bn": r6(c.error_bn), "method": c.method} for c in self.layers],
+                            "error_bn": r6(c.error_bn), "method": c.method, "seconds": round(c.seconds, 2)}
+                           for c in self.layers],
                 **({"block_reconstruction": self.block_reconstruction} if self.block_reconstruction else {}), **extra}
 
     def render(self) -> str:
@@ -121,13 +130,15 @@ class CalibrationReport:
             return "-" if v is None else f"{v:.4f}"
 
         rows = [[c.name, f(c.error_before), f(c.error_pointwise),
-                 " ".join(f"{e:.4f}" for e in c.error_rounds) or "-", f(c.error_after), f(c.error_bn), c.method]
+                 " ".join(f"{e:.4f}" for e in c.error_rounds) or "-", f(c.error_after), f(c.error_bn), c.method,
+                 f"{c.seconds:.1f}"]
                 for c in self.layers]
         cache = self.cache or {}
-        summary = (f"calibrated {len(self.layers)} layers on {self.images} images ({self.seconds:.1f}s, "
-                   f"fit {self.fit_seconds:.1f}s; {cache.get('stage_layers', 0)} layers from cached stage inputs, "
-                   f"peak {cache.get('peak_mb', 0)} MiB); re-estimated {self.bn_layers} BatchNorm layers")
-        lines = [format_table(["layer", "rel.err SVD", "pointwise", "rounds", "fitted", "after BN", "method"], rows),
+        cached = cache.get("stage_layers", 0) + cache.get("streamed_layers", 0)
+        summary = (f"calibrated {len(self.layers)} layers on {self.images} images ({self.seconds:.1f}s: fit "
+                   f"{self.fit_seconds:.1f}s, BN {self.bn_seconds:.1f}s, scoring {self.eval_seconds:.1f}s; {cached} "
+                   f"layers from cached stage inputs, peak {cache.get('peak_mb', 0)} MiB); re-estimated {self.bn_layers} BatchNorm layers")
+        lines = [format_table(["layer", "rel.err SVD", "pointwise", "rounds", "fitted", "after BN", "method", "s"], rows),
                  "", summary]
         if self.accuracy_before is not None and self.accuracy_after is not None:
             lines.append(f"accuracy {100 * self.accuracy_before:.2f}% -> {100 * self.accuracy_after:.2f}%")
@@ -244,7 +255,7 @@ def layer_errors(student: nn.Module, convs: dict[str, nn.Module], loader: Iterab
 def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterable, *,
               max_batches: int | None = None, ridge: float = 1e-6, progress: bool = True, bn: bool = True,
               eval_loader: Iterable | None = None, rounds: int = CALIB_ROUNDS,
-              cache_mb: float = CALIB_CACHE_MB, interleave_bn: bool = True,
+              cache_mb: float | str = CALIB_CACHE_MB, interleave_bn: bool = True,
               bn_weight: bool = False, eval_images: int = CALIB_EVAL_IMAGES,
               device: str | torch.device = "auto") -> CalibrationReport:
     """Fit every converted layer's factors by least squares, IN PLACE, then fix BN.
@@ -264,7 +275,8 @@ def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterab
         rounds: alternating (depthwise, then pointwise) rounds after the pointwise solve; 0 fits
             the pointwise weights only. Layers whose patch statistics exceed ``lsq.PATCH_MB`` get
             the pointwise fit (their ``method`` says so).
-        cache_mb: MiB of cached stage inputs (:mod:`dsdeploy.recover.stagecache`; 0: none).
+        cache_mb: MiB of cached stage inputs (:mod:`dsdeploy.recover.stagecache`; 0: none), or
+            ``"auto"``: half the memory available when calibration starts.
         interleave_bn: right after each layer is fitted, re-estimate the BatchNorm called directly
             after it from the fitted layer's outputs (:mod:`dsdeploy.recover.bnfit`), so later layers
             are fitted on inputs with the final statistics (``bn_layers`` counts these too).
@@ -287,8 +299,8 @@ def calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterab
 
 
 def _calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Iterable, *, max_batches: int | None,
-               ridge: float, progress: bool, bn: bool, eval_loader: Iterable | None, rounds: int, cache_mb: float,
-               interleave_bn: bool, bn_weight: bool) -> CalibrationReport:
+               ridge: float, progress: bool, bn: bool, eval_loader: Iterable | None, rounds: int,
+               cache_mb: float | str, interleave_bn: bool, bn_weight: bool) -> CalibrationReport:
     """:func:`calibrate` with the models and ``loader`` on one device."""
     t0 = time.perf_counter()
     report = CalibrationReport(ridge=ridge, rounds=rounds)
@@ -296,6 +308,8 @@ def _calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Itera
     names = [d.name for d in plan.converted if d.name in blocks]
     if eval_loader is not None:
         report.accuracy_before = evaluate(student, eval_loader)
+    t_fit = time.perf_counter()
+    report.eval_seconds = t_fit - t0
     student.eval()
     names = _layer_order(student, names, loader)
     norms = _following_bns(student, loader) if interleave_bn else {}
@@ -305,6 +319,7 @@ def _calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Itera
     with torch.no_grad():
         feeder = LayerInputs(student, lambda: (batch_inputs(b) for b in take_batches(loader, max_batches)), cache_mb)
         for name in names:
+            t_layer = time.perf_counter()
             block = blocks[name]
             patch = rounds > 0 and patch_bytes(block) <= PATCH_MB * 2 ** 20
             weight = bn_gain(norms[name]) if bn_weight and name in norms else None
@@ -318,21 +333,26 @@ def _calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Itera
                 moments = (patch_moments(eq) if isinstance(eq, PatchEquations)
                            else pass_moments(lambda fn, n=name, b=block: feeder.feed(n, b, fn, False), block))
                 interleaved += set_statistics(norms[name], moments)
+            layer.seconds = time.perf_counter() - t_layer
             report.layers.append(layer)
             report.batches, report.images = batches, images
             bar.set_postfix(layer=name, err=f"{layer.error_before:.3f}->{layer.error_after:.3f}")
             bar.update(1)
         feeder.inputs = []
     bar.close()
-    report.cache, report.fit_seconds = feeder.stats, time.perf_counter() - t0
+    report.cache, report.fit_seconds = feeder.stats, time.perf_counter() - t_fit
     report.bn_layers = interleaved
+    t_bn = time.perf_counter()
     if bn:
         report.bn_layers = recalibrate_bn(student, loader, max_batches)
         errors = layer_errors(student, convs, loader, max_batches)
         for layer in report.layers:
             layer.error_bn = errors.get(layer.name)
+    t_eval = time.perf_counter()
+    report.bn_seconds = t_eval - t_bn
     if eval_loader is not None:
         report.accuracy_after = evaluate(student, eval_loader)
+    report.eval_seconds += time.perf_counter() - t_eval
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -341,7 +361,7 @@ def calibrate_data(model: nn.Module, teacher: nn.Module, plan: Plan, data: str,
                    preprocessing: Any, *, max_batches: int | None = CALIB_BATCHES, seed: int = 0,
                    batch_size: int = 64, ridge: float = 1e-6, progress: bool = True, val_split: float = 0.2,
                    limit: int | None = None, labels: list[str] | None = None, rounds: int = CALIB_ROUNDS,
-                   cache_mb: float = CALIB_CACHE_MB, block_reconstruct: float | None = None,
+                   cache_mb: float | str = CALIB_CACHE_MB, block_reconstruct: float | None = None,
                    eval_images: int = CALIB_EVAL_IMAGES, device: str | torch.device = "auto",
                    workers: int | None = None) -> CalibrationReport:
     """Calibrate ``model`` in place on a data spec (``digits`` or a folder).
