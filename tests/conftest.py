@@ -11,6 +11,20 @@ from torch import nn
 # The suite's exactness promises are CPU ones: device "auto" means the CPU here even where a GPU
 # exists (CLI subprocesses inherit it); tests that run on CUDA name their device.
 os.environ.setdefault("DSDEPLOY_DEVICE", "cpu")
+# Export "auto" means TorchScript here (suite time: torch.export costs 5-20x more per export and
+# SmallNet's data-dependent branch makes every "auto" export try it, fail, and redo). The modules
+# about the exporter (test_export, test_timm, test_model_edges) use ``users_exporter``: "auto" as
+# users get it, dynamo first with the fallback.
+os.environ.setdefault("DSDEPLOY_EXPORTER", "torchscript")
+
+
+@pytest.fixture(scope="module")
+def users_exporter():
+    """For a whole module (its module-scoped fixtures and CLI subprocesses too): DSDEPLOY_EXPORTER
+    unset, so export "auto" is what users get. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("DSDEPLOY_EXPORTER", raising=False)
+        yield
 
 
 class SmallNet(nn.Module):

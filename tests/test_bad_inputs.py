@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.clirun import dsdeploy, invoke
+from tests.clirun import invoke
 from tests.conftest import small_net
 
 FACTORY = "tests.conftest:small_net"
@@ -43,7 +43,7 @@ def files(tmp_path_factory) -> Files:
     wrong_keys = {("x." + k): v for k, v in state.items()}
     torch.save(wrong_keys, root / "wrong_keys.pt")
     torch.save({**state, "head.weight": torch.zeros(5, 16)}, root / "wrong_shape.pt")
-    proc = dsdeploy("convert", FACTORY, "-o", root / "good.dsd", *SHAPE)
+    proc = invoke("convert", FACTORY, "-o", root / "good.dsd", *SHAPE)  # an input: in-process (suite time)
     assert proc.returncode == 0, proc.stderr
     dsd = (root / "good.dsd").read_bytes()
     (root / "truncated.dsd").write_bytes(dsd[: len(dsd) // 2])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
@@ -60,14 +61,21 @@ def trained(one_thread):  # noqa: F811
     return model.eval(), splits
 
 
-@pytest.fixture
-def calibrated(trained):
-    """(teacher, student converted at rank 1 and calibrated, calibration loader, validation loader)."""
+@pytest.fixture(scope="module")
+def calibrated_once(trained):
     teacher, splits = trained
     res = convert(teacher, input_shape=(1, 1, 8, 8), rank=1)
     loader = make_loader(splits.train, 64, shuffle=False)
     calibrate(res.model, teacher, res.plan, loader, max_batches=8, progress=False)
     return teacher, res.model, [b for i, b in enumerate(loader) if i < 8], make_loader(splits.val, 256, shuffle=False)
+
+
+@pytest.fixture
+def calibrated(calibrated_once):
+    """(teacher, student converted at rank 1 and calibrated, calibration loader, validation loader); the
+    student is each test's own copy (converted and calibrated once per module: suite time)."""
+    teacher, student, calib, val = calibrated_once
+    return teacher, copy.deepcopy(student), calib, val
 
 
 def logits_mse(student: nn.Module, teacher: nn.Module, loader) -> float:

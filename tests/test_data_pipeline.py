@@ -5,6 +5,7 @@ one decode per image across the stages of a run."""
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from torch import nn
 from dsdeploy import api
 from dsdeploy.data import decode
 from dsdeploy.data.datasets import Preprocess, load_data, make_loader
-from dsdeploy.data.loader import train_loader
+from dsdeploy.data.loader import release_loaders, train_loader
 from dsdeploy.data.store import CACHED, keep_decoded
 from dsdeploy.recover.config import FinetuneConfig
 from dsdeploy.recover.epoch import train_loader as recover_train_loader
@@ -75,6 +76,7 @@ def test_unreadable_images_are_dropped_and_counted_not_fatal(tmp_path):
     for workers in (0, 2):
         seen = sum(len(y) for _, y in recover_train_loader(s.train, 4, seed=1, workers=workers))
         assert seen <= 20 and s.train.skipped == 3  # the epoch ran; short batches only where a file was bad
+    release_loaders(s.train)  # the workers end now (left to the garbage collector they stall 5 s each)
     full = sum(len(y) for _, y in make_loader(s.train, 4, shuffle=False))
     assert full == 20 and s.skipped == 4  # 3 in train, 1 in test (found by evaluate: one listing, one state)
 
@@ -93,6 +95,9 @@ def test_workers_give_the_same_batches_as_none(tmp_path, size):
             assert s.train.store.shared
             if decode.recipe(pre) == "small":  # what the workers decoded is in the main process's cache
                 assert int((s.train.store.status == CACHED).sum()) >= 20
+            started = set(multiprocessing.active_children())
+            assert len(started) >= 2 and release_loaders(s.train) == 1  # one loader kept for both passes
+            assert not started & set(multiprocessing.active_children())  # its workers ended now, not at gc
     for epoch_seed in (7, 8):
         a, b = batches[0, epoch_seed], batches[2, epoch_seed]
         assert len(a) == len(b) == 4

@@ -22,7 +22,7 @@ from dsdeploy.recover.finetune import finetune
 from dsdeploy.recover.lsq import NormalEquations
 from dsdeploy.recover.metrics import evaluate
 from dsdeploy.recover.reconstruct import calibrate
-from tests.clirun import dsdeploy
+from tests.clirun import dsdeploy, invoke
 from tests.test_calibrate import DIGITS8, ONE_THREAD, one_thread, sample_digits, train_digits  # noqa: F401 (fixture)
 
 CUDA = torch.cuda.is_available()
@@ -40,10 +40,10 @@ def digits(one_thread):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def sample_dsd(tmp_path_factory):
-    """sample:digits_cnn converted at rank 1 and calibrated on digits with --device cpu (the CLI, end to end)."""
+    """sample:digits_cnn converted at rank 1 and calibrated on digits with --device cpu (the CLI in-process)."""
     out = tmp_path_factory.mktemp("dev") / "cal.dsd"
-    proc = dsdeploy("convert", "sample:digits_cnn", "-o", out, "--rank", "1", "--calib-data", "digits",
-                    "--calib-batches", "4", "--device", "cpu", env=ONE_THREAD)
+    proc = invoke("convert", "sample:digits_cnn", "-o", out, "--rank", "1", "--calib-data", "digits",
+                  "--calib-batches", "4", "--device", "cpu")  # in-process (suite time); the commands below run it
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -106,22 +106,43 @@ def test_recipe_keys_for_device_and_precision_are_validated_with_the_field_named
 
 # -- the CLI: absent devices are one line, cpu runs end to end -----------------------------------
 
+def _absent(device: str) -> bool:
+    if device == "mps":
+        return not torch.backends.mps.is_available()
+    return not (CUDA and int(device.partition(":")[2] or 0) < torch.cuda.device_count())
+
+
+def _refused_in_one_line(proc, device: str, command: str) -> None:
+    assert proc.returncode == 2, (command, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --device {device!r} is not available"), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("device", ["cuda", "cuda:1", "mps"])
 def test_the_cli_refuses_an_absent_device_in_one_line(device, sample_dsd, tmp_path):
-    if device == "mps" and torch.backends.mps.is_available() or device.startswith("cuda") and CUDA and (
-            device == "cuda" or torch.cuda.device_count() > 1):
+    """Every command taking --device, in-process (the CLI's own error handling; the real-process
+    run of the same refusal is the test below)."""
+    if not _absent(device):
         pytest.skip(f"{device} is present on this machine")
     runs = [("finetune", sample_dsd, "--data", "digits", "-o", tmp_path / "f.dsd", "--epochs", "1"),
             ("evaluate", sample_dsd, "--data", "digits"),
             ("calibrate", sample_dsd, "--data", "digits", "-o", tmp_path / "c.dsd"),
             ("convert", "sample:digits_cnn", "-o", tmp_path / "v.dsd", "--rank", "1", "--calib-data", "digits")]
     for args in runs:
-        proc = dsdeploy(*args, "--device", device, env=ONE_THREAD)
-        assert proc.returncode == 2, (args[0], proc.stderr)
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"error: --device {device!r} is not available"), proc.stderr
-        assert "Traceback" not in proc.stderr
+        _refused_in_one_line(invoke(*args, "--device", device), device, args[0])
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_real_cli_process_refuses_an_absent_device_in_one_line(sample_dsd, tmp_path):
+    """The refusal from ``python -m dsdeploy`` itself: exit status 2, one stderr line, nothing written."""
+    device = next((d for d in ("cuda:7", "mps") if _absent(d)), None)
+    if device is None:
+        pytest.skip("this machine has 8 CUDA devices and MPS")
+    proc = dsdeploy("finetune", sample_dsd, "--data", "digits", "-o", tmp_path / "f.dsd", "--epochs", "1",
+                    "--device", device, env=ONE_THREAD)
+    _refused_in_one_line(proc, device, "finetune")
+    assert not list(tmp_path.iterdir())
 
 
 def test_explicit_cpu_runs_calibrate_finetune_evaluate_end_to_end(sample_dsd, tmp_path):

@@ -24,7 +24,7 @@ from dsdeploy.recover.distributed import Team
 from dsdeploy.recover.finetune import finetune
 from dsdeploy.recover.resume import check_world, load_checkpoint
 from dsdeploy.recover.schedule import Schedule
-from tests.clirun import ROOT, dsdeploy
+from tests.clirun import ROOT, dsdeploy, invoke
 
 MARGIN = 0.04  # top-1 points (as a fraction) a 2-process run may differ from a 1-process run
 EPOCHS = ("--epochs", "3")
@@ -35,7 +35,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathse
 @pytest.fixture(scope="module")
 def student(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("student") / "s.dsd"
-    proc = dsdeploy("convert", "sample:digits_cnn", "-o", path, "--rank", "1")
+    proc = invoke("convert", "sample:digits_cnn", "-o", path, "--rank", "1")  # an input: in-process (suite time)
     assert proc.returncode == 0, proc.stderr
     return str(path)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -26,6 +27,7 @@ from dsdeploy.runtime.sessions import cpu_session
 from tests.clirun import dsdeploy, invoke, json_out
 from tests.conftest import small_net
 
+pytestmark = pytest.mark.usefixtures("users_exporter")  # about the exporter: "auto" as users get it
 DIGITS_SHAPE = (1, 1, 16, 16)
 
 
@@ -135,6 +137,28 @@ def test_dynamo_exporter_single_file_and_recorded(digits, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dyn.onnx"]
     assert rep.exporter == "dynamo" and rep.opset == 18 and all(p.ok for p in rep.parity)
     assert metadata(load_onnx(out))["dsdeploy.exporter"] == "dynamo"
+
+
+def test_dsdeploy_exporter_pins_what_auto_means(digits, tmp_path, monkeypatch):
+    """DSDEPLOY_EXPORTER (what the rest of the suite sets to torchscript): "auto" takes that exporter,
+    the reason recorded; a named exporter wins over it; a bad value is one line naming the variable."""
+    from dsdeploy.export.exporters import META_EXPORTER_FALLBACK
+
+    assert "DSDEPLOY_EXPORTER" not in os.environ  # this module exports as users do
+    monkeypatch.setenv("DSDEPLOY_EXPORTER", "torchscript")
+    rep = export_onnx(digits.model, tmp_path / "t.onnx", DIGITS_SHAPE, simplify=False)
+    meta = metadata(load_onnx(tmp_path / "t.onnx"))
+    assert rep.exporter == "torchscript" and rep.fallback == "DSDEPLOY_EXPORTER is torchscript"
+    assert meta["dsdeploy.exporter"] == "torchscript" and meta[META_EXPORTER_FALLBACK] == rep.fallback
+    rep = export_onnx(digits.model, tmp_path / "d.onnx", DIGITS_SHAPE, simplify=False, exporter="dynamo")
+    assert rep.exporter == "dynamo" and rep.fallback is None
+    monkeypatch.setenv("DSDEPLOY_EXPORTER", "dynamo")  # dynamo only: no TorchScript fallback
+    with pytest.raises(ExportError, match=r"torch.onnx.export \(dynamo\) failed for SmallNet"):
+        export_onnx(small_net().eval(), tmp_path / "s.onnx", (1, 3, 16, 16), simplify=False)
+    monkeypatch.setenv("DSDEPLOY_EXPORTER", "jit")
+    with pytest.raises(ExportError, match="^DSDEPLOY_EXPORTER must be one of auto, dynamo, torchscript, got 'jit'$"):
+        export_onnx(digits.model, tmp_path / "j.onnx", DIGITS_SHAPE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.onnx", "t.onnx"]
 
 
 def test_small_net_with_every_conv_kind(tmp_path):

@@ -239,20 +239,39 @@ def test_deploy_overwrite_replaces_only_the_previous_bundle(tmp_path, onnx_model
 # names that are not valid UTF-8
 # ------------------------------------------------------------------------------------------
 
+# One interpreter runs the commands one after another (suite time: one process start, not five): the
+# names reach it as bytes on its real command line and its output goes to the real stdout/stderr.
+_IN_ONE_PROCESS = """
+import sys
+from dsdeploy.cli import main
+runs = [[]]
+for arg in sys.argv[1:]:
+    runs.append([]) if arg == "--then" else runs[-1].append(arg)
+for args in runs:
+    try:
+        main(args)
+    except SystemExit as exc:
+        if exc.code:
+            print(f"{args[0]} exited {exc.code}", file=sys.stderr)
+            sys.exit(exc.code)
+"""
+
+
 def test_paths_that_are_not_utf8_give_a_result(tmp_path):
-    def run(*args):
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        return subprocess.run([sys.executable, "-m", "dsdeploy", *args], cwd=tmp_path, env=env, capture_output=True,
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def run(*args, prefix=("-m", "dsdeploy")):
+        return subprocess.run([sys.executable, *prefix, *args], cwd=tmp_path, env=env, capture_output=True, check=False,
                               timeout=600)
 
-    for args in [("export", "sample:digits_cnn", "-o", b"\xff.onnx"),
-                 ("convert", "sample:digits_cnn", "--rank", "1", "-o", b"\xfe.dsd"),
-                 ("export", b"\xfe.dsd", "-o", b"\xfe.onnx"),
-                 ("bench", b"\xff.onnx", b"\xfe.onnx", "--iters", "2", "--json", b"\xff.json", "--plot", b"\xff.png",
-                  "--csv", b"\xff.csv", "--markdown", b"\xff.md"),
-                 ("deploy", b"\xff.onnx", "-o", b"\xffdir")]:
-        proc = run(*args)
-        assert proc.returncode == 0, (args, proc.stderr[-500:])
+    runs = [("export", "sample:digits_cnn", "-o", b"\xff.onnx"),
+            ("convert", "sample:digits_cnn", "--rank", "1", "-o", b"\xfe.dsd"),
+            ("export", b"\xfe.dsd", "-o", b"\xfe.onnx"),
+            ("bench", b"\xff.onnx", b"\xfe.onnx", "--iters", "2", "--json", b"\xff.json", "--plot", b"\xff.png",
+             "--csv", b"\xff.csv", "--markdown", b"\xff.md"),
+            ("deploy", b"\xff.onnx", "-o", b"\xffdir")]
+    proc = run(*[a for args in runs for a in (*args, "--then")][:-1], prefix=("-c", _IN_ONE_PROCESS))
+    assert proc.returncode == 0, proc.stderr[-500:]
     names = set(os.listdir(os.fsencode(tmp_path)))
     assert {b"\xff.onnx", b"\xfe.dsd", b"\xfe.onnx", b"\xff.json", b"\xff.png", b"\xffdir"} <= names
     proc = run("export", "sample:digits_cnn", "-o", b"\xff.dsd")

@@ -22,6 +22,8 @@ from dsdeploy.export.graph import load_onnx, summarize
 from dsdeploy.export.onnx_export import export_onnx
 from dsdeploy.recover.reconstruct import calibrate
 
+pytestmark = pytest.mark.usefixtures("users_exporter")  # export edge cases: "auto" as users get it
+
 # -- factories (pkg.module:factory specs point here) --------------------------------------------
 
 

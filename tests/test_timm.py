@@ -26,6 +26,7 @@ from dsdeploy.export.onnx_export import export_onnx
 from dsdeploy.models.infer import infer_source
 from tests.clirun import ROOT, invoke
 
+pytestmark = pytest.mark.usefixtures("users_exporter")  # about the exporter: "auto" as users get it
 SPEC = "timm:test_resnet"
 SHAPE = (1, 3, 64, 64)  # smaller than its own 160x160: fast, and the shape still wins over the recorded size
 

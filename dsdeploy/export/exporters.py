@@ -14,6 +14,7 @@ import copy
 import importlib
 import io
 import logging
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -30,6 +31,18 @@ from dsdeploy.runtime.sessions import cpu_session
 
 DYNAMO_MIN_OPSET = 18
 META_EXPORTER_FALLBACK = "dsdeploy.exporter_fallback"
+EXPORTER_ENV = "DSDEPLOY_EXPORTER"  # what "auto" means when set, like DSDEPLOY_DEVICE for devices
+
+
+def pinned_exporter() -> str:
+    """The exporter ``$DSDEPLOY_EXPORTER`` pins "auto" to: "dynamo", "torchscript", or "auto" (unset/empty).
+
+    Raises ExportError naming the variable when it holds anything else.
+    """
+    value = os.environ.get(EXPORTER_ENV, "").strip().lower() or "auto"
+    if value not in ("auto", "dynamo", "torchscript"):
+        raise ExportError(f"{EXPORTER_ENV} must be one of auto, dynamo, torchscript, got {value!r}")
+    return value
 
 
 def first_line(exc: BaseException) -> str:
@@ -203,7 +216,13 @@ def export_auto(a: Attempt, exporter: str, warns: list[str]) -> tuple[str, str |
 
     "auto": dynamo when ``opset`` >= 18, else TorchScript (the opset asked for); a dynamo
     export that fails or breaks parity is redone with TorchScript, the reason warned.
+    ``$DSDEPLOY_EXPORTER`` (:func:`pinned_exporter`) set to "torchscript" makes "auto" take
+    TorchScript without trying dynamo (the reason recorded, not warned), set to "dynamo" makes
+    it dynamo only; the test suite pins TorchScript where a test is not about the exporter.
     """
+    pinned = pinned_exporter() if exporter == "auto" else exporter
+    if pinned == "dynamo":
+        exporter = "dynamo"
     if exporter == "torchscript":
         try:
             return exporter, None, export_with(a, exporter, warns)
@@ -216,6 +235,8 @@ def export_auto(a: Attempt, exporter: str, warns: list[str]) -> tuple[str, str |
     if a.opset < DYNAMO_MIN_OPSET:
         return "torchscript", (f"opset {a.opset} was asked for and the dynamo exporter writes opset "
                                f"{DYNAMO_MIN_OPSET} or later"), export_with(a, "torchscript", warns)
+    if pinned == "torchscript":
+        return "torchscript", f"{EXPORTER_ENV} is torchscript", export_with(a, "torchscript", warns)
     try:
         return "dynamo", None, export_with(a, "dynamo", warns)
     except ExportError as exc:  # ParityError included: TorchScript gets its chance, gated the same way
