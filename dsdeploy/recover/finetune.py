@@ -24,13 +24,15 @@ from __future__ import annotations
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from dsdeploy.data.datasets import make_loader
+from dsdeploy.data.loader import release_loaders
 from dsdeploy.errors import ConfigError, DataError
 from dsdeploy.fsutil import write_json
 from dsdeploy.recover import distributed
@@ -172,6 +174,7 @@ def _finetune(student, teacher, data, config: FinetuneConfig, out_path, resume: 
                          "team": team}, on_best if team.main else None)
     finally:
         _memory_format(config, student, teacher, torch.contiguous_format)
+        release_loaders(data.train)  # worker processes end now, not at a garbage collection (5 s each)
 
 
 def _run(student, teacher, data, config: FinetuneConfig, check: ModelCheck, ck: dict[str, Any] | None,
