@@ -160,3 +160,70 @@ def test_cli_speedup_end_to_end_prints_predicted_and_measured(cache, tmp_path):
     assert "measured: original" in shown.stdout
     layers = json.loads(dsdeploy("inspect", out, "--trust-code", "--json", env=env).stdout)["layers"]
     assert any(d["dense_ms"] is not None for d in layers)
+
+
+def test_the_verification_times_the_graph_export_writes(tmp_path):
+    """measure_pair and the table's whole model time export_bytes: the very graph `export` writes."""
+    import onnx
+
+    from dsdeploy.export.config import ExportConfig
+    from dsdeploy.export.onnx_export import export_bytes, export_onnx
+
+    conv = convert(small_net().eval(), input_shape=SHAPE, policy=Policy(rank=1)).model.eval()
+    cfg = ExportConfig()  # what `dsdeploy export` writes by default
+    export_onnx(conv, tmp_path / "m.onnx", SHAPE, opset=cfg.opset, dynamic_batch=cfg.dynamic_batch,
+                simplify=cfg.simplify, exporter=cfg.exporter)
+    written, timed = onnx.load(tmp_path / "m.onnx").graph, onnx.load_from_string(export_bytes(conv, SHAPE)).graph
+    assert [n.op_type for n in timed.node] == [n.op_type for n in written.node]
+    assert sorted(i.name for i in timed.initializer) == sorted(i.name for i in written.initializer)
+    assert timed.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch, as exported
+
+
+def test_the_corrected_table_reproduces_both_measurements_and_replans_within_the_target():
+    from dsdeploy.conversion.latency_convert import corrected_table
+    from dsdeploy.conversion.latency_plan import plan_for_latency
+
+    model, table = small_net().eval(), hand_table()
+    plan = make_plan(model, Policy(speedup=1.5), trace_calls(model, SHAPE), SHAPE, latency=table)
+    kept = sum(d.dense_ms for d in plan.layers if d.dense_ms is not None and not d.convert)
+    blocks = sum(d.block_ms for d in plan.layers if d.dense_ms is not None and d.convert)
+    original, measured = 13.2, 1.1 * (table.remainder_ms + kept) + 2.0 * blocks  # blocks cost 2x in-graph
+    fixed, a, b = corrected_table(table, plan, original, measured)
+    assert a == pytest.approx(1.1) and b == pytest.approx(2.0)
+    assert fixed.model_ms == pytest.approx(original) and fixed.remainder_ms == pytest.approx(1.1 * table.remainder_ms)
+    assert predicted(plan, fixed) != pytest.approx(measured)  # plan's block_ms still hold the old table
+    again = make_plan(model, Policy(speedup=1.5), trace_calls(model, SHAPE), SHAPE, latency=fixed)
+    assert predicted(again, fixed) <= original / 1.5 + 1e-9
+    # the corrected table predicts the first plan's measured latency exactly
+    chosen = {d.name: d for d in plan.layers}
+    by = {lt.name: lt for lt in fixed.candidates}
+    first = fixed.remainder_ms + sum(by[n].block(chosen[n].rank, plan.layout_of(chosen[n])).ms if chosen[n].convert
+                                     else by[n].dense_ms for n in by)
+    assert first == pytest.approx(measured)
+    assert plan_for_latency(fixed, {}, speedup=1.0).predicted_ms == pytest.approx(original)
+
+
+def test_a_forced_miss_triggers_the_replan_and_is_recorded(tmp_path):
+    """Blocks the cache claims 1000x faster than they are: the measured model misses the target, the
+    table is corrected from the measurement, and the re-plan is recorded (or refused as out of reach)."""
+    from dsdeploy.conversion.latency_convert import convert_planned, measure_table
+
+    model = torch.nn.Sequential(*[m for _ in range(3) for m in (torch.nn.Conv2d(64, 64, 3, padding=1),
+                                                                  torch.nn.ReLU())]).eval()
+    shape = (1, 64, 32, 32)
+    table = measure_table(model, Policy(speedup=2.0, threads=1), shape, cache_dir=tmp_path)
+    data = json.loads(open(table.cache_file).read())
+    for key, entry in data["entries"].items():  # a false table: whole 10 ms, dense convs 3.3 ms, blocks ~free
+        ms = 10.0 if key.startswith("model") else 3.3 if key.startswith("dense:") else 0.001
+        entry["ms"] = entry["min_ms"] = ms
+    open(table.cache_file, "w").write(json.dumps(data))
+    speedup = 20.0  # reachable on the false table (x97), beyond any DS conversion of 3x3 convs (MACs x0.13)
+    try:
+        res, record = convert_planned(model, shape, Policy(speedup=speedup, threads=1), cache_dir=tmp_path)
+    except PlanError as exc:  # the corrected table says the target is out of reach, naming the measurement
+        assert "measured x" in str(exc) and "corrected" in str(exc) and "out of reach" in str(exc)
+        return
+    first, second = record["attempts"]
+    assert first["measured_speedup"] < speedup / 1.05 and first["prediction_error"] < -0.05
+    assert second["block_factor"] > 1 and second["dense_factor"] > 0
+    assert res.plan.policy["verified"] is record and "met" in record
