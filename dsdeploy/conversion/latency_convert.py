@@ -78,16 +78,20 @@ def measure_table(model: nn.Module, policy: Policy, input_shape: tuple[int, ...]
 
 
 def measure_pair(original: nn.Module, converted: nn.Module, shape: tuple[int, ...], policy: Policy,
-                 iters: int = VERIFY_ITERS, rounds: int = VERIFY_ROUNDS) -> tuple[float, float, str]:
+                 iters: int = VERIFY_ITERS, rounds: int = VERIFY_ROUNDS) -> tuple[float, float, str, dict[str, int]]:
     """Median ms of ``original`` and ``converted`` as ``dsdeploy export`` writes them
     (:func:`dsdeploy.export.onnx_export.export_bytes`: the graph a user deploys and benches), on the
-    policy's EP/threads at ``shape``; and the protocol's line.
+    policy's EP/threads at ``shape``; the protocol's line; the timed converted graph's op counts
+    (:func:`dsdeploy.export.graph.op_counts`, as ``export`` reports them).
 
     The two are timed in ``rounds`` alternating rounds (A, B, A, B, ...; one session alive at a time, as
     ``bench`` times one model) of ``iters // rounds`` runs each, so a drift in the machine's speed hits
     both; each figure is the median of all its runs.
     """
-    from dsdeploy.export.onnx_export import export_bytes  # heavy (onnx, onnxsim): only when verifying
+    import onnx  # heavy: only when verifying
+
+    from dsdeploy.export.graph import op_counts
+    from dsdeploy.export.onnx_export import export_bytes
 
     t = target_of(policy)
     cfg = eps.ep_config(eps.resolve_ep_name(t["provider"]), None, t["threads"])
@@ -101,7 +105,8 @@ def measure_pair(original: nn.Module, converted: nn.Module, shape: tuple[int, ..
     protocol = dataclasses.replace(TABLE_PROTOCOL, iters=len(samples[0]))
     line = (f"{protocol.describe()}; the exported graphs (as `export` writes them), original and converted "
             f"alternating in {rounds} rounds")
-    return float(np.median(samples[0])), float(np.median(samples[1])), line
+    ops = op_counts(onnx.load_from_string(graphs[1]))
+    return float(np.median(samples[0])), float(np.median(samples[1])), line, ops
 
 
 def corrected_table(table: LatencyTable, plan: Plan, original_ms: float, converted_ms: float
@@ -147,12 +152,14 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
     Returns:
         ``(result, latency)``: ``latency`` is None without latency in the policy; else a JSON-able
         record: the target (provider, batch, threads), the table's whole-model ms and cache file,
-        and per attempt the target, predicted and measured ms, the measured speedup and the prediction
-        error (``(predicted - measured) / measured``); ``met`` says whether the last attempt is
+        and per attempt the target, predicted and measured ms, the measured speedup, the prediction
+        error (``(predicted - measured) / measured``), the timed graph's ``op_counts`` and, for the
+        re-plan, the correction's ``dense_factor``/``block_factor``; ``met`` says whether the last attempt is
         within :data:`TOLERANCE` of the target. The same record is in ``result.plan.policy["verified"]``.
 
     Raises:
-        PlanError: an out-of-reach target (with the best reachable speedup); ProviderError: the EP
+        PlanError: an out-of-reach target (with the best reachable speedup), also when the table corrected
+            after a measured miss cannot reach it (the message gives the measured speedup); ProviderError: the EP
         cannot run; NothingToConvertError: nothing converts.
     """
     if not policy.measures_latency:
@@ -164,9 +171,9 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
     if not policy.latency_target or not verify:
         return res, record
     shape = (int(policy.batch), *input_shape[1:])
-    original_ms, converted_ms, protocol = measure_pair(model, res.model, shape, policy)
+    original_ms, converted_ms, protocol, ops = measure_pair(model, res.model, shape, policy)
     record["protocol"] = protocol
-    record["attempts"].append(_attempt(res, original_ms, converted_ms))
+    record["attempts"].append({**_attempt(res, original_ms, converted_ms), "op_counts": ops})
     goal = original_ms / policy.speedup if policy.speedup else float(policy.target_latency_ms)
     if converted_ms > goal * (1 + TOLERANCE):
         fixed, a, b = corrected_table(table, res.plan, original_ms, converted_ms)
@@ -177,9 +184,9 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
             raise PlanError(f"measured x{original_ms / converted_ms:.2f} ({converted_ms:.3f} ms against "
                             f"{original_ms:.3f} ms) where x{res.plan.policy['latency']['predicted_speedup']:.2f} was "
                             f"predicted; with the table corrected from that measurement, {exc}") from None
-        original_ms, converted_ms, _ = measure_pair(model, res.model, shape, policy)
-        record["attempts"].append({**_attempt(res, original_ms, converted_ms), "dense_factor": round(a, 4),
-                                   "block_factor": round(b, 4)})
+        original_ms, converted_ms, _, ops = measure_pair(model, res.model, shape, policy)
+        record["attempts"].append({**_attempt(res, original_ms, converted_ms), "op_counts": ops,
+                                   "dense_factor": round(a, 4), "block_factor": round(b, 4)})
     goal = original_ms / policy.speedup if policy.speedup else float(policy.target_latency_ms)
     record["met"] = bool(converted_ms <= goal * (1 + TOLERANCE))
     res.plan.policy["verified"] = record
