@@ -132,6 +132,20 @@ def test_run_passes_finetune_nproc_to_its_finetune_stage(tmp_path):
     assert len(history) == 1 and history[0]["val_acc"] is not None
 
 
+def test_the_same_recipe_runs_under_torchrun_rank_0_runs_the_stages_and_both_train(tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun("run", ROOT / "converters" / "digits_cnn.toml", "-o", out, "--json",
+                    "--set", "finetune.epochs=1", "--set", "calibrate.enabled=false",
+                    "--set", "evaluate.enabled=false", "--set", "export.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)  # one JSON document: only rank 0 reports
+    assert summary["out"] == str(out)
+    state = json.loads((out / "state.json").read_text())
+    assert state["stages"]["finetune"]["result"]["processes"] == 2  # the other rank joined the fine-tune
+    assert proc.stderr.count("[3/8] finetune ... done") == 1  # and ran no stage itself
+    assert not (out / ".ranks").exists()  # the launch's message files are tidied away
+
+
 # --- in one process: the pieces the processes agree through --------------------------------------
 
 def test_one_process_team_passes_everything_through():
@@ -143,6 +157,26 @@ def test_one_process_team_passes_everything_through():
     assert team.split_batch(63) == 63
     model = torch.nn.Linear(2, 2)
     assert team.wrap(model) is model
+
+
+def test_a_follower_learns_that_rank_0_failed_and_the_files_are_tidied(tmp_path, monkeypatch):
+    import threading
+
+    from dsdeploy.pipeline.ranks import Lead, follow
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "t1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    (tmp_path / "state.json").write_text("{}")
+    got = []
+    t = threading.Thread(target=lambda: got.append(follow(tmp_path, poll=0.01)))
+    t.start()
+    Lead(tmp_path).done(False, wait=10)
+    t.join(10)
+    assert got == [False]
+    assert not (tmp_path / ".ranks").exists()
+    Lead(tmp_path / "not-a-run-folder").done(True)  # never creates anything where the run got no run folder
+    assert not (tmp_path / "not-a-run-folder").exists()
 
 
 def test_batch_split_and_world_checks_name_the_field():

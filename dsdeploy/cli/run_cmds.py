@@ -18,6 +18,8 @@ from dsdeploy.tables import format_table
 
 
 def _print_summary(result, as_json: bool) -> None:
+    if not result.main:  # a rank > 0 under torchrun: it joined the fine-tune; rank 0 reports
+        return
     summary = (result.records.get("report") or {}).get("result", {}).get("summary") or summarize(result.records,
                                                                                                   result.out)
     if as_json:

@@ -57,12 +57,17 @@ class StageOutput:
 
 @dataclass
 class Context:
-    """What stages see: the config object, the output folder and the records of earlier stages."""
+    """What stages see: the config object, the output folder and the records of earlier stages.
+
+    ``hooks``: callables a stage may use instead of its default (e.g. ``"finetune"``: a fine-tune that
+    other processes join, :mod:`dsdeploy.pipeline.ranks`); empty by default.
+    """
 
     config: Any
     out: Path
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     progress: bool = False
+    hooks: dict[str, Callable[..., Any]] = field(default_factory=dict)
 
     def output(self, stage: str, role: str) -> Path | None:
         """The file ``role`` written by ``stage`` in this run (run or cached), or None."""
@@ -101,11 +106,16 @@ class Stage:
 
 @dataclass
 class PipelineResult:
-    """The records of every stage, in order, and the output folder."""
+    """The records of every stage, in order, and the output folder.
+
+    ``main``: False on the ranks > 0 of a multi-process launch, which only joined rank 0's
+    fine-tune (their ``records`` are empty; rank 0 reports).
+    """
 
     out: Path
     records: dict[str, dict[str, Any]]
     seconds: float
+    main: bool = True
 
 
 def digest_path(path: Path | str | None) -> str:

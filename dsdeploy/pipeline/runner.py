@@ -6,14 +6,16 @@ The stage adapters live in :mod:`dsdeploy.pipeline.stages`; caching and records 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 from dsdeploy.conversion.workflow import inspect_model
 from dsdeploy.data.store import keep_decoded
-from dsdeploy.errors import RecipeError
+from dsdeploy.errors import DsdeployError, RecipeError
 from dsdeploy.models.trust import user_scope
 from dsdeploy.pipeline.engine import Context, PipelineResult, run_pipeline
+from dsdeploy.pipeline.ranks import Followed, ranked
 from dsdeploy.pipeline.recipe import Recipe, load_recipe
 from dsdeploy.pipeline.stages import STAGES, recipe_policy, recipe_source
 
@@ -35,6 +37,9 @@ def run_recipe(path: str | Path, out: str | Path, *, data: str | None = None, we
     """``dsdeploy run``: load the recipe (``--data``/``--weights``/``--set`` applied), run every stage into ``out``.
 
     ``trust_code``: import the ``pkg.module:factory`` recorded in a ``.dsd`` the recipe names.
+    Under a multi-process launcher (``torchrun --nproc-per-node N``) rank 0 runs every stage and
+    the other ranks only join its fine-tune (:mod:`dsdeploy.pipeline.ranks`); they return a result
+    with ``main`` False and no records.
 
     Raises:
         RecipeError: a bad recipe or override; StageError: the first failing stage (by name).
@@ -46,8 +51,17 @@ def run_recipe(path: str | Path, out: str | Path, *, data: str | None = None, we
         extra.append(("model", "weights", weights))
     recipe = load_recipe(path, extra)
     ctx = Context(recipe, Path(out), progress=progress)
+    t0 = time.perf_counter()
     with _user_code(recipe, trust_code), keep_decoded():  # calibrate, finetune, evaluate decode each image once
-        return run_pipeline(STAGES, ctx)
+        try:
+            with ranked(ctx.out) as lead:  # under torchrun: rank 0 runs the stages, the others join its fine-tune
+                if lead is not None:
+                    ctx.hooks["finetune"] = lead.finetune
+                return run_pipeline(STAGES, ctx)
+        except Followed as followed:
+            if not followed.ok:
+                raise DsdeployError("rank 0's run failed (its error is above); this rank stops too") from None
+            return PipelineResult(ctx.out, {}, round(time.perf_counter() - t0, 2), main=False)
 
 
 def inspect_recipe(recipe: Recipe, *, out: str | Path = ".", trust_code: bool = False) -> Any:

@@ -167,12 +167,13 @@ def run_finetune(ctx: Context, folder: Path) -> StageOutput:
     args = (ctx.output("convert", "artifact"), _data(ctx))
     opts = dict(out=folder / "finetuned.dsd", config=config, val_split=r.data.val_split, limit=_cap(f.limit, ctx))
     notes = []
+    run = ctx.hooks.get("finetune", api.finetune)  # under a launcher: the other ranks join (pipeline.ranks)
     try:
-        res = api.finetune(*args, **opts, resume=ckpt.is_file())
+        res = run(*args, **opts, resume=ckpt.is_file())
     except CheckpointError as exc:  # our own checkpoint, from another configuration: start afresh
         ckpt.unlink(missing_ok=True)
         notes.append(f"earlier checkpoint not resumed ({exc})")
-        res = api.finetune(*args, **opts)
+        res = run(*args, **opts, resume=False)
     except TrainingInterrupted as exc:
         raise TrainingInterrupted(str(exc).split(";")[0] + (
             "; rerun with the same output folder to continue from the last completed epoch" if ckpt.is_file()
