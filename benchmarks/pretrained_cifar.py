@@ -21,28 +21,22 @@ The JPEG test images score a few points below the published (PNG) figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("DSDEPLOY_SHARED") or ROOT.parent / "shared")
+from _runner import PREPROCESS, PRETRAINED, ROOT, SHARED, Runner, top1, write_text
+
 TARBALL = SHARED / "data" / "cifar10-jpg.tar.gz"
-PRETRAINED = SHARED / "data" / "pretrained"
-EXAMPLES = ROOT / "examples"
 RECIPE = ROOT / "converters" / "cifar10_resnet_pretrained.toml"
-# What the checkpoints were trained with (their README): 32x32 RGB in [0, 1], ImageNet mean/std, no resize.
-PREPROCESS = ["--size", "32", "--resize", "none", "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"]
 
 
 def extract(dest: Path, calib_images: int, seed: int) -> Path:
@@ -67,35 +61,6 @@ def extract(dest: Path, calib_images: int, seed: int) -> Path:
     return dest
 
 
-class Runner:
-    """Runs dsdeploy commands (user code importable), records each command line and wall time."""
-
-    def __init__(self, threads: int | None) -> None:
-        self.log: list[dict] = []
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EXAMPLES), str(ROOT),
-                                                                 os.environ.get("PYTHONPATH", "")])}
-        if threads:
-            self.env["OMP_NUM_THREADS"] = str(threads)
-
-    def __call__(self, *args: str | Path) -> dict:
-        cmd = [str(a) for a in args]
-        shown = "dsdeploy " + " ".join(shlex.quote(c) for c in cmd)
-        t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "dsdeploy", *cmd], cwd=ROOT, env=self.env, capture_output=True,
-                              text=True)
-        secs = time.perf_counter() - t
-        print(f"[{secs:7.1f}s] {shown}", flush=True)
-        if proc.returncode != 0:
-            sys.exit(f"failed (exit {proc.returncode}): {shown}\n{proc.stderr[-3000:]}")
-        printed = [line.split("\r")[-1].strip() for line in proc.stderr.splitlines() if "preprocessing:" in line]
-        self.log.append({"command": shown, "seconds": round(secs, 1), "preprocessing": printed})
-        return json.loads(proc.stdout)
-
-
-def top1(result: dict) -> float:
-    return result["models"][0]["metrics"]["top1"]
-
-
 def pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
 
@@ -108,16 +73,16 @@ def bench_checkpoint(th: Path, data: Path, work: Path, args: argparse.Namespace,
     spec = f"cifar_resnet:resnet{m.group(1)}"
     limit = ["--limit", str(args.limit)] if args.limit else []
     row: dict = {"checkpoint": th.name, "spec": spec}
-    orig = run("evaluate", spec, "--weights", th, "--data", data, *PREPROCESS, *limit, "--json")
+    orig = run("evaluate", spec, "--weights", th, "--data", data, *PREPROCESS, *limit, "--json").result
     row["original"], row["images"] = top1(orig), orig["images"]
     dsd = work / f"{th.stem}.dsd"
     conv = run("convert", spec, "--weights", th, "--input-shape", "1,3,32,32", *PREPROCESS,
                "--mac-budget", args.mac_budget, "--calib-data", data, "--calib-batches", str(args.calib_batches),
-               "--seed", str(args.seed), "-o", dsd, "--json")
+               "--seed", str(args.seed), "-o", dsd, "--json").result
     row["conv_mac_ratio"] = conv["summary"]["conv_mac_ratio"]
     row["converted_layers"] = f"{conv['summary']['converted']}/{conv['summary']['convs']}"
     row["calibration"] = next((h for h in conv.get("history", []) if h.get("stage") == "calibrate"), None)
-    after = run("evaluate", dsd, "--trust-code", "--data", data, *limit, "--json")
+    after = run("evaluate", dsd, "--trust-code", "--data", data, *limit, "--json").result
     row["calibrated"] = top1(after)
     if not args.no_recipe:
         sets = ["--set", f'model.spec="{spec}"']
@@ -128,7 +93,7 @@ def bench_checkpoint(th: Path, data: Path, work: Path, args: argparse.Namespace,
         if args.limit:
             sets += ["--set", f"data.limit={args.limit}"]
         summary = run("run", RECIPE, "--weights", th, "--data", data, "--out", work / f"run-{th.stem}", *sets,
-                      "--json")
+                      "--json").result
         row["recipe"] = summary
     return row
 
@@ -138,15 +103,15 @@ def write_results(rows: list[dict], run: Runner, args: argparse.Namespace, out: 
     threads = run.env.get("OMP_NUM_THREADS", "torch default")
     lines = [
         "# Third-party pretrained CIFAR-10 ResNets (shared/data/pretrained)", "",
-        f"Written by `python benchmarks/pretrained_cifar.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}` on "
-        f"{when}; {platform.machine()}, {os.cpu_count()} CPU cores, OMP_NUM_THREADS={threads}.", "",
-        "Architecture: `examples/cifar_resnet.py` (user code, He et al. 2016, option-A shortcuts); checkpoints as "
+        (f"Written by `python benchmarks/pretrained_cifar.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}` on "
+        f"{when}; {platform.machine()}, {os.cpu_count()} CPU cores, OMP_NUM_THREADS={threads}."), "",
+        ("Architecture: `examples/cifar_resnet.py` (user code, He et al. 2016, option-A shortcuts); checkpoints as "
         "published (legacy format, `module.` keys, no `num_batches_tracked`). Data: CIFAR-10 as JPEG "
         f"(`cifar10-jpg.tar.gz`): test split for accuracy, {args.calib_images} seeded training images for "
-        "calibration. JPEG compression costs a few points against the published PNG figures.", "",
+        "calibration. JPEG compression costs a few points against the published PNG figures."), "",
         f"## Through the CLI (`convert --mac-budget {args.mac_budget} --calib-data`)", "",
-        "| checkpoint | test images | original top-1 (%) | converted + calibrated top-1 (%) | change (points) "
-        "| conv MACs | converted convs |",
+        ("| checkpoint | test images | original top-1 (%) | converted + calibrated top-1 (%) | change (points) "
+        "| conv MACs | converted convs |"),
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -169,14 +134,12 @@ def write_results(rows: list[dict], run: Runner, args: argparse.Namespace, out: 
                     lines.append(f"| {r['checkpoint']} | {lat['provider']} | {lat.get('batch', '-')} "
                                  f"| {lat['original_ms']:.3f} | {lat['converted_ms']:.3f} | {lat['speedup']:.2f}x |")
     lines += ["", "## Commands", "", "PYTHONPATH holds `examples/` (the user's code) and the repository.", "", "```"]
-    lines += [f"{c['command']}    # {c['seconds']} s" for c in run.log]
+    lines += [f"{c.command}    # {round(c.seconds, 1)} s" for c in run.log]
     lines += ["```"]
-    printed = sorted({p for c in run.log for p in c["preprocessing"]})
+    printed = sorted({p for c in run.log for p in c.preprocessing})
     if printed:
         lines += ["", "Preprocessing the commands printed:", "", "```", *printed, "```"]
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(out)
+    write_text(out, "\n".join(lines) + "\n")
     print(f"wrote {out}")
 
 

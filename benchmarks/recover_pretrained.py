@@ -33,15 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("DSDEPLOY_SHARED") or ROOT.parent / "shared")
-PRETRAINED = SHARED / "data" / "pretrained"
-EXAMPLES = ROOT / "examples"
+from _runner import PREPROCESS, PRETRAINED, ROOT, Runner, top1, write_text
+
 RESULTS = ROOT / "benchmarks" / "results" / "recover_pretrained.json"
 TABLE = ROOT / "benchmarks" / "RESULTS-recover-pretrained.md"
 PLOT = ROOT / "benchmarks" / "recover_pretrained.png"
-# What the checkpoints were trained with (their README): 32x32 RGB in [0, 1], ImageNet mean/std, no resize.
-PREPROCESS = ["--size", "32", "--resize", "none", "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"]
 
 # Training-free steps, cheapest first. Each is (name, description, how it is made):
 #   ("convert", extra convert args)            -> convert from the checkpoint
@@ -59,37 +55,13 @@ STEPS: list[tuple[str, str, tuple]] = [
 ]
 
 
-class Runner:
-    """Runs dsdeploy commands (user code importable), records each command line and wall time."""
-
-    def __init__(self, threads: int | None) -> None:
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EXAMPLES), str(ROOT),
-                                                                 os.environ.get("PYTHONPATH", "")])}
-        if threads:
-            self.env["OMP_NUM_THREADS"] = str(threads)
-
-    def __call__(self, *args: str | Path) -> tuple[dict, str, float]:
-        cmd = [str(a) for a in args]
-        shown = "dsdeploy " + " ".join(shlex.quote(c) for c in cmd)
-        t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "dsdeploy", *cmd], cwd=ROOT, env=self.env, capture_output=True,
-                              text=True)
-        secs = time.perf_counter() - t
-        print(f"[{secs:7.1f}s] {shown}", flush=True)
-        if proc.returncode != 0:
-            sys.exit(f"failed (exit {proc.returncode}): {shown}\n{proc.stderr[-3000:]}")
-        return json.loads(proc.stdout), shown, secs
-
-
 def load_results(path: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
 def save_results(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, json.dumps(rows, indent=1) + "\n")
 
 
 def upsert(rows: list[dict], row: dict) -> None:
@@ -97,13 +69,9 @@ def upsert(rows: list[dict], row: dict) -> None:
     rows[:] = [r for r in rows if (r["checkpoint"], r["budget"], r["step"]) != key] + [row]
 
 
-def top1(result: dict) -> float:
-    return result["models"][0]["metrics"]["top1"]
-
-
 def evaluate(run: Runner, model: str | Path, data: Path, extra: list[str], limit: list[str]) -> tuple[float, float]:
-    res, _, secs = run("evaluate", model, *extra, "--data", data / "test", *limit, "--json")
-    return top1(res), secs
+    ran = run("evaluate", model, *extra, "--data", data / "test", *limit, "--json")
+    return top1(ran.result), ran.seconds
 
 
 def busy_job() -> subprocess.Popen:
@@ -137,23 +105,23 @@ def bench_checkpoint(th: Path, args: argparse.Namespace, run: Runner, rows: list
             if how[0] == "convert":
                 extra = [a.format(**subs) for a in how[1]]
                 extra += calib if "--calib-data" in extra else []
-                res, shown, secs = run("convert", spec, *src, "--input-shape", "1,3,32,32", "--mac-budget", budget,
-                                       *extra, "-o", out, "--json")
-                ratio = res["summary"]["conv_mac_ratio"]
+                ran = run("convert", spec, *src, "--input-shape", "1,3,32,32", "--mac-budget", budget, *extra,
+                          "-o", out, "--json")
+                ratio = ran.result["summary"]["conv_mac_ratio"]
             else:
                 base = made.get(how[1])
                 if base is None:
                     print(f"skip {name}: its base step {how[1]} was not run", file=sys.stderr)
                     continue
                 extra = [a.format(**subs) for a in how[2]]
-                res, shown, secs = run("calibrate", base, "--trust-code", "--data", calib_dir,
-                                       "--max-batches", str(args.calib_batches), *extra, "-o", out, "--json")
+                ran = run("calibrate", base, "--trust-code", "--data", calib_dir,
+                          "--max-batches", str(args.calib_batches), *extra, "-o", out, "--json")
                 ratio = rows_ratio(rows, th.name, budget, how[1])
             made[name] = out
             acc, esecs = evaluate(run, out, data, ["--trust-code"], limit)
             upsert(rows, {"checkpoint": th.name, "budget": float(budget), "step": name, "description": desc,
-                          "top1": acc, "mac_ratio": ratio, "seconds": round(secs, 1), "eval_seconds": round(esecs, 1),
-                          "command": shown})
+                          "top1": acc, "mac_ratio": ratio, "seconds": round(ran.seconds, 1),
+                          "eval_seconds": round(esecs, 1), "command": ran.command})
             save_results(args.results, rows)
         free_step = args.finetune_from if args.finetune_from in made else (list(made)[-1] if made else None)
         free = made.get(free_step) if free_step else None
@@ -165,8 +133,8 @@ def bench_checkpoint(th: Path, args: argparse.Namespace, run: Runner, rows: list
                 out = work / f"{th.stem}-{budget}-{name}.dsd"
                 job = busy_job() if busy else None
                 try:
-                    res, shown, secs = run("finetune", free, "--trust-code", "--data", data / "train",
-                                           "--time-budget", duration, *args.finetune_args, "-o", out, "--json")
+                    ran = run("finetune", free, "--trust-code", "--data", data / "train",
+                              "--time-budget", duration, *args.finetune_args, "-o", out, "--json")
                 finally:
                     if job is not None:
                         job.kill()
@@ -175,10 +143,11 @@ def bench_checkpoint(th: Path, args: argparse.Namespace, run: Runner, rows: list
                               "description": f"fine-tune from the training-free result, {duration} budget"
                                              + (" with a second CPU-bound job running" if busy else ""),
                               "top1": acc, "mac_ratio": rows_ratio(rows, th.name, budget, free_step),
-                              "seconds": round(secs, 1), "eval_seconds": round(esecs, 1), "command": shown,
-                              "result": {k: res.get(k) for k in ("kept_input", "stopped", "steps", "epochs",
+                              "seconds": round(ran.seconds, 1), "eval_seconds": round(esecs, 1),
+                              "command": ran.command,
+                              "result": {k: ran.result.get(k) for k in ("kept_input", "stopped", "steps", "epochs",
                                                                  "decode_seconds", "train_seconds",
-                                                                 "eval_seconds") if k in res}})
+                                                                 "eval_seconds") if k in ran.result}})
                 save_results(args.results, rows)
 
 
@@ -187,19 +156,31 @@ def rows_ratio(rows: list[dict], ckpt: str, budget: str | float, step: str) -> f
                  and r["step"] == step), None)
 
 
+def kept_notes(text: str) -> dict[str, str]:
+    """The hand-written blocks of an earlier table, ``<!-- keep:NAME -->`` ... ``<!-- /keep:NAME -->``, by NAME."""
+    return {m.group(1): m.group(0) for m in re.finditer(r"<!-- keep:(\w+) -->.*?<!-- /keep:\1 -->", text, re.S)}
+
+
 def render(rows: list[dict], args_line: str) -> None:
-    """Write the Markdown table and the accuracy-vs-MACs plot from the accumulated records."""
+    """Write the Markdown table and the accuracy-vs-MACs plot from the accumulated records.
+
+    Hand-written notes survive a re-render: the blocks ``keep:runs`` (how the records were made,
+    placed after the header) and ``keep:after`` (placed at the end) are carried over from the
+    table being replaced.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lines = ["# Accuracy recovery on third-party pretrained CIFAR-10 ResNets", "",
-             f"Rendered by `python benchmarks/recover_pretrained.py {args_line}` on "
+             (f"Rendered by `python benchmarks/recover_pretrained.py {args_line}` on "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.machine()}, {os.cpu_count()} CPU "
              "cores. Each record's command is below; records accumulate in "
              f"`{RESULTS.relative_to(ROOT)}`. Top-1 on the 10,000 CIFAR-10 test JPEGs (unless a command "
-             "shows --limit). Seconds: wall time of the command (start-up and data loading included).", ""]
+             "shows --limit). Seconds: wall time of the command (start-up and data loading included)."), ""]
+    notes = kept_notes(TABLE.read_text(encoding="utf-8")) if TABLE.is_file() else {}
+    lines += [notes["runs"], ""] if "runs" in notes else []
     ckpts = sorted({r["checkpoint"] for r in rows})
     for ck in ckpts:
         orig = next((r for r in rows if r["checkpoint"] == ck and r["step"] == "original"), None)
@@ -214,12 +195,13 @@ def render(rows: list[dict], args_line: str) -> None:
                          f"| {r['seconds']} |")
         lines.append("")
     lines += ["## Steps", ""] + [f"- `{n}`: {d}" for n, d, _ in STEPS]
-    lines += ["- `finetune-D`: `dsdeploy finetune` of the training-free result with `--time-budget D` on "
+    lines += [("- `finetune-D`: `dsdeploy finetune` of the training-free result with `--time-budget D` on "
               "`train/` (its validation split is held out of `train/`); `-busy`: with a second CPU-bound job "
-              "running.", "", "## Commands", "", "```"]
+              "running."), "", "## Commands", "", "```"]
     lines += [f"{r['command']}    # {r['seconds']} s" for r in rows if r.get("command")]
     lines += ["```", "", f"![accuracy vs conv MACs]({PLOT.name})", ""]
-    TABLE.write_text("\n".join(lines), encoding="utf-8")
+    lines += [notes["after"], ""] if "after" in notes else []
+    write_text(TABLE, "\n".join(lines))
     fig, axes = plt.subplots(1, max(1, len(ckpts)), figsize=(6 * max(1, len(ckpts)), 4.5), squeeze=False)
     for ax, ck in zip(axes[0], ckpts):
         steps = [s for s in dict.fromkeys(r["step"] for r in rows if r["checkpoint"] == ck and r["budget"])]

@@ -136,7 +136,7 @@ def inspect(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
             input_shape: Sequence[int] | None = None, weights: str | None = None,
             model_kwargs: dict[str, Any] | None = None, trust_pickle: bool = False, trust_code: bool = False,
             data: str | None = None, calib_batches: int | None = CALIB_BATCHES, seed: int = 0,
-            preprocess: dict[str, Any] | None = None, **options: Any) -> ModelReport:
+            preprocess: dict[str, Any] | None = None, device: str = "auto", **options: Any) -> ModelReport:
     """What :func:`convert` would do, without converting: each conv's decision (rank, relative kernel error,
     MACs before/after, or why it stays) and the model's params/MACs at ``input_shape`` (N, C, H, W).
 
@@ -144,12 +144,15 @@ def inspect(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
     :class:`dsdeploy.conversion.workflow.ModelReport` (``render()`` is the CLI's table, ``to_dict()``
     its JSON). Raises PlanError for an option out of range (naming the field). With ``data``
     (``calib_batches``, ``seed``, ``preprocess`` as for calibration) the report carries the per-layer
-    sensitivity table and a ``mac_budget`` is planned on it.
+    sensitivity table and a ``mac_budget`` is planned on it; ``device`` (auto | cpu | cuda | cuda:N | mps)
+    runs those forward passes (DeviceError, before any work, for a device this machine lacks).
     """
     policy = _options(Policy, policy, options, "convert")
+    if data:
+        resolve_device(device, "calibrate.device")  # an absent device: refused before loading model and data
     loaded = _load(model, weights, model_kwargs, trust_pickle, trust_code)
     return inspect_model(loaded, policy, tuple(input_shape) if input_shape else None, calib_data=data,
-                         calib_batches=calib_batches, seed=seed, preprocess=preprocess)
+                         calib_batches=calib_batches, seed=seed, preprocess=preprocess, device=device)
 
 
 def _require_converted(obj: Any, what: str) -> ConvertedModel:

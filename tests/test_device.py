@@ -137,6 +137,32 @@ def test_explicit_cpu_runs_calibrate_finetune_evaluate_end_to_end(sample_dsd, tm
     assert '"top1": 0.9' in proc.stdout  # the sample recovers to > 90% (measured about 98%)
 
 
+def test_inspect_calib_data_runs_on_the_named_device_and_refuses_an_absent_one(one_thread):  # noqa: F811
+    """``inspect --calib-data`` runs the model on data (the sensitivity table), so it takes --device like
+    ``convert --calib-data``: cpu works; an absent device is one line before any work, and the device
+    reaches the sensitivity passes (the library path refuses it there too)."""
+    import json
+
+    from dsdeploy.conversion.loading import load_model
+    from dsdeploy.conversion.plan import Policy
+    from dsdeploy.conversion.workflow import inspect_model
+    from tests.clirun import invoke
+
+    args = ("inspect", "sample:digits_cnn", "--calib-data", "digits", "--calib-batches", "1")
+    res = invoke(*args, "--device", "cpu", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["sensitivity"]["layers"]
+    if CUDA:
+        pytest.skip("cuda is present on this machine")
+    res = invoke(*args, "--device", "cuda")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: --device 'cuda' is not available"), res.stderr
+    with pytest.raises(DeviceError, match="'cuda' is not available"):
+        inspect_model(load_model("sample:digits_cnn"), Policy(), calib_data="digits", calib_batches=1,
+                      device="cuda")
+
+
 # -- precision ------------------------------------------------------------------------------------
 
 def _fp32_on_cpu(path) -> None:

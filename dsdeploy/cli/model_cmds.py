@@ -70,10 +70,11 @@ def _policy(options: dict):
               help="Measure each layer's sensitivity (output and logit error per rank) on this data.")
 @click.option("--calib-batches", type=int, default=CALIB_BATCHES, show_default=True,
               help="Draw the sensitivity images from at most N batches (as convert's calibration).")
+@device_option
 @preprocess_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect(model, weights, model_kwargs, trust_pickle, input_shape, calib_data, calib_batches, as_json, preprocess,
-            trust_code, **policy):
+def inspect(model, weights, model_kwargs, trust_pickle, input_shape, calib_data, calib_batches, device, as_json,
+            preprocess, trust_code, **policy):
     """Show MODEL's convs: what would convert (and at which rank), why others would not,
     and params/MACs at the input shape; with --calib-data, the per-layer sensitivity table."""
     from dsdeploy import api
@@ -81,7 +82,7 @@ def inspect(model, weights, model_kwargs, trust_pickle, input_shape, calib_data,
     report = api.inspect(model, policy=_policy(policy),
                          input_shape=parse_shape(input_shape), weights=weights, model_kwargs=parse_kwargs(model_kwargs),
                          trust_pickle=trust_pickle, trust_code=trust_code, data=calib_data,
-                         calib_batches=calib_batches, preprocess=preprocess)
+                         calib_batches=calib_batches, preprocess=preprocess, device=device)
     echo_json(report.to_dict()) if as_json else click.echo(flag_names(report.render()))
 
 

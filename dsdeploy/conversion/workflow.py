@@ -128,12 +128,12 @@ def cost_name(table: Any) -> str | None:
 
 def inspect_model(loaded: LoadedModel, policy: Policy, input_shape: tuple[int, ...] | None = None,
                   calib_data: str | None = None, calib_batches: int | None = CALIB_BATCHES,
-                  seed: int = 0, preprocess: dict[str, Any] | None = None) -> ModelReport:
+                  seed: int = 0, preprocess: dict[str, Any] | None = None, device: str = "auto") -> ModelReport:
     """Plan (without converting) and profile a model: what would convert and why not.
 
     With ``calib_data``, also measure the per-layer sensitivity table (``report.sensitivity``)
-    and, for a ``mac_budget`` (allocation not "spectral"), plan on it; ``preprocess`` overrides
-    the model's preprocessing of those images.
+    on ``device`` and, for a ``mac_budget`` (allocation not "spectral"), plan on it; ``preprocess``
+    overrides the model's preprocessing of those images.
     """
     shape = loaded.shape_or_default(input_shape)
     art = loaded.artifact
@@ -147,7 +147,8 @@ def inspect_model(loaded: LoadedModel, policy: Policy, input_shape: tuple[int, .
         pre = resolve(loaded.preprocessing, input_shape or loaded.input_shape, preprocess, data=calib_data,
                       model=loaded.model)
         shape = tuple(input_shape_for(pre, input_shape, loaded.input_shape, bool(preprocess)))
-        table = measure_costs(loaded, policy, shape, pre, calib_data, seed=seed, calib_batches=calib_batches)
+        table = measure_costs(loaded, policy, shape, pre, calib_data, seed=seed, calib_batches=calib_batches,
+                              device=device)
     calls = trace_calls(loaded.model, shape)
     costs = table.costs() if table is not None and allocates_on_data(policy, calib_data) else None
     latency = None

@@ -10,6 +10,7 @@ against torch on ONNX Runtime's CPU EP (:func:`gate`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import io
 import logging
@@ -65,29 +66,48 @@ def _quiet_logs():
 _TORCHLIB_OPS: dict[Any, Any] = {}  # onnxscript's get_torchlib_ops -> its result, kept for the process
 
 
-@contextlib.contextmanager
-def _torchlib_ops_reused():
-    """While dsdeploy exports: onnxscript's ATen->ONNX function table is built once per process.
-
-    torch.onnx (2.9 to 2.14) rebuilds its exporter registry on every dynamo export and asks
-    onnxscript for that table, which re-parses the source of ~500 functions each time (measured:
-    0.6 of the 1.4 CPU seconds a small CNN's export takes). It depends only on what is installed.
-    Where torch's internals differ this is a no-op; outside dsdeploy's export nothing changes.
-    """
+def _torchlib_module() -> Any:
+    """The onnxscript module whose ``get_torchlib_ops`` torch.onnx calls (through its lazy import), or None
+    where torch/onnxscript are laid out otherwise (then nothing is patched)."""
     try:
         from torch.onnx._internal._lazy_import import onnxscript_apis
 
         module = importlib.import_module(onnxscript_apis._name)
-        original = module.get_torchlib_ops
+        if not callable(getattr(module, "get_torchlib_ops", None)):
+            return None
+        return module
     except (ImportError, AttributeError):  # another torch/onnxscript layout: export as torch does
+        return None
+
+
+@contextlib.contextmanager
+def _torchlib_ops_reused():
+    """While dsdeploy exports: onnxscript's ATen->ONNX function table is built once per process.
+
+    torch.onnx (2.9 to 2.14) rebuilds its exporter registry on every dynamo export
+    (``ONNXRegistry.from_torchlib``) and asks onnxscript for that table
+    (``onnxscript._framework_apis.torch_2_11.get_torchlib_ops``), which re-parses the Python source of
+    its traced functions (~560 entries) each time. Measured with torch 2.14.1 + onnxscript 0.7.2 (2-core
+    AMD EPYC, busy): that call is 0.35-0.57 of the 0.9-1.1 CPU seconds a small CNN's dynamo export
+    takes; with the table kept, exports after the first took 0.6 CPU s instead of 0.9-1.2 (an
+    ``export`` of a .dsd exports the original too; the test suite exports many models per process).
+    The table depends only on what is installed; each call gets its own shallow copy. The ONNX
+    written is the same with or without this (tests/test_exporters.py). Where torch's internals
+    differ (no lazy ``onnxscript_apis``, no ``get_torchlib_ops``) this is a no-op, and so is a use
+    inside an active one (nested, another thread); outside dsdeploy's export nothing changes.
+    """
+    module = _torchlib_module()
+    original = getattr(module, "get_torchlib_ops", None)
+    if module is None or getattr(original, "_dsdeploy_reused", False):
         yield
         return
 
     def reused():
         if original not in _TORCHLIB_OPS:
             _TORCHLIB_OPS[original] = original()
-        return _TORCHLIB_OPS[original]
+        return copy.copy(_TORCHLIB_OPS[original])
 
+    reused._dsdeploy_reused = True
     module.get_torchlib_ops = reused
     try:
         yield
