@@ -26,7 +26,7 @@ import torch
 import torchvision
 
 from dsdeploy.conversion.rewrite import convert
-from dsdeploy.export.small_graphs import to_onnx
+from dsdeploy.export.onnx_export import export_bytes
 from dsdeploy.fsutil import write_text
 from dsdeploy.runtime.latency_table import TABLE_PROTOCOL, latency_table
 from dsdeploy.runtime.timing import Protocol, measure
@@ -55,8 +55,8 @@ def main() -> None:
         low = latency_table(model, shape, protocol=dataclasses.replace(TABLE_PROTOCOL, statistic="min"), **kw)
     conv = convert(model, input_shape=shape, rank=1, layout="branches").model.eval()
     proto = Protocol(warmup=5, iters=50)
-    whole = measure(to_onnx(model, shape), threads=args.threads, protocol=proto)
-    measured = measure(to_onnx(conv, shape), threads=args.threads, protocol=proto)
+    whole = measure(export_bytes(model, shape), threads=args.threads, protocol=proto, batch=shape[0])
+    measured = measure(export_bytes(conv, shape), threads=args.threads, protocol=proto, batch=shape[0])
     predicted = {t.protocol: t.remainder_ms + sum(lt.block(1, "branches").ms for lt in t.candidates)
                  for t in (cold, low)}
     seen, rows = set(), []

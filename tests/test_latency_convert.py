@@ -4,6 +4,7 @@ layer's layout survives the artifact, and the CLI's --speedup measures the resul
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,9 +155,95 @@ def test_cli_speedup_end_to_end_prints_predicted_and_measured(cache, tmp_path):
     policy = torch.load(out, weights_only=True)["plan"]["policy"]
     attempt = policy["verified"]["attempts"][0]
     assert attempt["predicted_ms"] > 0 and attempt["measured_ms"] > 0 and attempt["prediction_error"] is not None
+    exported = dsdeploy("export", out, "-o", tmp_path / "s.onnx", "--trust-code", "--json", env=env)
+    assert exported.returncode == 0, exported.stderr
+    assert attempt["op_counts"] == json.loads(exported.stdout)["op_counts"]  # verified = what export writes
     assert policy["latency"]["predicted_ms"] <= policy["latency"]["target_ms"] + 1e-6
     shown = dsdeploy("inspect", out, "--trust-code", env=env)
     assert shown.returncode == 0 and "dense ms" in shown.stdout and "block ms" in shown.stdout
     assert "measured: original" in shown.stdout
     layers = json.loads(dsdeploy("inspect", out, "--trust-code", "--json", env=env).stdout)["layers"]
     assert any(d["dense_ms"] is not None for d in layers)
+
+
+class Residual(torch.nn.Module):
+    """conv-BN-ReLU-conv-BN + identity, ReLU: BatchNorm after summed DS branches, as in a ResNet block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.b1 = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16)
+        self.c2, self.b2 = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+
+
+def test_the_verification_times_the_graph_export_writes(tmp_path):
+    """measure_pair and the table's whole model time export_bytes: the very graph `export` writes
+    (dynamo, BatchNorm folded into the summed branches, simplified, dynamic batch)."""
+    import onnx
+
+    from dsdeploy.export.config import ExportConfig
+    from dsdeploy.export.onnx_export import export_bytes, export_onnx
+
+    shape = (1, 16, 12, 12)
+    conv = convert(Residual().eval(), input_shape=shape, policy=Policy(rank=2, layout="branches")).model.eval()
+    cfg = ExportConfig()  # what `dsdeploy export` writes by default
+    report = export_onnx(conv, tmp_path / "m.onnx", shape, opset=cfg.opset, dynamic_batch=cfg.dynamic_batch,
+                         simplify=cfg.simplify, exporter=cfg.exporter)
+    written, timed = onnx.load(tmp_path / "m.onnx").graph, onnx.load_from_string(export_bytes(conv, shape)).graph
+    assert report.exporter == "dynamo" and "BatchNormalization" not in report.op_counts
+    assert [n.op_type for n in timed.node] == [n.op_type for n in written.node]
+    assert sorted(i.name for i in timed.initializer) == sorted(i.name for i in written.initializer)
+    assert timed.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch, as exported
+
+
+def test_the_corrected_table_reproduces_both_measurements_and_replans_within_the_target():
+    from dsdeploy.conversion.latency_convert import corrected_table
+    from dsdeploy.conversion.latency_plan import plan_for_latency
+
+    model, table = small_net().eval(), hand_table()
+    plan = make_plan(model, Policy(speedup=1.5), trace_calls(model, SHAPE), SHAPE, latency=table)
+    kept = sum(d.dense_ms for d in plan.layers if d.dense_ms is not None and not d.convert)
+    blocks = sum(d.block_ms for d in plan.layers if d.dense_ms is not None and d.convert)
+    original, measured = 13.2, 1.1 * (table.remainder_ms + kept) + 2.0 * blocks  # blocks cost 2x in-graph
+    fixed, a, b = corrected_table(table, plan, original, measured)
+    assert a == pytest.approx(1.1) and b == pytest.approx(2.0)
+    assert fixed.model_ms == pytest.approx(original) and fixed.remainder_ms == pytest.approx(1.1 * table.remainder_ms)
+    assert predicted(plan, fixed) != pytest.approx(measured)  # plan's block_ms still hold the old table
+    again = make_plan(model, Policy(speedup=1.5), trace_calls(model, SHAPE), SHAPE, latency=fixed)
+    assert predicted(again, fixed) <= original / 1.5 + 1e-9
+    # the corrected table predicts the first plan's measured latency exactly
+    chosen = {d.name: d for d in plan.layers}
+    by = {lt.name: lt for lt in fixed.candidates}
+    first = fixed.remainder_ms + sum(by[n].block(chosen[n].rank, plan.layout_of(chosen[n])).ms if chosen[n].convert
+                                     else by[n].dense_ms for n in by)
+    assert first == pytest.approx(measured)
+    assert plan_for_latency(fixed, {}, speedup=1.0).predicted_ms == pytest.approx(original)
+
+
+def test_a_forced_miss_triggers_the_replan_and_is_recorded(tmp_path):
+    """Blocks the cache claims 1000x faster than they are: the measured model misses the target, the
+    table is corrected from the measurement, and the re-plan is recorded (or refused as out of reach)."""
+    from dsdeploy.conversion.latency_convert import convert_planned, measure_table
+
+    model = torch.nn.Sequential(*[m for _ in range(3) for m in (torch.nn.Conv2d(64, 64, 3, padding=1),
+                                                                  torch.nn.ReLU())]).eval()
+    shape = (1, 64, 32, 32)
+    table = measure_table(model, Policy(speedup=2.0, threads=1), shape, cache_dir=tmp_path)
+    data = json.loads(Path(table.cache_file).read_text())
+    for key, entry in data["entries"].items():  # a false table: whole 10 ms, dense convs 3.3 ms, blocks ~free
+        ms = 10.0 if key.startswith("model") else 3.3 if key.startswith("dense:") else 0.001
+        entry["ms"] = entry["min_ms"] = ms
+    Path(table.cache_file).write_text(json.dumps(data))
+    speedup = 20.0  # reachable on the false table (x97), beyond any DS conversion of 3x3 convs (MACs x0.13)
+    try:
+        res, record = convert_planned(model, shape, Policy(speedup=speedup, threads=1), cache_dir=tmp_path)
+    except PlanError as exc:  # the corrected table says the target is out of reach, naming the measurement
+        assert "measured x" in str(exc) and "corrected" in str(exc) and "out of reach" in str(exc)
+        return
+    first, second = record["attempts"]
+    assert first["measured_speedup"] < speedup / 1.05 and first["prediction_error"] < -0.05
+    assert second["block_factor"] > 1 and second["dense_factor"] > 0
+    assert res.plan.policy["verified"] is record and record["met"] is False  # x20 stays out of reach

@@ -5,10 +5,12 @@ policy it is :func:`dsdeploy.conversion.rewrite.convert`. With a ``speedup`` /
 ``target_latency_ms`` (or a ``mac_budget`` with a ``provider``) it measures (or reads from the
 cache) the model's latency table on the target (:func:`dsdeploy.runtime.latency_table.latency_table`)
 and plans on it. A latency target is then verified, not predicted: the original and the
-converted model are exported to ONNX and timed by the same protocol on the same EP, batch and
-threads; when the measured speedup misses the target by more than :data:`TOLERANCE`, the part
-the table does not cover (the remainder) is corrected from the measurement and the plan is made
-once more, then measured again. Every attempt is recorded (the history entry's ``latency``).
+converted model are exported as ``dsdeploy export`` writes them and timed alternately by the same
+protocol on the same EP, batch and threads (:func:`measure_pair`); when the measured speedup misses
+the target by more than :data:`TOLERANCE`, the table is corrected from the two measurements
+(:func:`corrected_table`: the dense side's and the DS blocks' factors) and the plan is made once
+more, then measured again; a target the corrected table cannot reach raises PlanError with the best
+reachable speedup. Every attempt is recorded (the history entry's ``latency``).
 """
 
 from __future__ import annotations
@@ -18,17 +20,19 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 from torch import nn
 
-from dsdeploy.conversion.plan import Policy
+from dsdeploy.conversion.plan import Plan, Policy
 from dsdeploy.conversion.rewrite import ConversionResult, convert
-from dsdeploy.export.small_graphs import to_onnx
+from dsdeploy.errors import PlanError
 from dsdeploy.runtime import providers as eps
-from dsdeploy.runtime.latency_table import TABLE_PROTOCOL, latency_table
-from dsdeploy.runtime.timing import measure
+from dsdeploy.runtime.latency_table import TABLE_PROTOCOL, LatencyTable, latency_table
+from dsdeploy.runtime.timing import measure_samples
 
 TOLERANCE = 0.05  # a measured speedup this far below the target triggers the one re-plan
-VERIFY_ITERS = 50
+VERIFY_ITERS = 60
+VERIFY_ROUNDS = 3
 
 
 def physical_cores() -> int:
@@ -74,15 +78,54 @@ def measure_table(model: nn.Module, policy: Policy, input_shape: tuple[int, ...]
 
 
 def measure_pair(original: nn.Module, converted: nn.Module, shape: tuple[int, ...], policy: Policy,
-                 iters: int = VERIFY_ITERS) -> tuple[float, float, str]:
-    """Median ms of ``original`` and ``converted`` exported to ONNX (BatchNorm folded by the exporter as the
-    table's graphs are) and timed one after the other by the timing protocol; and the protocol's line."""
+                 iters: int = VERIFY_ITERS, rounds: int = VERIFY_ROUNDS) -> tuple[float, float, str, dict[str, int]]:
+    """Median ms of ``original`` and ``converted`` as ``dsdeploy export`` writes them
+    (:func:`dsdeploy.export.onnx_export.export_bytes`: the graph a user deploys and benches), on the
+    policy's EP/threads at ``shape``; the protocol's line; the timed converted graph's op counts
+    (:func:`dsdeploy.export.graph.op_counts`, as ``export`` reports them).
+
+    The two are timed in ``rounds`` alternating rounds (A, B, A, B, ...; one session alive at a time, as
+    ``bench`` times one model) of ``iters // rounds`` runs each, so a drift in the machine's speed hits
+    both; each figure is the median of all its runs.
+    """
+    import onnx  # heavy: only when verifying
+
+    from dsdeploy.export.graph import op_counts
+    from dsdeploy.export.onnx_export import export_bytes
+
     t = target_of(policy)
     cfg = eps.ep_config(eps.resolve_ep_name(t["provider"]), None, t["threads"])
-    protocol = dataclasses.replace(TABLE_PROTOCOL, iters=iters)
-    out = [measure(to_onnx(m, shape), ep=cfg, threads=t["threads"], protocol=protocol).p50_ms
-           for m in (original, converted)]
-    return out[0], out[1], protocol.describe()
+    rounds = max(1, min(rounds, iters))
+    per_round = dataclasses.replace(TABLE_PROTOCOL, iters=max(1, iters // rounds))
+    graphs = [export_bytes(m, shape) for m in (original, converted)]
+    samples: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for i, graph in enumerate(graphs):
+            samples[i] += measure_samples(graph, ep=cfg, threads=t["threads"], protocol=per_round, batch=shape[0])
+    protocol = dataclasses.replace(TABLE_PROTOCOL, iters=len(samples[0]))
+    line = (f"{protocol.describe()}; the exported graphs (as `export` writes them), original and converted "
+            f"alternating in {rounds} rounds")
+    ops = op_counts(onnx.load_from_string(graphs[1]))
+    return float(np.median(samples[0])), float(np.median(samples[1])), line, ops
+
+
+def corrected_table(table: LatencyTable, plan: Plan, original_ms: float, converted_ms: float
+                    ) -> tuple[LatencyTable, float, float]:
+    """``table`` corrected from two whole-model measurements: ``(table, dense factor, block factor)``.
+
+    The measured original fixes the factor of the dense side (remainder and dense convs):
+    ``a = original_ms / table.model_ms``. The measured converted model then fixes the DS blocks'
+    factor ``b`` from ``converted_ms = a * (remainder + kept dense ms) + b * (chosen blocks' ms)``
+    (clamped to [0.1, 10] against noise; 1 when no block was chosen). A block whose in-graph cost differs from its
+    small graph's thus scales every block of the re-plan, not a fixed remainder.
+    """
+    a = original_ms / table.model_ms if table.model_ms > 0 else 1.0
+    dense_kept = sum(d.dense_ms for d in plan.layers if d.dense_ms is not None and not d.convert)
+    blocks = sum(d.block_ms for d in plan.layers if d.dense_ms is not None and d.convert and d.block_ms is not None)
+    b = 1.0
+    if blocks > 0:
+        b = min(10.0, max(0.1, (converted_ms - a * (table.remainder_ms + dense_kept)) / blocks))
+    return table.scaled(a, b), a, b
 
 
 def _attempt(res: ConversionResult, original_ms: float, converted_ms: float) -> dict[str, Any]:
@@ -109,12 +152,14 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
     Returns:
         ``(result, latency)``: ``latency`` is None without latency in the policy; else a JSON-able
         record: the target (provider, batch, threads), the table's whole-model ms and cache file,
-        and per attempt the target, predicted and measured ms, the measured speedup and the prediction
-        error (``(predicted - measured) / measured``); ``met`` says whether the last attempt is
+        and per attempt the target, predicted and measured ms, the measured speedup, the prediction
+        error (``(predicted - measured) / measured``), the timed graph's ``op_counts`` and, for the
+        re-plan, the correction's ``dense_factor``/``block_factor``; ``met`` says whether the last attempt is
         within :data:`TOLERANCE` of the target. The same record is in ``result.plan.policy["verified"]``.
 
     Raises:
-        PlanError: an out-of-reach target (with the best reachable speedup); ProviderError: the EP
+        PlanError: an out-of-reach target (with the best reachable speedup), also when the table corrected
+            after a measured miss cannot reach it (the message gives the measured speedup); ProviderError: the EP
         cannot run; NothingToConvertError: nothing converts.
     """
     if not policy.measures_latency:
@@ -126,19 +171,22 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
     if not policy.latency_target or not verify:
         return res, record
     shape = (int(policy.batch), *input_shape[1:])
-    original_ms, converted_ms, protocol = measure_pair(model, res.model, shape, policy)
+    original_ms, converted_ms, protocol, ops = measure_pair(model, res.model, shape, policy)
     record["protocol"] = protocol
-    record["attempts"].append(_attempt(res, original_ms, converted_ms))
+    record["attempts"].append({**_attempt(res, original_ms, converted_ms), "op_counts": ops})
     goal = original_ms / policy.speedup if policy.speedup else float(policy.target_latency_ms)
     if converted_ms > goal * (1 + TOLERANCE):
-        chosen = sum(d.block_ms if d.convert else d.dense_ms for d in res.plan.layers if d.dense_ms is not None)
-        correction = (converted_ms - chosen) - (table.remainder_ms - table.correction_ms)
-        fixed = dataclasses.replace(table, model_ms=original_ms, correction_ms=correction
-                                    + (table.model_ms - original_ms))
-        res = convert(model, input_shape=input_shape, policy=policy, costs=costs, cost_name=cost_name, latency=fixed)
-        original_ms, converted_ms, _ = measure_pair(model, res.model, shape, policy)
-        record["attempts"].append({**_attempt(res, original_ms, converted_ms), "remainder_corrected_ms":
-                                   round(fixed.remainder_ms, 5)})
+        fixed, a, b = corrected_table(table, res.plan, original_ms, converted_ms)
+        try:
+            res = convert(model, input_shape=input_shape, policy=policy, costs=costs, cost_name=cost_name,
+                          latency=fixed)
+        except PlanError as exc:
+            raise PlanError(f"measured x{original_ms / converted_ms:.2f} ({converted_ms:.3f} ms against "
+                            f"{original_ms:.3f} ms) where x{res.plan.policy['latency']['predicted_speedup']:.2f} was "
+                            f"predicted; with the table corrected from that measurement, {exc}") from None
+        original_ms, converted_ms, _, ops = measure_pair(model, res.model, shape, policy)
+        record["attempts"].append({**_attempt(res, original_ms, converted_ms), "op_counts": ops,
+                                   "dense_factor": round(a, 4), "block_factor": round(b, 4)})
     goal = original_ms / policy.speedup if policy.speedup else float(policy.target_latency_ms)
     record["met"] = bool(converted_ms <= goal * (1 + TOLERANCE))
     res.plan.policy["verified"] = record

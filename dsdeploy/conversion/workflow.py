@@ -91,13 +91,18 @@ def latency_lines(policy: dict[str, Any]) -> list[str]:
         out.append(f"latency plan: target {plan['target_ms']:.3f} ms, predicted {plan['predicted_ms']:.3f} ms "
                    f"(x{plan['predicted_speedup']:.2f}; not converted {plan['remainder_ms']:.3f} ms)")
     for i, a in enumerate((verified or {}).get("attempts", [])):
-        what = "measured" if i == 0 else "re-planned with the remainder corrected from the measurement, measured"
+        what = "measured" if i == 0 else (f"re-planned on the table corrected from that measurement (dense x"
+                                          f"{a.get('dense_factor', 1):.2f}, DS blocks x{a.get('block_factor', 1):.2f}), "
+                                          f"measured")
         out.append(f"{what}: original {a['original_ms']:.3f} ms, converted {a['measured_ms']:.3f} ms "
                    f"(x{a['measured_speedup']:.2f}); predicted {a['predicted_ms']:.3f} ms, prediction error "
                    f"{100 * a['prediction_error']:+.1f}%")
     if verified and verified.get("attempts") and not verified.get("met"):
-        out.append("warning: the measured latency misses the target by more than 5% (the machine may be loaded; "
-                   "measure again with `dsdeploy bench`)")
+        last = verified["attempts"][-1]
+        out.append(f"warning: measured {last['measured_ms']:.3f} ms (x{last['measured_speedup']:.2f}) misses the "
+                   f"target {last['target_ms']:.3f} ms by more than 5% after {len(verified['attempts'])} "
+                   f"measurement(s); x{last['measured_speedup']:.2f} is the best measured here (the machine may "
+                   f"be loaded: measure again with `dsdeploy bench`)")
     return out
 
 

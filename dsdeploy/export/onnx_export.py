@@ -221,6 +221,24 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
                         summary.op_counts, summary.kinds(), summary.conv_macs, problems, warns, fallback)
 
 
+def export_bytes(model: nn.Module, input_shape: tuple[int, ...], config: ExportConfig | None = None) -> bytes:
+    """The serialized ONNX model :func:`export_onnx` writes for ``model`` at ``input_shape`` under ``config``
+    (default ``ExportConfig()``: what ``dsdeploy export`` writes), for timing the graph a user deploys.
+
+    Latency planning and its verification time this graph, not a twin export: the exporters differ in what
+    ONNX Runtime can fuse (measured on a converted ResNet-18: the dynamo export with BatchNorm folded into
+    summed DS branches leaves residual Add+Relu nodes unfused that the TorchScript export fuses). Export
+    warnings are not repeated here (the user's own ``export`` shows them). Raises as :func:`export_onnx`.
+    """
+    cfg = config or ExportConfig()
+    with tempfile.TemporaryDirectory(prefix="dsdeploy-timing-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dest = Path(tmp) / "model.onnx"
+        export_onnx(model, dest, input_shape, opset=cfg.opset, dynamic_batch=cfg.dynamic_batch,
+                    simplify=cfg.simplify, exporter=cfg.exporter, atol=cfg.atol, rtol=cfg.rtol)
+        return dest.read_bytes()
+
+
 def _check_runs(model: nn.Module, shape: tuple[int, ...], dynamic_batch: bool, seed: int) -> int:
     """Run ``model`` in torch at ``shape`` (and at another batch when dynamic); the number of outputs.
 

@@ -26,7 +26,7 @@ from dsdeploy.fsutil import show, write_json
 from dsdeploy.runtime.providers import device_label
 from dsdeploy.runtime.sysinfo import cpu_info, package_versions
 
-SCHEMA = 1
+SCHEMA = 2  # 2: the whole model is timed as `export` writes it (entries of 1 mixed with new ones would disagree)
 CACHE_ENV = "DSDEPLOY_CACHE"
 
 

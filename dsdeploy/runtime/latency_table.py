@@ -5,8 +5,11 @@ ranks ``1..max_gainful_rank``), at the model's real input shape and batch, the d
 (its bias standing for the folded BatchNorm) and each candidate DS block are exported as
 single-layer ONNX graphs (:mod:`dsdeploy.export.small_graphs`) and timed on the chosen EP
 and thread count by the timing protocol (:mod:`dsdeploy.runtime.timing`). The whole
-original model is timed once, so the part no conversion touches is known
-(``remainder_ms = model_ms - sum of the convertible convs' dense ms``). Measurements are
+original model is timed once, exported as ``dsdeploy export`` writes it
+(:func:`dsdeploy.export.onnx_export.export_bytes`), so the part no conversion touches is known
+(``remainder_ms = model_ms - sum of the convertible convs' dense ms``). A single conv or DS
+block (no BatchNorm, no residual) exports to the same ONNX ops under either exporter, so the
+small graphs keep the quicker TorchScript export. Measurements are
 cached per environment and layer shape (:mod:`dsdeploy.runtime.latency_cache`) and reused
 across runs; ``refresh`` re-measures.
 """
@@ -17,7 +20,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -26,7 +29,8 @@ from dsdeploy.conversion.block import LAYOUTS
 from dsdeploy.conversion.opcount import trace_calls
 from dsdeploy.conversion.plan import Policy, conv_modules, max_gainful_rank, skip_reason
 from dsdeploy.errors import InputShapeError, PlanError, ProviderError
-from dsdeploy.export.small_graphs import ConvSpec, layer_graph, to_onnx
+from dsdeploy.export.onnx_export import export_bytes
+from dsdeploy.export.small_graphs import ConvSpec, layer_graph
 from dsdeploy.fsutil import show
 from dsdeploy.runtime import providers as eps
 from dsdeploy.runtime.latency_cache import LatencyCache, environment_key
@@ -80,7 +84,6 @@ class LatencyTable:
     measured: int = 0  # distinct graphs timed by this call (0: everything came from the cache)
     reused: int = 0    # distinct graphs read from the cache file
     seconds: float = 0.0
-    correction_ms: float = 0.0  # added to the remainder after a whole converted model was measured
 
     @property
     def candidates(self) -> list[LayerTiming]:
@@ -89,9 +92,15 @@ class LatencyTable:
 
     @property
     def remainder_ms(self) -> float:
-        """Whole model minus every convertible conv's dense latency (plus ``correction_ms``): what no
-        conversion changes."""
-        return self.model_ms - sum(lt.dense_ms for lt in self.candidates) + self.correction_ms
+        """Whole model minus every convertible conv's dense latency: what no conversion changes."""
+        return self.model_ms - sum(lt.dense_ms for lt in self.candidates)
+
+    def scaled(self, dense: float, block: float) -> LatencyTable:
+        """A copy with the whole model's and every dense conv's ms times ``dense`` (so the remainder too)
+        and every DS block's ms times ``block``: a table corrected from whole-model measurements."""
+        layers = [replace(lt, dense_ms=None if lt.dense_ms is None else lt.dense_ms * dense,
+                          blocks=[replace(b, ms=b.ms * block) for b in lt.blocks]) for lt in self.layers]
+        return replace(self, model_ms=self.model_ms * dense, layers=layers)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -188,7 +197,7 @@ def latency_table(model: nn.Module, input_shape: Sequence[int], *, provider: str
         else:
             if progress:
                 progress(what)
-            stats = measure(graph(), ep=cfg, threads=threads, protocol=protocol)
+            stats = measure(graph(), ep=cfg, threads=threads, protocol=protocol, batch=shape[0])
             hit = {"ms": round(stats.p50_ms, 5), "min_ms": round(stats.min_ms, 5), "n": stats.n}
             cache.put(key, hit)
         return float(hit["min_ms"] if protocol.statistic == "min" and "min_ms" in hit else hit["ms"])
@@ -197,7 +206,8 @@ def latency_table(model: nn.Module, input_shape: Sequence[int], *, provider: str
     calls = trace_calls(model, shape)
     layers: list[LayerTiming] = []
     try:
-        model_ms = timed(f"model:{model_key(model, shape)}", lambda: to_onnx(model, shape), f"{name} (whole)")
+        model_ms = timed(f"model-export:{model_key(model, shape)}", lambda: export_bytes(model, shape),
+                         f"{name} (whole, as exported)")
         for lname, mod in conv_modules(model):
             lt = LayerTiming(lname)
             layers.append(lt)

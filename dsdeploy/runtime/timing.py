@@ -109,19 +109,28 @@ def time_runs(session, feed: dict[str, np.ndarray], *, warmup: int = 5, iters: i
 
 
 def measure(model: str | bytes, feed: dict[str, np.ndarray] | None = None, *, ep=None, threads: int | None = None,
-            protocol: Protocol = Protocol(), seed: int = 0) -> Stats:
+            protocol: Protocol = Protocol(), seed: int = 0, batch: int = 1) -> Stats:
     """Latency of one ONNX model (a path, or the serialized bytes) by ``protocol``.
 
     ``ep`` is an :class:`dsdeploy.runtime.providers.EPConfig` (default: the CPU EP);
-    ``feed`` defaults to standard-normal float32 inputs at the model's fixed input shapes
-    (seeded by ``seed``). Raises ProviderError when the EP cannot create the session.
+    ``feed`` defaults to standard-normal float32 inputs at the model's input shapes (seeded by
+    ``seed``; a dynamic first axis is fed ``batch``, any other dynamic axis 1). Raises ProviderError
+    when the EP cannot create the session.
     """
+    return Stats.of(measure_samples(model, feed, ep=ep, threads=threads, protocol=protocol, seed=seed, batch=batch))
+
+
+def measure_samples(model: str | bytes, feed: dict[str, np.ndarray] | None = None, *, ep=None,
+                    threads: int | None = None, protocol: Protocol = Protocol(), seed: int = 0,
+                    batch: int = 1) -> list[float]:
+    """The timed runs' latencies (ms) of :func:`measure`, in order."""
     cfg = ep or ep_config("CPUExecutionProvider", None, threads)
     with timed_session(lambda: create_session(model, cfg, threads, spinning=protocol.spinning)) as sess:
         if feed is None:
             rng = np.random.default_rng(seed)
-            feed = {i.name: rng.standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)
+            feed = {i.name: rng.standard_normal([d if isinstance(d, int) else (batch if a == 0 else 1)
+                                                 for a, d in enumerate(i.shape)]).astype(np.float32)
                     for i in sess.get_inputs()}
         samples = time_runs(sess, feed, warmup=protocol.warmup, iters=protocol.iters, duration=protocol.duration)
         del sess
-    return Stats.of(samples)
+    return samples
