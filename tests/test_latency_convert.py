@@ -179,10 +179,12 @@ class Residual(torch.nn.Module):
         return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
 
 
-def test_the_verification_times_the_graph_export_writes(tmp_path):
+def test_the_verification_times_the_graph_export_writes(tmp_path, monkeypatch):
     """measure_pair and the table's whole model time export_bytes: the very graph `export` writes
     (dynamo, BatchNorm folded into the summed branches, simplified, dynamic batch)."""
     import onnx
+
+    monkeypatch.delenv("DSDEPLOY_EXPORTER", raising=False)  # "auto" as users get it (the suite pins torchscript)
 
     from dsdeploy.export.config import ExportConfig
     from dsdeploy.export.onnx_export import export_bytes, export_onnx
