@@ -43,9 +43,10 @@ LEAVE_SECONDS = 60.0  # how long rank 0 waits for the others to confirm they lef
 
 
 def launch_id() -> str:
-    """A short id of this launch, the same on every rank (from the launcher's environment)."""
-    raw = os.environ.get("TORCHELASTIC_RUN_ID") or \
-        f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
+    """A short id of this launch, the same on every rank (from the launcher's environment; a torchrun
+    restart of the workers is a new launch, so it never reads the files of the attempt before)."""
+    raw = (f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '')}/"
+           f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}")
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
