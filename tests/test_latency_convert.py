@@ -249,3 +249,16 @@ def test_a_forced_miss_triggers_the_replan_and_is_recorded(tmp_path):
     assert first["measured_speedup"] < speedup / 1.05 and first["prediction_error"] < -0.05
     assert second["block_factor"] > 1 and second["dense_factor"] > 0
     assert res.plan.policy["verified"] is record and record["met"] is False  # x20 stays out of reach
+
+
+def test_of_two_measured_attempts_the_slowest_that_meets_the_target_is_kept():
+    """A re-plan also follows a model faster than asked (it gave accuracy away); of the attempts, the one
+    closest to the target from the fast side (within the tolerance) is kept, else the fastest."""
+    from dsdeploy.conversion.latency_convert import TOLERANCE, _choose
+
+    pol = Policy(speedup=3.0)
+    fast, close, slow = "fast", "close", "slow"  # stand-ins for ConversionResults: _choose only carries them
+    assert _choose([(fast, 18.0, 4.7), (close, 18.0, 6.1)], pol) == (close, 18.0, 6.1, 1)  # 6.1 <= 6 x 1.05
+    assert _choose([(fast, 18.0, 4.7), (slow, 18.0, 6.0 * (1 + 2 * TOLERANCE))], pol)[3] == 0
+    assert _choose([(slow, 18.0, 7.0), (slow, 18.0, 6.9)], pol)[3] == 1  # none meets: the fastest
+    assert _choose([(close, 0.0, 9.0)], Policy(target_latency_ms=10.0))[3] == 0

@@ -6,11 +6,12 @@ policy it is :func:`dsdeploy.conversion.rewrite.convert`. With a ``speedup`` /
 cache) the model's latency table on the target (:func:`dsdeploy.runtime.latency_table.latency_table`)
 and plans on it. A latency target is then verified, not predicted: the original and the
 converted model are exported as ``dsdeploy export`` writes them and timed alternately by the same
-protocol on the same EP, batch and threads (:func:`measure_pair`); when the measured speedup misses
-the target by more than :data:`TOLERANCE`, the table is corrected from the two measurements
+protocol on the same EP, batch and threads (:func:`measure_pair`); when the measured latency misses
+the target by more than :data:`TOLERANCE` either way (too slow, or faster than asked: accuracy
+given away), the table is corrected from the two measurements
 (:func:`corrected_table`: the dense side's and the DS blocks' factors) and the plan is made once
-more, then measured again; a target the corrected table cannot reach raises PlanError with the best
-reachable speedup. Every attempt is recorded (the history entry's ``latency``).
+more, then measured again, and the slowest attempt that meets the target is kept; a target the
+corrected table cannot reach raises PlanError with the best reachable speedup. Every attempt is recorded (the history entry's ``latency``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dsdeploy.runtime import providers as eps
 from dsdeploy.runtime.latency_table import TABLE_PROTOCOL, LatencyTable, latency_table
 from dsdeploy.runtime.timing import measure_samples
 
-TOLERANCE = 0.05  # a measured speedup this far below the target triggers the one re-plan
+TOLERANCE = 0.05  # a measured latency this far from the target (either way) triggers the one re-plan
 VERIFY_ITERS = 60
 VERIFY_ROUNDS = 3
 
@@ -137,6 +138,19 @@ def _attempt(res: ConversionResult, original_ms: float, converted_ms: float) -> 
             "prediction_error": round((predicted - converted_ms) / converted_ms, 4) if converted_ms > 0 else None}
 
 
+def _choose(tried: list[tuple[ConversionResult, float, float]], policy: Policy
+            ) -> tuple[ConversionResult, float, float, int]:
+    """Of the measured attempts ``(result, original_ms, converted_ms)``: the slowest that meets the target
+    (it converts least, so it keeps the most accuracy), else the fastest; with its index."""
+    def goal(o: float) -> float:
+        return o / policy.speedup if policy.speedup else float(policy.target_latency_ms)
+
+    ok = [i for i, (_, o, c) in enumerate(tried) if c <= goal(o) * (1 + TOLERANCE)]
+    i = max(ok, key=lambda i: tried[i][2] / goal(tried[i][1])) if ok else \
+        min(range(len(tried)), key=lambda i: tried[i][2] / goal(tried[i][1]))
+    return (*tried[i], i)
+
+
 def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Policy, *,
                     costs: Mapping[str, Mapping[int, float]] | None = None, cost_name: str | None = None,
                     cache_dir: Any = None, verify: bool = True, name: str = "model",
@@ -147,7 +161,10 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
         model: the original model (never modified). input_shape: ``(N, C, *spatial)`` traced with.
         policy: a validated :class:`Policy`. costs / cost_name: measured per-layer costs (data allocation).
         cache_dir: the latency cache folder (default ``$DSDEPLOY_CACHE/latency`` or ``~/.cache/dsdeploy``).
-        verify: measure the converted model against the original (latency targets) and re-plan once on a miss.
+        verify: measure the converted model against the original (latency targets) and re-plan once when it
+            misses the target by more than :data:`TOLERANCE` either way (too slow; or faster than asked,
+            which gives away accuracy); of the two, the slowest that meets the target is kept
+            (``chosen``: its attempt index), else the fastest.
 
     Returns:
         ``(result, latency)``: ``latency`` is None without latency in the policy; else a JSON-able
@@ -175,18 +192,25 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
     record["protocol"] = protocol
     record["attempts"].append({**_attempt(res, original_ms, converted_ms), "op_counts": ops})
     goal = original_ms / policy.speedup if policy.speedup else float(policy.target_latency_ms)
-    if converted_ms > goal * (1 + TOLERANCE):
+    tried = [(res, original_ms, converted_ms)]
+    if abs(converted_ms - goal) > goal * TOLERANCE:  # too slow, or faster than asked (accuracy given away)
         fixed, a, b = corrected_table(table, res.plan, original_ms, converted_ms)
         try:
             res = convert(model, input_shape=input_shape, policy=policy, costs=costs, cost_name=cost_name,
                           latency=fixed)
         except PlanError as exc:
-            raise PlanError(f"measured x{original_ms / converted_ms:.2f} ({converted_ms:.3f} ms against "
-                            f"{original_ms:.3f} ms) where x{res.plan.policy['latency']['predicted_speedup']:.2f} was "
-                            f"predicted; with the table corrected from that measurement, {exc}") from None
-        original_ms, converted_ms, _, ops = measure_pair(model, res.model, shape, policy)
-        record["attempts"].append({**_attempt(res, original_ms, converted_ms), "op_counts": ops,
-                                   "dense_factor": round(a, 4), "block_factor": round(b, 4)})
+            if converted_ms < goal:  # already fast enough: keep it
+                res = None
+            else:
+                raise PlanError(f"measured x{original_ms / converted_ms:.2f} ({converted_ms:.3f} ms against "
+                                f"{original_ms:.3f} ms) where x{res.plan.policy['latency']['predicted_speedup']:.2f} "
+                                f"was predicted; with the table corrected from that measurement, {exc}") from None
+        if res is not None:
+            original_ms, converted_ms, _, ops = measure_pair(model, res.model, shape, policy)
+            record["attempts"].append({**_attempt(res, original_ms, converted_ms), "op_counts": ops,
+                                       "dense_factor": round(a, 4), "block_factor": round(b, 4)})
+            tried.append((res, original_ms, converted_ms))
+    res, original_ms, converted_ms, record["chosen"] = _choose(tried, policy)
     goal = original_ms / policy.speedup if policy.speedup else float(policy.target_latency_ms)
     record["met"] = bool(converted_ms <= goal * (1 + TOLERANCE))
     res.plan.policy["verified"] = record
