@@ -184,34 +184,6 @@ class TinyResNet(nn.Module):
         return self.fc(self.layer3(x).mean(dim=(2, 3)))
 
 
-@pytest.mark.parametrize("gap", [False, True], ids=["chained", "broken-chain"])
-def test_cached_calibration_equals_the_uncached_one(gap):
-    torch.manual_seed(0)
-    teacher = TinyResNet(gap)
-    with torch.no_grad():  # BN statistics of a trained-ish model
-        for m in teacher.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2)
-    teacher.eval()
-    res = convert(teacher, input_shape=(1, 3, 16, 16), rank=1, convert_stem=True)
-    loader = [torch.randn(6, 3, 16, 16) for _ in range(4)]
-    out = {}
-    for cache_mb in (0, 64):
-        model = copy.deepcopy(res.model)
-        out[cache_mb] = (model, calibrate(model, teacher, res.plan, loader, progress=False, cache_mb=cache_mb,
-                                          rounds=2))
-    (m0, r0), (m1, r1) = out[0], out[64]
-    assert r0.cache["stage_layers"] == 0 and r1.cache["stage_layers"] >= 8 and r1.cache["prefix_layers"] <= 1
-    assert r1.cache["prefix_passes"] < r0.cache["prefix_passes"] and 0 < r1.cache["peak_mb"] <= 64
-    assert len(r0.layers) == len(r1.layers) >= 10
-    for a, b in zip(r0.layers, r1.layers):
-        assert a.name == b.name and a.error_after == pytest.approx(b.error_after, rel=1e-4, abs=1e-7)
-    s0, s1 = m0.state_dict(), m1.state_dict()
-    for k in s0:
-        torch.testing.assert_close(s1[k], s0[k], atol=1e-4, rtol=1e-3)
-
-
 def _bn_teacher(gap: bool = False) -> nn.Module:
     torch.manual_seed(0)
     teacher = TinyResNet(gap)
@@ -223,28 +195,41 @@ def _bn_teacher(gap: bool = False) -> nn.Module:
     return teacher.eval()
 
 
-def test_stages_too_large_to_cache_are_streamed_from_the_last_one_that_fits():
-    # 24 images: the 8 x 16 x 16 stage inputs (192 KiB) exceed a 0.12 MiB cache, the image (72 KiB) and the
-    # 16 x 8 x 8 ones (96 KiB) fit: layer1's and layer2.0's layers are fed by running the stages after the
-    # cached image batches, layer2.1's inputs become the cache; the result equals the uncached calibration.
-    teacher = _bn_teacher()
+def _uncached_and_cached(teacher: nn.Module, cache_mb: float, rounds: int):
+    """Calibrate copies of one rank-1 conversion of ``teacher`` without a cache and with ``cache_mb``;
+    assert both give the same layers' errors and weights. Returns the cached run's report."""
     res = convert(teacher, input_shape=(1, 3, 16, 16), rank=1, convert_stem=True)
     loader = [torch.randn(6, 3, 16, 16) for _ in range(4)]
-    out = {}
-    for cache_mb in (0, 0.12):
+    runs = []
+    for mb in (0, cache_mb):
         model = copy.deepcopy(res.model)
-        out[cache_mb] = (model, calibrate(model, teacher, res.plan, loader, progress=False, cache_mb=cache_mb,
-                                          rounds=1))
-    (m0, r0), (m1, r1) = out[0], out[0.12]
-    c = r1.cache
-    assert c["streamed_layers"] >= 4 and c["stage_layers"] >= 3 and c["prefix_layers"] == 0
-    assert c["prefix_passes"] == 1 and 0 < c["peak_mb"] <= 0.12
-    assert all(layer.seconds > 0 for layer in r1.layers)
+        runs.append((model, calibrate(model, teacher, res.plan, loader, progress=False, cache_mb=mb, rounds=rounds)))
+    (m0, r0), (m1, r1) = runs
     for a, b in zip(r0.layers, r1.layers, strict=True):
         assert a.name == b.name and a.error_after == pytest.approx(b.error_after, rel=1e-4, abs=1e-7)
     s0, s1 = m0.state_dict(), m1.state_dict()
     for k in s0:
         torch.testing.assert_close(s1[k], s0[k], atol=1e-4, rtol=1e-3)
+    return r0, r1
+
+
+@pytest.mark.parametrize("gap", [False, True], ids=["chained", "broken-chain"])
+def test_cached_calibration_equals_the_uncached_one(gap):
+    r0, r1 = _uncached_and_cached(_bn_teacher(gap), 64, rounds=2)
+    assert r0.cache["stage_layers"] == 0 and r1.cache["stage_layers"] >= 8 and r1.cache["prefix_layers"] <= 1
+    assert r1.cache["prefix_passes"] < r0.cache["prefix_passes"] and 0 < r1.cache["peak_mb"] <= 64
+    assert len(r0.layers) == len(r1.layers) >= 10
+
+
+def test_stages_too_large_to_cache_are_streamed_from_the_last_one_that_fits():
+    # 24 images: the 8 x 16 x 16 stage inputs (192 KiB) exceed a 0.12 MiB cache, the image (72 KiB) and the
+    # 16 x 8 x 8 ones (96 KiB) fit: layer1's and layer2.0's layers are fed by running the stages after the
+    # cached image batches, layer2.1's inputs become the cache; the result equals the uncached calibration.
+    _, r1 = _uncached_and_cached(_bn_teacher(), 0.12, rounds=1)
+    c = r1.cache
+    assert c["streamed_layers"] >= 4 and c["stage_layers"] >= 3 and c["prefix_layers"] == 0
+    assert c["prefix_passes"] == 1 and 0 < c["peak_mb"] <= 0.12
+    assert all(layer.seconds > 0 for layer in r1.layers)
 
 
 def test_auto_cache_size_is_half_the_available_memory(monkeypatch):
