@@ -4,7 +4,8 @@
 #      by `dsdeploy finetune --device cuda --precision fp32|bf16|fp16` on a generated ImageFolder of JPEGs:
 #      images/s of the last epochs (training steps only), next to a bare torch loop on the same student,
 #      teacher, loss, batch size, precision and memory format (synthetic batches already on the GPU: a ceiling);
-#   2. `dsdeploy bench` of the original and the converted model on the CPU, CUDA and TensorRT EPs
+#   2. torch inference latency of the original and the converted model on the device (eager, channels-last);
+#   3. `dsdeploy bench` of the original and the converted model on the CPU, CUDA and TensorRT EPs
 #      (EPs this onnxruntime lacks are skipped and listed).
 # Writes $OUT/gpu_check.json, $OUT/gpu_check.md, $OUT/gpu_check.log (+ bench.json, bench.md).
 #
@@ -166,6 +167,35 @@ print(json.dumps(out))
 EOF
 done
 
+say "torch inference latency on $DEVICE: original vs converted (eager, channels-last)"
+timeout 120 "$PY" - "$DSD" "$DEVICE" "$ARCH" "$SIZE" "$BATCHES" > "$WORK/infer.json" <<'EOF' || say "inference timing failed"
+import json, statistics, sys, time
+import torch, torchvision
+from dsdeploy.conversion.artifact import load_artifact
+path, dev, arch, size, batches = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+device = torch.device(dev)
+models = {"original": getattr(torchvision.models, arch)(), "converted": load_artifact(path).model}
+sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+rows = []
+for prec, dtype in (("fp32", torch.float32), ("fp16", torch.float16) if device.type == "cuda" else ("bf16", torch.bfloat16)):
+    for b in [int(v) for v in batches.split(",")] + ([64] if device.type == "cuda" else []):
+        x = torch.randn(b, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+        row = {"precision": prec, "batch": b}
+        for name, m in models.items():
+            m = m.to(device).eval().to(memory_format=torch.channels_last)
+            times = []
+            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=prec != "fp32"):
+                for i in range(60):
+                    sync(); t0 = time.perf_counter(); m(x); sync()
+                    if i >= 20:
+                        times.append((time.perf_counter() - t0) * 1e3)
+            row[name + "_ms"] = round(statistics.median(times), 3)
+        row["speedup"] = round(row["original_ms"] / row["converted_ms"], 2)
+        rows.append(row)
+print(json.dumps(rows))
+EOF
+cat "$WORK/infer.json" 2>/dev/null
+
 say "export the original and the converted model (CPU-EP parity gate)"
 ORIG="$WORK/original.onnx"; CONV="$WORK/converted.onnx"
 timeout 150 "$PY" -m dsdeploy export "torchvision:$ARCH" -o "$ORIG" --input-shape "1,3,$SIZE,$SIZE" --no-simplify \
@@ -220,6 +250,7 @@ try:
 except (OSError, ValueError):
     pass
 res["bench"] = "bench.json" if bench else "not run or failed (see gpu_check.log)"
+res["torch_inference"] = read("infer.json")
 (out / "gpu_check.json").write_text(json.dumps(res, indent=2))
 s = res["system"] or {}
 md = [f"# GPU check ({s.get('gpu', device)}; torch {s.get('torch')}, CUDA {s.get('cuda')}, onnxruntime {s.get('onnxruntime')})", "",
@@ -227,6 +258,10 @@ md = [f"# GPU check ({s.get('gpu', device)}; torch {s.get('torch')}, CUDA {s.get
       "(`dsdeploy finetune`, median images/s of epochs 2..; training steps only) vs a bare torch loop (same student, "
       "teacher, KD+CE loss, SGD, channels-last, autocast; synthetic batches on the device):", "",
       "| precision | dsdeploy img/s | bare loop img/s | ratio | bare peak GiB |", "|---|---|---|---|---|", *rows, "",
+      "Torch inference latency (eager, channels-last, autocast for fp16/bf16; median of 40 after 20 warm-up; ms):", "",
+      "| precision | batch | original ms | converted ms | speedup |", "|---|---|---|---|---|",
+      *[f"| {r['precision']} | {r['batch']} | {r['original_ms']} | {r['converted_ms']} | {r['speedup']}x |"
+        for r in (res["torch_inference"] or [])], "",
       f"ONNX Runtime EPs seen: {', '.join(s.get('ort_providers') or []) or '-'}; `dsdeploy bench`: see bench.md", ""]
 (out / "gpu_check.md").write_text("\n".join(md))
 print("\n".join(md))
