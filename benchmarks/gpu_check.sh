@@ -75,6 +75,9 @@ info = {"python": platform.python_version(), "torch": torch.__version__, "cuda":
 if torch.cuda.is_available():
     info.update(gpu=torch.cuda.get_device_name(0), bf16=torch.cuda.is_bf16_supported(),
                 memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+    torch.zeros(1, device="cuda")  # CUDA in use, as in a fine-tune: the loader's default worker count
+    from dsdeploy.data.loader import default_workers
+    info["loader_workers"] = default_workers()
 try:
     import onnxruntime as ort
     info["onnxruntime"] = ort.__version__
@@ -255,7 +258,7 @@ res["torch_inference"] = read("infer.json")
 s = res["system"] or {}
 md = [f"# GPU check ({s.get('gpu', device)}; torch {s.get('torch')}, CUDA {s.get('cuda')}, onnxruntime {s.get('onnxruntime')})", "",
       f"Fine-tune throughput, {res['model']}, batch {batch}, {size}x{size}, {images} generated JPEGs, {epochs} epochs "
-      "(`dsdeploy finetune`, median images/s of epochs 2..; training steps only) vs a bare torch loop (same student, "
+      f"(`dsdeploy finetune` with {s.get('loader_workers', 'the default')} loader workers, median images/s of epochs 2..; training steps only) vs a bare torch loop (same student, "
       "teacher, KD+CE loss, SGD, channels-last, autocast; synthetic batches on the device):", "",
       "| precision | dsdeploy img/s | bare loop img/s | ratio | bare peak GiB |", "|---|---|---|---|---|", *rows, "",
       "Torch inference latency (eager, channels-last, autocast for fp16/bf16; median of 40 after 20 warm-up; ms):", "",
