@@ -34,9 +34,9 @@ def default_workers() -> int:
     0 on 1-2 CPUs (a worker then only competes with the training step). When this process already
     uses CUDA (a model was moved there), the step runs on the GPU and the CPUs are free to decode:
     this process's share of the CPUs (``os.sched_getaffinity`` / torchrun's ``LOCAL_WORLD_SIZE``)
-    less one, at most 16 (torchvision's ImageNet reference recipe uses 16 per GPU). Measured on an
-    H200 with 16 CPUs (``benchmarks/gpu_check.sh``): a ResNet-50 DS fine-tune at batch 64, 224x224,
-    was bound by 4 workers at about 950 images/s, half a bare training loop's rate. Otherwise (CPU
+    less one, at most 16 (torchvision's ImageNet reference recipe uses 16 per GPU): a GPU step of a
+    ResNet-50-size student at batch 64 takes ~50 ms on an H200 (``benchmarks/RESULTS-gpu-check.md``),
+    about the time 4 workers need to decode and augment 64 ImageNet-size JPEGs. Otherwise (CPU
     training, where workers take cores from the step) ``min(4, cpus - 1)``.
     """
     try:
