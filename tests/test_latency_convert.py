@@ -152,7 +152,9 @@ def test_cli_speedup_end_to_end_prints_predicted_and_measured(cache, tmp_path):
                     "--batch", "1", "--threads", "1", "-o", out, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "latency plan: target" in proc.stdout and "measured: original" in proc.stdout
+    assert "95 % CI x" in proc.stdout and " rounds)" in proc.stdout
     policy = torch.load(out, weights_only=True)["plan"]["policy"]
+    assert isinstance(policy["verified"]["resolved"], bool) and policy["verified"]["rounds"] >= 3
     attempt = policy["verified"]["attempts"][policy["verified"]["chosen"]]  # the model written
     assert attempt["predicted_ms"] > 0 and attempt["measured_ms"] > 0 and attempt["prediction_error"] is not None
     exported = dsdeploy("export", out, "-o", tmp_path / "s.onnx", "--trust-code", "--json", env=env)
@@ -307,3 +309,21 @@ def test_of_two_measured_attempts_the_slowest_that_meets_the_target_is_kept():
     assert _choose([(fast, 18.0, 4.7), (slow, 18.0, 6.0 * (1 + 2 * TOLERANCE))], pol)[3] == 0
     assert _choose([(slow, 18.0, 7.0), (slow, 18.0, 6.9)], pol)[3] == 1  # none meets: the fastest
     assert _choose([(close, 0.0, 9.0)], Policy(target_latency_ms=10.0))[3] == 0
+
+
+@pytest.mark.parametrize("interval,says", [("undecided", "neither confirmed nor refuted"),
+                                            ("missed", "the whole interval misses"), ("met", "the whole interval meets")])
+def test_an_unresolved_verification_says_so_in_one_line(interval, says):
+    from dsdeploy.conversion.workflow import latency_lines
+
+    attempt = {"target_ms": 6.0, "predicted_ms": 5.9, "predicted_speedup": 3.05, "original_ms": 18.0,
+               "measured_ms": 6.2, "measured_speedup": 2.91, "ci95": [2.71, 3.12], "rounds": 12, "resolved": False,
+               "interval": interval, "prediction_error": -0.05}
+    verified = {"attempts": [attempt], "chosen": 0, "met": True, "correction": {
+        "source": "cache", "dense_factor": 1.02, "block_factor": 0.9, "rounds": 5}}
+    lines = latency_lines({"verified": verified})
+    noise = [line for line in lines if "noise" in line]
+    assert len(noise) == 1 and says in noise[0] and "x2.71-x3.12 over 12 rounds" in noise[0]
+    assert any("stored measurement" in line and "x0.90" in line for line in lines)
+    resolved = latency_lines({"verified": {**verified, "attempts": [{**attempt, "resolved": True}]}})
+    assert not any("noise" in line for line in resolved)
