@@ -98,10 +98,11 @@ def latency_lines(policy: dict[str, Any]) -> list[str]:
         what = "measured" if i == 0 else (f"re-planned on the table corrected from that measurement (dense x"
                                           f"{a.get('dense_factor', 1):.2f}, DS blocks x{a.get('block_factor', 1):.2f}), "
                                           f"measured")
-        ci = f" (95 % CI x{a['ci95'][0]:.2f}-x{a['ci95'][1]:.2f} over {a['rounds']} rounds)" if "ci95" in a else ""
+        ci = f", 95 % CI x{a['ci95'][0]:.2f}-x{a['ci95'][1]:.2f} over {a['rounds']} rounds" if "ci95" in a else ""
+        kept = "; kept" if len(verified["attempts"]) > 1 and verified.get("chosen") == i else ""
         out.append(f"{what}: original {a['original_ms']:.3f} ms, converted {a['measured_ms']:.3f} ms "
                    f"(x{a['measured_speedup']:.2f}{ci}); predicted {a['predicted_ms']:.3f} ms, prediction error "
-                   f"{100 * a['prediction_error']:+.1f}%")
+                   f"{100 * a['prediction_error']:+.1f}%{kept}")
     attempts = (verified or {}).get("attempts")
     if not attempts:
         return out
