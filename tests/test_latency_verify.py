@@ -61,3 +61,19 @@ def test_rounds_go_on_to_the_cap_when_the_interval_is_wide():
     est = run_rounds(lambda: next(feed), tolerance=0.05, min_rounds=2, max_rounds=12, time_cap_s=35,
                      clock=lambda: float(next(ticks)))
     assert est.rounds == 5  # the clock read after round 5 (40 s) is past the cap
+
+
+def test_measure_pair_times_rounds_in_fresh_processes():
+    """The verification as users get it: each round of both exported graphs in a child process; the same
+    graph on both sides gives a speedup near 1 whose interval holds it (no speed asserted)."""
+    import torch
+
+    from dsdeploy.conversion.latency_verify import measure_pair
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU()).eval()
+    v = measure_pair(net, net, (1, 8, 16, 16), {"provider": "cpu", "threads": 1}, tolerance=0.05, per_round=5,
+                     min_rounds=2, max_rounds=2, isolated=True)
+    est = v.estimate
+    assert est.rounds == 2 and est.ci95[0] <= est.speedup <= est.ci95[1] and isinstance(v.resolved, bool)
+    assert "fresh process" in v.protocol and v.op_counts.get("Conv") == 1
