@@ -53,8 +53,11 @@ class Runner:
         if threads:
             self.env["OMP_NUM_THREADS"] = str(threads)
 
-    def __call__(self, *args: str | Path) -> Ran:
-        """Run ``dsdeploy ARGS`` (ARGS must include ``--json``) from the repository root; print and return it."""
+    def __call__(self, *args: str | Path, allow_fail: bool = False) -> Ran:
+        """Run ``dsdeploy ARGS`` (ARGS must include ``--json``) from the repository root; print and return it.
+
+        ``allow_fail``: a failing command returns a :class:`Ran` whose result is ``{"error": its last
+        stderr line, "exit": status}`` instead of ending the script (e.g. an out-of-reach ``--speedup``)."""
         cmd = [str(a) for a in args]
         shown = "dsdeploy " + " ".join(shlex.quote(c) for c in cmd)
         t = time.perf_counter()
@@ -62,6 +65,11 @@ class Runner:
                               text=True, check=False)
         secs = time.perf_counter() - t
         print(f"[{secs:7.1f}s] {shown}", flush=True)
+        if proc.returncode != 0 and allow_fail:
+            lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+            ran = Ran({"error": lines[-1] if lines else "", "exit": proc.returncode}, shown, secs)
+            self.log.append(ran)
+            return ran
         if proc.returncode != 0:
             sys.exit(f"failed (exit {proc.returncode}): {shown}\n{proc.stderr[-3000:]}")
         printed = [line.split("\r")[-1].strip() for line in proc.stderr.splitlines() if "preprocessing:" in line]

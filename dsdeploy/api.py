@@ -72,7 +72,7 @@ def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
             input_shape: Sequence[int] | None = None, example_inputs: torch.Tensor | None = None,
             weights: str | None = None, model_kwargs: dict[str, Any] | None = None,
             preprocess: dict[str, Any] | None = None, data: str | None = None, trust_pickle: bool = False,
-            trust_code: bool = False, allocation_options: dict[str, Any] | None = None,
+            trust_code: bool = False, allocation_options: dict[str, Any] | None = None, refresh: bool = False,
             **options: Any) -> ConvertedModel:
     """Rewrite the convolutions of a COPY of ``model`` into depthwise-separable blocks (the input is untouched).
 
@@ -100,6 +100,8 @@ def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
             (:mod:`dsdeploy.recover.sensitivity`); ``allocation_options``: ``seed``,
             ``calib_batches``, ``batch_size``, ``val_split``, ``limit`` of the images calibration uses,
             ``device`` where it runs.
+        refresh: with latency in the policy, re-measure the cached latency table and drop the correction
+            an earlier verification stored with it.
 
     Returns:
         A :class:`ConvertedModel`.
@@ -121,7 +123,7 @@ def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
     if allocates_on_data(policy, data):
         table = measure_costs(loaded, policy, shape, pre, data, **(allocation_options or {}))
     res, _ = convert_planned(loaded.model, shape, policy, costs=table.costs() if table is not None else None,
-                             cost_name=cost_name(table), name=loaded.spec or "model")
+                             cost_name=cost_name(table), name=loaded.spec or "model", refresh=refresh)
     entry = {"stage": "convert", "policy": res.plan.policy, "layout": res.plan.layout,
              "converted": len(res.plan.converted),
              "conv_mac_ratio": round(res.after.conv_macs / max(1, res.before.conv_macs), 4)}

@@ -16,6 +16,9 @@ os.environ.setdefault("DSDEPLOY_DEVICE", "cpu")
 # about the exporter (test_export, test_timm, test_model_edges) use ``users_exporter``: "auto" as
 # users get it, dynamo first with the fallback.
 os.environ.setdefault("DSDEPLOY_EXPORTER", "torchscript")
+# the latency verification's rounds in the test process, not one child process per round (seconds per
+# conversion on 2 cores); tests/test_latency_verify.py runs the child-process rounds once
+os.environ.setdefault("DSDEPLOY_VERIFY_ROUNDS_IN", "process")
 
 
 @pytest.fixture(scope="module")

@@ -152,8 +152,10 @@ def test_cli_speedup_end_to_end_prints_predicted_and_measured(cache, tmp_path):
                     "--batch", "1", "--threads", "1", "-o", out, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "latency plan: target" in proc.stdout and "measured: original" in proc.stdout
+    assert "95 % CI x" in proc.stdout and " rounds)" in proc.stdout
     policy = torch.load(out, weights_only=True)["plan"]["policy"]
-    attempt = policy["verified"]["attempts"][0]
+    assert isinstance(policy["verified"]["resolved"], bool) and policy["verified"]["rounds"] >= 3
+    attempt = policy["verified"]["attempts"][policy["verified"]["chosen"]]  # the model written
     assert attempt["predicted_ms"] > 0 and attempt["measured_ms"] > 0 and attempt["prediction_error"] is not None
     exported = dsdeploy("export", out, "-o", tmp_path / "s.onnx", "--trust-code", "--json", env=env)
     assert exported.returncode == 0, exported.stderr
@@ -245,14 +247,55 @@ def test_the_corrected_table_reproduces_both_measurements_and_replans_within_the
     assert plan_for_latency(fixed, {}, speedup=1.0).predicted_ms == pytest.approx(original)
 
 
+def three_convs(channels: int = 64) -> torch.nn.Module:
+    """Three identical 3x3 convs (one layer shape in the table), each followed by a ReLU."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[m for _ in range(3) for m in (torch.nn.Conv2d(channels, channels, 3, padding=1),
+                                                                 torch.nn.ReLU())]).eval()
+
+
+def test_the_verified_record_has_an_interval_and_its_correction_is_kept(tmp_path):
+    """The verification reports its 95 % interval, rounds and whether it is resolved; the correction it
+    measured is stored with the cached table and applied by the next conversion before its first plan
+    (no table re-measured); a refresh drops it; another batch's table has none."""
+    from dsdeploy.conversion.latency_convert import convert_planned
+    from dsdeploy.conversion.latency_verify import MAX_ROUNDS, MIN_ROUNDS
+    from dsdeploy.runtime.latency_cache import LatencyCache
+
+    model, shape, policy = three_convs(), (1, 64, 16, 16), Policy(speedup=1.3, threads=1)
+    _, record = convert_planned(model, shape, policy, cache_dir=tmp_path)
+    assert record["graphs_measured"] > 0 and "correction" not in record
+    for a in record["attempts"]:
+        assert a["ci95"][0] <= a["measured_speedup"] <= a["ci95"][1]
+        assert a["ci95_ms"][0] <= a["measured_ms"] <= a["ci95_ms"][1]
+        assert MIN_ROUNDS <= a["rounds"] <= MAX_ROUNDS and isinstance(a["resolved"], bool)
+        assert a["interval"] in ("met", "missed", "undecided")
+    chosen = record["attempts"][record["chosen"]]
+    assert record["ci95"] == chosen["ci95"] and record["rounds"] == chosen["rounds"]
+    assert isinstance(record["met"], bool) and isinstance(record["resolved"], bool)
+    data = json.loads(Path(record["cache_file"]).read_text())
+    (key, stored), = data["corrections"].items()
+    assert stored["dense_factor"] > 0 and stored["block_factor"] > 0 and stored["rounds"] >= MIN_ROUNDS
+    assert stored["ci95"][0] <= stored["measured_speedup"] <= stored["ci95"][1]
+
+    res, again = convert_planned(model, shape, policy, cache_dir=tmp_path, verify=False)
+    assert again["graphs_measured"] == 0 and again["correction"]["source"] == "cache"
+    assert again["correction"]["block_factor"] == stored["block_factor"]
+    planned = res.plan.policy["latency"]["model_ms"]  # the plan saw the corrected whole model
+    assert planned == pytest.approx(again["table_model_ms"] * stored["dense_factor"], rel=1e-3)
+    assert LatencyCache({**data["env"], "batch": 2}, tmp_path).correction(key) is None  # another batch: none
+
+    LatencyCache(data["env"], tmp_path, refresh=True).flush()  # what refresh does before re-measuring
+    assert "corrections" not in json.loads(Path(record["cache_file"]).read_text())
+    assert json.loads(Path(record["cache_file"]).read_text())["entries"] == data["entries"]
+
+
 def test_a_forced_miss_triggers_the_replan_and_is_recorded(tmp_path):
     """Blocks the cache claims 1000x faster than they are: the measured model misses the target, the
     table is corrected from the measurement, and the re-plan is recorded (or refused as out of reach)."""
     from dsdeploy.conversion.latency_convert import convert_planned, measure_table
 
-    model = torch.nn.Sequential(*[m for _ in range(3) for m in (torch.nn.Conv2d(64, 64, 3, padding=1),
-                                                                  torch.nn.ReLU())]).eval()
-    shape = (1, 64, 32, 32)
+    model, shape = three_convs(), (1, 64, 16, 16)
     table = measure_table(model, Policy(speedup=2.0, threads=1), shape, cache_dir=tmp_path)
     data = json.loads(Path(table.cache_file).read_text())
     for key, entry in data["entries"].items():  # a false table: whole 10 ms, dense convs 3.3 ms, blocks ~free
@@ -264,6 +307,10 @@ def test_a_forced_miss_triggers_the_replan_and_is_recorded(tmp_path):
         res, record = convert_planned(model, shape, Policy(speedup=speedup, threads=1), cache_dir=tmp_path)
     except PlanError as exc:  # the corrected table says the target is out of reach, naming the measurement
         assert "measured x" in str(exc) and "corrected" in str(exc) and "out of reach" in str(exc)
+        record = None
+    stored = json.loads(Path(table.cache_file).read_text())["corrections"][table.model_key]
+    assert stored["block_factor"] > 1 and stored["rounds"] >= 1  # what was measured is kept, even on the error
+    if record is None:
         return
     first, second = record["attempts"]
     assert first["measured_speedup"] < speedup / 1.05 and first["prediction_error"] < -0.05
@@ -282,3 +329,21 @@ def test_of_two_measured_attempts_the_slowest_that_meets_the_target_is_kept():
     assert _choose([(fast, 18.0, 4.7), (slow, 18.0, 6.0 * (1 + 2 * TOLERANCE))], pol)[3] == 0
     assert _choose([(slow, 18.0, 7.0), (slow, 18.0, 6.9)], pol)[3] == 1  # none meets: the fastest
     assert _choose([(close, 0.0, 9.0)], Policy(target_latency_ms=10.0))[3] == 0
+
+
+@pytest.mark.parametrize("interval,says", [("undecided", "neither confirmed nor refuted"),
+                                            ("missed", "the whole interval misses"), ("met", "the whole interval meets")])
+def test_an_unresolved_verification_says_so_in_one_line(interval, says):
+    from dsdeploy.conversion.workflow import latency_lines
+
+    attempt = {"target_ms": 6.0, "predicted_ms": 5.9, "predicted_speedup": 3.05, "original_ms": 18.0,
+               "measured_ms": 6.2, "measured_speedup": 2.91, "ci95": [2.71, 3.12], "rounds": 12, "resolved": False,
+               "interval": interval, "prediction_error": -0.05}
+    verified = {"attempts": [attempt], "chosen": 0, "met": True, "correction": {
+        "source": "cache", "dense_factor": 1.02, "block_factor": 0.9, "rounds": 5}}
+    lines = latency_lines({"verified": verified})
+    noise = [line for line in lines if "noise" in line]
+    assert len(noise) == 1 and says in noise[0] and "x2.71-x3.12 over 12 rounds" in noise[0]
+    assert any("stored measurement" in line and "x0.90" in line for line in lines)
+    resolved = latency_lines({"verified": {**verified, "attempts": [{**attempt, "resolved": True}]}})
+    assert not any("noise" in line for line in resolved)

@@ -122,3 +122,23 @@ def test_measure_generates_inputs_and_reports_median(graphs):
     a, _, _ = graphs
     stats = measure(a, threads=1, protocol=Protocol(warmup=1, iters=5))
     assert stats.n == 5 and stats.min_ms <= stats.p50_ms <= stats.max_ms
+
+
+def test_time_in_child_times_files_in_a_fresh_process(graphs, tmp_path):
+    """Each graph file is timed in order in a child process: as many samples as the protocol asks, all positive;
+    a file that cannot be loaded gives one ProviderError line naming it, not a traceback."""
+    from dsdeploy.errors import ProviderError
+    from dsdeploy.runtime.isolated import time_in_child
+
+    paths = []
+    for i, g in enumerate(graphs[:2]):
+        paths.append(tmp_path / f"g{i}.onnx")
+        paths[-1].write_bytes(g)
+    samples = time_in_child(paths, ep_name="CPUExecutionProvider", threads=THREADS,
+                            protocol=Protocol(warmup=1, iters=3))
+    assert [len(s) for s in samples] == [3, 3]
+    assert all(v > 0 for s in samples for v in s)
+    with pytest.raises(ProviderError, match="missing.onnx") as err:
+        time_in_child([tmp_path / "missing.onnx"], ep_name="CPUExecutionProvider", threads=THREADS,
+                      protocol=Protocol(warmup=1, iters=1))
+    assert "\n" not in str(err.value)

@@ -31,7 +31,7 @@ from dsdeploy.errors import InputShapeError, PlanError
 @click.option("--statistic", type=click.Choice(["median", "min"]), default="median", show_default=True,
               help="Figure per graph: the median of the timed runs, or the min (the undisturbed time on a "
                    "machine other processes load); the cache keeps both.")
-@click.option("--refresh", is_flag=True, help="Re-measure everything, replacing the cached entries.")
+@click.option("--refresh", is_flag=True, help="Re-measure everything, replacing the cached entries and dropping the stored corrections.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 def latency_table(model, weights, model_kwargs, trust_pickle, input_shape, trust_code, provider, batch, threads,
                   max_rank, layouts, convert_stem, cache_dir, statistic, refresh, as_json):

@@ -106,10 +106,12 @@ def inspect(model, weights, model_kwargs, trust_pickle, input_shape, calib_data,
 @device_option
 @preprocess_options
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--refresh", is_flag=True,
+              help="Re-measure the cached latency table and drop the correction stored with it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, calib_data, calib_batches, calib_rounds,
-            calib_cache_mb, calib_eval_images, block_reconstruct, device, seed, as_json, preprocess, trust_code,
-            **policy):
+            calib_cache_mb, calib_eval_images, block_reconstruct, device, seed, refresh, as_json, preprocess,
+            trust_code, **policy):
     """Rewrite MODEL's convs into depthwise-separable blocks and write a .dsd artifact.
 
     Prints params/MACs before and after and the rank of every layer. Exit status 3 when
@@ -122,7 +124,8 @@ def convert(model, output, weights, model_kwargs, trust_pickle, input_shape, cal
     cm = api.convert(model, policy=_policy(policy),
                      input_shape=parse_shape(input_shape), weights=weights, model_kwargs=parse_kwargs(model_kwargs),
                      trust_pickle=trust_pickle, trust_code=trust_code, preprocess=preprocess, data=calib_data,
-                     allocation_options={"seed": seed, "calib_batches": calib_batches, "device": device})
+                     allocation_options={"seed": seed, "calib_batches": calib_batches, "device": device},
+                     refresh=refresh)
     if calib_data:
         api.calibrate(cm, calib_data, max_batches=calib_batches, seed=seed, progress=True,
                       block_reconstruct=block_reconstruct, rounds=calib_rounds, cache_mb=calib_cache_mb,

@@ -1,39 +1,39 @@
-"""Conversion planned on measured latency, then verified: measure the converted model, re-plan once if it misses.
+"""Conversion planned on measured latency, then verified: measure the converted model, re-plan once on a
+significant miss, and keep what the measurement taught.
 
 :func:`convert_planned` is what :func:`dsdeploy.api.convert` calls. Without latency in the
 policy it is :func:`dsdeploy.conversion.rewrite.convert`. With a ``speedup`` /
 ``target_latency_ms`` (or a ``mac_budget`` with a ``provider``) it measures (or reads from the
 cache) the model's latency table on the target (:func:`dsdeploy.runtime.latency_table.latency_table`)
-and plans on it. A latency target is then verified, not predicted: the original and the
-converted model are exported as ``dsdeploy export`` writes them and timed alternately by the same
-protocol on the same EP, batch and threads (:func:`measure_pair`); when the measured latency misses
-the target by more than :data:`TOLERANCE` either way (too slow, or faster than asked: accuracy
-given away), the table is corrected from the two measurements
-(:func:`corrected_table`: the dense side's and the DS blocks' factors) and the plan is made once
-more, then measured again, and the slowest attempt that meets the target is kept; a target the
-corrected table cannot reach raises PlanError with the best reachable speedup. Every attempt is recorded (the history entry's ``latency``).
+and plans on it, corrected by what an earlier verification of the same model in the same
+environment stored with the table (``correction``, ``source: cache``). A latency target is then
+verified, not predicted: the original and the converted model are exported as ``dsdeploy export``
+writes them and timed in alternating rounds until a 95 % bootstrap interval of the speedup is
+narrow enough or a cap is reached (:mod:`dsdeploy.conversion.latency_verify`). Only a *significant*
+miss (the whole interval more than :data:`TOLERANCE` off the target, either way: too slow, or faster
+than asked, which gives accuracy away) corrects the table from the measurement (:func:`corrected_table`:
+the dense side's and the DS blocks' factors) and plans once more, then measures again; the slowest
+attempt that meets the target is kept. The last measurement's factors are stored with the cached
+table for the next run. A target the corrected table cannot reach raises PlanError with the best
+reachable speedup. Every attempt is recorded (the history entry's ``latency``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 from torch import nn
 
+from dsdeploy.conversion.latency_verify import Estimate, Verification, measure_pair
 from dsdeploy.conversion.plan import Plan, Policy
 from dsdeploy.conversion.rewrite import ConversionResult, convert
 from dsdeploy.errors import PlanError
-from dsdeploy.runtime import providers as eps
-from dsdeploy.runtime.latency_table import TABLE_PROTOCOL, LatencyTable, latency_table
-from dsdeploy.runtime.timing import measure_samples
+from dsdeploy.runtime.latency_cache import LatencyCache
+from dsdeploy.runtime.latency_table import LatencyTable, latency_table
 
-TOLERANCE = 0.05  # a measured latency this far from the target (either way) triggers the one re-plan
-VERIFY_ITERS = 60
-VERIFY_ROUNDS = 3
+TOLERANCE = 0.05  # a measured latency this far from the target (either way, significantly) triggers the re-plan
 
 
 def physical_cores() -> int:
@@ -70,44 +70,13 @@ def target_of(policy: Policy) -> dict[str, Any]:
 
 
 def measure_table(model: nn.Module, policy: Policy, input_shape: tuple[int, ...], *, cache_dir: Any = None,
-                  name: str = "model", progress: Callable[[str], None] | None = None):
-    """The latency table of ``model`` at ``input_shape`` with the policy's batch, on its provider/threads."""
+                  name: str = "model", progress: Callable[[str], None] | None = None, refresh: bool = False):
+    """The latency table of ``model`` at ``input_shape`` with the policy's batch, on its provider/threads
+    (``refresh``: re-measure it and drop its stored corrections)."""
     t = target_of(policy)
     shape = (t["batch"], *input_shape[1:])
     return latency_table(model, shape, provider=t["provider"], threads=t["threads"], policy=policy,
-                         cache_dir=cache_dir, name=name, progress=progress)
-
-
-def measure_pair(original: nn.Module, converted: nn.Module, shape: tuple[int, ...], policy: Policy,
-                 iters: int = VERIFY_ITERS, rounds: int = VERIFY_ROUNDS) -> tuple[float, float, str, dict[str, int]]:
-    """Median ms of ``original`` and ``converted`` as ``dsdeploy export`` writes them
-    (:func:`dsdeploy.export.onnx_export.export_bytes`: the graph a user deploys and benches), on the
-    policy's EP/threads at ``shape``; the protocol's line; the timed converted graph's op counts
-    (:func:`dsdeploy.export.graph.op_counts`, as ``export`` reports them).
-
-    The two are timed in ``rounds`` alternating rounds (A, B, A, B, ...; one session alive at a time, as
-    ``bench`` times one model) of ``iters // rounds`` runs each, so a drift in the machine's speed hits
-    both; each figure is the median of all its runs.
-    """
-    import onnx  # heavy: only when verifying
-
-    from dsdeploy.export.graph import op_counts
-    from dsdeploy.export.onnx_export import export_bytes
-
-    t = target_of(policy)
-    cfg = eps.ep_config(eps.resolve_ep_name(t["provider"]), None, t["threads"])
-    rounds = max(1, min(rounds, iters))
-    per_round = dataclasses.replace(TABLE_PROTOCOL, iters=max(1, iters // rounds))
-    graphs = [export_bytes(m, shape) for m in (original, converted)]
-    samples: list[list[float]] = [[], []]
-    for _ in range(rounds):
-        for i, graph in enumerate(graphs):
-            samples[i] += measure_samples(graph, ep=cfg, threads=t["threads"], protocol=per_round, batch=shape[0])
-    protocol = dataclasses.replace(TABLE_PROTOCOL, iters=len(samples[0]))
-    line = (f"{protocol.describe()}; the exported graphs (as `export` writes them), original and converted "
-            f"alternating in {rounds} rounds")
-    ops = op_counts(onnx.load_from_string(graphs[1]))
-    return float(np.median(samples[0])), float(np.median(samples[1])), line, ops
+                         cache_dir=cache_dir, name=name, progress=progress, refresh=refresh)
 
 
 def corrected_table(table: LatencyTable, plan: Plan, original_ms: float, converted_ms: float
@@ -129,13 +98,26 @@ def corrected_table(table: LatencyTable, plan: Plan, original_ms: float, convert
     return table.scaled(a, b), a, b
 
 
-def _attempt(res: ConversionResult, original_ms: float, converted_ms: float) -> dict[str, Any]:
-    lat = res.plan.policy["latency"]
-    predicted = lat["predicted_ms"]
+def _ratio(est: Estimate, policy: Policy) -> tuple[float, float, float]:
+    """``converted / goal`` (1: on target; the goal is ``original / speedup`` or the target ms) and its
+    95 % interval ``(ratio, lo, hi)``."""
+    if policy.speedup:
+        return policy.speedup / est.speedup, policy.speedup / est.ci95[1], policy.speedup / est.ci95[0]
+    ms = float(policy.target_latency_ms)
+    return est.converted_ms / ms, est.converted_ci95[0] / ms, est.converted_ci95[1] / ms
+
+
+def _attempt(res: ConversionResult, v: Verification, policy: Policy) -> dict[str, Any]:
+    lat, est = res.plan.policy["latency"], v.estimate
+    predicted, converted_ms = lat["predicted_ms"], est.converted_ms
+    _, lo, hi = _ratio(est, policy)
+    verdict = "met" if hi <= 1 + TOLERANCE else "missed" if lo > 1 + TOLERANCE else "undecided"
     return {"target_ms": lat["target_ms"], "predicted_ms": predicted, "predicted_speedup": lat["predicted_speedup"],
-            "original_ms": round(original_ms, 5), "measured_ms": round(converted_ms, 5),
-            "measured_speedup": round(original_ms / converted_ms, 4) if converted_ms > 0 else None,
-            "prediction_error": round((predicted - converted_ms) / converted_ms, 4) if converted_ms > 0 else None}
+            "original_ms": round(est.original_ms, 5), "measured_ms": round(converted_ms, 5),
+            "measured_speedup": round(est.speedup, 4), "ci95": [round(x, 4) for x in est.ci95],
+            "ci95_ms": [round(x, 5) for x in est.converted_ci95], "rounds": est.rounds, "resolved": v.resolved,
+            "interval": verdict, "prediction_error": round((predicted - converted_ms) / converted_ms, 4),
+            "op_counts": v.op_counts}
 
 
 def _choose(tried: list[tuple[ConversionResult, float, float]], policy: Policy
@@ -151,9 +133,18 @@ def _choose(tried: list[tuple[ConversionResult, float, float]], policy: Policy
     return (*tried[i], i)
 
 
+def _factors(value: Any) -> tuple[float, float] | None:
+    """A stored correction's ``(dense, block)`` factors, None when it is not a usable one."""
+    if not isinstance(value, dict):
+        return None
+    a, b = value.get("dense_factor"), value.get("block_factor")
+    ok = all(isinstance(x, (int, float)) and 0 < x < float("inf") for x in (a, b))
+    return (float(a), float(b)) if ok else None
+
+
 def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Policy, *,
                     costs: Mapping[str, Mapping[int, float]] | None = None, cost_name: str | None = None,
-                    cache_dir: Any = None, verify: bool = True, name: str = "model",
+                    cache_dir: Any = None, verify: bool = True, refresh: bool = False, name: str = "model",
                     progress: Callable[[str], None] | None = None) -> tuple[ConversionResult, dict[str, Any] | None]:
     """Convert a copy of ``model`` under ``policy``; with latency in the policy, plan on the measured table.
 
@@ -161,57 +152,101 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
         model: the original model (never modified). input_shape: ``(N, C, *spatial)`` traced with.
         policy: a validated :class:`Policy`. costs / cost_name: measured per-layer costs (data allocation).
         cache_dir: the latency cache folder (default ``$DSDEPLOY_CACHE/latency`` or ``~/.cache/dsdeploy``).
-        verify: measure the converted model against the original (latency targets) and re-plan once when it
-            misses the target by more than :data:`TOLERANCE` either way (too slow; or faster than asked,
-            which gives away accuracy); of the two, the slowest that meets the target is kept
-            (``chosen``: its attempt index), else the fastest.
+        verify: measure the converted model against the original (latency targets) in alternating rounds
+            (:func:`dsdeploy.conversion.latency_verify.measure_pair`) and re-plan once when the miss is
+            significant: the whole 95 % interval more than :data:`TOLERANCE` off the target either way (too
+            slow; or faster than asked, which gives away accuracy); of the attempts, the slowest that meets
+            the target is kept (``chosen``: its attempt index), else the fastest. The last measurement's
+            correction is stored with the cached table.
+        refresh: re-measure the latency table and ignore (drop) the stored correction.
 
     Returns:
         ``(result, latency)``: ``latency`` is None without latency in the policy; else a JSON-able
         record: the target (provider, batch, threads), the table's whole-model ms and cache file,
-        and per attempt the target, predicted and measured ms, the measured speedup, the prediction
-        error (``(predicted - measured) / measured``), the timed graph's ``op_counts`` and, for the
-        re-plan, the correction's ``dense_factor``/``block_factor``; ``met`` says whether the last attempt is
-        within :data:`TOLERANCE` of the target. The same record is in ``result.plan.policy["verified"]``.
+        ``correction`` (``{"source": "cache", "dense_factor", "block_factor", "rounds", "ci95", ...}``) when
+        a stored one was applied before the first plan, and per attempt the target, predicted and measured
+        ms, the measured speedup with its ``ci95`` (speedup) / ``ci95_ms`` (converted ms) and ``rounds``,
+        ``resolved`` (the interval is narrow enough to tell a :data:`TOLERANCE` miss from a hit),
+        ``interval`` ("met" / "missed": the whole interval does; else "undecided"), the prediction error
+        (``(predicted - measured) / measured``), the timed graph's ``op_counts`` and, for the re-plan, the
+        correction's ``dense_factor``/``block_factor``. ``met`` (the chosen attempt's point estimate within
+        :data:`TOLERANCE` of the target, or faster), ``measured_speedup``, ``ci95``, ``rounds`` and ``resolved``
+        are the chosen attempt's. The same record is in ``result.plan.policy["verified"]``.
 
     Raises:
         PlanError: an out-of-reach target (with the best reachable speedup), also when the table corrected
             after a measured miss cannot reach it (the message gives the measured speedup); ProviderError: the EP
-        cannot run; NothingToConvertError: nothing converts.
+            cannot run; NothingToConvertError: nothing converts; LatencyCacheError: an unreadable cache file.
     """
     if not policy.measures_latency:
         return convert(model, input_shape=input_shape, policy=policy, costs=costs, cost_name=cost_name), None
-    table = measure_table(model, policy, input_shape, cache_dir=cache_dir, name=name, progress=progress)
-    res = convert(model, input_shape=input_shape, policy=policy, costs=costs, cost_name=cost_name, latency=table)
+    table = measure_table(model, policy, input_shape, cache_dir=cache_dir, name=name, progress=progress,
+                          refresh=refresh)
     record: dict[str, Any] = {**target_of(policy), "table_model_ms": round(table.model_ms, 5),
                               "cache_file": table.cache_file, "graphs_measured": table.measured, "attempts": []}
+    base, planned_on = (1.0, 1.0), table
+    stored = _factors(table.correction) if policy.latency_target else None
+    if stored is not None:  # what an earlier verification of this model here measured
+        base, planned_on = stored, table.scaled(*stored)
+        record["correction"] = {"source": "cache", **table.correction}
+
+    def plan(on: LatencyTable) -> ConversionResult:
+        return convert(model, input_shape=input_shape, policy=policy, costs=costs, cost_name=cost_name, latency=on)
+
+    try:
+        res = plan(planned_on)
+    except PlanError as exc:
+        if stored is None:
+            raise
+        raise PlanError(f"with the table corrected by the measurement stored with it (dense x{base[0]:.2f}, DS "
+                        f"blocks x{base[1]:.2f}; refresh drops it), {exc}") from None
     if not policy.latency_target or not verify:
         return res, record
     shape = (int(policy.batch), *input_shape[1:])
-    original_ms, converted_ms, protocol, ops = measure_pair(model, res.model, shape, policy)
-    record["protocol"] = protocol
-    record["attempts"].append({**_attempt(res, original_ms, converted_ms), "op_counts": ops})
-    goal = original_ms / policy.speedup if policy.speedup else float(policy.target_latency_ms)
-    tried = [(res, original_ms, converted_ms)]
-    if abs(converted_ms - goal) > goal * TOLERANCE:  # too slow, or faster than asked (accuracy given away)
-        fixed, a, b = corrected_table(table, res.plan, original_ms, converted_ms)
+    target = target_of(policy)
+
+    def measure(r: ConversionResult) -> Verification:
+        return measure_pair(model, r.model, shape, target, tolerance=TOLERANCE,
+                            on="speedup" if policy.speedup else "converted")
+
+    v = measure(res)
+    record["protocol"] = v.protocol
+    record["attempts"].append(_attempt(res, v, policy))
+    tried = [(res, v)]
+    ratio, lo, hi = _ratio(v.estimate, policy)
+    cache = LatencyCache(table.environment, cache_dir)
+    cache.put_correction(table.model_key, _learned(planned_on, res, v, base))
+    if lo > 1 + TOLERANCE or hi < 1 - TOLERANCE:  # a significant miss: too slow, or faster than asked
+        fixed, a, b = corrected_table(planned_on, res.plan, v.estimate.original_ms, v.estimate.converted_ms)
         try:
-            res = convert(model, input_shape=input_shape, policy=policy, costs=costs, cost_name=cost_name,
-                          latency=fixed)
+            again = plan(fixed)
         except PlanError as exc:
-            if converted_ms < goal:  # already fast enough: keep it
-                res = None
-            else:
-                raise PlanError(f"measured x{original_ms / converted_ms:.2f} ({converted_ms:.3f} ms against "
-                                f"{original_ms:.3f} ms) where x{res.plan.policy['latency']['predicted_speedup']:.2f} "
+            if ratio > 1:  # too slow, and the corrected table cannot reach the target
+                raise PlanError(f"measured x{v.estimate.speedup:.2f} ({v.estimate.converted_ms:.3f} ms against "
+                                f"{v.estimate.original_ms:.3f} ms) where x{res.plan.policy['latency']['predicted_speedup']:.2f} "
                                 f"was predicted; with the table corrected from that measurement, {exc}") from None
-        if res is not None:
-            original_ms, converted_ms, _, ops = measure_pair(model, res.model, shape, policy)
-            record["attempts"].append({**_attempt(res, original_ms, converted_ms), "op_counts": ops,
-                                       "dense_factor": round(a, 4), "block_factor": round(b, 4)})
-            tried.append((res, original_ms, converted_ms))
-    res, original_ms, converted_ms, record["chosen"] = _choose(tried, policy)
-    goal = original_ms / policy.speedup if policy.speedup else float(policy.target_latency_ms)
-    record["met"] = bool(converted_ms <= goal * (1 + TOLERANCE))
+            again = None  # already fast enough: keep it
+        if again is not None:
+            v2 = measure(again)
+            record["attempts"].append({**_attempt(again, v2, policy), "dense_factor": round(a, 4),
+                                       "block_factor": round(b, 4)})
+            tried.append((again, v2))
+            cache.put_correction(table.model_key, _learned(fixed, again, v2, (base[0] * a, base[1] * b)))
+    res, _, _, record["chosen"] = _choose([(r, x.estimate.original_ms, x.estimate.converted_ms) for r, x in tried],
+                                          policy)
+    chosen = record["attempts"][record["chosen"]]
+    record["met"] = bool(_ratio(tried[record["chosen"]][1].estimate, policy)[0] <= 1 + TOLERANCE)
+    record.update({k: chosen[k] for k in ("measured_speedup", "ci95", "rounds", "resolved", "interval")})
     res.plan.policy["verified"] = record
     return res, record
+
+
+def _learned(table: LatencyTable, res: ConversionResult, v: Verification, base: tuple[float, float]
+             ) -> dict[str, Any]:
+    """The correction ``v``'s measurement of ``res`` (planned on ``table``, itself the measured table
+    scaled by ``base``) teaches, relative to the measured table: the value stored with it."""
+    est = v.estimate
+    _, a, b = corrected_table(table, res.plan, est.original_ms, est.converted_ms)
+    return {"dense_factor": round(base[0] * a, 4), "block_factor": round(base[1] * b, 4), "rounds": est.rounds,
+            "ci95": [round(x, 4) for x in est.ci95], "measured_speedup": round(est.speedup, 4),
+            "resolved": v.resolved}

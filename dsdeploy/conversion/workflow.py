@@ -90,19 +90,34 @@ def latency_lines(policy: dict[str, Any]) -> list[str]:
     if plan:
         out.append(f"latency plan: target {plan['target_ms']:.3f} ms, predicted {plan['predicted_ms']:.3f} ms "
                    f"(x{plan['predicted_speedup']:.2f}; not converted {plan['remainder_ms']:.3f} ms)")
+    corr = (verified or {}).get("correction")
+    if corr:
+        out.append(f"planned on the table corrected by its stored measurement (dense x{corr['dense_factor']:.2f}, "
+                   f"DS blocks x{corr['block_factor']:.2f}, from {corr.get('rounds', '?')} rounds; refresh drops it)")
     for i, a in enumerate((verified or {}).get("attempts", [])):
         what = "measured" if i == 0 else (f"re-planned on the table corrected from that measurement (dense x"
                                           f"{a.get('dense_factor', 1):.2f}, DS blocks x{a.get('block_factor', 1):.2f}), "
                                           f"measured")
+        ci = f", 95 % CI x{a['ci95'][0]:.2f}-x{a['ci95'][1]:.2f} over {a['rounds']} rounds" if "ci95" in a else ""
+        kept = "; kept" if len(verified["attempts"]) > 1 and verified.get("chosen") == i else ""
         out.append(f"{what}: original {a['original_ms']:.3f} ms, converted {a['measured_ms']:.3f} ms "
-                   f"(x{a['measured_speedup']:.2f}); predicted {a['predicted_ms']:.3f} ms, prediction error "
-                   f"{100 * a['prediction_error']:+.1f}%")
-    if verified and verified.get("attempts") and not verified.get("met"):
-        last = verified["attempts"][-1]
-        out.append(f"warning: measured {last['measured_ms']:.3f} ms (x{last['measured_speedup']:.2f}) misses the "
-                   f"target {last['target_ms']:.3f} ms by more than 5% after {len(verified['attempts'])} "
-                   f"measurement(s); x{last['measured_speedup']:.2f} is the best measured here (the machine may "
-                   f"be loaded: measure again with `dsdeploy bench`)")
+                   f"(x{a['measured_speedup']:.2f}{ci}); predicted {a['predicted_ms']:.3f} ms, prediction error "
+                   f"{100 * a['prediction_error']:+.1f}%{kept}")
+    attempts = (verified or {}).get("attempts")
+    if not attempts:
+        return out
+    chosen = attempts[verified.get("chosen", len(attempts) - 1)]
+    if chosen.get("resolved") is False:  # noise wider than the tolerance: say what the interval does tell
+        tail = {"met": "though the whole interval meets the target",
+                "missed": "though the whole interval misses the target"}.get(
+            chosen.get("interval"), "so the target can be neither confirmed nor refuted here")
+        out.append(f"measured x{chosen['measured_speedup']:.2f} (95 % CI x{chosen['ci95'][0]:.2f}-"
+                   f"x{chosen['ci95'][1]:.2f} over {chosen['rounds']} rounds): this machine's run-to-run noise is "
+                   f"larger than the 5 % tolerance, {tail}")
+    elif not verified.get("met"):
+        out.append(f"warning: measured {chosen['measured_ms']:.3f} ms (x{chosen['measured_speedup']:.2f}) misses the "
+                   f"target {chosen['target_ms']:.3f} ms by more than 5% after {len(attempts)} "
+                   f"measurement(s); x{chosen['measured_speedup']:.2f} is the best measured here")
     return out
 
 

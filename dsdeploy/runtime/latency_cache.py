@@ -9,6 +9,11 @@ so identical layers are measured once. Files are written atomically
 (:func:`dsdeploy.fsutil.write_json`) under a ``filelock`` lock, merging what another
 process wrote meanwhile. A file that cannot be read raises :class:`LatencyCacheError`
 (one line) unless the caller re-measures (``refresh``), which replaces it.
+
+The file also keeps, per model (:func:`dsdeploy.runtime.latency_table.model_key`), the correction a
+whole-model measurement taught (``corrections``: dense and DS-block factors, see
+:mod:`dsdeploy.conversion.latency_convert`); it rides with the environment's key, and a ``refresh``
+drops every correction of the file (they were relative to the entries it re-measures).
 """
 
 from __future__ import annotations
@@ -85,9 +90,21 @@ class LatencyCache:
             raise LatencyCacheError(f"cannot create the latency cache folder {show(self.path.parent)}: "
                                     f"{exc.strerror or exc}") from None
         self._lock = FileLock(str(self.path) + ".lock", timeout=600)  # re-entrant: one object per cache
+        self.refresh = refresh
         self.entries: dict[str, dict[str, Any]] = {} if refresh else self._read(strict=True)
+        self.corrections: dict[str, dict[str, Any]] = {} if refresh else self._corrections()
         self.measured: dict[str, dict[str, Any]] = {}  # this run's measurements
-        self._dirty = False
+        self._dirty = refresh  # a refresh rewrites the file even when nothing is measured (drops corrections)
+
+    def _corrections(self) -> dict[str, dict[str, Any]]:
+        """The file's per-model corrections (none when the file is absent or unreadable)."""
+        with self._lock:
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                return {}
+        found = data.get("corrections") if isinstance(data, dict) and data.get("env") == self.env else None
+        return {k: v for k, v in found.items() if isinstance(v, dict)} if isinstance(found, dict) else {}
 
     def _read(self, *, strict: bool) -> dict[str, dict[str, Any]]:
         if not self.path.exists():
@@ -124,5 +141,23 @@ class LatencyCache:
             return
         with self._lock:
             merged = {**self._read(strict=False), **self.measured}
-            write_json(self.path, {"env": self.env, "entries": dict(sorted(merged.items()))})
+            corrections = {} if self.refresh else self._corrections()
+            self._write(merged, corrections)
         self._dirty = False
+
+    def correction(self, model: str) -> dict[str, Any] | None:
+        """The stored correction of ``model`` (a model key), None when there is none."""
+        return self.corrections.get(model)
+
+    def put_correction(self, model: str, value: dict[str, Any]) -> None:
+        """Store ``value`` as ``model``'s correction now (atomically, keeping the file's other content)."""
+        with self._lock:
+            corrections = {**self._corrections(), model: value}
+            self._write(self._read(strict=False), corrections)
+        self.corrections[model] = value
+
+    def _write(self, entries: dict[str, dict[str, Any]], corrections: dict[str, dict[str, Any]]) -> None:
+        data: dict[str, Any] = {"env": self.env, "entries": dict(sorted(entries.items()))}
+        if corrections:
+            data["corrections"] = dict(sorted(corrections.items()))
+        write_json(self.path, data)

@@ -84,6 +84,8 @@ class LatencyTable:
     measured: int = 0  # distinct graphs timed by this call (0: everything came from the cache)
     reused: int = 0    # distinct graphs read from the cache file
     seconds: float = 0.0
+    model_key: str = ""  # :func:`model_key` of the model at this shape (the cache's key of its correction)
+    correction: dict[str, Any] | None = None  # the stored correction of this model (LatencyCache.correction)
 
     @property
     def candidates(self) -> list[LayerTiming]:
@@ -129,6 +131,10 @@ class LatencyTable:
                 f"protocol: {self.protocol}\n"
                 f"{self.measured} graphs measured, {self.reused} from the cache {self.cache_file} "
                 f"({self.seconds:.1f} s)")
+        if self.correction:
+            c = self.correction
+            head += (f"\nstored correction from a verified conversion: dense x{c.get('dense_factor')}, DS blocks "
+                     f"x{c.get('block_factor')} ({c.get('rounds')} rounds)")
         table = format_table(["layer", "dense ms", "rank", *[f"{lay} ms" for lay in layouts], "best speedup / why"],
                              rows)
         return head + "\n" + table
@@ -163,6 +169,10 @@ def latency_table(model: nn.Module, input_shape: Sequence[int], *, provider: str
         ort_version: the ONNX Runtime version recorded in the cache key (default: the installed one).
         protocol: the timing protocol; the table's figure is its ``statistic`` of ``iters`` runs (the cache
             keeps the median and the min of each graph, so either statistic reads the same entries).
+
+    Returns:
+        The table as measured (never corrected); ``correction`` carries the correction a verification
+        stored for this model in this environment (None after a ``refresh``).
 
     Raises:
         ProviderError: the EP is unavailable or cannot run a graph. PlanError: a bad layout or max_rank.
@@ -206,7 +216,8 @@ def latency_table(model: nn.Module, input_shape: Sequence[int], *, provider: str
     calls = trace_calls(model, shape)
     layers: list[LayerTiming] = []
     try:
-        model_ms = timed(f"model-export:{model_key(model, shape)}", lambda: export_bytes(model, shape),
+        mkey = model_key(model, shape)
+        model_ms = timed(f"model-export:{mkey}", lambda: export_bytes(model, shape),
                          f"{name} (whole, as exported)")
         for lname, mod in conv_modules(model):
             lt = LayerTiming(lname)
@@ -230,4 +241,4 @@ def latency_table(model: nn.Module, input_shape: Sequence[int], *, provider: str
     finally:
         cache.flush()
     return LatencyTable(name, list(shape), env, protocol.describe(), model_ms, layers, show(cache.path),
-                        len(cache.measured), len(reused), time.perf_counter() - t_start)
+                        len(cache.measured), len(reused), time.perf_counter() - t_start, mkey, cache.correction(mkey))

@@ -1,0 +1,197 @@
+"""Verifying a latency target by measurement: alternating rounds until a bootstrap interval is narrow enough.
+
+The original and the converted model, exported as ``dsdeploy export`` writes them, are timed in
+alternating rounds (original, converted, original, ...; each round a fresh session timing
+``per_round`` runs, one session alive at a time) for at least ``min_rounds`` and at most
+``max_rounds`` rounds or ``time_cap_s`` seconds. After each round from ``min_rounds`` on, the
+speedup (median of the original's runs / median of the converted's) gets a 95 % percentile
+bootstrap confidence interval over *rounds* (:func:`bootstrap_estimate`), and the rounds stop as
+soon as the interval's half-width is within half the tolerance of the estimate
+(:func:`narrow_enough`): the estimate is then good enough to tell a 5 % miss from a hit.
+
+Why rounds, not runs, are resampled: on a shared VM the runs of one session are correlated (the
+machine's speed drifts between sessions, not between runs), so the round is the independent unit;
+an interval over runs would be far too narrow. A round's original and converted halves are
+resampled together (a paired bootstrap), so a drift that slows both cancels in the ratio as it
+does in the measurement. By default each round runs in a fresh child process
+(:func:`dsdeploy.runtime.isolated.time_in_child`): one graph times within ~1 % from round to round inside
+one process but 5-20 % apart between processes, so rounds in the planning process alone would give an
+interval too narrow for the model as a user's process will run it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+MIN_ROUNDS = 3
+MAX_ROUNDS = 12
+PER_ROUND = 20  # timed runs of each model per round
+TIME_CAP_S = 120.0  # no new round starts after this many seconds of verification
+ROUNDS_ENV = "DSDEPLOY_VERIFY_ROUNDS_IN"  # "process": rounds in this process (quicker; the test suite's choice)
+RESAMPLES = 1000
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A speedup measured over ``rounds`` alternating rounds, with 95 % bootstrap intervals.
+
+    ``speedup = original_ms / converted_ms`` (each the median of all its runs); ``ci95`` bounds
+    the speedup, ``converted_ci95`` the converted model's median ms. Each interval holds its
+    point estimate (a percentile interval need not; it is widened to it).
+    """
+
+    original_ms: float
+    converted_ms: float
+    speedup: float
+    ci95: tuple[float, float]
+    converted_ci95: tuple[float, float]
+    rounds: int
+
+    def half_width(self, on: str = "speedup") -> float:
+        """The interval's half-width relative to its estimate (``on``: "speedup" or "converted")."""
+        lo, hi = self.ci95 if on == "speedup" else self.converted_ci95
+        point = self.speedup if on == "speedup" else self.converted_ms
+        return (hi - lo) / 2 / point if point > 0 else float("inf")
+
+
+def bootstrap_estimate(original_rounds: Sequence[Sequence[float]], converted_rounds: Sequence[Sequence[float]], *,
+                       resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> Estimate:
+    """The speedup of per-round samples (ms) and its percentile bootstrap interval over rounds.
+
+    A pure function: ``original_rounds[i]`` and ``converted_rounds[i]`` are round i's run times of
+    each model. Each of ``resamples`` bootstrap replicates draws ``len(rounds)`` round indices with
+    replacement (seeded ``numpy`` generator) and recomputes both medians from the drawn rounds' runs,
+    a round's two halves together (paired); the interval is the replicates' ``(1 - level) / 2`` and
+    ``(1 + level) / 2`` quantiles (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993,
+    ch. 13, the percentile interval), widened to hold the point estimate.
+
+    Raises:
+        ValueError: no rounds, unequal numbers of rounds, or an empty round.
+    """
+    n = len(original_rounds)
+    if n == 0 or len(converted_rounds) != n or any(len(r) == 0 for r in (*original_rounds, *converted_rounds)):
+        raise ValueError("bootstrap_estimate needs the same number (>= 1) of non-empty rounds for both models")
+    orig = [np.asarray(r, dtype=np.float64) for r in original_rounds]
+    conv = [np.asarray(r, dtype=np.float64) for r in converted_rounds]
+    o_ms, c_ms = float(np.median(np.concatenate(orig))), float(np.median(np.concatenate(conv)))
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, n, size=(resamples, n))
+    o_rep, c_rep = (_replicate_medians(rounds, picks) for rounds in (orig, conv))
+    q = [(1 - level) / 2, (1 + level) / 2]
+    speedup = o_ms / c_ms
+    s_lo, s_hi = (float(v) for v in np.quantile(o_rep / c_rep, q))
+    c_lo, c_hi = (float(v) for v in np.quantile(c_rep, q))
+    return Estimate(o_ms, c_ms, speedup, (min(s_lo, speedup), max(s_hi, speedup)),
+                    (min(c_lo, c_ms), max(c_hi, c_ms)), n)
+
+
+def _replicate_medians(rounds: list[np.ndarray], picks: np.ndarray) -> np.ndarray:
+    """Per row of ``picks`` (round indices), the median of those rounds' runs pooled."""
+    if len({len(r) for r in rounds}) == 1:  # equal rounds (the usual case): one vectorised median
+        return np.median(np.stack(rounds)[picks].reshape(len(picks), -1), axis=1)
+    return np.array([np.median(np.concatenate([rounds[i] for i in p])) for p in picks])
+
+
+def narrow_enough(est: Estimate, tolerance: float, on: str = "speedup") -> bool:
+    """Whether ``est``'s interval tells a miss of ``tolerance`` from a hit: half-width <= tolerance / 2
+    of the estimate (the interval then spans at most one tolerance)."""
+    return est.half_width(on) <= tolerance / 2
+
+
+def run_rounds(next_round: Callable[[], tuple[Sequence[float], Sequence[float]]], *, tolerance: float,
+               on: str = "speedup", min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS,
+               time_cap_s: float | None = TIME_CAP_S, seed: int = 0,
+               clock: Callable[[], float] = time.monotonic) -> Estimate:
+    """Call ``next_round()`` (one round: the original's and the converted's run times, ms) until, from
+    ``min_rounds`` on, :func:`narrow_enough` holds, or ``max_rounds`` rounds were run, or ``time_cap_s``
+    seconds have passed since the first call (checked after each round; at least ``min_rounds`` run)."""
+    min_rounds = max(1, min_rounds)
+    max_rounds = max(min_rounds, max_rounds)
+    start = clock()
+    orig: list[Sequence[float]] = []
+    conv: list[Sequence[float]] = []
+    while True:
+        o, c = next_round()
+        orig.append(o)
+        conv.append(c)
+        if len(orig) < min_rounds:
+            continue
+        est = bootstrap_estimate(orig, conv, seed=seed)
+        if (narrow_enough(est, tolerance, on) or len(orig) >= max_rounds
+                or (time_cap_s is not None and clock() - start >= time_cap_s)):
+            return est
+
+
+@dataclass
+class Verification:
+    """A whole-model measurement: the estimate, whether it is ``resolved`` (narrow enough), the protocol's
+    line and the timed converted graph's op counts (as ``export`` reports them)."""
+
+    estimate: Estimate
+    resolved: bool
+    protocol: str
+    op_counts: dict[str, int] = field(default_factory=dict)
+
+
+def measure_pair(original: nn.Module, converted: nn.Module, shape: tuple[int, ...], target: dict[str, Any], *,
+                 tolerance: float, on: str = "speedup", per_round: int = PER_ROUND, min_rounds: int = MIN_ROUNDS,
+                 max_rounds: int = MAX_ROUNDS, time_cap_s: float | None = TIME_CAP_S,
+                 isolated: bool | None = None) -> Verification:
+    """Time ``original`` and ``converted`` as ``dsdeploy export`` writes them
+    (:func:`dsdeploy.export.onnx_export.export_bytes`) on ``target``'s EP/threads (``{"provider",
+    "threads"}``) at ``shape``, in alternating rounds of ``per_round`` runs each until the interval on
+    ``on`` ("speedup", or "converted" ms for a latency target) is within ``tolerance`` (:func:`run_rounds`).
+    ``isolated``: each round (both graphs, one after the other) in a fresh child process
+    (:func:`dsdeploy.runtime.isolated.time_in_child`), so the spread between processes is in the interval;
+    else in this process (default: fresh processes unless ``$DSDEPLOY_VERIFY_ROUNDS_IN`` is "process").
+
+    Raises:
+        ProviderError: the EP cannot run a graph.
+    """
+    import onnx  # heavy: only when verifying
+
+    from dsdeploy.export.graph import op_counts
+    from dsdeploy.export.onnx_export import export_bytes
+    from dsdeploy.runtime import providers as eps
+    from dsdeploy.runtime.isolated import time_in_child
+    from dsdeploy.runtime.latency_table import TABLE_PROTOCOL
+    from dsdeploy.runtime.timing import measure_samples
+
+    if isolated is None:
+        isolated = os.environ.get(ROUNDS_ENV, "").strip().lower() != "process"
+    cfg = eps.ep_config(eps.resolve_ep_name(target["provider"]), None, target["threads"])
+    protocol = dataclasses.replace(TABLE_PROTOCOL, iters=max(1, per_round))
+    graphs = [export_bytes(m, shape) for m in (original, converted)]
+    with tempfile.TemporaryDirectory(prefix="dsdeploy-verify-") as tmp:
+        paths = [Path(tmp) / f"{what}.onnx" for what in ("original", "converted")]
+        for path, graph in zip(paths, graphs, strict=True):
+            path.write_bytes(graph)  # read by the child processes only; the folder is removed after
+
+        def one_round() -> tuple[list[float], list[float]]:
+            if isolated:
+                o, c = time_in_child(paths, ep_name=cfg.name, ep_options=cfg.options, threads=target["threads"],
+                                     protocol=protocol, batch=shape[0])
+            else:
+                o, c = (measure_samples(g, ep=cfg, threads=target["threads"], protocol=protocol, batch=shape[0])
+                        for g in graphs)
+            return o, c
+
+        est = run_rounds(one_round, tolerance=tolerance, on=on, min_rounds=min_rounds, max_rounds=max_rounds,
+                         time_cap_s=time_cap_s)
+    where = "each round in a fresh process" if isolated else "in this process"
+    line = (f"{protocol.describe()} per round; the exported graphs (as `export` writes them), original and "
+            f"converted alternating, {where}, {est.rounds} rounds (from {min_rounds} until the 95 % bootstrap "
+            f"interval over rounds is within {100 * tolerance / 2:g} % of the estimate, at most {max_rounds})")
+    return Verification(est, narrow_enough(est, tolerance, on), line,
+                        op_counts(onnx.load_from_string(graphs[1])))
