@@ -24,7 +24,7 @@ after the fine-tune. Records accumulate in ``benchmarks/results/latency_pruning.
 ``benchmarks/RESULTS-latency-pruning.md`` and ``benchmarks/latency_pruning.png``::
 
     python benchmarks/latency_pruning.py --data /work/data/cifar10 --calib-dir /work/data/cifar10-calib/train \\
-        --speedups 1.5,2,3 --batch 32 --steps 1500 --work /tmp/lp && python benchmarks/latency_pruning.py --render
+        --speedups 1.5,2,3 --batch 32 --steps 300 --work /tmp/lp && python benchmarks/latency_pruning.py --render
 """
 
 from __future__ import annotations
@@ -354,7 +354,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     ap.add_argument("--batch", type=int, default=32, help="inference batch the latencies are measured at")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
-    ap.add_argument("--steps", type=int, default=1500, help="fine-tune steps for every method (0: none)")
+    ap.add_argument("--steps", type=int, default=300, help="fine-tune steps for every method (0: none)")
     ap.add_argument("--ft-batch", type=int, default=128, help="fine-tune batch")
     ap.add_argument("--lr", type=float, default=0.01, help="fine-tune peak learning rate (SGD, cosine)")
     ap.add_argument("--val-images", type=int, default=2000, help="held-out train images that pick the best epoch")
