@@ -168,6 +168,26 @@ def test_cli_speedup_end_to_end_prints_predicted_and_measured(cache, tmp_path):
     assert any(d["dense_ms"] is not None for d in layers)
 
 
+
+def test_a_speedup_with_data_allocation_plans_on_the_measured_costs(cache, tmp_path, monkeypatch):
+    """`convert --speedup X --allocation data --calib-data D` plans on the data-aware layer costs
+    (it used to refuse: the sensitivity pass ran only for a mac_budget)."""
+    import numpy as np
+    from PIL import Image
+
+    from dsdeploy import api
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    monkeypatch.setenv("DSDEPLOY_CACHE", str(cache))
+    cm = api.convert(small_net().eval(), input_shape=(1, 3, 32, 32), speedup=1.05, provider="cpu", batch=1, threads=1,
+                     allocation="data", data=str(tmp_path / "imgs"), allocation_options={"calib_batches": 1})
+    assert cm.plan.policy["allocation"] == "data" and "logit_error" in cm.plan.policy["cost"]
+    assert "sensitivity" in cm.history[0] and all(d.cost is not None for d in cm.plan.converted)
+
 class Residual(torch.nn.Module):
     """conv-BN-ReLU-conv-BN + identity, ReLU: BatchNorm after summed DS branches, as in a ResNet block."""
 

@@ -132,8 +132,9 @@ def measure_costs(loaded: LoadedModel, policy: Policy, shape: tuple[int, ...], p
 
 
 def allocates_on_data(policy: Policy, data: str | None) -> bool:
-    """Whether ``policy`` shares out its mac_budget by measured costs given calibration ``data``."""
-    return policy.mac_budget is not None and policy.allocation != "spectral" and bool(data)
+    """Whether ``policy`` shares out its mac_budget or latency target by measured costs given calibration ``data``."""
+    return ((policy.mac_budget is not None or policy.latency_target) and policy.allocation != "spectral"
+            and bool(data))
 
 
 def cost_name(table: Any) -> str | None:
