@@ -178,20 +178,27 @@ def measure_pair(original: nn.Module, converted: nn.Module, shape: tuple[int, ..
         for path, graph in zip(paths, graphs, strict=True):
             path.write_bytes(graph)  # read by the child processes only; the folder is removed after
 
+        done = [0]
+
         def one_round() -> tuple[list[float], list[float]]:
+            # ABBA: odd rounds time the converted graph first, so whatever the first graph of a round pays
+            # (a fresh process's first session: page faults, thread-pool start) falls on both alike
+            order = (0, 1) if done[0] % 2 == 0 else (1, 0)
+            done[0] += 1
             if isolated:
-                o, c = time_in_child(paths, ep_name=cfg.name, ep_options=cfg.options, threads=target["threads"],
-                                     protocol=protocol, batch=shape[0])
+                got = time_in_child([paths[i] for i in order], ep_name=cfg.name, ep_options=cfg.options,
+                                    threads=target["threads"], protocol=protocol, batch=shape[0])
             else:
-                o, c = (measure_samples(g, ep=cfg, threads=target["threads"], protocol=protocol, batch=shape[0])
-                        for g in graphs)
-            return o, c
+                got = [measure_samples(graphs[i], ep=cfg, threads=target["threads"], protocol=protocol,
+                                       batch=shape[0]) for i in order]
+            by = dict(zip(order, got, strict=True))
+            return by[0], by[1]
 
         est = run_rounds(one_round, tolerance=tolerance, on=on, min_rounds=min_rounds, max_rounds=max_rounds,
                          time_cap_s=time_cap_s)
     where = "each round in a fresh process" if isolated else "in this process"
     line = (f"{protocol.describe()} per round; the exported graphs (as `export` writes them), original and "
-            f"converted alternating, {where}, {est.rounds} rounds (from {min_rounds} until the 95 % bootstrap "
+            f"converted alternating (ABBA), {where}, {est.rounds} rounds (from {min_rounds} until the 95 % bootstrap "
             f"interval over rounds is within {100 * tolerance / 2:g} % of the estimate, at most {max_rounds})")
     return Verification(est, narrow_enough(est, tolerance, on), line,
                         op_counts(onnx.load_from_string(graphs[1])))
