@@ -312,7 +312,10 @@ def test_a_forced_miss_triggers_the_replan_and_is_recorded(tmp_path):
     assert stored["block_factor"] > 1 and stored["rounds"] >= 1  # what was measured is kept, even on the error
     if record is None:
         return
-    first, second = record["attempts"]
+    from dsdeploy.conversion.latency_convert import MAX_REPLANS
+
+    assert 2 <= len(record["attempts"]) <= 1 + MAX_REPLANS
+    first, second = record["attempts"][:2]
     assert first["measured_speedup"] < speedup / 1.05 and first["prediction_error"] < -0.05
     assert second["block_factor"] > 1 and second["dense_factor"] > 0
     assert res.plan.policy["verified"] is record and record["met"] is False  # x20 stays out of reach
@@ -329,6 +332,23 @@ def test_of_two_measured_attempts_the_slowest_that_meets_the_target_is_kept():
     assert _choose([(fast, 18.0, 4.7), (slow, 18.0, 6.0 * (1 + 2 * TOLERANCE))], pol)[3] == 0
     assert _choose([(slow, 18.0, 7.0), (slow, 18.0, 6.9)], pol)[3] == 1  # none meets: the fastest
     assert _choose([(close, 0.0, 9.0)], Policy(target_latency_ms=10.0))[3] == 0
+
+
+def test_a_replan_between_a_too_fast_and_a_too_slow_attempt_takes_the_factors_between():
+    """Attempts that bracket the target (one faster than asked, one slower) send the next re-plan between
+    them (geometric mean of their learned factors); otherwise the last attempt's factors are used."""
+    from dsdeploy.conversion.latency_convert import _next_factors
+    from dsdeploy.conversion.latency_verify import Estimate, Verification
+
+    def tried(speedup: float):
+        est = Estimate(18.0, 18.0 / speedup, speedup, (speedup * 0.99, speedup * 1.01), (1.0, 1.0), 3)
+        return None, Verification(est, True, "")
+
+    learned = [{"dense_factor": 1.0, "block_factor": 0.5}, {"dense_factor": 1.0, "block_factor": 2.0}]
+    pol = Policy(speedup=3.0)
+    a, b = _next_factors([tried(3.4), tried(2.6)], learned, pol)  # too fast, then too slow
+    assert a == pytest.approx(1.0) and b == pytest.approx(1.0)  # sqrt(0.5 x 2.0)
+    assert _next_factors([tried(2.5), tried(2.6)], learned, pol) == (1.0, 2.0)  # both slow: the last one's
 
 
 @pytest.mark.parametrize("interval,says", [("undecided", "neither confirmed nor refuted"),

@@ -1,5 +1,5 @@
-"""Conversion planned on measured latency, then verified: measure the converted model, re-plan once on a
-significant miss, and keep what the measurement taught.
+"""Conversion planned on measured latency, then verified: measure the converted model, re-plan on a
+significant miss (at most :data:`MAX_REPLANS` times), and keep what the measurement taught.
 
 :func:`convert_planned` is what :func:`dsdeploy.api.convert` calls. Without latency in the
 policy it is :func:`dsdeploy.conversion.rewrite.convert`. With a ``speedup`` /
@@ -12,8 +12,9 @@ writes them and timed in alternating rounds until a 95 % bootstrap interval of t
 narrow enough or a cap is reached (:mod:`dsdeploy.conversion.latency_verify`). Only a *significant*
 miss (the whole interval more than :data:`TOLERANCE` off the target, either way: too slow, or faster
 than asked, which gives accuracy away) corrects the table from the measurement (:func:`corrected_table`:
-the dense side's and the DS blocks' factors) and plans once more, then measures again; the slowest
-attempt that meets the target is kept. The last measurement's factors are stored with the cached
+the dense side's and the DS blocks' factors) and plans again, then measures again, at most
+:data:`MAX_REPLANS` times; when two attempts bracket the target (one faster than asked, one slower) the
+next plan takes the factors between theirs. The slowest attempt that meets the target is kept. The last measurement's factors are stored with the cached
 table for the next run. A target the corrected table cannot reach raises PlanError with the best
 reachable speedup. Every attempt is recorded (the history entry's ``latency``).
 """
@@ -34,6 +35,7 @@ from dsdeploy.runtime.latency_cache import LatencyCache
 from dsdeploy.runtime.latency_table import LatencyTable, latency_table
 
 TOLERANCE = 0.05  # a measured latency this far from the target (either way, significantly) triggers the re-plan
+MAX_REPLANS = 2  # re-plans after the first attempt (each one exported and measured)
 
 
 def physical_cores() -> int:
@@ -153,8 +155,8 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
         policy: a validated :class:`Policy`. costs / cost_name: measured per-layer costs (data allocation).
         cache_dir: the latency cache folder (default ``$DSDEPLOY_CACHE/latency`` or ``~/.cache/dsdeploy``).
         verify: measure the converted model against the original (latency targets) in alternating rounds
-            (:func:`dsdeploy.conversion.latency_verify.measure_pair`) and re-plan once when the miss is
-            significant: the whole 95 % interval more than :data:`TOLERANCE` off the target either way (too
+            (:func:`dsdeploy.conversion.latency_verify.measure_pair`) and re-plan (at most :data:`MAX_REPLANS`
+            times; a plan already measured ends it) while the miss is significant: the whole 95 % interval more than :data:`TOLERANCE` off the target either way (too
             slow; or faster than asked, which gives away accuracy); of the attempts, the slowest that meets
             the target is kept (``chosen``: its attempt index), else the fastest. The last measurement's
             correction is stored with the cached table.
@@ -213,25 +215,34 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
     record["protocol"] = v.protocol
     record["attempts"].append(_attempt(res, v, policy))
     tried = [(res, v)]
-    ratio, lo, hi = _ratio(v.estimate, policy)
     cache = LatencyCache(table.environment, cache_dir)
-    cache.put_correction(table.model_key, _learned(planned_on, res, v, base))
-    if lo > 1 + TOLERANCE or hi < 1 - TOLERANCE:  # a significant miss: too slow, or faster than asked
-        fixed, a, b = corrected_table(planned_on, res.plan, v.estimate.original_ms, v.estimate.converted_ms)
+    learned = [_learned(planned_on, res, v, base)]
+    cache.put_correction(table.model_key, learned[-1])
+    seen = {_signature(res)}
+    while len(tried) <= MAX_REPLANS:
+        ratio, lo, hi = _ratio(tried[-1][1].estimate, policy)
+        if not (lo > 1 + TOLERANCE or hi < 1 - TOLERANCE):  # no significant miss: done
+            break
+        a, b = _next_factors(tried, learned, policy)
+        fixed = table.scaled(a, b)
         try:
             again = plan(fixed)
         except PlanError as exc:
-            if ratio > 1:  # too slow, and the corrected table cannot reach the target
-                raise PlanError(f"measured x{v.estimate.speedup:.2f} ({v.estimate.converted_ms:.3f} ms against "
-                                f"{v.estimate.original_ms:.3f} ms) where x{res.plan.policy['latency']['predicted_speedup']:.2f} "
+            last = tried[-1][1].estimate
+            if ratio > 1 and len(tried) == 1:  # too slow, and the corrected table cannot reach the target
+                raise PlanError(f"measured x{last.speedup:.2f} ({last.converted_ms:.3f} ms against "
+                                f"{last.original_ms:.3f} ms) where x{res.plan.policy['latency']['predicted_speedup']:.2f} "
                                 f"was predicted; with the table corrected from that measurement, {exc}") from None
-            again = None  # already fast enough: keep it
-        if again is not None:
-            v2 = measure(again)
-            record["attempts"].append({**_attempt(again, v2, policy), "dense_factor": round(a, 4),
-                                       "block_factor": round(b, 4)})
-            tried.append((again, v2))
-            cache.put_correction(table.model_key, _learned(fixed, again, v2, (base[0] * a, base[1] * b)))
+            break  # already fast enough, or an earlier attempt is kept
+        if _signature(again) in seen:  # the corrected table gives a plan already measured: nothing new to learn
+            break
+        seen.add(_signature(again))
+        v2 = measure(again)
+        record["attempts"].append({**_attempt(again, v2, policy), "dense_factor": round(a, 4),
+                                   "block_factor": round(b, 4)})
+        tried.append((again, v2))
+        learned.append(_learned(fixed, again, v2, (a, b)))
+        cache.put_correction(table.model_key, learned[-1])
     res, _, _, record["chosen"] = _choose([(r, x.estimate.original_ms, x.estimate.converted_ms) for r, x in tried],
                                           policy)
     chosen = record["attempts"][record["chosen"]]
@@ -239,6 +250,29 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
     record.update({k: chosen[k] for k in ("measured_speedup", "ci95", "rounds", "resolved", "interval")})
     res.plan.policy["verified"] = record
     return res, record
+
+
+def _signature(res: ConversionResult) -> tuple:
+    """What makes two plans the same graph: each layer's (name, converted, rank, layout)."""
+    return tuple((d.name, bool(d.convert), d.rank if d.convert else None, res.plan.layout_of(d) if d.convert else None)
+                 for d in res.plan.layers)
+
+
+def _next_factors(tried: list[tuple[ConversionResult, Verification]], learned: list[dict[str, Any]],
+                  policy: Policy) -> tuple[float, float]:
+    """The (dense, block) factors of the next re-plan, relative to the measured table.
+
+    The last attempt's learned factors; but when the attempts so far bracket the target (one measured
+    faster than asked, one slower), the geometric mean of the two nearest either side: the truth for a
+    plan between them lies between (a secant step on the block factor, which the latency is monotone in).
+    """
+    ratios = [_ratio(v.estimate, policy)[0] for _, v in tried]
+    fast = [i for i, r in enumerate(ratios) if r < 1]
+    slow = [i for i, r in enumerate(ratios) if r > 1]
+    if fast and slow:
+        i, j = max(fast, key=lambda k: ratios[k]), min(slow, key=lambda k: ratios[k])
+        return tuple(float((learned[i][k] * learned[j][k]) ** 0.5) for k in ("dense_factor", "block_factor"))
+    return float(learned[-1]["dense_factor"]), float(learned[-1]["block_factor"])
 
 
 def _learned(table: LatencyTable, res: ConversionResult, v: Verification, base: tuple[float, float]
