@@ -2,7 +2,8 @@
 preprocessing, :class:`Runner` (runs one command, times it, records it) and :func:`write_text`.
 
 Imported by ``benchmarks/pretrained_cifar.py`` and ``benchmarks/recover_pretrained.py`` (run as scripts,
-so ``benchmarks/`` is on ``sys.path``); light: no torch import.
+so ``benchmarks/`` is on ``sys.path``); light: no torch import. Also :func:`plain_ort_rounds`, the
+independent onnxruntime timing loop of ``latency_models.py`` and ``speedup_check.py``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -81,3 +83,29 @@ class Runner:
 def top1(result: dict) -> float:
     """Top-1 of the first model in an ``evaluate --json`` result."""
     return result["models"][0]["metrics"]["top1"]
+
+
+def plain_ort_rounds(paths: list[Path], batch: int, threads: int, rounds: int, runs: int) -> list[float]:
+    """Median ms per run of each ONNX file: ``rounds`` rounds cycling through ``paths``, each a fresh
+    ``InferenceSession`` (CPU EP, ``intra_op_num_threads=threads``, sequential) with 3 warm-up runs and
+    ``runs`` timed ones; one session alive at a time (an idle one's spinning threads would steal cores)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    samples: list[list[float]] = [[] for _ in paths]
+    for _ in range(rounds):
+        for i, p in enumerate(paths):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+            s = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+            inp = s.get_inputs()[0]
+            shape = [batch] + [d if isinstance(d, int) else 1 for d in inp.shape[1:]]
+            feed = {inp.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+            for _ in range(3):
+                s.run(None, feed)
+            for _ in range(runs):
+                t = time.perf_counter()
+                s.run(None, feed)
+                samples[i].append((time.perf_counter() - t) * 1e3)
+            del s
+    return [statistics.median(v) for v in samples]

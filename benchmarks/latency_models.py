@@ -32,42 +32,16 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from _runner import ROOT, Runner, write_text
+from _runner import ROOT, Runner, plain_ort_rounds, write_text
 
 RESULTS = ROOT / "benchmarks" / "results" / "latency_models.json"
 TABLE = ROOT / "benchmarks" / "RESULTS-latency-models.md"
-
-
-def plain_ort_rounds(paths: list[Path], batch: int, threads: int, rounds: int, runs: int) -> list[float]:
-    """Median ms per run of each ONNX file: ``rounds`` rounds cycling through ``paths``, each a fresh
-    ``InferenceSession`` (CPU EP, ``intra_op_num_threads=threads``, sequential) with 3 warm-up runs and
-    ``runs`` timed ones; one session alive at a time (an idle one's spinning threads would steal cores)."""
-    import onnxruntime as ort
-
-    samples: list[list[float]] = [[] for _ in paths]
-    for _ in range(rounds):
-        for i, p in enumerate(paths):
-            so = ort.SessionOptions()
-            so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-            s = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
-            inp = s.get_inputs()[0]
-            shape = [batch] + [d if isinstance(d, int) else 1 for d in inp.shape[1:]]
-            feed = {inp.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-            for _ in range(3):
-                s.run(None, feed)
-            for _ in range(runs):
-                t = time.perf_counter()
-                s.run(None, feed)
-                samples[i].append((time.perf_counter() - t) * 1e3)
-            del s
-    return [statistics.median(v) for v in samples]
 
 
 def run_one(run: Runner, model: str, batch: int, args: argparse.Namespace, work: Path) -> list[dict]:

@@ -24,16 +24,15 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _runner import plain_ort_rounds
 
 
 def cli(*args: str | Path) -> dict:
@@ -41,39 +40,11 @@ def cli(*args: str | Path) -> dict:
     cmd = [sys.executable, "-m", "dsdeploy", *map(str, args)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     print(f"[{time.perf_counter() - t:7.1f}s] dsdeploy {' '.join(map(shlex.quote, map(str, args)))}", flush=True)
     if proc.returncode != 0:
         sys.exit(f"failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
-
-
-def plain_ort(paths: list[Path], batch: int, threads: int, rounds: int, runs: int) -> list[float]:
-    """Median ms per run of each model: a plain onnxruntime session per model, as a user times one.
-
-    One session is alive at a time (an idle session's spinning worker threads would steal the
-    cores of the one being timed); each gets a warm-up, then ``rounds * runs`` timed runs.
-    """
-    import onnxruntime as ort
-
-    medians = []
-    for p in paths:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-        s = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
-        inp = s.get_inputs()[0]
-        shape = [batch] + [d if isinstance(d, int) else 1 for d in inp.shape[1:]]
-        feed = {inp.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-        for _ in range(10):
-            s.run(None, feed)
-        samples = []
-        for _ in range(rounds * runs):
-            t = time.perf_counter()
-            s.run(None, feed)
-            samples.append((time.perf_counter() - t) * 1e3)
-        medians.append(statistics.median(samples))
-        del s
-    return medians
 
 
 def main() -> None:
@@ -96,17 +67,17 @@ def main() -> None:
         bench = cli("bench", w / "orig.onnx", w / "ds.onnx", "--providers", "cpu", "--batch", args.batch,
                     "--threads", args.threads, "--duration", "15s", "--json", w / "bench.json")
         bench = json.loads((w / "bench.json").read_text()) if (w / "bench.json").is_file() else bench
-        plain = plain_ort([w / "orig.onnx", w / "ds.onnx"], args.batch, args.threads, args.rounds, args.runs)
+        plain = plain_ort_rounds([w / "orig.onnx", w / "ds.onnx"], args.batch, args.threads, args.rounds, args.runs)
     policy = conv.get("policy") or {}
     lat = {k: policy.get(k) for k in ("latency", "verified") if policy.get(k) is not None} or sorted(conv)
     bench_ms = [r.get("stats", {}).get("p50_ms") for r in bench.get("results", [])][:2]
     rows = [("plain onnxruntime loop (this script)", plain[0], plain[1]),
             ("dsdeploy bench", *(bench_ms + [None, None])[:2])]
-    lines = [f"# Does `convert --speedup {args.speedup:g}` deliver? ({args.model}, CPU EP, batch {args.batch}, "
-             f"{args.threads} threads)", "",
-             f"Made by `python benchmarks/speedup_check.py {' '.join(map(shlex.quote, sys.argv[1:]))}` on "
+    lines = [(f"# Does `convert --speedup {args.speedup:g}` deliver? ({args.model}, CPU EP, batch {args.batch}, "
+             f"{args.threads} threads)"), "",
+             (f"Made by `python benchmarks/speedup_check.py {' '.join(map(shlex.quote, sys.argv[1:]))}` on "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.machine()}, {os.cpu_count()} CPU "
-             f"cores; load average before the timing {os.getloadavg()[0]:.2f}.", "",
+             f"cores; load average before the timing {os.getloadavg()[0]:.2f}."), "",
              f"`convert` predicted/measured: `{json.dumps(lat)[:400]}`", "",
              "| measured by | original ms (median) | converted ms (median) | speedup | within 5 % of the target |",
              "|---|---:|---:|---:|---|"]
