@@ -235,6 +235,7 @@ def bench_speedup(bench: Bench, speedup: float, rows: list[dict], costs_cache: d
     if ds is None:
         upsert(rows, {"checkpoint": bench.th.name, "batch": a.batch, "target": speedup, "method": "ds-latency",
                       "error": command})
+        save(rows)  # an unreachable target is a result too
         return
     o, ms = latency(bench.original, ds, a)
     bench.orig_ms.append(o)
@@ -297,7 +298,7 @@ def render(rows: list[dict], table: Path, plot: Path) -> None:
              f"{platform.machine()}, {os.cpu_count()} CPU cores. Each record's command line, load average and "
              "settings are in the JSON. Latency: exported ONNX, CPU EP, alternating with the original "
              "(medians); top-1 on the CIFAR-10 test JPEGs (--limit shown when not all 10,000)."), ""]
-    lines += [f"Made by: `{r['run']}` (load average {r['load']})" for r in
+    lines += [f"Made by: `{r['run']}` (load average {r.get('load', '-')})" for r in
               {r["run"]: r for r in rows if r.get("run")}.values()] + [""]
     groups = sorted({(r["checkpoint"], r["batch"]) for r in rows})
     for ck, b in groups:
@@ -320,6 +321,9 @@ def render(rows: list[dict], table: Path, plot: Path) -> None:
     lines += ["Fine-tune (all methods): " + "; ".join(sorted({json.dumps(r["finetune"], sort_keys=True)[:200]
                                                              for r in rows if r.get("finetune")})[:1]), "",
               f"![top-1 vs measured latency]({plot.name})", ""]
+    old = table.read_text(encoding="utf-8") if table.is_file() else ""
+    kept = old[old.find("<!-- keep:reading -->"):old.find("<!-- /keep:reading -->")] if "<!-- keep:reading -->" in old else ""
+    lines += ["", (kept or "<!-- keep:reading -->\n") + "<!-- /keep:reading -->", ""]  # the hand-written reading survives
     write_text(table, "\n".join(lines))
     fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(6 * max(1, len(groups)), 4.5), squeeze=False)
     for ax, (ck, b) in zip(axes[0], groups):
