@@ -100,8 +100,7 @@ def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
             (:mod:`dsdeploy.recover.sensitivity`); ``allocation_options``: ``seed``,
             ``calib_batches``, ``batch_size``, ``val_split``, ``limit`` of the images calibration uses,
             ``device`` where it runs.
-        refresh: with latency in the policy, re-measure the cached latency table and drop the correction
-            an earlier verification stored with it.
+        refresh: re-measure the cached latency table (latency policies) and drop its stored correction.
 
     Returns:
         A :class:`ConvertedModel`.
@@ -119,9 +118,8 @@ def convert(model: nn.Module | str | LoadedModel, *, policy: Policy | None = Non
     given = tuple(example_inputs.shape) if example_inputs is not None else input_shape
     pre = resolve(loaded.preprocessing, given or loaded.input_shape, preprocess, data=data, model=loaded.model)
     shape = tuple(input_shape_for(pre, given, loaded.input_shape, bool(preprocess)))
-    table = None
-    if allocates_on_data(policy, data):
-        table = measure_costs(loaded, policy, shape, pre, data, **(allocation_options or {}))
+    table = measure_costs(loaded, policy, shape, pre, data, **(allocation_options or {})) \
+        if allocates_on_data(policy, data) else None
     res, _ = convert_planned(loaded.model, shape, policy, costs=table.costs() if table is not None else None,
                              cost_name=cost_name(table), name=loaded.spec or "model", refresh=refresh)
     entry = {"stage": "convert", "policy": res.plan.policy, "layout": res.plan.layout,
