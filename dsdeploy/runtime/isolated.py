@@ -1,11 +1,12 @@
 """Timing in a fresh child process: a round of :func:`dsdeploy.runtime.timing.measure_samples` runs that no
 state of the calling process can touch.
 
-Why: on the 2-core VMs this project is measured on, one exported graph times within ~1 % from round to
-round inside one process, but differs by 5-20 % between processes (2.09x in ``convert``'s own process
-against 2.29-2.57x in six fresh ones for the same ResNet-18 plan; ``benchmarks/RESULTS-latency-models.md``).
-A verification whose rounds all run in the planning process measures that process, not the model: its
-rounds agree with each other and its confidence interval is too narrow. :func:`time_in_child` runs each
+Why: on the 2-core VMs this project is measured on, one exported DS graph times within ~1 % from round to
+round over a few seconds, but by 5-20 % differently between processes and over minutes (2.09x in ``convert``'s
+own process against 2.29-2.57x in six fresh ones for the same ResNet-18 plan; within one process the graph
+also stepped from 7.1 to 8.6 ms while the dense original held: ``benchmarks/RESULTS-speedup-check.md``).
+A verification whose rounds all run back to back in the planning process sees one such state: its rounds
+agree with each other and its confidence interval is too narrow. :func:`time_in_child` runs each
 round in a new ``python -m dsdeploy.runtime.isolated`` that imports only onnxruntime, numpy and this
 package's runtime modules (no torch), reads the graphs from files the caller wrote, and prints the samples
 as JSON; so the spread between rounds includes the spread between processes.
