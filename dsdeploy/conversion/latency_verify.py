@@ -1,8 +1,8 @@
 """Verifying a latency target by measurement: alternating rounds until a bootstrap interval is narrow enough.
 
 The original and the converted model, exported as ``dsdeploy export`` writes them, are timed in
-alternating rounds (original, converted, original, ...; each round a fresh session timing
-``per_round`` runs, one session alive at a time) for at least ``min_rounds`` and at most
+alternating rounds (ABBA: even rounds time the original first, odd rounds the converted first;
+each a fresh session timing ``per_round`` runs, one session alive at a time) for at least ``min_rounds`` and at most
 ``max_rounds`` rounds or ``time_cap_s`` seconds. After each round from ``min_rounds`` on, the
 speedup (median of the original's runs / median of the converted's) gets a 95 % percentile
 bootstrap confidence interval over *rounds* (:func:`bootstrap_estimate`), and the rounds stop as
@@ -14,9 +14,9 @@ machine's speed drifts between sessions, not between runs), so the round is the 
 an interval over runs would be far too narrow. A round's original and converted halves are
 resampled together (a paired bootstrap), so a drift that slows both cancels in the ratio as it
 does in the measurement. By default each round runs in a fresh child process
-(:func:`dsdeploy.runtime.isolated.time_in_child`): one graph times within ~1 % from round to round inside
-one process but 5-20 % apart between processes, so rounds in the planning process alone would give an
-interval too narrow for the model as a user's process will run it.
+(:func:`dsdeploy.runtime.isolated.time_in_child`): a DS graph times within ~1 % from round to round over a
+few seconds but 5-20 % apart between processes and over minutes, so rounds run back to back in the planning
+process alone would give an interval too narrow for the model as a user's process will run it.
 """
 
 from __future__ import annotations

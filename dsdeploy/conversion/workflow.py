@@ -95,7 +95,7 @@ def latency_lines(policy: dict[str, Any]) -> list[str]:
         out.append(f"planned on the table corrected by its stored measurement (dense x{corr['dense_factor']:.2f}, "
                    f"DS blocks x{corr['block_factor']:.2f}, from {corr.get('rounds', '?')} rounds; refresh drops it)")
     for i, a in enumerate((verified or {}).get("attempts", [])):
-        what = "measured" if i == 0 else (f"re-planned on the table corrected from that measurement (dense x"
+        what = "measured" if i == 0 else (f"re-planned on the table corrected from the measurements (dense x"
                                           f"{a.get('dense_factor', 1):.2f}, DS blocks x{a.get('block_factor', 1):.2f}), "
                                           f"measured")
         ci = f", 95 % CI x{a['ci95'][0]:.2f}-x{a['ci95'][1]:.2f} over {a['rounds']} rounds" if "ci95" in a else ""
