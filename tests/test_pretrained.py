@@ -112,7 +112,8 @@ def test_cli_convert_with_calibration_keeps_the_checkpoint_and_its_preprocessing
     name = "resnet32-d509ac18.th"
     out = tmp_path / "r32.dsd"
     proc = dsdeploy("convert", "cifar_resnet:resnet32", "--weights", checkpoint(name), "--input-shape", "1,3,32,32",
-                    "--mac-budget", "0.5", "--calib-data", images, "--calib-batches", "1", "-o", out, "--json",
+                    "--mac-budget", "0.5", "--calib-data", images, "--calib-batches", "1", "--calib-rounds", "1", "-o", out,
+                    "--json",
                     env=USER_CODE, timeout=300)  # seconds at 32x32; minutes only if the images were read at 224
     assert proc.returncode == 0, proc.stderr
     assert within_budget(json.loads(proc.stdout)["layers"], 0.5)
@@ -137,6 +138,7 @@ def test_recipe_runs_on_the_real_checkpoint(images, tmp_path):
     out = tmp_path / "run"
     proc = dsdeploy("run", RECIPE, "--weights", checkpoint("resnet32-d509ac18.th"), "--data", images, "--out", out,
                     "--json", "--set", 'finetune.mode="none"', "--set", "calibrate.batches=1",
+                    "--set", "calibrate.rounds=1",  # the default 3 alternating rounds: the same code, 3x the solves
                     "--set", 'calibrate.block_reconstruct="2s"',  # the recipe's 60 s, shortened for the suite
                     "--set", 'bench.providers=["cpu"]', "--set", "bench.batches=[1]", "--set", "bench.iters=3",
                     "--set", "bench.warmup=0", env={"OMP_NUM_THREADS": "1"})
@@ -171,7 +173,7 @@ def test_cli_evaluate_and_calibrate_it_with_the_right_preprocessing_printed(imag
     dsd, cal = tmp_path / "r32.dsd", tmp_path / "r32-cal.dsd"
     assert dsdeploy("convert", "cifar_resnet:resnet32", "--weights", ck, "--input-shape", "1,3,32,32", "--rank", "2",
                     "-o", dsd, env=USER_CODE, timeout=300).returncode == 0
-    for args in (("calibrate", dsd, "--data", images, "--max-batches", "1", "-o", cal, *opts),
+    for args in (("calibrate", dsd, "--data", images, "--max-batches", "1", "--rounds", "1", "-o", cal, *opts),
                  ("evaluate", cal, "--data", images)):
         proc = dsdeploy(*args, "--trust-code", env=USER_CODE, timeout=300)  # the .dsd records the user's factory
         assert proc.returncode == 0, (args[0], proc.stderr)
