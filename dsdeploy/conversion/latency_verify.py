@@ -40,6 +40,7 @@ TIME_CAP_S = 120.0  # no new round starts after this many seconds of verificatio
 ROUNDS_ENV = "DSDEPLOY_VERIFY_ROUNDS_IN"  # "process": rounds in this process (quicker; the test suite's choice)
 RESAMPLES = 1000
 LEVEL = 0.95
+REGIME_GAP = 5.0  # robust SDs of empty space between two groups of rounds that make them two speed regimes
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,15 @@ class Estimate:
         return (hi - lo) / 2 / point if point > 0 else float("inf")
 
 
+def _check_rounds(original_rounds: Sequence[Sequence[float]], converted_rounds: Sequence[Sequence[float]],
+                  who: str) -> int:
+    """The number of rounds; ValueError unless both models have the same number (>= 1) of non-empty rounds."""
+    n = len(original_rounds)
+    if n == 0 or len(converted_rounds) != n or any(len(r) == 0 for r in (*original_rounds, *converted_rounds)):
+        raise ValueError(f"{who} needs the same number (>= 1) of non-empty rounds for both models")
+    return n
+
+
 def bootstrap_estimate(original_rounds: Sequence[Sequence[float]], converted_rounds: Sequence[Sequence[float]], *,
                        resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> Estimate:
     """The speedup of per-round samples (ms) and its percentile bootstrap interval over rounds.
@@ -79,9 +89,7 @@ def bootstrap_estimate(original_rounds: Sequence[Sequence[float]], converted_rou
     Raises:
         ValueError: no rounds, unequal numbers of rounds, or an empty round.
     """
-    n = len(original_rounds)
-    if n == 0 or len(converted_rounds) != n or any(len(r) == 0 for r in (*original_rounds, *converted_rounds)):
-        raise ValueError("bootstrap_estimate needs the same number (>= 1) of non-empty rounds for both models")
+    n = _check_rounds(original_rounds, converted_rounds, "bootstrap_estimate")
     orig = [np.asarray(r, dtype=np.float64) for r in original_rounds]
     conv = [np.asarray(r, dtype=np.float64) for r in converted_rounds]
     o_ms, c_ms = float(np.median(np.concatenate(orig))), float(np.median(np.concatenate(conv)))
@@ -94,6 +102,56 @@ def bootstrap_estimate(original_rounds: Sequence[Sequence[float]], converted_rou
     c_lo, c_hi = (float(v) for v in np.quantile(c_rep, q))
     return Estimate(o_ms, c_ms, speedup, (min(s_lo, speedup), max(s_hi, speedup)),
                     (min(c_lo, c_ms), max(c_hi, c_ms)), n)
+
+
+@dataclass(frozen=True)
+class Regime:
+    """The rounds of one speed regime: how many, the original's and the converted's median ms (pooled runs)
+    and ``speedup = original_ms / converted_ms``."""
+
+    rounds: int
+    original_ms: float
+    converted_ms: float
+    speedup: float
+
+
+def split_regimes(original_rounds: Sequence[Sequence[float]], converted_rounds: Sequence[Sequence[float]], *,
+                  tolerance: float, min_share: float = 0.1) -> tuple[Regime, Regime] | None:
+    """Two speed regimes of the converted graph among the rounds ``(faster, slower)``, or None for one.
+
+    A pure function of per-round run times (ms), paired as in :func:`bootstrap_estimate`. The rounds'
+    converted medians are sorted and split in two where the within-group sum of squares is least (exact
+    1-D 2-means, Fisher's natural breaks: Fisher, "On grouping for maximum homogeneity", JASA 53, 1958), each
+    group holding at least ``max(2, min_share * rounds)`` rounds. The split is reported only when the
+    groups' medians differ by more than ``tolerance`` (relative to the faster) and the empty gap between
+    the groups is wider than :data:`REGIME_GAP` robust standard deviations (1.4826 x the median absolute
+    deviation of the rounds from their group's median; Hampel, JASA 69, 1974). On 12 rounds of one
+    log-normal regime with a 5 % spread, fewer than 2 % of draws are split (5 % with heavy tails).
+    Seen on cloud VMs: a multi-threaded DS graph runs at two speeds as the host moves the vCPUs between
+    cores that share a last-level cache and cores that do not (``benchmarks/RESULTS-cache-regimes.md``).
+
+    Raises:
+        ValueError: as :func:`bootstrap_estimate`.
+    """
+    n = _check_rounds(original_rounds, converted_rounds, "split_regimes")
+    least = max(2, int(np.ceil(min_share * n)))
+    if n < 2 * least:
+        return None
+    med = np.array([np.median(r) for r in converted_rounds], dtype=np.float64)
+    order = np.argsort(med, kind="stable")
+    v = med[order]
+    k = min(range(least, n - least + 1), key=lambda k: v[:k].var() * k + v[k:].var() * (n - k))
+    lo, hi = v[:k], v[k:]
+    sigma = 1.4826 * float(np.median(np.concatenate([abs(lo - np.median(lo)), abs(hi - np.median(hi))])))
+    if np.median(hi) <= (1 + tolerance) * np.median(lo) or hi[0] - lo[-1] <= REGIME_GAP * sigma:
+        return None
+
+    def regime(idx: np.ndarray) -> Regime:
+        o = float(np.median(np.concatenate([np.asarray(original_rounds[i], dtype=np.float64) for i in idx])))
+        c = float(np.median(np.concatenate([np.asarray(converted_rounds[i], dtype=np.float64) for i in idx])))
+        return Regime(len(idx), o, c, o / c)
+
+    return regime(order[:k]), regime(order[k:])
 
 
 def _replicate_medians(rounds: list[np.ndarray], picks: np.ndarray) -> np.ndarray:
@@ -142,6 +200,7 @@ class Verification:
     resolved: bool
     protocol: str
     op_counts: dict[str, int] = field(default_factory=dict)
+    regimes: tuple[Regime, Regime] | None = None  # (faster, slower) when the rounds show two (split_regimes)
 
 
 def measure_pair(original: nn.Module, converted: nn.Module, shape: tuple[int, ...], target: dict[str, Any], *,
@@ -179,8 +238,9 @@ def measure_pair(original: nn.Module, converted: nn.Module, shape: tuple[int, ..
             path.write_bytes(graph)  # read by the child processes only; the folder is removed after
 
         done = [0]
+        seen: tuple[list[Sequence[float]], list[Sequence[float]]] = ([], [])
 
-        def one_round() -> tuple[list[float], list[float]]:
+        def one_round() -> tuple[Sequence[float], Sequence[float]]:
             # ABBA: odd rounds time the converted graph first, so whatever the first graph of a round pays
             # (a fresh process's first session: page faults, thread-pool start) falls on both alike
             order = (0, 1) if done[0] % 2 == 0 else (1, 0)
@@ -192,6 +252,8 @@ def measure_pair(original: nn.Module, converted: nn.Module, shape: tuple[int, ..
                 got = [measure_samples(graphs[i], ep=cfg, threads=target["threads"], protocol=protocol,
                                        batch=shape[0]) for i in order]
             by = dict(zip(order, got, strict=True))
+            seen[0].append(by[0])
+            seen[1].append(by[1])
             return by[0], by[1]
 
         est = run_rounds(one_round, tolerance=tolerance, on=on, min_rounds=min_rounds, max_rounds=max_rounds,
@@ -200,5 +262,5 @@ def measure_pair(original: nn.Module, converted: nn.Module, shape: tuple[int, ..
     line = (f"{protocol.describe()} per round; the exported graphs (as `export` writes them), original and "
             f"converted alternating (ABBA), {where}, {est.rounds} rounds (from {min_rounds} until the 95 % bootstrap "
             f"interval over rounds is within {100 * tolerance / 2:g} % of the estimate, at most {max_rounds})")
-    return Verification(est, narrow_enough(est, tolerance, on), line,
-                        op_counts(onnx.load_from_string(graphs[1])))
+    return Verification(est, narrow_enough(est, tolerance, on), line, op_counts(onnx.load_from_string(graphs[1])),
+                        split_regimes(*seen, tolerance=tolerance))
