@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from dsdeploy.runtime.regimes import two_regimes
+
 MIN_ROUNDS = 3
 MAX_ROUNDS = 12
 PER_ROUND = 20  # timed runs of each model per round
@@ -40,7 +42,6 @@ TIME_CAP_S = 120.0  # no new round starts after this many seconds of verificatio
 ROUNDS_ENV = "DSDEPLOY_VERIFY_ROUNDS_IN"  # "process": rounds in this process (quicker; the test suite's choice)
 RESAMPLES = 1000
 LEVEL = 0.95
-REGIME_GAP = 5.0  # robust SDs of empty space between two groups of rounds that make them two speed regimes
 
 
 @dataclass(frozen=True)
@@ -119,31 +120,19 @@ def split_regimes(original_rounds: Sequence[Sequence[float]], converted_rounds: 
                   tolerance: float, min_share: float = 0.1) -> tuple[Regime, Regime] | None:
     """Two speed regimes of the converted graph among the rounds ``(faster, slower)``, or None for one.
 
-    A pure function of per-round run times (ms), paired as in :func:`bootstrap_estimate`. The rounds'
-    converted medians are sorted and split in two where the within-group sum of squares is least (exact
-    1-D 2-means, Fisher's natural breaks: Fisher, "On grouping for maximum homogeneity", JASA 53, 1958), each
-    group holding at least ``max(2, min_share * rounds)`` rounds. The split is reported only when the
-    groups' medians differ by more than ``tolerance`` (relative to the faster) and the empty gap between
-    the groups is wider than :data:`REGIME_GAP` robust standard deviations (1.4826 x the median absolute
-    deviation of the rounds from their group's median; Hampel, JASA 69, 1974). On 12 rounds of one
-    log-normal regime with a 5 % spread, fewer than 2 % of draws are split (5 % with heavy tails).
+    A pure function of per-round run times (ms), paired as in :func:`bootstrap_estimate`: the rounds'
+    converted medians are split by :func:`dsdeploy.runtime.regimes.two_regimes` (1-D 2-means, reported only
+    with an empty gap of 5 robust SDs and medians more than ``tolerance`` apart); each regime's speedup is
+    the median of its rounds' original runs over the median of their converted runs.
     Seen on cloud VMs: a multi-threaded DS graph runs at two speeds as the host moves the vCPUs between
     cores that share a last-level cache and cores that do not (``benchmarks/RESULTS-cache-regimes.md``).
 
     Raises:
         ValueError: as :func:`bootstrap_estimate`.
     """
-    n = _check_rounds(original_rounds, converted_rounds, "split_regimes")
-    least = max(2, int(np.ceil(min_share * n)))
-    if n < 2 * least:
-        return None
-    med = np.array([np.median(r) for r in converted_rounds], dtype=np.float64)
-    order = np.argsort(med, kind="stable")
-    v = med[order]
-    k = min(range(least, n - least + 1), key=lambda k: v[:k].var() * k + v[k:].var() * (n - k))
-    lo, hi = v[:k], v[k:]
-    sigma = 1.4826 * float(np.median(np.concatenate([abs(lo - np.median(lo)), abs(hi - np.median(hi))])))
-    if np.median(hi) <= (1 + tolerance) * np.median(lo) or hi[0] - lo[-1] <= REGIME_GAP * sigma:
+    _check_rounds(original_rounds, converted_rounds, "split_regimes")
+    split = two_regimes([float(np.median(r)) for r in converted_rounds], tolerance=tolerance, min_share=min_share)
+    if split is None:
         return None
 
     def regime(idx: np.ndarray) -> Regime:
@@ -151,7 +140,7 @@ def split_regimes(original_rounds: Sequence[Sequence[float]], converted_rounds: 
         c = float(np.median(np.concatenate([np.asarray(converted_rounds[i], dtype=np.float64) for i in idx])))
         return Regime(len(idx), o, c, o / c)
 
-    return regime(order[:k]), regime(order[k:])
+    return regime(split[0]), regime(split[1])
 
 
 def _replicate_medians(rounds: list[np.ndarray], picks: np.ndarray) -> np.ndarray:
