@@ -66,9 +66,9 @@ def physical_cores() -> int:
 
 
 def target_of(policy: Policy) -> dict[str, Any]:
-    """Where latencies are measured: ``{"provider", "batch", "threads"}`` with the defaults filled in."""
+    """Where latencies are measured: ``{"provider", "batch", "threads", "precision"}`` with the defaults filled in."""
     return {"provider": policy.provider or "cpu", "batch": int(policy.batch),
-            "threads": policy.threads or physical_cores()}
+            "threads": policy.threads or physical_cores(), "precision": policy.precision or "fp32"}
 
 
 def measure_table(model: nn.Module, policy: Policy, input_shape: tuple[int, ...], *, cache_dir: Any = None,
@@ -78,7 +78,8 @@ def measure_table(model: nn.Module, policy: Policy, input_shape: tuple[int, ...]
     t = target_of(policy)
     shape = (t["batch"], *input_shape[1:])
     return latency_table(model, shape, provider=t["provider"], threads=t["threads"], policy=policy,
-                         cache_dir=cache_dir, name=name, progress=progress, refresh=refresh)
+                         cache_dir=cache_dir, name=name, progress=progress, refresh=refresh,
+                         precision=t["precision"])
 
 
 def corrected_table(table: LatencyTable, plan: Plan, original_ms: float, converted_ms: float

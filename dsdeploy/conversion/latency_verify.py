@@ -197,7 +197,8 @@ def measure_pair(original: nn.Module, converted: nn.Module, shape: tuple[int, ..
                  max_rounds: int = MAX_ROUNDS, time_cap_s: float | None = TIME_CAP_S,
                  isolated: bool | None = None) -> Verification:
     """Time ``original`` and ``converted`` as ``dsdeploy export`` writes them
-    (:func:`dsdeploy.export.onnx_export.export_bytes`) on ``target``'s EP/threads (``{"provider",
+    (:func:`dsdeploy.export.onnx_export.export_bytes`), quantized when ``target["precision"]`` says so
+    (:func:`dsdeploy.export.quantize.quantize_bytes`), on ``target``'s EP/threads (``{"provider",
     "threads"}``) at ``shape``, in alternating rounds of ``per_round`` runs each until the interval on
     ``on`` ("speedup", or "converted" ms for a latency target) is within ``tolerance`` (:func:`run_rounds`).
     ``isolated``: each round (both graphs, one after the other) in a fresh child process
@@ -211,6 +212,7 @@ def measure_pair(original: nn.Module, converted: nn.Module, shape: tuple[int, ..
 
     from dsdeploy.export.graph import op_counts
     from dsdeploy.export.onnx_export import export_bytes
+    from dsdeploy.export.quantize import quantize_bytes
     from dsdeploy.runtime import providers as eps
     from dsdeploy.runtime.isolated import time_in_child
     from dsdeploy.runtime.latency_table import TABLE_PROTOCOL
@@ -220,7 +222,8 @@ def measure_pair(original: nn.Module, converted: nn.Module, shape: tuple[int, ..
         isolated = os.environ.get(ROUNDS_ENV, "").strip().lower() != "process"
     cfg = eps.ep_config(eps.resolve_ep_name(target["provider"]), None, target["threads"])
     protocol = dataclasses.replace(TABLE_PROTOCOL, iters=max(1, per_round))
-    graphs = [export_bytes(m, shape) for m in (original, converted)]
+    precision = target.get("precision") or "fp32"
+    graphs = [quantize_bytes(export_bytes(m, shape), precision, shape) for m in (original, converted)]
     with tempfile.TemporaryDirectory(prefix="dsdeploy-verify-") as tmp:
         paths = [Path(tmp) / f"{what}.onnx" for what in ("original", "converted")]
         for path, graph in zip(paths, graphs, strict=True):
@@ -248,7 +251,8 @@ def measure_pair(original: nn.Module, converted: nn.Module, shape: tuple[int, ..
         est = run_rounds(one_round, tolerance=tolerance, on=on, min_rounds=min_rounds, max_rounds=max_rounds,
                          time_cap_s=time_cap_s)
     where = "each round in a fresh process" if isolated else "in this process"
-    line = (f"{protocol.describe()} per round; the exported graphs (as `export` writes them), original and "
+    line = (f"{protocol.describe()} per round; the exported graphs (as `export` writes them"
+            f"{'' if precision == 'fp32' else ', quantized ' + precision}), original and "
             f"converted alternating (ABBA), {where}, {est.rounds} rounds (from {min_rounds} until the 95 % bootstrap "
             f"interval over rounds is within {100 * tolerance / 2:g} % of the estimate, at most {max_rounds})")
     return Verification(est, narrow_enough(est, tolerance, on), line, op_counts(onnx.load_from_string(graphs[1])),

@@ -85,7 +85,8 @@ def latency_lines(policy: dict[str, Any]) -> list[str]:
     plan, where, verified = policy.get("latency"), policy.get("latency_table"), policy.get("verified")
     out = []
     if where:
-        out.append(f"latency measured on {where['ep']} at batch {where['batch']}, {where['threads']} threads "
+        prec = "" if where.get("precision", "fp32") == "fp32" else f", graphs quantized {where['precision']}"
+        out.append(f"latency measured on {where['ep']} at batch {where['batch']}, {where['threads']} threads{prec} "
                    f"(whole model {where['model_ms']:.3f} ms; {where['protocol']})")
     if plan:
         out.append(f"latency plan: target {plan['target_ms']:.3f} ms, predicted {plan['predicted_ms']:.3f} ms "
