@@ -54,9 +54,14 @@ def check(args: argparse.Namespace, threads: int) -> tuple[list[str], str]:
     with tempfile.TemporaryDirectory(prefix="dsdeploy-speedup-") as tmp:
         w = Path(tmp)
         conv = cli("convert", spec, "--speedup", args.speedup, "--provider", "cpu", "--batch", args.batch,
-                   "--threads", threads, "-o", w / "ds.dsd", "--json")
+                   "--threads", threads, "--precision", args.precision, "-o", w / "ds.dsd", "--json")
         cli("export", spec, "-o", w / "orig.onnx")
         cli("export", w / "ds.dsd", "-o", w / "ds.onnx")
+        if args.precision != "fp32":  # both files as `deploy --quantize` writes them (random calibration:
+            from dsdeploy.export.quantize import quantize_bytes  # an INT8 graph's speed does not depend on scales)
+
+            for f in ("orig.onnx", "ds.onnx"):
+                (w / f).write_bytes(quantize_bytes((w / f).read_bytes(), args.precision, (args.batch, 3, 224, 224)))
         bench = cli("bench", w / "orig.onnx", w / "ds.onnx", "--providers", "cpu", "--batch", args.batch,
                     "--threads", threads, "--duration", "15s", "--json", w / "bench.json")
         bench = json.loads((w / "bench.json").read_text()) if (w / "bench.json").is_file() else bench
@@ -91,6 +96,8 @@ def main() -> None:
     ap.add_argument("--speedup", type=float, default=3.0)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, nargs="+", default=[2], help="intra-op thread counts to check")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int8-dynamic"],
+                    help="convert --precision; both exported files are then quantized so before timing")
     ap.add_argument("--rounds", type=int, default=10, help="alternating rounds of the plain loop")
     ap.add_argument("--runs", type=int, default=10, help="runs per model per round")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS-speedup-check.md")
@@ -101,7 +108,9 @@ def main() -> None:
         r, n = check(args, threads)
         rows += r
         notes.append(n)
-    lines = [(f"# Does `convert --speedup {args.speedup:g}` deliver? ({args.model}, CPU EP, batch {args.batch})"), "",
+    prec = "" if args.precision == "fp32" else f", {args.precision}"
+    lines = [(f"# Does `convert --speedup {args.speedup:g}` deliver? ({args.model}, CPU EP, batch {args.batch}{prec})"),
+             "",
              (f"Made by `python benchmarks/speedup_check.py {' '.join(map(shlex.quote, sys.argv[1:]))}` on "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.machine()}, {os.cpu_count()} CPU "
               f"cores; load average before the timing {load:.2f}."), "",
