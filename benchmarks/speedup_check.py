@@ -36,13 +36,16 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _runner import plain_ort_rounds
 
 
-def cli(*args: str | Path) -> dict:
-    """Run ``dsdeploy ARGS --json`` from this checkout and return its JSON (exit on failure)."""
+def cli(*args: str | Path, allow_fail: bool = False) -> dict:
+    """Run ``dsdeploy ARGS --json`` from this checkout and return its JSON (exit on failure; with
+    ``allow_fail``, ``{"error": its last stderr line}``)."""
     cmd = [sys.executable, "-m", "dsdeploy", *map(str, args)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     print(f"[{time.perf_counter() - t:7.1f}s] dsdeploy {' '.join(map(shlex.quote, map(str, args)))}", flush=True)
+    if proc.returncode != 0 and allow_fail:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     if proc.returncode != 0:
         sys.exit(f"failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
@@ -54,7 +57,9 @@ def check(args: argparse.Namespace, threads: int) -> tuple[list[str], str]:
     with tempfile.TemporaryDirectory(prefix="dsdeploy-speedup-") as tmp:
         w = Path(tmp)
         conv = cli("convert", spec, "--speedup", args.speedup, "--provider", "cpu", "--batch", args.batch,
-                   "--threads", threads, "--precision", args.precision, "-o", w / "ds.dsd", "--json")
+                   "--threads", threads, "--precision", args.precision, "-o", w / "ds.dsd", "--json", allow_fail=True)
+        if "error" in conv:  # e.g. out of reach: convert's one-line answer is the result
+            return [f"| {threads} | `convert` | {conv['error']} | | | |"], f"{threads} thread(s): {conv['error']}"
         cli("export", spec, "-o", w / "orig.onnx")
         cli("export", w / "ds.dsd", "-o", w / "ds.onnx")
         if args.precision != "fp32":  # both files as `deploy --quantize` writes them (random calibration:
