@@ -13,6 +13,7 @@ Modes (onnxruntime.quantization):
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -128,8 +129,6 @@ def quantize_bytes(graph: bytes, mode: str, input_shape: tuple[int, ...], *, see
     Raises:
         DeployError: the quantization failed, or ``mode`` is not one of :data:`PRECISIONS`.
     """
-    import tempfile
-
     if mode == "fp32":
         return graph
     if mode not in PRECISIONS:
