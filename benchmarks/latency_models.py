@@ -107,13 +107,13 @@ def equal_latency_macs(mac_rows: list[dict], speedup: float) -> float | None:
 
 
 def render(records: list[dict]) -> str:
-    """The Markdown results: one section per model and batch (newest records for each plan)."""
+    """The Markdown results: one section per model, batch and thread count (newest records for each plan)."""
     latest: dict[tuple, dict] = {}
     for r in records:
-        latest[(r["model"], r["batch"], r["kind"], r["value"])] = r
+        latest[(r["model"], r["batch"], r.get("threads"), r["kind"], r["value"])] = r
     groups: dict[tuple, list[dict]] = {}
     for r in latest.values():
-        groups.setdefault((r["model"], r["batch"]), []).append(r)
+        groups.setdefault((r["model"], r["batch"], r.get("threads")), []).append(r)
     out = ["# `convert --speedup X`: requested vs measured, and MAC- vs latency-planned at equal measured latency", "",
            (f"Rendered by `python benchmarks/latency_models.py --render` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
            " from `benchmarks/results/latency_models.json`; each section gives the command that made it."),
@@ -121,7 +121,7 @@ def render(records: list[dict]) -> str:
            "`convert` measured = convert's own verification (the attempt it kept); prediction error = measured / "
            "predicted speedup - 1 (negative: slower than predicted)."), "",
            "<!-- keep:reading -->", "<!-- /keep:reading -->", ""]
-    for (model, batch), rows in groups.items():
+    for (model, batch, _), rows in groups.items():
         orig = next((r for r in rows if r["kind"] == "original"), {})
         macs = sorted((r for r in rows if r["kind"] == "mac"), key=lambda r: r["value"])
         spd = sorted((r for r in rows if r["kind"] == "speedup"), key=lambda r: r["value"])

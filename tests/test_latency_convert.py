@@ -124,6 +124,8 @@ def test_per_layer_layouts_round_trip_through_the_artifact(tmp_path):
     ({"speedup": 2.0, "batch": 0}, "convert.batch must be"),
     ({"speedup": 2.0, "threads": 0}, "convert.threads must be"),
     ({"provider": "cpu"}, "convert.provider"),
+    ({"rank": 2, "precision": "int8"}, "convert.precision times latencies"),
+    ({"speedup": 2.0, "precision": "int4"}, "convert.precision must be one of fp32, int8, int8-dynamic"),
 ])
 def test_bad_latency_options_name_the_field(fields, match):
     with pytest.raises(PlanError, match=match):
@@ -368,3 +370,20 @@ def test_an_unresolved_verification_says_so_in_one_line(interval, says):
     assert any("stored measurement" in line and "x0.90" in line for line in lines)
     resolved = latency_lines({"verified": {**verified, "attempts": [{**attempt, "resolved": True}]}})
     assert not any("noise" in line for line in resolved)
+
+
+def test_an_int8_target_times_quantized_graphs_end_to_end(tmp_path):
+    """precision int8: the table's graphs and both verified graphs are the INT8 (QDQ) ones `deploy --quantize
+    int8` would write, in their own cache file; the report says so."""
+    from dsdeploy.conversion.latency_convert import convert_planned
+    from dsdeploy.conversion.workflow import latency_lines
+
+    model, shape = three_convs(32), (1, 32, 12, 12)
+    res, record = convert_planned(model, shape, Policy(speedup=1.2, threads=1, precision="int8"), cache_dir=tmp_path)
+    assert "-int8-" in Path(record["cache_file"]).name and record["precision"] == "int8"
+    attempt = record["attempts"][record["chosen"]]
+    assert attempt["op_counts"].get("QuantizeLinear", 0) > 0 and attempt["op_counts"].get("DequantizeLinear", 0) > 0
+    assert "quantized int8" in record["protocol"]
+    assert any("graphs quantized int8" in line for line in latency_lines(res.plan.policy))
+    _, fp32 = convert_planned(model, shape, Policy(speedup=1.2, threads=1), cache_dir=tmp_path, verify=False)
+    assert fp32["cache_file"] != record["cache_file"] and fp32["graphs_measured"] > 0  # not the int8 entries

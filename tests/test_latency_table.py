@@ -79,7 +79,8 @@ def test_measures_each_layer_shape_once_and_reuses_the_cache(model, tmp_path):
     assert third.measured == first.measured and third.reused == 0
 
 
-@pytest.mark.parametrize("change", [{"shape": (2, 8, 12, 12)}, {"threads": 2}, {"ort_version": "0.0-test"}])
+@pytest.mark.parametrize("change", [{"shape": (2, 8, 12, 12)}, {"threads": 2}, {"ort_version": "0.0-test"},
+                                    {"precision": "int8"}])
 def test_a_different_batch_threads_or_runtime_version_remeasures(model, tmp_path, change):
     first = table(model, tmp_path)
     other = table(model, tmp_path, **change)
@@ -94,9 +95,34 @@ def test_a_different_ep_or_device_is_another_cache_file(tmp_path):
               environment_key("CPUExecutionProvider", {"k": "v"}, threads=2, batch=1, ort_version="1", device="x"),
               environment_key("CPUExecutionProvider", {}, threads=2, batch=1, ort_version="1", device="y"),
               environment_key("CPUExecutionProvider", {}, threads=2, batch=1, ort_version="1", device="x",
-                              spinning=False)]
+                              spinning=False),
+              environment_key("CPUExecutionProvider", {}, threads=2, batch=1, ort_version="1", device="x",
+                              precision="int8-dynamic")]
     files = {cache_file(e, tmp_path) for e in [base, *others]}
-    assert len(files) == 5
+    assert len(files) == 6
+    # fp32 said explicitly is the key it always was (caches written before precision existed stay valid)
+    assert environment_key("CPUExecutionProvider", {}, threads=2, batch=1, ort_version="1", device="x",
+                           precision="fp32") == base
+
+
+@pytest.mark.parametrize("precision,op", [("int8", "QuantizeLinear"), ("int8-dynamic", "ConvInteger")])
+def test_a_quantized_table_times_the_quantized_graphs(model, tmp_path, monkeypatch, precision, op):
+    """Every graph the table times (whole model, dense convs, DS blocks) is quantized as deploy would."""
+    import onnx
+
+    from dsdeploy.runtime import latency_table as lt_mod
+
+    seen: list[set[str]] = []
+    real = lt_mod.measure
+
+    def spy(graph, **kw):
+        seen.append({n.op_type for n in onnx.load_from_string(graph).graph.node})
+        return real(graph, **kw)
+
+    monkeypatch.setattr(lt_mod, "measure", spy)
+    t = table(model, tmp_path, precision=precision)
+    assert len(seen) == t.measured == 7 and all(op in ops for ops in seen)
+    assert "graphs quantized " + precision in t.render()
 
 
 def test_corrupt_cache_is_one_line_error_and_refresh_replaces_it(model, tmp_path):

@@ -8,7 +8,8 @@ import itertools
 import numpy as np
 import pytest
 
-from dsdeploy.conversion.latency_verify import bootstrap_estimate, narrow_enough, run_rounds
+from dsdeploy.conversion.latency_verify import bootstrap_estimate, narrow_enough, run_rounds, split_regimes
+from dsdeploy.conversion.workflow import latency_lines, regimes_line
 
 
 def rounds_of(medians, runs=20, spread=0.01, seed=0):
@@ -35,6 +36,44 @@ def test_a_drift_that_hits_both_models_cancels_in_the_ratio():
     est = bootstrap_estimate(rounds_of([10 * d for d in drift]), rounds_of([4 * d for d in drift], seed=1))
     assert est.speedup == pytest.approx(2.5, rel=0.05)
     assert narrow_enough(est, 0.05) and not narrow_enough(est, 0.05, on="converted")
+
+
+def test_two_speed_regimes_are_found_with_each_ones_rounds_and_speedup():
+    """What a 2-vCPU cloud VM does to a DS graph (benchmarks/RESULTS-cache-regimes.md): some rounds ~5.3 ms,
+    others ~8.0 ms, the original ~17.2 ms throughout."""
+    conv_medians = [5.3, 5.4, 8.0, 8.1, 5.3, 5.35, 7.9, 5.25, 5.3, 8.05, 5.4, 5.3]
+    fast, slow = split_regimes(rounds_of([17.2] * 12), rounds_of(conv_medians, seed=1), tolerance=0.05)
+    assert (fast.rounds, slow.rounds) == (8, 4)
+    assert fast.converted_ms == pytest.approx(5.3, rel=0.02) and slow.converted_ms == pytest.approx(8.0, rel=0.02)
+    assert fast.speedup == pytest.approx(17.2 / 5.3, rel=0.03) and slow.speedup == pytest.approx(17.2 / 8.0, rel=0.03)
+    with pytest.raises(ValueError):
+        split_regimes(rounds_of([17.2] * 3), rounds_of([5.3] * 4), tolerance=0.05)
+
+
+@pytest.mark.parametrize("conv_medians", [
+    list(np.linspace(5.0, 5.5, 12)),  # one regime, evenly spread over 10 %: no empty gap
+    [5.3] * 10 + [5.5, 5.5],  # two groups, but 4 % apart: within the tolerance
+    [5.3] * 11 + [8.0],  # a single slow round is an outlier, not a regime
+    [5.3, 8.0, 5.3],  # too few rounds to tell
+])
+def test_one_regime_or_too_little_evidence_is_not_split(conv_medians):
+    n = len(conv_medians)
+    assert split_regimes(rounds_of([17.2] * n), rounds_of(conv_medians, spread=0.0), tolerance=0.05) is None
+
+
+def test_the_report_says_in_which_regime_the_target_holds():
+    fast = {"rounds": 8, "original_ms": 17.2, "measured_ms": 5.4, "measured_speedup": 3.19}
+    slow = {"rounds": 4, "original_ms": 17.2, "measured_ms": 8.0, "measured_speedup": 2.15}
+    assert "holds in the faster only" in regimes_line([fast, slow], None, 3.0)
+    assert "holds in both" in regimes_line([fast, slow], None, 2.0)
+    assert "holds in neither" in regimes_line([fast, slow], None, 3.5)
+    assert "holds in the faster only" in regimes_line([fast, slow], 5.6, None)  # a latency target in ms
+    attempt = {"target_ms": 5.7, "predicted_ms": 5.7, "original_ms": 17.2, "measured_ms": 5.6,
+               "measured_speedup": 3.07, "ci95": [2.2, 3.2], "rounds": 12, "prediction_error": 0.02,
+               "resolved": False, "interval": "undecided", "regimes": [fast, slow]}
+    lines = latency_lines({"speedup": 3.0, "verified": {"attempts": [attempt], "chosen": 0, "met": True}})
+    assert any("two speed regimes in these rounds: x3.19 in 8 rounds (5.400 ms), x2.15 in 4 rounds" in line
+               for line in lines)
 
 
 def test_rounds_stop_at_the_minimum_when_the_interval_is_narrow():

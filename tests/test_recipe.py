@@ -177,3 +177,24 @@ def test_recipe_from_dict_round_trip():
     again = recipe_from_dict(r.to_dict())
     assert again == r
     assert r.section("convert")["rank"] == 2 and r.section("seed") == 0
+
+
+@pytest.mark.parametrize("convert,deploy,planned", [
+    ({"speedup": 2.0}, {"quantize": "int8"}, "int8"),  # a latency target plans in the precision it deploys in
+    ({"speedup": 2.0}, {"quantize": "int8-dynamic"}, "int8-dynamic"),
+    ({"speedup": 2.0, "precision": "fp32"}, {"quantize": "int8"}, "fp32"),  # said explicitly: kept
+    ({"speedup": 2.0}, {"quantize": "int8", "enabled": False}, None),  # no deploy stage: fp32
+    ({"speedup": 2.0}, {"quantize": "fp16"}, None),
+    ({"rank": 2}, {"quantize": "int8"}, None),  # no latency target: nothing is timed
+])
+def test_a_latency_target_plans_in_the_precision_the_recipe_deploys_in(tmp_path, convert, deploy, planned):
+    from dsdeploy.pipeline.engine import Context
+    from dsdeploy.pipeline.stages import STAGES, recipe_policy
+
+    r = recipe_from_dict({"model": {"spec": "sample:digits_cnn"}, "convert": convert, "deploy": deploy})
+    ctx = Context(r, tmp_path)
+    assert recipe_policy(ctx).precision == planned
+    stage = next(s for s in STAGES if s.name == "convert")
+    other = recipe_from_dict({**r.to_dict(), "deploy": {**deploy, "quantize": "none"}})
+    same_key = stage.sections(ctx) == stage.sections(Context(other, tmp_path))
+    assert same_key == (planned == convert.get("precision"))  # the convert stage re-runs when its precision changes

@@ -31,10 +31,12 @@ from dsdeploy.errors import InputShapeError, PlanError
 @click.option("--statistic", type=click.Choice(["median", "min"]), default="median", show_default=True,
               help="Figure per graph: the median of the timed runs, or the min (the undisturbed time on a "
                    "machine other processes load); the cache keeps both.")
+@click.option("--precision", type=click.Choice(["fp32", "int8", "int8-dynamic"]), default="fp32", show_default=True,
+              help="Time every graph quantized as `deploy --quantize` would (INT8 depthwise convs run differently).")
 @click.option("--refresh", is_flag=True, help="Re-measure everything, replacing the cached entries and dropping the stored corrections.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 def latency_table(model, weights, model_kwargs, trust_pickle, input_shape, trust_code, provider, batch, threads,
-                  max_rank, layouts, convert_stem, cache_dir, statistic, refresh, as_json):
+                  max_rank, layouts, convert_stem, cache_dir, statistic, precision, refresh, as_json):
     """Measure MODEL's latency table: per convertible conv, dense ms vs each rank x layout ms.
 
     Every graph is timed alone by the benchmark protocol (stated in the output); results are
@@ -66,7 +68,7 @@ def latency_table(model, weights, model_kwargs, trust_pickle, input_shape, trust
                                   threads=threads, layouts=names, max_rank=max_rank,
                                   policy=Policy(convert_stem=convert_stem), refresh=refresh, cache_dir=cache_dir,
                                   protocol=dataclasses.replace(TABLE_PROTOCOL, statistic=statistic), name=model,
-                                  progress=progress)
+                                  progress=progress, precision=precision)
     finally:
         for bar in bars:
             bar.close()

@@ -66,9 +66,9 @@ def physical_cores() -> int:
 
 
 def target_of(policy: Policy) -> dict[str, Any]:
-    """Where latencies are measured: ``{"provider", "batch", "threads"}`` with the defaults filled in."""
+    """Where latencies are measured: ``{"provider", "batch", "threads", "precision"}`` with the defaults filled in."""
     return {"provider": policy.provider or "cpu", "batch": int(policy.batch),
-            "threads": policy.threads or physical_cores()}
+            "threads": policy.threads or physical_cores(), "precision": policy.precision or "fp32"}
 
 
 def measure_table(model: nn.Module, policy: Policy, input_shape: tuple[int, ...], *, cache_dir: Any = None,
@@ -78,7 +78,8 @@ def measure_table(model: nn.Module, policy: Policy, input_shape: tuple[int, ...]
     t = target_of(policy)
     shape = (t["batch"], *input_shape[1:])
     return latency_table(model, shape, provider=t["provider"], threads=t["threads"], policy=policy,
-                         cache_dir=cache_dir, name=name, progress=progress, refresh=refresh)
+                         cache_dir=cache_dir, name=name, progress=progress, refresh=refresh,
+                         precision=t["precision"])
 
 
 def corrected_table(table: LatencyTable, plan: Plan, original_ms: float, converted_ms: float
@@ -119,7 +120,10 @@ def _attempt(res: ConversionResult, v: Verification, policy: Policy) -> dict[str
             "measured_speedup": round(est.speedup, 4), "ci95": [round(x, 4) for x in est.ci95],
             "ci95_ms": [round(x, 5) for x in est.converted_ci95], "rounds": est.rounds, "resolved": v.resolved,
             "interval": verdict, "prediction_error": round((predicted - converted_ms) / converted_ms, 4),
-            "op_counts": v.op_counts}
+            "op_counts": v.op_counts,
+            **({"regimes": [{"rounds": r.rounds, "original_ms": round(r.original_ms, 5),
+                             "measured_ms": round(r.converted_ms, 5), "measured_speedup": round(r.speedup, 4)}
+                            for r in v.regimes]} if v.regimes else {})}
 
 
 def _choose(tried: list[tuple[ConversionResult, float, float]], policy: Policy
@@ -171,7 +175,9 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
         ``resolved`` (the interval is narrow enough to tell a :data:`TOLERANCE` miss from a hit),
         ``interval`` ("met" / "missed": the whole interval does; else "undecided"), the prediction error
         (``(predicted - measured) / measured``), the timed graph's ``op_counts`` and, for the re-plan, the
-        correction's ``dense_factor``/``block_factor``. ``met`` (the chosen attempt's point estimate within
+        correction's ``dense_factor``/``block_factor``; ``regimes`` (faster, slower: each ``rounds``,
+        ``original_ms``, ``measured_ms``, ``measured_speedup``) when its rounds ran at two speeds
+        (:func:`dsdeploy.conversion.latency_verify.split_regimes`). ``met`` (the chosen attempt's point estimate within
         :data:`TOLERANCE` of the target, or faster), ``measured_speedup``, ``ci95``, ``rounds`` and ``resolved``
         are the chosen attempt's. The same record is in ``result.plan.policy["verified"]``.
 

@@ -201,4 +201,4 @@ def record_latencies(plan: Plan, table: LatencyTable, *, keep_layouts: bool) -> 
     env = table.environment
     plan.policy["latency_table"] = {"ep": env.get("ep"), "threads": env.get("threads"), "batch": env.get("batch"),
                                     "input_shape": list(table.input_shape), "model_ms": round(table.model_ms, 5),
-                                    "protocol": table.protocol}
+                                    "protocol": table.protocol, "precision": env.get("precision", "fp32")}

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from dsdeploy.runtime.regimes import two_regimes
+
 MIN_ROUNDS = 3
 MAX_ROUNDS = 12
 PER_ROUND = 20  # timed runs of each model per round
@@ -65,6 +67,15 @@ class Estimate:
         return (hi - lo) / 2 / point if point > 0 else float("inf")
 
 
+def _check_rounds(original_rounds: Sequence[Sequence[float]], converted_rounds: Sequence[Sequence[float]],
+                  who: str) -> int:
+    """The number of rounds; ValueError unless both models have the same number (>= 1) of non-empty rounds."""
+    n = len(original_rounds)
+    if n == 0 or len(converted_rounds) != n or any(len(r) == 0 for r in (*original_rounds, *converted_rounds)):
+        raise ValueError(f"{who} needs the same number (>= 1) of non-empty rounds for both models")
+    return n
+
+
 def bootstrap_estimate(original_rounds: Sequence[Sequence[float]], converted_rounds: Sequence[Sequence[float]], *,
                        resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> Estimate:
     """The speedup of per-round samples (ms) and its percentile bootstrap interval over rounds.
@@ -79,9 +90,7 @@ def bootstrap_estimate(original_rounds: Sequence[Sequence[float]], converted_rou
     Raises:
         ValueError: no rounds, unequal numbers of rounds, or an empty round.
     """
-    n = len(original_rounds)
-    if n == 0 or len(converted_rounds) != n or any(len(r) == 0 for r in (*original_rounds, *converted_rounds)):
-        raise ValueError("bootstrap_estimate needs the same number (>= 1) of non-empty rounds for both models")
+    n = _check_rounds(original_rounds, converted_rounds, "bootstrap_estimate")
     orig = [np.asarray(r, dtype=np.float64) for r in original_rounds]
     conv = [np.asarray(r, dtype=np.float64) for r in converted_rounds]
     o_ms, c_ms = float(np.median(np.concatenate(orig))), float(np.median(np.concatenate(conv)))
@@ -94,6 +103,44 @@ def bootstrap_estimate(original_rounds: Sequence[Sequence[float]], converted_rou
     c_lo, c_hi = (float(v) for v in np.quantile(c_rep, q))
     return Estimate(o_ms, c_ms, speedup, (min(s_lo, speedup), max(s_hi, speedup)),
                     (min(c_lo, c_ms), max(c_hi, c_ms)), n)
+
+
+@dataclass(frozen=True)
+class Regime:
+    """The rounds of one speed regime: how many, the original's and the converted's median ms (pooled runs)
+    and ``speedup = original_ms / converted_ms``."""
+
+    rounds: int
+    original_ms: float
+    converted_ms: float
+    speedup: float
+
+
+def split_regimes(original_rounds: Sequence[Sequence[float]], converted_rounds: Sequence[Sequence[float]], *,
+                  tolerance: float, min_share: float = 0.1) -> tuple[Regime, Regime] | None:
+    """Two speed regimes of the converted graph among the rounds ``(faster, slower)``, or None for one.
+
+    A pure function of per-round run times (ms), paired as in :func:`bootstrap_estimate`: the rounds'
+    converted medians are split by :func:`dsdeploy.runtime.regimes.two_regimes` (1-D 2-means, reported only
+    with an empty gap of 5 robust SDs and medians more than ``tolerance`` apart); each regime's speedup is
+    the median of its rounds' original runs over the median of their converted runs.
+    Seen on cloud VMs: a multi-threaded DS graph runs at two speeds as the host moves the vCPUs between
+    cores that share a last-level cache and cores that do not (``benchmarks/RESULTS-cache-regimes.md``).
+
+    Raises:
+        ValueError: as :func:`bootstrap_estimate`.
+    """
+    _check_rounds(original_rounds, converted_rounds, "split_regimes")
+    split = two_regimes([float(np.median(r)) for r in converted_rounds], tolerance=tolerance, min_share=min_share)
+    if split is None:
+        return None
+
+    def regime(idx: np.ndarray) -> Regime:
+        o = float(np.median(np.concatenate([np.asarray(original_rounds[i], dtype=np.float64) for i in idx])))
+        c = float(np.median(np.concatenate([np.asarray(converted_rounds[i], dtype=np.float64) for i in idx])))
+        return Regime(len(idx), o, c, o / c)
+
+    return regime(split[0]), regime(split[1])
 
 
 def _replicate_medians(rounds: list[np.ndarray], picks: np.ndarray) -> np.ndarray:
@@ -142,6 +189,7 @@ class Verification:
     resolved: bool
     protocol: str
     op_counts: dict[str, int] = field(default_factory=dict)
+    regimes: tuple[Regime, Regime] | None = None  # (faster, slower) when the rounds show two (split_regimes)
 
 
 def measure_pair(original: nn.Module, converted: nn.Module, shape: tuple[int, ...], target: dict[str, Any], *,
@@ -149,7 +197,8 @@ def measure_pair(original: nn.Module, converted: nn.Module, shape: tuple[int, ..
                  max_rounds: int = MAX_ROUNDS, time_cap_s: float | None = TIME_CAP_S,
                  isolated: bool | None = None) -> Verification:
     """Time ``original`` and ``converted`` as ``dsdeploy export`` writes them
-    (:func:`dsdeploy.export.onnx_export.export_bytes`) on ``target``'s EP/threads (``{"provider",
+    (:func:`dsdeploy.export.onnx_export.export_bytes`), quantized when ``target["precision"]`` says so
+    (:func:`dsdeploy.export.quantize.quantize_bytes`), on ``target``'s EP/threads (``{"provider",
     "threads"}``) at ``shape``, in alternating rounds of ``per_round`` runs each until the interval on
     ``on`` ("speedup", or "converted" ms for a latency target) is within ``tolerance`` (:func:`run_rounds`).
     ``isolated``: each round (both graphs, one after the other) in a fresh child process
@@ -163,6 +212,7 @@ def measure_pair(original: nn.Module, converted: nn.Module, shape: tuple[int, ..
 
     from dsdeploy.export.graph import op_counts
     from dsdeploy.export.onnx_export import export_bytes
+    from dsdeploy.export.quantize import quantize_bytes
     from dsdeploy.runtime import providers as eps
     from dsdeploy.runtime.isolated import time_in_child
     from dsdeploy.runtime.latency_table import TABLE_PROTOCOL
@@ -172,15 +222,17 @@ def measure_pair(original: nn.Module, converted: nn.Module, shape: tuple[int, ..
         isolated = os.environ.get(ROUNDS_ENV, "").strip().lower() != "process"
     cfg = eps.ep_config(eps.resolve_ep_name(target["provider"]), None, target["threads"])
     protocol = dataclasses.replace(TABLE_PROTOCOL, iters=max(1, per_round))
-    graphs = [export_bytes(m, shape) for m in (original, converted)]
+    precision = target.get("precision") or "fp32"
+    graphs = [quantize_bytes(export_bytes(m, shape), precision, shape) for m in (original, converted)]
     with tempfile.TemporaryDirectory(prefix="dsdeploy-verify-") as tmp:
         paths = [Path(tmp) / f"{what}.onnx" for what in ("original", "converted")]
         for path, graph in zip(paths, graphs, strict=True):
             path.write_bytes(graph)  # read by the child processes only; the folder is removed after
 
         done = [0]
+        seen: tuple[list[Sequence[float]], list[Sequence[float]]] = ([], [])
 
-        def one_round() -> tuple[list[float], list[float]]:
+        def one_round() -> tuple[Sequence[float], Sequence[float]]:
             # ABBA: odd rounds time the converted graph first, so whatever the first graph of a round pays
             # (a fresh process's first session: page faults, thread-pool start) falls on both alike
             order = (0, 1) if done[0] % 2 == 0 else (1, 0)
@@ -192,13 +244,16 @@ def measure_pair(original: nn.Module, converted: nn.Module, shape: tuple[int, ..
                 got = [measure_samples(graphs[i], ep=cfg, threads=target["threads"], protocol=protocol,
                                        batch=shape[0]) for i in order]
             by = dict(zip(order, got, strict=True))
+            seen[0].append(by[0])
+            seen[1].append(by[1])
             return by[0], by[1]
 
         est = run_rounds(one_round, tolerance=tolerance, on=on, min_rounds=min_rounds, max_rounds=max_rounds,
                          time_cap_s=time_cap_s)
     where = "each round in a fresh process" if isolated else "in this process"
-    line = (f"{protocol.describe()} per round; the exported graphs (as `export` writes them), original and "
+    line = (f"{protocol.describe()} per round; the exported graphs (as `export` writes them"
+            f"{'' if precision == 'fp32' else ', quantized ' + precision}), original and "
             f"converted alternating (ABBA), {where}, {est.rounds} rounds (from {min_rounds} until the 95 % bootstrap "
             f"interval over rounds is within {100 * tolerance / 2:g} % of the estimate, at most {max_rounds})")
-    return Verification(est, narrow_enough(est, tolerance, on), line,
-                        op_counts(onnx.load_from_string(graphs[1])))
+    return Verification(est, narrow_enough(est, tolerance, on), line, op_counts(onnx.load_from_string(graphs[1])),
+                        split_regimes(*seen, tolerance=tolerance))

@@ -28,6 +28,7 @@ from dsdeploy.conversion.decompose import (
 )
 from dsdeploy.conversion.latency_plan import plan_latency, record_latencies
 from dsdeploy.errors import PlanError
+from dsdeploy.export.config import PRECISIONS
 
 TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 ALLOCATIONS = ("auto", "spectral", "data")
@@ -98,7 +99,9 @@ class Policy:
     layout (or keep it dense) from latencies measured on ``provider`` (default "cpu") at ``batch``
     (default 1) with ``threads`` intra-op threads (default: the machine's physical cores, else 2)
     (:mod:`dsdeploy.conversion.latency_plan`). With a ``mac_budget``, giving ``provider`` also picks
-    each converted layer's fastest measured layout.
+    each converted layer's fastest measured layout. ``precision`` ("fp32", "int8", "int8-dynamic") is the
+    precision the model will be deployed in (``deploy --quantize``): every latency, the table's and the
+    verification's, is then timed on graphs quantized that way (INT8 depthwise convs run differently).
 
     ``allocation`` says how a ``mac_budget`` is shared out: "spectral" by the kernels' spectral
     energy; "data" by each layer's measured effect on the network's logits at each rank
@@ -122,6 +125,7 @@ class Policy:
     provider: str | None = None  # the EP latencies are measured on (None: cpu for a latency target)
     batch: int = 1  # the batch latencies are measured at
     threads: int | None = None  # intra-op threads (None: physical cores, else 2)
+    precision: str | None = None  # the deployment's: latencies timed on graphs quantized so (None: fp32)
 
     @property
     def latency_target(self) -> bool:
@@ -148,6 +152,11 @@ class Policy:
             raise PlanError(f"convert.batch must be an integer >= 1, got {self.batch}")
         if self.threads is not None and (type(self.threads) is not int or self.threads < 1):
             raise PlanError(f"convert.threads must be an integer >= 1, got {self.threads}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise PlanError(f"convert.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in (None, "fp32") and not self.measures_latency:
+            raise PlanError("convert.precision times latencies for speedup, target_latency_ms or mac_budget with a "
+                            "provider: set one of them too")
         if self.provider is not None and not self.measures_latency:
             raise PlanError("convert.provider measures latencies for speedup, target_latency_ms or mac_budget: "
                             "set one of them too")

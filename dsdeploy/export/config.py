@@ -15,6 +15,7 @@ from dsdeploy.ranges import check_number
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
 QUANT_MODES = ("none", "int8", "int8-dynamic", "fp16")
+PRECISIONS = ("fp32", "int8", "int8-dynamic")  # what a latency table or a verification can time graphs in
 
 
 @dataclass

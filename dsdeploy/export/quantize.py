@@ -13,12 +13,14 @@ Modes (onnxruntime.quantization):
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from dsdeploy.errors import DeployError
+from dsdeploy.export.config import PRECISIONS
 from dsdeploy.export.graph import toposort
 
 FP16_WARNING = ("fp16 bundle: the ONNX Runtime CPU EP has few fp16 kernels (where one is missing it inserts "
@@ -113,3 +115,29 @@ def quantize_model(src: Path, dest: Path, mode: str, *, calib: np.ndarray | None
     except (RuntimeError, ValueError, KeyError, TypeError, onnx.checker.ValidationError) as exc:
         raise DeployError(f"{mode} quantization failed: {type(exc).__name__}: {first_line(exc)}") from None
     return warns
+
+
+def quantize_bytes(graph: bytes, mode: str, input_shape: tuple[int, ...], *, seed: int = 0,
+                   reduce_range: bool | None = None) -> bytes:
+    """``graph`` (a serialized fp32 ONNX model with one image input) quantized as ``deploy --quantize mode``
+    would quantize it (:func:`quantize_model`), for timing: ``fp32`` returns it unchanged.
+
+    ``int8`` calibrates on two batches of standard-normal inputs of ``input_shape`` ``(N, C, *spatial)``
+    drawn from ``seed``: an INT8 graph's latency does not depend on its scales, so random inputs time it as
+    the deployed one runs. ``reduce_range`` as ``deploy`` (None: 7-bit weights when this CPU lacks VNNI/AMX).
+
+    Raises:
+        DeployError: the quantization failed, or ``mode`` is not one of :data:`PRECISIONS`.
+    """
+    if mode == "fp32":
+        return graph
+    if mode not in PRECISIONS:
+        raise DeployError(f"precision must be one of {', '.join(PRECISIONS)}, got {mode!r}")
+    name = onnx.load_from_string(graph).graph.input[0].name
+    calib = np.random.default_rng(seed).standard_normal((2 * input_shape[0], *input_shape[1:])).astype(np.float32)
+    with tempfile.TemporaryDirectory(prefix="dsdeploy-quant-") as tmp:
+        src, dest = Path(tmp) / "model.onnx", Path(tmp) / "quantized.onnx"
+        src.write_bytes(graph)
+        quantize_model(src, dest, mode, calib=calib, input_name=name, fixed_batch=input_shape[0],
+                       reduce_range=(not host_has_int8_dot()) if reduce_range is None else reduce_range)
+        return dest.read_bytes()

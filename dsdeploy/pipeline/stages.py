@@ -75,8 +75,15 @@ def _cap(stage_limit: int | None, ctx: Context) -> int | None:
 
 
 def recipe_policy(ctx: Context):
-    """The recipe's [convert] section, which is a :class:`dsdeploy.conversion.plan.Policy` (a copy: validate fills it in)."""
-    return dataclasses.replace(_r(ctx).convert)
+    """The recipe's [convert] section, which is a :class:`dsdeploy.conversion.plan.Policy` (a copy: validate fills
+    it in). A latency target with no ``convert.precision`` plans in the precision the run deploys in: an enabled
+    [deploy] with ``quantize`` int8 or int8-dynamic times the latencies quantized so."""
+    r = _r(ctx)
+    policy = dataclasses.replace(r.convert)
+    if (policy.precision is None and policy.latency_target and r.deploy.enabled
+            and r.deploy.quantize in ("int8", "int8-dynamic")):
+        policy.precision = r.deploy.quantize
+    return policy
 
 
 def _final_artifact(ctx: Context) -> Path | None:
@@ -85,6 +92,16 @@ def _final_artifact(ctx: Context) -> Path | None:
 
 def _sections(*names: str):
     return lambda ctx: {n: _r(ctx).section(n) for n in names}
+
+
+def _planned(*names: str):
+    """:func:`_sections` plus the precision latencies are planned in when [deploy] supplies it (recipe_policy)."""
+    base = _sections(*names)
+
+    def key(ctx: Context) -> dict[str, Any]:
+        precision = recipe_policy(ctx).precision
+        return {**base(ctx), **({"planned_precision": precision} if precision != _r(ctx).convert.precision else {})}
+    return key
 
 
 def _model_inputs(ctx: Context) -> list[Any]:
@@ -322,8 +339,8 @@ def _report_inputs(ctx: Context) -> list[Any]:
 
 
 STAGES: list[Stage] = [
-    Stage("inspect", run_inspect, _sections("model", "preprocess", "convert", "data"), _model_inputs),
-    Stage("convert", run_convert, _sections("model", "preprocess", "convert", "calibrate", "data", "seed"),
+    Stage("inspect", run_inspect, _planned("model", "preprocess", "convert", "data"), _model_inputs),
+    Stage("convert", run_convert, _planned("model", "preprocess", "convert", "calibrate", "data", "seed"),
           lambda ctx: _model_inputs(ctx) + _data_input(ctx)),
     Stage("finetune", run_finetune, _sections("finetune", "data", "seed"),
           lambda ctx: [ctx.output("convert", "artifact")] + _data_input(ctx), _finetune_skip),

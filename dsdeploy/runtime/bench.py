@@ -7,7 +7,9 @@ profiling on), run once (first-inference time), read from the profile which EP r
 node (silent CPU fallback shows here), then ``warmup`` untimed runs and ``iters`` timed
 runs (or as many as fit in ``duration`` seconds), each timed with ``time.perf_counter_ns``. Peak memory
 is sampled throughout. Each EP's outputs are compared with the CPU EP's on the same
-inputs. Raw samples are kept.
+inputs. Raw samples are kept. When the runs, cut into time windows, ran at two distinct speeds
+(:func:`dsdeploy.runtime.regimes.window_regimes`), the result says so (``regimes``) and the report
+gives each speed: a median over both describes neither.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dsdeploy.runtime.inputs import (
     model_info,
     random_feed,
 )
+from dsdeploy.runtime.regimes import window_regimes
 from dsdeploy.runtime.results import BenchReport, EPResult
 from dsdeploy.runtime.sessions import create_session
 from dsdeploy.runtime.sysinfo import PeakMemory, environment
@@ -128,6 +131,7 @@ def measure(info: ModelInfo, ep: eps.EPConfig, batch: int, cfg: BenchConfig, fee
     res.fallback = eps.fallback_report(ep.name, session_providers, nodes)
     res.device = "CPU" if res.fallback["status"] == "full" else eps.device_label(ep.name, ep.options)
     res.stats = Stats.of(res.samples_ms)
+    res.regimes = window_regimes(res.samples_ms)
     res.throughput_items_s = batch * 1000.0 / res.stats.mean_ms if res.stats.mean_ms > 0 else None
     if reference is not None:
         res.parity = parity(outs, reference, "data" if parity_feeds else "random")

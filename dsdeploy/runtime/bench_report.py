@@ -97,8 +97,21 @@ def model_notes(report: BenchReport) -> list[str]:
             f"sha256 {m.sha256[:12]}" for m in report.models]
 
 
+def regime_notes(report: BenchReport) -> list[str]:
+    """One line per result whose runs ran at two speeds (:func:`dsdeploy.runtime.regimes.window_regimes`)."""
+    out = []
+    for r in report.ok():
+        if r.regimes:
+            fast, slow = r.regimes
+            out.append(f"{r.model} on {r.alias}, batch {r.batch}: ran at two speeds while timed, p50 "
+                       f"{fast['p50_ms']:.3f} ms in {100 * fast['share']:.0f} % of the runs and {slow['p50_ms']:.3f} "
+                       f"ms in {100 * slow['share']:.0f} % (by time windows); its p50 and any speedup against it "
+                       f"depend on which it met (README: 'Two speeds'; --threads 1 holds still)")
+    return out
+
+
 def _notes(report: BenchReport) -> list[str]:
-    return method_notes(report) + model_notes(report)
+    return method_notes(report) + model_notes(report) + regime_notes(report)
 
 
 def render_text(report: BenchReport) -> str:

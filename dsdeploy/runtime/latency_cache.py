@@ -54,24 +54,27 @@ def device_signature(ep_name: str, options: dict[str, str] | None = None) -> str
 
 
 def environment_key(ep_name: str, ep_options: dict[str, str] | None, *, threads: int | None, batch: int,
-                    ort_version: str | None = None, spinning: bool = True, device: str | None = None
-                    ) -> dict[str, Any]:
+                    ort_version: str | None = None, spinning: bool = True, device: str | None = None,
+                    precision: str = "fp32") -> dict[str, Any]:
     """Everything besides the layer that a measured latency depends on (JSON-able).
 
-    ``ort_version`` defaults to the installed onnxruntime's; ``device`` to :func:`device_signature`.
+    ``ort_version`` defaults to the installed onnxruntime's; ``device`` to :func:`device_signature`;
+    ``precision`` other than "fp32" (the graphs timed quantized) is part of the key (fp32 keys are as before).
     """
     if ort_version is None:
         ort_version = package_versions(("onnxruntime",))["onnxruntime"] or "unknown"
     return {"schema": SCHEMA, "ep": ep_name, "ep_options": dict(sorted((ep_options or {}).items())),
             "device": device or device_signature(ep_name, ep_options), "onnxruntime": str(ort_version),
-            "threads": threads, "batch": int(batch), "spinning": bool(spinning)}
+            "threads": threads, "batch": int(batch), "spinning": bool(spinning),
+            **({"precision": precision} if precision != "fp32" else {})}
 
 
 def cache_file(env: dict[str, Any], folder: Path) -> Path:
     """The file of environment ``env`` in ``folder`` (a readable prefix + a digest of the whole key)."""
     digest = hashlib.sha256(json.dumps(env, sort_keys=True).encode()).hexdigest()[:16]
     ep = env["ep"].replace("ExecutionProvider", "").lower()
-    return folder / f"{ep}-b{env['batch']}-t{env['threads'] or 'auto'}-{digest}.json"
+    prec = f"-{env['precision']}" if env.get("precision", "fp32") != "fp32" else ""
+    return folder / f"{ep}{prec}-b{env['batch']}-t{env['threads'] or 'auto'}-{digest}.json"
 
 
 class LatencyCache:

@@ -29,7 +29,9 @@ from dsdeploy.conversion.block import LAYOUTS
 from dsdeploy.conversion.opcount import trace_calls
 from dsdeploy.conversion.plan import Policy, conv_modules, max_gainful_rank, skip_reason
 from dsdeploy.errors import InputShapeError, PlanError, ProviderError
+from dsdeploy.export.config import PRECISIONS
 from dsdeploy.export.onnx_export import export_bytes
+from dsdeploy.export.quantize import quantize_bytes
 from dsdeploy.export.small_graphs import ConvSpec, layer_graph
 from dsdeploy.fsutil import show
 from dsdeploy.runtime import providers as eps
@@ -126,7 +128,8 @@ class LatencyTable:
                              f"x{lt.dense_ms / best.ms:.2f}" if best.ms > 0 else ""])
         env = self.environment
         head = (f"{self.model} at {'x'.join(map(str, self.input_shape))} on {env['ep']} ({env['device']}), "
-                f"{env['threads'] or 'default'} threads, onnxruntime {env['onnxruntime']}\n"
+                f"{env['threads'] or 'default'} threads, onnxruntime {env['onnxruntime']}"
+                f"{'' if env.get('precision', 'fp32') == 'fp32' else ', graphs quantized ' + env['precision']}\n"
                 f"whole model {self.model_ms:.3f} ms; not converted (whole - dense convs) {self.remainder_ms:.3f} ms\n"
                 f"protocol: {self.protocol}\n"
                 f"{self.measured} graphs measured, {self.reused} from the cache {self.cache_file} "
@@ -154,7 +157,7 @@ def latency_table(model: nn.Module, input_shape: Sequence[int], *, provider: str
                   layouts: Sequence[str] = LAYOUTS, max_rank: int | None = None, policy: Policy | None = None,
                   refresh: bool = False, cache_dir: str | os.PathLike | None = None, ort_version: str | None = None,
                   protocol: Protocol = TABLE_PROTOCOL, name: str = "model",
-                  progress: Callable[[str], None] | None = None) -> LatencyTable:
+                  progress: Callable[[str], None] | None = None, precision: str = "fp32") -> LatencyTable:
     """Measure (or read from the cache) the latency table of ``model`` at ``input_shape`` (batch first).
 
     Args:
@@ -169,13 +172,16 @@ def latency_table(model: nn.Module, input_shape: Sequence[int], *, provider: str
         ort_version: the ONNX Runtime version recorded in the cache key (default: the installed one).
         protocol: the timing protocol; the table's figure is its ``statistic`` of ``iters`` runs (the cache
             keeps the median and the min of each graph, so either statistic reads the same entries).
+        precision: "fp32", or the deployment's quantization ("int8": static QDQ, "int8-dynamic"): every
+            graph, the whole model's too, is quantized as ``deploy --quantize`` would
+            (:func:`dsdeploy.export.quantize.quantize_bytes`) before it is timed; its own cache file.
 
     Returns:
         The table as measured (never corrected); ``correction`` carries the correction a verification
         stored for this model in this environment (None after a ``refresh``).
 
     Raises:
-        ProviderError: the EP is unavailable or cannot run a graph. PlanError: a bad layout or max_rank.
+        ProviderError: the EP is unavailable or cannot run a graph. PlanError: a bad layout, max_rank or precision.
         InputShapeError: the model cannot run at ``input_shape``. LatencyCacheError: an unreadable cache file.
     """
     bad = [lay for lay in layouts if lay not in LAYOUTS]
@@ -187,6 +193,8 @@ def latency_table(model: nn.Module, input_shape: Sequence[int], *, provider: str
         raise PlanError(f"statistic must be median or min, got {protocol.statistic!r}")
     if threads is not None and threads < 1:
         raise ProviderError(f"threads must be >= 1, got {threads}")
+    if precision not in PRECISIONS:
+        raise PlanError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if not input_shape or any(int(d) < 1 for d in input_shape):
         raise InputShapeError(f"input_shape must hold positive integers (batch first), got {list(input_shape)}")
     t_start = time.perf_counter()
@@ -195,11 +203,11 @@ def latency_table(model: nn.Module, input_shape: Sequence[int], *, provider: str
     cfg = eps.ep_config(ep_name, ep_options, threads)
     shape = tuple(int(d) for d in input_shape)
     env = environment_key(ep_name, cfg.options, threads=threads, batch=shape[0], ort_version=ort_version,
-                          spinning=protocol.spinning)
+                          spinning=protocol.spinning, precision=precision)
     cache = LatencyCache(env, cache_dir, refresh=refresh)
     reused: set[str] = set()
 
-    def timed(key: str, graph: Callable[[], bytes], what: str) -> float:
+    def timed(key: str, make: Callable[[], bytes], what: str, in_shape: tuple[int, ...]) -> float:
         hit = cache.get(key)
         if hit is not None:  # from the file, or an identical layer measured earlier in this run
             if key not in cache.measured:
@@ -207,7 +215,8 @@ def latency_table(model: nn.Module, input_shape: Sequence[int], *, provider: str
         else:
             if progress:
                 progress(what)
-            stats = measure(graph(), ep=cfg, threads=threads, protocol=protocol, batch=shape[0])
+            graph = quantize_bytes(make(), precision, in_shape)
+            stats = measure(graph, ep=cfg, threads=threads, protocol=protocol, batch=shape[0])
             hit = {"ms": round(stats.p50_ms, 5), "min_ms": round(stats.min_ms, 5), "n": stats.n}
             cache.put(key, hit)
         return float(hit["min_ms"] if protocol.statistic == "min" and "min_ms" in hit else hit["ms"])
@@ -218,7 +227,7 @@ def latency_table(model: nn.Module, input_shape: Sequence[int], *, provider: str
     try:
         mkey = model_key(model, shape)
         model_ms = timed(f"model-export:{mkey}", lambda: export_bytes(model, shape),
-                         f"{name} (whole, as exported)")
+                         f"{name} (whole, as exported)", shape)
         for lname, mod in conv_modules(model):
             lt = LayerTiming(lname)
             layers.append(lt)
@@ -231,11 +240,12 @@ def latency_table(model: nn.Module, input_shape: Sequence[int], *, provider: str
                 continue
             spec = ConvSpec.of(mod, calls[lname][0])
             lt.spec, lt.key = spec.to_dict(), spec.key()
-            lt.dense_ms = timed(f"dense:{lt.key}", lambda spec=spec: layer_graph(spec), f"{lname} dense")
+            lt.dense_ms = timed(f"dense:{lt.key}", lambda spec=spec: layer_graph(spec), f"{lname} dense",
+                                spec.input_shape)
             for rank in range(1, min(kmax, max_rank or kmax) + 1):
                 for lay in layouts:
                     ms = timed(f"ds:{lt.key}:r{rank}:{lay}", lambda s=spec, r=rank, y=lay: layer_graph(s, r, y),
-                               f"{lname} rank {rank} {lay}")
+                               f"{lname} rank {rank} {lay}", spec.input_shape)
                     lt.blocks.append(BlockTiming(rank, lay, ms))
             cache.flush()  # a killed run keeps what it measured
     finally:

@@ -33,6 +33,7 @@ class EPResult:
     fallback: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] | None = None
     samples_ms: list[float] = field(default_factory=list)
+    regimes: list[dict[str, Any]] | None = None  # [faster, slower] when the runs ran at two speeds (runtime.regimes)
 
 
 @dataclass
