@@ -19,7 +19,7 @@ from dsdeploy.models.samples import BasicBlock
 from dsdeploy.recover.blockdata import find_blocks
 from dsdeploy.recover.blockrec import reconstruct_blocks
 from dsdeploy.recover.reconstruct import calibrate
-from tests.clirun import dsdeploy
+from tests.clirun import dsdeploy_chain
 from tests.test_calibrate import one_thread  # noqa: F401 (autouse fixture: one thread for the tiny models)
 
 DIGITS8 = Preprocess(size=(8, 8), resize=None, mean=(0.3,), std=(0.32,), channels=1)
@@ -181,8 +181,11 @@ def test_calibrate_cli_runs_block_reconstruction_and_records_it(trained, tmp_pat
                   {"input_shape": [1, 1, 8, 8], "preprocessing": DIGITS8.to_dict()}, [{"stage": "convert"}])
     out = tmp_path / "cal.dsd"
     env = {"OMP_NUM_THREADS": "1"}
-    proc = dsdeploy("calibrate", src, "--data", "digits", "-o", out, "--max-batches", "6", "--trust-code",
-                    "--block-reconstruct", "3s", env=env)
+    proc, bad = dsdeploy_chain(  # one real process for both commands (suite time)
+        ("calibrate", src, "--data", "digits", "-o", out, "--max-batches", "6", "--trust-code", "--block-reconstruct",
+         "3s"),
+        ("calibrate", src, "--data", "digits", "-o", tmp_path / "x.dsd", "--trust-code", "--block-reconstruct", "soon"),
+        env=env)
     assert proc.returncode == 0, proc.stderr
     assert "block reconstruction: 3 blocks in" in proc.stdout
     entry = load_artifact(out, trust_code=True).history[-1]
@@ -190,8 +193,7 @@ def test_calibrate_cli_runs_block_reconstruction_and_records_it(trained, tmp_pat
     done = [b for b in rec["blocks"] if b["error_before"] is not None]  # a busy machine may spend 3 s early
     assert rec["time_budget"] == 3.0 and all(b["error_after"] <= b["error_before"] for b in done)
     assert entry["accuracy_after"] == rec["accuracy_after"]
-    proc = dsdeploy("calibrate", src, "--data", "digits", "-o", tmp_path / "x.dsd", "--trust-code",
-                    "--block-reconstruct", "soon", env=env)
+    proc = bad
     assert proc.returncode != 0 and proc.stderr.startswith("error: ") and "--block-reconstruct" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "x.dsd").exists()
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from tests.clirun import dsdeploy, json_out
+from tests.clirun import dsdeploy, dsdeploy_chain, json_out
 
 FACTORY = "tests.conftest:small_net"
 
@@ -30,9 +30,10 @@ def test_convert_writes_artifact_and_reports_ranks(tmp_path):
     assert conv and all(l["rank"] >= 1 for l in conv)
     assert out["summary"]["conv_mac_ratio"] < 1
     # the artifact is a model spec for every command; its recorded factory is imported only when trusted
-    refused = dsdeploy("inspect", dest, "--json")
+    refused, trusted = dsdeploy_chain(("inspect", dest, "--json"), ("inspect", dest, "--trust-code", "--json"),
+                                      keep_going=True)  # one fresh process: the refusal comes before any import
     assert refused.returncode == 2 and "--trust-code" in refused.stderr and len(refused.stderr.splitlines()) == 1
-    again = json_out(dsdeploy("inspect", dest, "--trust-code", "--json"))
+    again = json_out(trusted)
     assert again["input_shape"] == [1, 3, 16, 16]
     payload = torch.load(dest, weights_only=True)
     assert payload["history"][0]["stage"] == "convert"
@@ -47,10 +48,11 @@ def test_nothing_to_convert_has_its_own_exit_status(tmp_path):
 
 
 def test_user_errors_are_one_line(tmp_path):
-    proc = dsdeploy("inspect", "torchvision:resnet19")
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "did you mean" in proc.stderr
-    proc = dsdeploy("inspect", FACTORY, "--input-shape", "1,5,16,16")
-    assert proc.returncode == 2 and "cannot run on input shape" in proc.stderr
-    proc = dsdeploy("--debug", "inspect", "torchvision:resnet19")
-    assert "Traceback" in proc.stderr
+    unknown, shape, debug = dsdeploy_chain(  # one real process, each command's own exit status and stderr
+        ("inspect", "torchvision:resnet19"), ("inspect", FACTORY, "--input-shape", "1,5,16,16"),
+        ("--debug", "inspect", "torchvision:resnet19"), keep_going=True)
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().count("\n") == 0 and "did you mean" in unknown.stderr
+    assert shape.returncode == 2 and "cannot run on input shape" in shape.stderr
+    assert shape.stderr.strip().count("\n") == 0 and "Traceback" not in shape.stderr
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.clirun import ROOT, dsdeploy
+from tests.clirun import ROOT, dsdeploy, dsdeploy_chain
 
 SHARED = Path(os.environ.get("DSDEPLOY_SHARED") or ROOT.parent / "shared")
 PRETRAINED = SHARED / "data" / "pretrained"
@@ -112,7 +112,8 @@ def test_cli_convert_with_calibration_keeps_the_checkpoint_and_its_preprocessing
     name = "resnet32-d509ac18.th"
     out = tmp_path / "r32.dsd"
     proc = dsdeploy("convert", "cifar_resnet:resnet32", "--weights", checkpoint(name), "--input-shape", "1,3,32,32",
-                    "--mac-budget", "0.5", "--calib-data", images, "--calib-batches", "1", "-o", out, "--json",
+                    "--mac-budget", "0.5", "--calib-data", images, "--calib-batches", "1", "--calib-rounds", "1", "-o", out,
+                    "--json",
                     env=USER_CODE, timeout=300)  # seconds at 32x32; minutes only if the images were read at 224
     assert proc.returncode == 0, proc.stderr
     assert within_budget(json.loads(proc.stdout)["layers"], 0.5)
@@ -137,6 +138,7 @@ def test_recipe_runs_on_the_real_checkpoint(images, tmp_path):
     out = tmp_path / "run"
     proc = dsdeploy("run", RECIPE, "--weights", checkpoint("resnet32-d509ac18.th"), "--data", images, "--out", out,
                     "--json", "--set", 'finetune.mode="none"', "--set", "calibrate.batches=1",
+                    "--set", "calibrate.rounds=1",  # the default 3 alternating rounds: the same code, 3x the solves
                     "--set", 'calibrate.block_reconstruct="2s"',  # the recipe's 60 s, shortened for the suite
                     "--set", 'bench.providers=["cpu"]', "--set", "bench.batches=[1]", "--set", "bench.iters=3",
                     "--set", "bench.warmup=0", env={"OMP_NUM_THREADS": "1"})
@@ -163,17 +165,19 @@ def test_cli_evaluate_and_calibrate_it_with_the_right_preprocessing_printed(imag
     ck = checkpoint("resnet32-d509ac18.th")
     want = "preprocessing: 3x32x32, resize to 32x32, mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225]"
     opts = ["--size", "32", "--resize", "none", "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"]
-    proc = dsdeploy("evaluate", "cifar_resnet:resnet32", "--weights", ck, "--data", images, *opts, "--json",
-                    env=USER_CODE, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert [line.startswith(want) for line in _printed_preprocessing(proc.stderr)] == [True], proc.stderr
-    assert json.loads(proc.stdout)["images"] == 10  # test/ holds the evaluation images
     dsd, cal = tmp_path / "r32.dsd", tmp_path / "r32-cal.dsd"
-    assert dsdeploy("convert", "cifar_resnet:resnet32", "--weights", ck, "--input-shape", "1,3,32,32", "--rank", "2",
-                    "-o", dsd, env=USER_CODE, timeout=300).returncode == 0
-    for args in (("calibrate", dsd, "--data", images, "--max-batches", "1", "-o", cal, *opts),
-                 ("evaluate", cal, "--data", images)):
-        proc = dsdeploy(*args, "--trust-code", env=USER_CODE, timeout=300)  # the .dsd records the user's factory
-        assert proc.returncode == 0, (args[0], proc.stderr)
-        assert [line.startswith(want) for line in _printed_preprocessing(proc.stderr)] == [True], (args[0], proc.stderr)
+    evaluate, convert, *rest = dsdeploy_chain(  # one real process, each command's output its own (suite time)
+        ("evaluate", "cifar_resnet:resnet32", "--weights", ck, "--data", images, *opts, "--json"),
+        ("convert", "cifar_resnet:resnet32", "--weights", ck, "--input-shape", "1,3,32,32", "--rank", "2", "-o", dsd),
+        ("calibrate", dsd, "--data", images, "--max-batches", "1", "--rounds", "1", "-o", cal, *opts, "--trust-code"),
+        ("evaluate", cal, "--data", images, "--trust-code"),  # the .dsd records the user's factory
+        env=USER_CODE, timeout=600)
+    assert evaluate.returncode == 0, evaluate.stderr
+    assert [line.startswith(want) for line in _printed_preprocessing(evaluate.stderr)] == [True], evaluate.stderr
+    assert json.loads(evaluate.stdout)["images"] == 10  # test/ holds the evaluation images
+    assert convert.returncode == 0, convert.stderr
+    assert len(rest) == 2
+    for proc in rest:
+        assert proc.returncode == 0, (proc.args, proc.stderr)
+        assert [line.startswith(want) for line in _printed_preprocessing(proc.stderr)] == [True], (proc.args, proc.stderr)
     assert [h["stage"] for h in torch.load(cal, weights_only=True)["history"]] == ["convert", "calibrate"]
