@@ -155,8 +155,8 @@ class Policy:
         if self.precision is not None and self.precision not in PRECISIONS:
             raise PlanError(f"convert.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.precision not in (None, "fp32") and not self.measures_latency:
-            raise PlanError("convert.precision times latencies for speedup, target_latency_ms or mac_budget with a "
-                            "provider: set one of them too")
+            raise PlanError("convert.precision times latencies for convert.speedup, convert.target_latency_ms or "
+                            "convert.mac_budget with convert.provider: set one of them too")
         if self.provider is not None and not self.measures_latency:
             raise PlanError("convert.provider measures latencies for speedup, target_latency_ms or mac_budget: "
                             "set one of them too")
