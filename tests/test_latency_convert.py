@@ -387,3 +387,5 @@ def test_an_int8_target_times_quantized_graphs_end_to_end(tmp_path):
     assert any("graphs quantized int8" in line for line in latency_lines(res.plan.policy))
     _, fp32 = convert_planned(model, shape, Policy(speedup=1.2, threads=1), cache_dir=tmp_path, verify=False)
     assert fp32["cache_file"] != record["cache_file"] and fp32["graphs_measured"] > 0  # not the int8 entries
+    with pytest.raises(PlanError, match=r"out of reach.*int8 small graphs predict a whole quantized model poorly"):
+        convert_planned(model, shape, Policy(speedup=50.0, threads=1, precision="int8"), cache_dir=tmp_path)
