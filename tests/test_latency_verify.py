@@ -68,6 +68,10 @@ def test_the_report_says_in_which_regime_the_target_holds():
     assert "holds in both" in regimes_line([fast, slow], None, 2.0)
     assert "holds in neither" in regimes_line([fast, slow], None, 3.5)
     assert "holds in the faster only" in regimes_line([fast, slow], 5.6, None)  # a latency target in ms
+    assert "share no cache" in regimes_line([fast, slow], None, 3.0, threads=2)  # only the DS graph slowed
+    assert "at one thread: other work" in regimes_line([fast, slow], None, 3.0, threads=1)
+    both = {**slow, "original_ms": 19.0}  # the original slowed too: the machine, not the graph
+    assert "the original slowed too" in regimes_line([fast, both], None, 3.0, threads=2)
     attempt = {"target_ms": 5.7, "predicted_ms": 5.7, "original_ms": 17.2, "measured_ms": 5.6,
                "measured_speedup": 3.07, "ci95": [2.2, 3.2], "rounds": 12, "prediction_error": 0.02,
                "resolved": False, "interval": "undecided", "regimes": [fast, slow]}

@@ -61,3 +61,14 @@ def test_bench_reports_two_speeds_in_its_notes(tmp_path):
     fast, slow = r.regimes
     assert f"ran at two speeds while timed, p50 {fast['p50_ms']:.3f} ms in 75 % of the runs and {slow['p50_ms']:.3f}" \
         in text
+
+
+def test_a_speedup_against_a_two_speed_model_is_marked():
+    from dsdeploy.runtime.bench_report import COMPARE_HEADERS, _compare_row
+
+    row = {"model": "ds", "baseline": "orig", "alias": "cpu", "precision": "fp32", "batch": 1, "baseline_p50_ms": 17.2,
+           "model_p50_ms": 8.0, "speedup": 2.15, "conv_mac_ratio": 0.3, "mac_limit_speedup": 3.3,
+           "fraction_of_limit": 0.65}
+    speed = COMPARE_HEADERS.index("speedup")
+    assert _compare_row({**row, "two_speeds": True})[speed] == "2.15x*"
+    assert _compare_row({**row, "two_speeds": False})[speed] == "2.15x"

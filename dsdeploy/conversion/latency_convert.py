@@ -266,8 +266,8 @@ def _caveat(policy: Policy) -> str:
     """What an out-of-reach answer adds for a quantized precision: its predictions are unreliable (measured on
     ResNet-18 INT8: attempts of 0.67x-1.49x for 1.25x predicted; benchmarks/RESULTS-speedup-check.md)."""
     prec = target_of(policy)["precision"]
-    return "" if prec == "fp32" else (f" ({prec} small graphs predict a whole quantized model poorly: a lower target "
-                                      f"may still measure this fast)")
+    return "" if prec == "fp32" else (f" (predicted from {prec} small graphs, which predict a whole quantized model "
+                                      f"poorly: a plan for a lower target may still measure the speedup you asked for)")
 
 
 def _signature(res: ConversionResult) -> tuple:

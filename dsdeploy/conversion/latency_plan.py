@@ -120,6 +120,8 @@ def plan_for_latency(table: LatencyTable, spectra: Mapping[str, torch.Tensor], s
     limit = target - table.remainder_ms
     if floor > target or limit < 0:
         asked = f"a {speedup:g}x speedup ({target:.3f} ms)" if speedup else f"{target:.3f} ms"
+        prec = table.environment.get("precision", "fp32")
+        asked += f" in {prec}" if prec != "fp32" else ""
         raise PlanError(f"{asked} is out of reach: the fastest plan predicts {floor:.3f} ms, a speedup of "
                         f"{table.model_ms / floor:.2f}x over the measured {table.model_ms:.3f} ms")
     if solve is None:

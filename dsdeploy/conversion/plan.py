@@ -148,6 +148,9 @@ class Policy:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise PlanError(f"convert.{name} must be a number > 0, got {value}")
+        if self.speedup is not None and self.speedup <= 1:
+            raise PlanError(f"convert.speedup must be > 1 (times faster than the original, which already runs at "
+                            f"x1), got {self.speedup}")
         if type(self.batch) is not int or self.batch < 1:
             raise PlanError(f"convert.batch must be an integer >= 1, got {self.batch}")
         if self.threads is not None and (type(self.threads) is not int or self.threads < 1):

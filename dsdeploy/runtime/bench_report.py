@@ -24,7 +24,8 @@ COMPARE_HEADERS = ["model", "vs", "EP", "precision", "batch", "baseline p50 ms",
 
 
 def compare(report: BenchReport) -> list[dict[str, Any]]:
-    """Per (model, EP, batch) with a baseline result: latencies, speedup, conv-MAC ratio, fraction of the limit."""
+    """Per (model, EP, batch) with a baseline result: latencies, speedup, conv-MAC ratio, fraction of the limit;
+    ``two_speeds`` when either model's runs ran at two speeds (its ``regimes``: the speedup depends on which)."""
     if len(report.models) < 2:
         return []
     base = report.models[0]
@@ -39,6 +40,7 @@ def compare(report: BenchReport) -> list[dict[str, Any]]:
             ratio = m.conv_macs / base.conv_macs if m.conv_macs and base.conv_macs else None
             limit = 1 / ratio if ratio else None
             rows.append({"baseline": base.name, "model": m.name, "ep": ep, "alias": r.alias, "batch": batch,
+                         "two_speeds": bool(b.regimes or r.regimes),
                          "precision": r.precision, "baseline_p50_ms": b.stats.p50_ms, "model_p50_ms": r.stats.p50_ms,
                          "baseline_mean_ms": b.stats.mean_ms, "model_mean_ms": r.stats.mean_ms, "speedup": speedup,
                          "conv_mac_ratio": ratio, "mac_limit_speedup": limit,
@@ -67,7 +69,8 @@ def _compare_row(c: dict[str, Any]) -> list[Any]:
         return "-" if v is None else format(v, fmt)
 
     return [c["model"], c["baseline"], c["alias"], c["precision"], c["batch"], round(c["baseline_p50_ms"], 3),
-            round(c["model_p50_ms"], 3), f(c["speedup"], ".2f") + "x", f(c["conv_mac_ratio"], ".3f"),
+            round(c["model_p50_ms"], 3), f(c["speedup"], ".2f") + "x" + ("*" if c.get("two_speeds") else ""),
+            f(c["conv_mac_ratio"], ".3f"),
             f(c["mac_limit_speedup"], ".2f") + "x", f(c["fraction_of_limit"], ".0%")]
 
 
@@ -105,8 +108,9 @@ def regime_notes(report: BenchReport) -> list[str]:
             fast, slow = r.regimes
             out.append(f"{r.model} on {r.alias}, batch {r.batch}: ran at two speeds while timed, p50 "
                        f"{fast['p50_ms']:.3f} ms in {100 * fast['share']:.0f} % of the runs and {slow['p50_ms']:.3f} "
-                       f"ms in {100 * slow['share']:.0f} % (by time windows); its p50 and any speedup against it "
-                       f"depend on which it met (README: 'Two speeds'; --threads 1 holds still)")
+                       f"ms in {100 * slow['share']:.0f} % (by time windows); its p50 and a speedup marked * depend on "
+                       f"which it met. Other work on the machine, or on a cloud VM with several threads the cores "
+                       f"sharing a cache only part of the time (README 'Two speeds'), are the usual causes")
     return out
 
 
