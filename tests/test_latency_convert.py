@@ -336,6 +336,11 @@ def test_of_two_measured_attempts_the_slowest_that_meets_the_target_is_kept():
     assert _choose([(fast, 18.0, 4.7), (slow, 18.0, 6.0 * (1 + 2 * TOLERANCE))], pol)[3] == 0
     assert _choose([(slow, 18.0, 7.0), (slow, 18.0, 6.9)], pol)[3] == 1  # none meets: the fastest
     assert _choose([(close, 0.0, 9.0)], Policy(target_latency_ms=10.0))[3] == 0
+    # a hit inside a wide interval loses to an attempt whose whole interval meets the target
+    pol = Policy(speedup=1.1)
+    assert _choose([(fast, 18.0, 12.8), (close, 18.0, 16.8)], pol, [True, False])[3] == 0
+    assert _choose([(fast, 18.0, 12.8), (close, 18.0, 16.8)], pol, [True, True])[3] == 1
+    assert _choose([(fast, 18.0, 12.8), (close, 18.0, 16.8)], pol, [False, False])[3] == 1
 
 
 def test_a_replan_between_a_too_fast_and_a_too_slow_attempt_takes_the_factors_between():

@@ -127,14 +127,18 @@ def _attempt(res: ConversionResult, v: Verification, policy: Policy) -> dict[str
                             for r in v.regimes]} if v.regimes else {})}
 
 
-def _choose(tried: list[tuple[ConversionResult, float, float]], policy: Policy
+def _choose(tried: list[tuple[ConversionResult, float, float]], policy: Policy, sure: list[bool] | None = None
             ) -> tuple[ConversionResult, float, float, int]:
     """Of the measured attempts ``(result, original_ms, converted_ms)``: the slowest that meets the target
-    (it converts least, so it keeps the most accuracy), else the fastest; with its index."""
+    (it converts least, so it keeps the most accuracy), else the fastest; with its index. ``sure[i]``: attempt
+    i's whole 95 % interval meets the target; when some attempt is sure to meet, only those are considered
+    (a sure hit beats a point estimate that meets inside a wide interval)."""
     def goal(o: float) -> float:
         return o / policy.speedup if policy.speedup else float(policy.target_latency_ms)
 
     ok = [i for i, (_, o, c) in enumerate(tried) if c <= goal(o) * (1 + TOLERANCE)]
+    if sure and any(sure[i] for i in ok):
+        ok = [i for i in ok if sure[i]]
     i = max(ok, key=lambda i: tried[i][2] / goal(tried[i][1])) if ok else \
         min(range(len(tried)), key=lambda i: tried[i][2] / goal(tried[i][1]))
     return (*tried[i], i)
@@ -163,7 +167,8 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
             (:func:`dsdeploy.conversion.latency_verify.measure_pair`) and re-plan (at most :data:`MAX_REPLANS`
             times; a plan already measured ends it) while the miss is significant: the whole 95 % interval more than :data:`TOLERANCE` off the target either way (too
             slow; or faster than asked, which gives away accuracy); of the attempts, the slowest that meets
-            the target is kept (``chosen``: its attempt index), else the fastest. The last measurement's
+            the target is kept (``chosen``: its attempt index; among those whose whole interval meets it, when
+            there are any), else the fastest. The last measurement's
             correction is stored with the cached table.
         refresh: re-measure the latency table and ignore (drop) the stored correction.
 
@@ -254,7 +259,7 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
         learned.append(_learned(fixed, again, v2, (a, b)))
         cache.put_correction(table.model_key, learned[-1])
     res, _, _, record["chosen"] = _choose([(r, x.estimate.original_ms, x.estimate.converted_ms) for r, x in tried],
-                                          policy)
+                                          policy, [_ratio(x.estimate, policy)[2] <= 1 + TOLERANCE for _, x in tried])
     chosen = record["attempts"][record["chosen"]]
     record["met"] = bool(_ratio(tried[record["chosen"]][1].estimate, policy)[0] <= 1 + TOLERANCE)
     record.update({k: chosen[k] for k in ("measured_speedup", "ci95", "rounds", "resolved", "interval")})
