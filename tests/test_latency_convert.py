@@ -393,5 +393,33 @@ def test_an_int8_target_times_quantized_graphs_end_to_end(tmp_path):
     assert any("graphs quantized int8" in line for line in latency_lines(res.plan.policy))
     _, fp32 = convert_planned(model, shape, Policy(speedup=1.2, threads=1), cache_dir=tmp_path, verify=False)
     assert fp32["cache_file"] != record["cache_file"] and fp32["graphs_measured"] > 0  # not the int8 entries
-    with pytest.raises(PlanError, match=r"speedup .* in int8 is out of reach.*int8 small graphs, which predict"):
+    # out of reach by the prediction: the fastest plan is measured, then refused with its measured speedup
+    with pytest.raises(PlanError, match=r"^measured x.*speedup .* in int8 is out of reach.*int8 small graphs, which"):
         convert_planned(model, shape, Policy(speedup=50.0, threads=1, precision="int8"), cache_dir=tmp_path)
+
+
+def test_a_quantized_target_predicted_out_of_reach_measures_the_fastest_plan(tmp_path):
+    """A table that predicts the target out of reach (every DS block claimed 1 % faster than its dense conv) does
+    not refuse in int8: its fastest plan (all converted) is measured, recorded with the user's target, and kept
+    when it meets it, else refused with its measured speedup."""
+    from dsdeploy.conversion.latency_convert import convert_planned, measure_table
+    from dsdeploy.conversion.workflow import latency_lines
+
+    model, shape = three_convs(32), (1, 32, 12, 12)
+    policy = Policy(speedup=1.05, threads=1, precision="int8")
+    table = measure_table(model, policy, shape, cache_dir=tmp_path)
+    data = json.loads(Path(table.cache_file).read_text())
+    entries = data["entries"]
+    for key, entry in entries.items():
+        if key.startswith("ds:"):
+            entry["ms"] = entry["min_ms"] = 0.99 * entries["dense:" + key.split(":")[1]]["ms"]
+    Path(table.cache_file).write_text(json.dumps(data))
+    try:
+        res, record = convert_planned(model, shape, policy, cache_dir=tmp_path)
+    except PlanError as exc:  # the fastest plan measured short of the target: refused with what it measured
+        assert str(exc).startswith("measured x") and "in int8 is out of reach" in str(exc)
+        return
+    assert "out of reach" in record["fastest_instead"] and record["attempts"]
+    assert res.plan.policy["speedup"] == 1.05 and "target_latency_ms" not in res.plan.policy
+    assert res.plan.policy["latency"]["target_ms"] == pytest.approx(table.model_ms / 1.05, rel=1e-3)
+    assert any("the fastest plan was measured instead" in line for line in latency_lines(res.plan.policy))

@@ -21,16 +21,18 @@ reachable speedup. Every attempt is recorded (the history entry's ``latency``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
+from dsdeploy.conversion.latency_plan import target_from
 from dsdeploy.conversion.latency_verify import Estimate, Verification, measure_pair
 from dsdeploy.conversion.plan import Plan, Policy
 from dsdeploy.conversion.rewrite import ConversionResult, convert
-from dsdeploy.errors import PlanError
+from dsdeploy.errors import NothingToConvertError, PlanError
 from dsdeploy.runtime.latency_cache import LatencyCache
 from dsdeploy.runtime.latency_table import LatencyTable, latency_table
 
@@ -189,7 +191,10 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
 
     Raises:
         PlanError: an out-of-reach target (with the best reachable speedup), also when the table corrected
-            after a measured miss cannot reach it (the message gives the measured speedup); ProviderError: the EP
+            after a measured miss cannot reach it (the message gives the measured speedup). In a quantized
+            ``precision`` a target predicted out of reach is not refused on the prediction: the fastest plan is
+            measured (``fastest_instead`` in the record) and kept when it meets the target, else refused with
+            its measured speedup; ProviderError: the EP
             cannot run; NothingToConvertError: nothing converts; LatencyCacheError: an unreadable cache file.
     """
     if not policy.measures_latency:
@@ -210,12 +215,21 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
     try:
         res = plan(planned_on)
     except PlanError as exc:
-        if stored is None and not _caveat(policy):
+        fastest = getattr(exc, "fastest_ms", None)
+        if _caveat(policy) and verify and policy.latency_target and fastest is not None:
+            # a quantized table predicts poorly: measure its fastest plan instead of refusing on a prediction
+            try:
+                res = _fastest(model, input_shape, policy, planned_on, fastest, costs, cost_name)
+            except NothingToConvertError:  # the fastest plan keeps every layer dense: nothing to measure
+                raise PlanError(f"{exc}{_caveat(policy)}") from None
+            record["fastest_instead"] = str(exc)
+        elif stored is None and not _caveat(policy):
             raise
-        if stored is None:
+        elif stored is None:
             raise PlanError(f"{exc}{_caveat(policy)}") from None
-        raise PlanError(f"with the table corrected by the measurement stored with it (dense x{base[0]:.2f}, DS "
-                        f"blocks x{base[1]:.2f}; refresh drops it), {exc}{_caveat(policy)}") from None
+        else:
+            raise PlanError(f"with the table corrected by the measurement stored with it (dense x{base[0]:.2f}, DS "
+                            f"blocks x{base[1]:.2f}; refresh drops it), {exc}{_caveat(policy)}") from None
     if not policy.latency_target or not verify:
         return res, record
     shape = (int(policy.batch), *input_shape[1:])
@@ -265,6 +279,19 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
     record.update({k: chosen[k] for k in ("measured_speedup", "ci95", "rounds", "resolved", "interval")})
     res.plan.policy["verified"] = record
     return res, record
+
+
+def _fastest(model: nn.Module, input_shape: tuple[int, ...], policy: Policy, table: LatencyTable, fastest_ms: float,
+             costs: Mapping[str, Mapping[int, float]] | None, cost_name: str | None) -> ConversionResult:
+    """The plan of ``table``'s fastest predicted latency (``fastest_ms``), its policy record showing the user's
+    target (``policy``'s), not the stand-in target it was planned at."""
+    stand_in = dataclasses.replace(policy, speedup=None, target_latency_ms=fastest_ms * (1 + 1e-9))
+    res = convert(model, input_shape=input_shape, policy=stand_in, costs=costs, cost_name=cost_name, latency=table)
+    res.plan.policy.pop("target_latency_ms", None)
+    res.plan.policy.update(policy.to_dict())
+    res.plan.policy["latency"]["target_ms"] = round(target_from(table, speedup=policy.speedup,
+                                                                target_ms=policy.target_latency_ms), 5)
+    return res
 
 
 def _caveat(policy: Policy) -> str:

@@ -122,8 +122,10 @@ def plan_for_latency(table: LatencyTable, spectra: Mapping[str, torch.Tensor], s
         asked = f"a {speedup:g}x speedup ({target:.3f} ms)" if speedup else f"{target:.3f} ms"
         prec = table.environment.get("precision", "fp32")
         asked += f" in {prec}" if prec != "fp32" else ""
-        raise PlanError(f"{asked} is out of reach: the fastest plan predicts {floor:.3f} ms, a speedup of "
+        exc = PlanError(f"{asked} is out of reach: the fastest plan predicts {floor:.3f} ms, a speedup of "
                         f"{table.model_ms / floor:.2f}x over the measured {table.model_ms:.3f} ms")
+        exc.fastest_ms = floor  # the caller may measure that plan instead of trusting the prediction
+        raise exc
     if solve is None:
         selection = allocate(items, limit)[0]
     else:

@@ -94,6 +94,9 @@ def latency_lines(policy: dict[str, Any]) -> list[str]:
     if plan:
         out.append(f"latency plan: target {plan['target_ms']:.3f} ms, predicted {plan['predicted_ms']:.3f} ms "
                    f"(x{plan['predicted_speedup']:.2f}; not converted {plan['remainder_ms']:.3f} ms)")
+    if (verified or {}).get("fastest_instead"):
+        out.append(f"predicted out of reach ({verified['fastest_instead']}); quantized predictions are unreliable, so "
+                   f"the fastest plan was measured instead")
     corr = (verified or {}).get("correction")
     if corr:
         out.append(f"planned on the table corrected by its stored measurement (dense x{corr['dense_factor']:.2f}, "
