@@ -8,7 +8,7 @@ import click
 from tqdm import tqdm
 
 from dsdeploy.cli import cli, flag_names
-from dsdeploy.cli.options import echo_json, model_options, parse_kwargs, parse_shape
+from dsdeploy.cli.options import PRECISIONS, echo_json, model_options, parse_kwargs, parse_shape
 from dsdeploy.errors import InputShapeError, PlanError
 
 # Rule for this module: library modules that import torch or numpy (dsdeploy.api, the stage configs,
@@ -31,7 +31,7 @@ from dsdeploy.errors import InputShapeError, PlanError
 @click.option("--statistic", type=click.Choice(["median", "min"]), default="median", show_default=True,
               help="Figure per graph: the median of the timed runs, or the min (the undisturbed time on a "
                    "machine other processes load); the cache keeps both.")
-@click.option("--precision", type=click.Choice(["fp32", "int8", "int8-dynamic"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Time every graph quantized as `deploy --quantize` would (INT8 depthwise convs run differently).")
 @click.option("--refresh", is_flag=True, help="Re-measure everything, replacing the cached entries and dropping the stored corrections.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")

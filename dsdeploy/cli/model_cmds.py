@@ -6,6 +6,7 @@ import click
 
 from dsdeploy.cli import cli, flag_names
 from dsdeploy.cli.options import (
+    PRECISIONS,
     block_reconstruct_option,
     device_option,
     echo_json,
@@ -45,7 +46,7 @@ def policy_options(func):
         click.option("--batch", type=int, default=1, show_default=True, help="Batch the latencies are measured at."),
         click.option("--threads", type=int, default=None,
                      help="Intra-op threads for latencies (default: physical cores, else 2)."),
-        click.option("--precision", type=click.Choice(["fp32", "int8", "int8-dynamic"]), default=None,
+        click.option("--precision", type=click.Choice(PRECISIONS), default=None,
                      help="The precision you will deploy in (`deploy --quantize`): latencies are timed on graphs "
                           "quantized so (default fp32). The artifact itself stays fp32."),
         click.option("--allocation", type=click.Choice(["auto", "spectral", "data"]), default="spectral",

@@ -13,6 +13,9 @@ import click
 from dsdeploy.cli import flag_names
 from dsdeploy.errors import InputShapeError
 
+# dsdeploy.export.config.PRECISIONS, spelled out here: importing it would load torch for `--help`
+PRECISIONS = ("fp32", "int8", "int8-dynamic")
+
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
     """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``; raises InputShapeError on bad text."""

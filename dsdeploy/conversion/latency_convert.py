@@ -215,21 +215,16 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
     try:
         res = plan(planned_on)
     except PlanError as exc:
-        fastest = getattr(exc, "fastest_ms", None)
-        if _caveat(policy) and verify and policy.latency_target and fastest is not None:
-            # a quantized table predicts poorly: measure its fastest plan instead of refusing on a prediction
-            try:
-                res = _fastest(model, input_shape, policy, planned_on, fastest, costs, cost_name)
-            except NothingToConvertError:  # the fastest plan keeps every layer dense: nothing to measure
-                raise PlanError(f"{exc}{_caveat(policy)}") from None
-            record["fastest_instead"] = str(exc)
-        elif stored is None and not _caveat(policy):
-            raise
-        elif stored is None:
-            raise PlanError(f"{exc}{_caveat(policy)}") from None
-        else:
-            raise PlanError(f"with the table corrected by the measurement stored with it (dense x{base[0]:.2f}, DS "
-                            f"blocks x{base[1]:.2f}; refresh drops it), {exc}{_caveat(policy)}") from None
+        caveat, fastest = _caveat(policy), getattr(exc, "fastest_ms", None)
+        prefix = "" if stored is None else (f"with the table corrected by the measurement stored with it (dense "
+                                            f"x{base[0]:.2f}, DS blocks x{base[1]:.2f}; refresh drops it), ")
+        if not (caveat and verify and policy.latency_target and fastest is not None):
+            raise PlanError(f"{prefix}{exc}{caveat}") from None
+        try:  # a quantized table predicts poorly: measure its fastest plan instead of refusing on a prediction
+            res = _fastest(model, input_shape, policy, planned_on, fastest, costs, cost_name)
+        except NothingToConvertError:  # the fastest plan keeps every layer dense: nothing to measure
+            raise PlanError(f"{prefix}{exc}{caveat}") from None
+        record["fastest_instead"] = str(exc)
     if not policy.latency_target or not verify:
         return res, record
     shape = (int(policy.batch), *input_shape[1:])

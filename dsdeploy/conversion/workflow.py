@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dsdeploy.conversion.latency_convert import measure_table
+from dsdeploy.conversion.latency_convert import TOLERANCE, measure_table
 from dsdeploy.conversion.opcount import Profile, profile_model, trace_calls
 from dsdeploy.conversion.plan import Plan, Policy, make_plan
 from dsdeploy.data.preprocessing import input_shape_for, resolve
@@ -138,14 +138,14 @@ def regimes_line(regimes: list[dict[str, Any]], target_ms: float | None, speedup
     more than 5 %), else at several ``threads`` the cores' shared cache (README "Two speeds"), else other load."""
     def holds(r: dict[str, Any]) -> bool:
         if speedup:
-            return r["measured_speedup"] >= speedup * (1 - 0.05)
-        return target_ms is not None and r["measured_ms"] <= target_ms * 1.05
+            return r["measured_speedup"] >= speedup * (1 - TOLERANCE)
+        return target_ms is not None and r["measured_ms"] <= target_ms * (1 + TOLERANCE)
 
     fast, slow = regimes
     parts = [f"x{r['measured_speedup']:.2f} in {r['rounds']} rounds ({r['measured_ms']:.3f} ms)" for r in regimes]
     verdict = ("the target holds in both" if holds(slow) else "the target holds in the faster only" if holds(fast)
                else "the target holds in neither")
-    if slow["original_ms"] > 1.05 * fast["original_ms"]:
+    if slow["original_ms"] > (1 + TOLERANCE) * fast["original_ms"]:
         cause = "the original slowed too in those rounds: other work loaded the machine"
     elif threads is not None and threads > 1:
         cause = ("only the converted graph slowed: a multi-threaded DS graph runs slower while its threads' cores share "
