@@ -328,19 +328,19 @@ def test_a_forced_miss_triggers_the_replan_and_is_recorded(tmp_path):
 def test_of_two_measured_attempts_the_slowest_that_meets_the_target_is_kept():
     """A re-plan also follows a model faster than asked (it gave accuracy away); of the attempts, the one
     closest to the target from the fast side (within the tolerance) is kept, else the fastest."""
-    from dsdeploy.conversion.latency_convert import TOLERANCE, _choose
+    from dsdeploy.conversion.latency_attempts import TOLERANCE, choose
 
     pol = Policy(speedup=3.0)
-    fast, close, slow = "fast", "close", "slow"  # stand-ins for ConversionResults: _choose only carries them
-    assert _choose([(fast, 18.0, 4.7), (close, 18.0, 6.1)], pol) == (close, 18.0, 6.1, 1)  # 6.1 <= 6 x 1.05
-    assert _choose([(fast, 18.0, 4.7), (slow, 18.0, 6.0 * (1 + 2 * TOLERANCE))], pol)[3] == 0
-    assert _choose([(slow, 18.0, 7.0), (slow, 18.0, 6.9)], pol)[3] == 1  # none meets: the fastest
-    assert _choose([(close, 0.0, 9.0)], Policy(target_latency_ms=10.0))[3] == 0
+    fast, close, slow = "fast", "close", "slow"  # stand-ins for ConversionResults: choose only carries them
+    assert choose([(fast, 18.0, 4.7), (close, 18.0, 6.1)], pol) == (close, 18.0, 6.1, 1)  # 6.1 <= 6 x 1.05
+    assert choose([(fast, 18.0, 4.7), (slow, 18.0, 6.0 * (1 + 2 * TOLERANCE))], pol)[3] == 0
+    assert choose([(slow, 18.0, 7.0), (slow, 18.0, 6.9)], pol)[3] == 1  # none meets: the fastest
+    assert choose([(close, 0.0, 9.0)], Policy(target_latency_ms=10.0))[3] == 0
     # a hit inside a wide interval loses to an attempt whose whole interval meets the target
     pol = Policy(speedup=1.1)
-    assert _choose([(fast, 18.0, 12.8), (close, 18.0, 16.8)], pol, [True, False])[3] == 0
-    assert _choose([(fast, 18.0, 12.8), (close, 18.0, 16.8)], pol, [True, True])[3] == 1
-    assert _choose([(fast, 18.0, 12.8), (close, 18.0, 16.8)], pol, [False, False])[3] == 1
+    assert choose([(fast, 18.0, 12.8), (close, 18.0, 16.8)], pol, [True, False])[3] == 0
+    assert choose([(fast, 18.0, 12.8), (close, 18.0, 16.8)], pol, [True, True])[3] == 1
+    assert choose([(fast, 18.0, 12.8), (close, 18.0, 16.8)], pol, [False, False])[3] == 1
 
 
 def test_a_replan_between_a_too_fast_and_a_too_slow_attempt_takes_the_factors_between():
@@ -390,11 +390,16 @@ def test_an_int8_target_times_quantized_graphs_end_to_end(tmp_path):
     attempt = record["attempts"][record["chosen"]]
     assert attempt["op_counts"].get("QuantizeLinear", 0) > 0 and attempt["op_counts"].get("DequantizeLinear", 0) > 0
     assert "quantized int8" in record["protocol"]
-    assert any("graphs quantized int8" in line for line in latency_lines(res.plan.policy))
+    lines = latency_lines(res.plan.policy)
+    assert any("graphs quantized int8" in line for line in lines)
+    assert any("the plan is searched by measuring whole quantized models" in line for line in lines)
     _, fp32 = convert_planned(model, shape, Policy(speedup=1.2, threads=1), cache_dir=tmp_path, verify=False)
     assert fp32["cache_file"] != record["cache_file"] and fp32["graphs_measured"] > 0  # not the int8 entries
+    assert record["search"] == "measured" and all("planned_ms" in a for a in record["attempts"])
+    assert json.loads(Path(record["cache_file"]).read_text()).get("corrections", {}) == {}  # none stored in int8
     # out of reach by the prediction: the fastest plan is measured, then refused with its measured speedup
-    with pytest.raises(PlanError, match=r"^measured x.*speedup .* in int8 is out of reach.*int8 small graphs, which"):
+    with pytest.raises(PlanError, match=r"^measured x.* for the fastest plan, whole and int8-quantized: a 50x "
+                                        r"speedup in int8 is out of reach here"):
         convert_planned(model, shape, Policy(speedup=50.0, threads=1, precision="int8"), cache_dir=tmp_path)
 
 

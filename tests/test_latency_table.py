@@ -77,6 +77,9 @@ def test_measures_each_layer_shape_once_and_reuses_the_cache(model, tmp_path):
     assert all(lo.dense_ms <= hi.dense_ms for lo, hi in zip(low.candidates, first.candidates))
     third = table(model, tmp_path, refresh=True)
     assert third.measured == first.measured and third.reused == 0
+    assert "negative" not in first.render() or first.remainder_ms < 0
+    small = dataclasses.replace(first, model_ms=0.5 * sum(lt.dense_ms for lt in first.candidates))
+    assert small.remainder_ms < 0 and "(negative: the convs cost less inside the whole model" in small.render()
 
 
 @pytest.mark.parametrize("change", [{"shape": (2, 8, 12, 12)}, {"threads": 2}, {"ort_version": "0.0-test"},

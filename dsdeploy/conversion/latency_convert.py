@@ -17,61 +17,30 @@ the dense side's and the DS blocks' factors) and plans again, then measures agai
 next plan takes the factors between theirs. The slowest attempt that meets the target is kept. The last measurement's factors are stored with the cached
 table for the next run. A target the corrected table cannot reach raises PlanError with the best
 reachable speedup. Every attempt is recorded (the history entry's ``latency``).
+
+A quantized ``precision`` (int8, int8-dynamic) plans differently after its first plan: small INT8 graphs do not
+add up to a quantized model, so no factor corrects the table; the table's plans are searched by measuring the
+whole quantized pair instead (:mod:`dsdeploy.conversion.latency_search`), and no correction is stored or applied.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
-from dsdeploy.conversion.latency_plan import target_from
-from dsdeploy.conversion.latency_verify import Estimate, Verification, measure_pair
+from dsdeploy.conversion.latency_attempts import TOLERANCE, attempt_record, caveat, choose, ratio, signature, target_of
+from dsdeploy.conversion.latency_search import plan_at, verify_by_search
+from dsdeploy.conversion.latency_verify import Verification, measure_pair
 from dsdeploy.conversion.plan import Plan, Policy
 from dsdeploy.conversion.rewrite import ConversionResult, convert
 from dsdeploy.errors import NothingToConvertError, PlanError
 from dsdeploy.runtime.latency_cache import LatencyCache
 from dsdeploy.runtime.latency_table import LatencyTable, latency_table
 
-TOLERANCE = 0.05  # a measured latency this far from the target (either way, significantly) triggers the re-plan
 MAX_REPLANS = 2  # re-plans after the first attempt (each one exported and measured)
 FACTOR_RANGE = (0.1, 10.0)  # the DS blocks' correction factor (learned; stored: also a product of two) stays within
-
-
-def physical_cores() -> int:
-    """Physical CPU cores usable by this process (from /proc/cpuinfo core ids), else 2."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 2
-    cores: set[tuple[str, str]] = set()
-    phys = core = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                key, value = key.strip(), value.strip()
-                if key == "physical id":
-                    phys = value
-                elif key == "core id":
-                    core = value
-                elif not key and core:
-                    cores.add((phys, core))
-                    core = ""
-        if core:
-            cores.add((phys, core))
-    except OSError:
-        return 2
-    return max(1, min(len(cores), usable)) if cores else 2
-
-
-def target_of(policy: Policy) -> dict[str, Any]:
-    """Where latencies are measured: ``{"provider", "batch", "threads", "precision"}`` with the defaults filled in."""
-    return {"provider": policy.provider or "cpu", "batch": int(policy.batch),
-            "threads": policy.threads or physical_cores(), "precision": policy.precision or "fp32"}
 
 
 def measure_table(model: nn.Module, policy: Policy, input_shape: tuple[int, ...], *, cache_dir: Any = None,
@@ -104,48 +73,6 @@ def corrected_table(table: LatencyTable, plan: Plan, original_ms: float, convert
     return table.scaled(a, b), a, b
 
 
-def _ratio(est: Estimate, policy: Policy) -> tuple[float, float, float]:
-    """``converted / goal`` (1: on target; the goal is ``original / speedup`` or the target ms) and its
-    95 % interval ``(ratio, lo, hi)``."""
-    if policy.speedup:
-        return policy.speedup / est.speedup, policy.speedup / est.ci95[1], policy.speedup / est.ci95[0]
-    ms = float(policy.target_latency_ms)
-    return est.converted_ms / ms, est.converted_ci95[0] / ms, est.converted_ci95[1] / ms
-
-
-def _attempt(res: ConversionResult, v: Verification, policy: Policy) -> dict[str, Any]:
-    lat, est = res.plan.policy["latency"], v.estimate
-    predicted, converted_ms = lat["predicted_ms"], est.converted_ms
-    _, lo, hi = _ratio(est, policy)
-    verdict = "met" if hi <= 1 + TOLERANCE else "missed" if lo > 1 + TOLERANCE else "undecided"
-    return {"target_ms": lat["target_ms"], "predicted_ms": predicted, "predicted_speedup": lat["predicted_speedup"],
-            "original_ms": round(est.original_ms, 5), "measured_ms": round(converted_ms, 5),
-            "measured_speedup": round(est.speedup, 4), "ci95": [round(x, 4) for x in est.ci95],
-            "ci95_ms": [round(x, 5) for x in est.converted_ci95], "rounds": est.rounds, "resolved": v.resolved,
-            "interval": verdict, "prediction_error": round((predicted - converted_ms) / converted_ms, 4),
-            "op_counts": v.op_counts,
-            **({"regimes": [{"rounds": r.rounds, "original_ms": round(r.original_ms, 5),
-                             "measured_ms": round(r.converted_ms, 5), "measured_speedup": round(r.speedup, 4)}
-                            for r in v.regimes]} if v.regimes else {})}
-
-
-def _choose(tried: list[tuple[ConversionResult, float, float]], policy: Policy, sure: list[bool] | None = None
-            ) -> tuple[ConversionResult, float, float, int]:
-    """Of the measured attempts ``(result, original_ms, converted_ms)``: the slowest that meets the target
-    (it converts least, so it keeps the most accuracy), else the fastest; with its index. ``sure[i]``: attempt
-    i's whole 95 % interval meets the target; when some attempt is sure to meet, only those are considered
-    (a sure hit beats a point estimate that meets inside a wide interval)."""
-    def goal(o: float) -> float:
-        return o / policy.speedup if policy.speedup else float(policy.target_latency_ms)
-
-    ok = [i for i, (_, o, c) in enumerate(tried) if c <= goal(o) * (1 + TOLERANCE)]
-    if sure and any(sure[i] for i in ok):
-        ok = [i for i in ok if sure[i]]
-    i = max(ok, key=lambda i: tried[i][2] / goal(tried[i][1])) if ok else \
-        min(range(len(tried)), key=lambda i: tried[i][2] / goal(tried[i][1]))
-    return (*tried[i], i)
-
-
 def _factors(value: Any) -> tuple[float, float] | None:
     """A stored correction's ``(dense, block)`` factors, None when it is not a usable one."""
     if not isinstance(value, dict):
@@ -171,7 +98,9 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
             slow; or faster than asked, which gives away accuracy); of the attempts, the slowest that meets
             the target is kept (``chosen``: its attempt index; among those whose whole interval meets it, when
             there are any), else the fastest. The last measurement's
-            correction is stored with the cached table.
+            correction is stored with the cached table. A quantized precision searches the table's plans by
+            measurement instead (:func:`dsdeploy.conversion.latency_search.verify_by_search`: ``search``
+            "measured", each attempt's ``planned_ms``; no correction stored).
         refresh: re-measure the latency table and ignore (drop) the stored correction.
 
     Returns:
@@ -204,7 +133,8 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
     record: dict[str, Any] = {**target_of(policy), "table_model_ms": round(table.model_ms, 5),
                               "cache_file": table.cache_file, "graphs_measured": table.measured, "attempts": []}
     base, planned_on = (1.0, 1.0), table
-    stored = _factors(table.correction) if policy.latency_target else None
+    quantized = target_of(policy)["precision"] != "fp32"
+    stored = _factors(table.correction) if policy.latency_target and not quantized else None
     if stored is not None:  # what an earlier verification of this model here measured
         base, planned_on = stored, table.scaled(*stored)
         record["correction"] = {"source": "cache", **table.correction}
@@ -214,16 +144,17 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
 
     try:
         res = plan(planned_on)
+        first_ms = float(res.plan.policy["latency"]["target_ms"])
     except PlanError as exc:
-        caveat, fastest = _caveat(policy), getattr(exc, "fastest_ms", None)
+        why, fastest = caveat(policy), getattr(exc, "fastest_ms", None)
         prefix = "" if stored is None else (f"with the table corrected by the measurement stored with it (dense "
                                             f"x{base[0]:.2f}, DS blocks x{base[1]:.2f}; refresh drops it), ")
-        if not (caveat and verify and policy.latency_target and fastest is not None):
-            raise PlanError(f"{prefix}{exc}{caveat}") from None
+        if not (why and verify and policy.latency_target and fastest is not None):
+            raise PlanError(f"{prefix}{exc}{why}") from None
         try:  # a quantized table predicts poorly: measure its fastest plan instead of refusing on a prediction
-            res = _fastest(model, input_shape, policy, planned_on, fastest, costs, cost_name)
+            res, first_ms = plan_at(model, input_shape, policy, planned_on, fastest, costs, cost_name), fastest
         except NothingToConvertError:  # the fastest plan keeps every layer dense: nothing to measure
-            raise PlanError(f"{prefix}{exc}{caveat}") from None
+            raise PlanError(f"{prefix}{exc}{why}") from None
         record["fastest_instead"] = str(exc)
     if not policy.latency_target or not verify:
         return res, record
@@ -234,16 +165,19 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
         return measure_pair(model, r.model, shape, target, tolerance=TOLERANCE,
                             on="speedup" if policy.speedup else "converted")
 
+    if quantized:
+        return verify_by_search(model, input_shape, policy, table, res, first_ms, measure, record, costs=costs,
+                                cost_name=cost_name)
     v = measure(res)
     record["protocol"] = v.protocol
-    record["attempts"].append(_attempt(res, v, policy))
+    record["attempts"].append(attempt_record(res, v, policy))
     tried = [(res, v)]
     cache = LatencyCache(table.environment, cache_dir)
     learned = [_learned(planned_on, res, v, base)]
     cache.put_correction(table.model_key, learned[-1])
-    seen = {_signature(res)}
+    seen = {signature(res)}
     while len(tried) <= MAX_REPLANS:
-        ratio, lo, hi = _ratio(tried[-1][1].estimate, policy)
+        miss, lo, hi = ratio(tried[-1][1].estimate, policy)
         if not (lo > 1 + TOLERANCE or hi < 1 - TOLERANCE):  # no significant miss: done
             break
         a, b = _next_factors(tried, learned, policy)
@@ -252,55 +186,28 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
             again = plan(fixed)
         except PlanError as exc:
             last = tried[-1][1].estimate
-            if ratio > 1 and len(tried) == 1:  # too slow, and the corrected table cannot reach the target
+            if miss > 1 and len(tried) == 1:  # too slow, and the corrected table cannot reach the target
                 raise PlanError(f"measured x{last.speedup:.2f} ({last.converted_ms:.3f} ms against "
                                 f"{last.original_ms:.3f} ms) where x{res.plan.policy['latency']['predicted_speedup']:.2f} "
                                 f"was predicted; with the table corrected from that measurement, {exc}"
-                                f"{_caveat(policy)}") from None
+                                f"{caveat(policy)}") from None
             break  # already fast enough, or an earlier attempt is kept
-        if _signature(again) in seen:  # the corrected table gives a plan already measured: nothing new to learn
+        if signature(again) in seen:  # the corrected table gives a plan already measured: nothing new to learn
             break
-        seen.add(_signature(again))
+        seen.add(signature(again))
         v2 = measure(again)
-        record["attempts"].append({**_attempt(again, v2, policy), "dense_factor": round(a, 4),
+        record["attempts"].append({**attempt_record(again, v2, policy), "dense_factor": round(a, 4),
                                    "block_factor": round(b, 4)})
         tried.append((again, v2))
         learned.append(_learned(fixed, again, v2, (a, b)))
         cache.put_correction(table.model_key, learned[-1])
-    res, _, _, record["chosen"] = _choose([(r, x.estimate.original_ms, x.estimate.converted_ms) for r, x in tried],
-                                          policy, [_ratio(x.estimate, policy)[2] <= 1 + TOLERANCE for _, x in tried])
+    res, _, _, record["chosen"] = choose([(r, x.estimate.original_ms, x.estimate.converted_ms) for r, x in tried],
+                                         policy, [ratio(x.estimate, policy)[2] <= 1 + TOLERANCE for _, x in tried])
     chosen = record["attempts"][record["chosen"]]
-    record["met"] = bool(_ratio(tried[record["chosen"]][1].estimate, policy)[0] <= 1 + TOLERANCE)
+    record["met"] = bool(ratio(tried[record["chosen"]][1].estimate, policy)[0] <= 1 + TOLERANCE)
     record.update({k: chosen[k] for k in ("measured_speedup", "ci95", "rounds", "resolved", "interval")})
     res.plan.policy["verified"] = record
     return res, record
-
-
-def _fastest(model: nn.Module, input_shape: tuple[int, ...], policy: Policy, table: LatencyTable, fastest_ms: float,
-             costs: Mapping[str, Mapping[int, float]] | None, cost_name: str | None) -> ConversionResult:
-    """The plan of ``table``'s fastest predicted latency (``fastest_ms``), its policy record showing the user's
-    target (``policy``'s), not the stand-in target it was planned at."""
-    stand_in = dataclasses.replace(policy, speedup=None, target_latency_ms=fastest_ms * (1 + 1e-9))
-    res = convert(model, input_shape=input_shape, policy=stand_in, costs=costs, cost_name=cost_name, latency=table)
-    res.plan.policy.pop("target_latency_ms", None)
-    res.plan.policy.update(policy.to_dict())
-    res.plan.policy["latency"]["target_ms"] = round(target_from(table, speedup=policy.speedup,
-                                                                target_ms=policy.target_latency_ms), 5)
-    return res
-
-
-def _caveat(policy: Policy) -> str:
-    """What an out-of-reach answer adds for a quantized precision: its predictions are unreliable (measured on
-    ResNet-18 INT8: attempts of 0.67x-1.49x for 1.25x predicted; benchmarks/RESULTS-speedup-check.md)."""
-    prec = target_of(policy)["precision"]
-    return "" if prec == "fp32" else (f" (predicted from {prec} small graphs, which predict a whole quantized model "
-                                      f"poorly: a plan for a lower target may still measure the speedup you asked for)")
-
-
-def _signature(res: ConversionResult) -> tuple:
-    """What makes two plans the same graph: each layer's (name, converted, rank, layout)."""
-    return tuple((d.name, bool(d.convert), d.rank if d.convert else None, res.plan.layout_of(d) if d.convert else None)
-                 for d in res.plan.layers)
 
 
 def _next_factors(tried: list[tuple[ConversionResult, Verification]], learned: list[dict[str, Any]],
@@ -311,7 +218,7 @@ def _next_factors(tried: list[tuple[ConversionResult, Verification]], learned: l
     faster than asked, one slower), the geometric mean of the two nearest either side: the truth for a
     plan between them lies between (a secant step on the block factor, which the latency is monotone in).
     """
-    ratios = [_ratio(v.estimate, policy)[0] for _, v in tried]
+    ratios = [ratio(v.estimate, policy)[0] for _, v in tried]
     fast = [i for i, r in enumerate(ratios) if r < 1]
     slow = [i for i, r in enumerate(ratios) if r > 1]
     if fast and slow:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dsdeploy.conversion.latency_convert import TOLERANCE, measure_table
+from dsdeploy.conversion.latency_attempts import TOLERANCE
+from dsdeploy.conversion.latency_convert import measure_table
 from dsdeploy.conversion.opcount import Profile, profile_model, trace_calls
 from dsdeploy.conversion.plan import Plan, Policy, make_plan
 from dsdeploy.data.preprocessing import input_shape_for, resolve
@@ -89,8 +90,9 @@ def latency_lines(policy: dict[str, Any]) -> list[str]:
         out.append(f"latency measured on {where['ep']} at batch {where['batch']}, {where['threads']} threads{prec} "
                    f"(whole model {where['model_ms']:.3f} ms; {where['protocol']})")
     if where and where.get("precision", "fp32") != "fp32":
+        searched = " (the plan is searched by measuring whole quantized models)" if (verified or {}).get("search") else ""
         out.append(f"note: {where['precision']} small graphs predict a whole quantized model poorly (measured -47 % to "
-                   f"+19 % on ResNet-18); the measured lines below are what counts")
+                   f"+19 % on ResNet-18); the measured lines below are what counts{searched}")
     if plan:
         out.append(f"latency plan: target {plan['target_ms']:.3f} ms, predicted {plan['predicted_ms']:.3f} ms "
                    f"(x{plan['predicted_speedup']:.2f}; not converted {plan['remainder_ms']:.3f} ms)")
@@ -102,9 +104,13 @@ def latency_lines(policy: dict[str, Any]) -> list[str]:
         out.append(f"planned on the table corrected by its stored measurement (dense x{corr['dense_factor']:.2f}, "
                    f"DS blocks x{corr['block_factor']:.2f}, from {corr.get('rounds', '?')} rounds; refresh drops it)")
     for i, a in enumerate((verified or {}).get("attempts", [])):
-        what = "measured" if i == 0 else (f"re-planned on the table corrected from the measurements (dense x"
-                                          f"{a.get('dense_factor', 1):.2f}, DS blocks x{a.get('block_factor', 1):.2f}), "
-                                          f"measured")
+        if i == 0:
+            what = "measured"
+        elif "planned_ms" in a:
+            what = f"searched: the table's plan for {a['planned_ms']:.3f} ms, measured"
+        else:
+            what = (f"re-planned on the table corrected from the measurements (dense x{a.get('dense_factor', 1):.2f}, "
+                    f"DS blocks x{a.get('block_factor', 1):.2f}), measured")
         ci = f", 95 % CI x{a['ci95'][0]:.2f}-x{a['ci95'][1]:.2f} over {a['rounds']} rounds" if "ci95" in a else ""
         kept = "; kept" if len(verified["attempts"]) > 1 and verified.get("chosen") == i else ""
         out.append(f"{what}: original {a['original_ms']:.3f} ms, converted {a['measured_ms']:.3f} ms "

@@ -41,6 +41,9 @@ from dsdeploy.tables import format_table
 
 TABLE_PROTOCOL = Protocol(warmup=5, iters=25)
 
+NEGATIVE = (" (negative: the convs cost less inside the whole model than as single graphs; a plan's prediction "
+            "adds this negative remainder, and convert's verification measures the whole model)")
+
 
 @dataclass
 class BlockTiming:
@@ -130,7 +133,8 @@ class LatencyTable:
         head = (f"{self.model} at {'x'.join(map(str, self.input_shape))} on {env['ep']} ({env['device']}), "
                 f"{env['threads'] or 'default'} threads, onnxruntime {env['onnxruntime']}"
                 f"{'' if env.get('precision', 'fp32') == 'fp32' else ', graphs quantized ' + env['precision']}\n"
-                f"whole model {self.model_ms:.3f} ms; not converted (whole - dense convs) {self.remainder_ms:.3f} ms\n"
+                f"whole model {self.model_ms:.3f} ms; not converted (whole - dense convs) {self.remainder_ms:.3f} ms"
+                f"{NEGATIVE if self.remainder_ms < 0 else ''}\n"
                 f"protocol: {self.protocol}\n"
                 f"{self.measured} graphs measured, {self.reused} from the cache {self.cache_file} "
                 f"({self.seconds:.1f} s)")

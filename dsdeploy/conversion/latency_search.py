@@ -1,0 +1,153 @@
+"""A quantized latency target planned by measuring whole models, not by adding up small graphs.
+
+Small INT8 (QDQ) graphs predict a whole quantized model poorly: on ResNet-18 (CPU EP, 1 thread) plans made on
+the INT8 table for ~1.25x measured 0.67x-1.49x, and its fastest plan, predicted 1.38x, measured 3.73x
+(``benchmarks/RESULTS-speedup-check.md``); the table's additive model (remainder + each layer's ms) does not hold
+when the quantizer fuses and re-scales across layers. What the table still gives is an *order* of plans: a plan
+made for a smaller predicted latency converts more, at lower ranks. So the search keeps the table's plans and
+replaces its numbers by measurements: it plans at a stand-in predicted latency ``p`` (:func:`plan_at`), measures
+the whole quantized pair as the fp32 verification does, and brackets the target between the measured points
+and the dense model (``p = table.model_ms``: speedup 1, known without measuring) by regula falsi on ``log p``
+against ``log(measured / goal)`` (:func:`next_planned_ms`). It starts from the table's own plan for the target
+(its fastest plan when the table predicts the target out of reach), measures the fastest plan next when nothing
+met the target yet, and stops on a measurement within the tolerance, a plan already measured, or
+:data:`MAX_PROBES` measurements. A search whose fastest plan was measured short of the target refuses it
+(PlanError, with the measured speedup). The kept attempt is chosen as for fp32 (:func:`choose`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from dsdeploy.conversion.latency_attempts import TOLERANCE, attempt_record, choose, ratio, signature, target_of
+from dsdeploy.conversion.latency_plan import target_from
+from dsdeploy.conversion.latency_verify import Verification
+from dsdeploy.conversion.plan import Policy
+from dsdeploy.conversion.rewrite import ConversionResult, convert
+from dsdeploy.errors import NothingToConvertError, PlanError
+from dsdeploy.runtime.latency_table import LatencyTable
+
+MAX_PROBES = 4  # whole-model measurements of one search, the first included
+STEP_GUARD = 0.1  # each new point lies at least this share of the bracket (in log ms) inside it
+
+
+def plan_at(model: nn.Module, input_shape: tuple[int, ...], policy: Policy, table: LatencyTable, ms: float,
+            costs: Mapping[str, Mapping[int, float]] | None = None, cost_name: str | None = None
+            ) -> ConversionResult:
+    """The plan the table makes for a predicted latency of ``ms`` (a stand-in target, in ms), its policy record
+    showing the user's target (``policy``'s speedup or target latency, and its ``target_ms`` on the table), not
+    the stand-in. Raises PlanError below the table's fastest plan, NothingToConvertError when every layer stays
+    dense at ``ms``."""
+    stand_in = dataclasses.replace(policy, speedup=None, target_latency_ms=ms * (1 + 1e-9))
+    res = convert(model, input_shape=input_shape, policy=stand_in, costs=costs, cost_name=cost_name, latency=table)
+    res.plan.policy.pop("target_latency_ms", None)
+    res.plan.policy.update(policy.to_dict())
+    res.plan.policy["latency"]["target_ms"] = round(target_from(table, speedup=policy.speedup,
+                                                                target_ms=policy.target_latency_ms), 5)
+    return res
+
+
+def fastest_planned_ms(model: nn.Module, input_shape: tuple[int, ...], policy: Policy, table: LatencyTable,
+                       costs: Mapping[str, Mapping[int, float]] | None = None, cost_name: str | None = None) -> float:
+    """The predicted ms of the table's fastest plan for ``model`` (what the planner's out-of-reach answer gives):
+    every layer at its fastest option, on the layers the policy lets convert."""
+    try:
+        plan_at(model, input_shape, policy, table, 1e-9, costs, cost_name)
+    except PlanError as exc:
+        fastest = getattr(exc, "fastest_ms", None)
+        if fastest is not None:
+            return float(fastest)
+        raise
+    return 1e-9  # unreachable for a real table: a plan within a nanosecond
+
+
+def next_planned_ms(points: Sequence[tuple[float, float]], *, fastest_ms: float, dense_ms: float,
+                    dense_ratio: float) -> float | None:
+    """The stand-in latency (ms on the table) to plan and measure next, or None when the search is over.
+
+    Args:
+        points: the measured ``(planned ms, ratio)`` pairs; ratio = measured converted ms / the goal's ms
+            (the goal's: original / speedup, or the target latency), <= 1 meets the target.
+        fastest_ms: the table's fastest plan (the smallest plannable ms). dense_ms: the table's whole
+            model (every layer dense). dense_ratio: the dense model's ratio (the speedup asked; original ms /
+            target ms), > 1.
+
+    Nothing met yet: the fastest plan, unless it was measured (None: out of reach). Else regula falsi
+    (linear in ``log ms`` against ``log ratio``) between the slowest plan that met and the fastest slower
+    point above it that missed (the dense model when none), kept :data:`STEP_GUARD` inside the bracket.
+    """
+    met = [(p, r) for p, r in points if r <= 1]
+    if not met:
+        return None if any(p <= fastest_ms * (1 + 1e-6) for p, _ in points) else fastest_ms
+    p1, r1 = max(met)
+    above = [(p, r) for p, r in points if r > 1 and p > p1] + [(dense_ms, max(dense_ratio, 1 + 1e-6))]
+    p2, r2 = min(above)
+    if not p2 > p1 * (1 + 1e-6):
+        return None
+    f1, f2 = math.log(max(r1, 1e-9)), math.log(r2)
+    t = min(1 - STEP_GUARD, max(STEP_GUARD, -f1 / (f2 - f1)))
+    return math.exp(math.log(p1) + t * (math.log(p2) - math.log(p1)))
+
+
+def verify_by_search(model: nn.Module, input_shape: tuple[int, ...], policy: Policy, table: LatencyTable,
+                     first: ConversionResult, first_ms: float, measure: Callable[[ConversionResult], Verification],
+                     record: dict[str, Any], *, costs: Mapping[str, Mapping[int, float]] | None = None,
+                     cost_name: str | None = None, max_probes: int = MAX_PROBES
+                     ) -> tuple[ConversionResult, dict[str, Any]]:
+    """Measure ``first`` (planned at ``first_ms``) and search the table's plans by measurement (module doc).
+
+    ``measure`` times a result's model against the original (:func:`dsdeploy.conversion.latency_verify.
+    measure_pair`). Fills ``record`` (``protocol``, ``search: "measured"``, ``attempts`` with each one's
+    ``planned_ms``, ``chosen``, ``met`` and the chosen attempt's measured fields, as
+    :func:`dsdeploy.conversion.latency_convert.convert_planned` documents) and returns ``(kept result, record)``.
+
+    Raises:
+        PlanError: the fastest plan was measured and misses the target by more than :data:`TOLERANCE` (the
+            message gives its measured speedup).
+    """
+    fastest_ms = fastest_planned_ms(model, input_shape, policy, table, costs, cost_name)
+    tried: list[tuple[ConversionResult, Verification, float]] = []
+    seen: set[tuple] = set()
+    res, p = first, first_ms
+    record["search"] = "measured"
+    while True:
+        v = measure(res)
+        record.setdefault("protocol", v.protocol)
+        record["attempts"].append({**attempt_record(res, v, policy), "planned_ms": round(p, 5)})
+        tried.append((res, v, p))
+        seen.add(signature(res))
+        _, lo, hi = ratio(v.estimate, policy)
+        if len(tried) >= max_probes or not (lo > 1 + TOLERANCE or hi < 1 - TOLERANCE):
+            break
+        est = v.estimate
+        dense = policy.speedup or est.original_ms / float(policy.target_latency_ms)
+        p = next_planned_ms([(q, ratio(x.estimate, policy)[0]) for _, x, q in tried], fastest_ms=fastest_ms,
+                            dense_ms=table.model_ms, dense_ratio=dense)
+        if p is None:
+            break
+        try:
+            res = plan_at(model, input_shape, policy, table, p, costs, cost_name)
+        except NothingToConvertError:  # so close to dense that nothing converts: the bracket is tight enough
+            break
+        if signature(res) in seen:
+            break
+    res, _, _, record["chosen"] = choose([(r, x.estimate.original_ms, x.estimate.converted_ms) for r, x, _ in tried],
+                                         policy, [ratio(x.estimate, policy)[2] <= 1 + TOLERANCE for _, x, _ in tried])
+    kept = tried[record["chosen"]][1].estimate
+    record["met"] = bool(ratio(kept, policy)[0] <= 1 + TOLERANCE)
+    fastest_tried = any(q <= fastest_ms * (1 + 1e-6) for _, _, q in tried)
+    if not record["met"] and fastest_tried:
+        asked = f"a {policy.speedup:g}x speedup" if policy.speedup else f"{policy.target_latency_ms:g} ms"
+        raise PlanError(f"measured x{kept.speedup:.2f} ({kept.converted_ms:.3f} ms against {kept.original_ms:.3f} ms) "
+                        f"for the fastest plan, whole and {target_of(policy)['precision']}-quantized: {asked} in "
+                        f"{target_of(policy)['precision']} is out of reach here; x{kept.speedup:.2f} is the best "
+                        f"measured")
+    chosen = record["attempts"][record["chosen"]]
+    record.update({k: chosen[k] for k in ("measured_speedup", "ci95", "rounds", "resolved", "interval")})
+    res.plan.policy["verified"] = record
+    return res, record

@@ -1,0 +1,114 @@
+"""The measured search of a quantized latency target: the next stand-in latency from measured points (pure), and
+the whole search over a real model's plans from a hand table, with whole-model latencies given by a known law
+(what a quantized graph does and the table does not predict) in place of timings, so what it converges to is
+exact. The real timings of the same path are in tests/test_latency_convert.py (int8 end to end)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dsdeploy.conversion.latency_attempts import TOLERANCE
+from dsdeploy.conversion.latency_search import (
+    MAX_PROBES,
+    STEP_GUARD,
+    fastest_planned_ms,
+    next_planned_ms,
+    plan_at,
+    verify_by_search,
+)
+from dsdeploy.conversion.latency_verify import Estimate, Verification
+from dsdeploy.conversion.plan import Policy
+from dsdeploy.conversion.workflow import latency_lines
+from dsdeploy.errors import PlanError
+from tests.conftest import small_net
+from tests.test_latency_convert import SHAPE, hand_table
+
+ORIGINAL_MS = 12.0  # the hand table's whole model
+
+
+def test_nothing_met_yet_measures_the_fastest_plan_and_then_stops():
+    assert next_planned_ms([(6.0, 1.4)], fastest_ms=5.0, dense_ms=12.0, dense_ratio=2.0) == 5.0
+    assert next_planned_ms([(6.0, 1.4), (5.0, 1.2)], fastest_ms=5.0, dense_ms=12.0, dense_ratio=2.0) is None
+
+
+def test_a_met_point_is_bracketed_by_regula_falsi_in_log_space():
+    # met at 5 ms (ratio 0.8), the dense model at 12 ms (ratio 2): log-linear interpolation to ratio 1
+    p = next_planned_ms([(5.0, 0.8)], fastest_ms=4.0, dense_ms=12.0, dense_ratio=2.0)
+    t = -math.log(0.8) / (math.log(2.0) - math.log(0.8))
+    assert p == pytest.approx(5.0 * (12.0 / 5.0) ** t)
+    # a missed point above the met one narrows the bracket; one below it (noise) is ignored
+    p2 = next_planned_ms([(5.0, 0.8), (8.0, 1.3), (4.5, 1.1)], fastest_ms=4.0, dense_ms=12.0, dense_ratio=2.0)
+    assert 5.0 < p2 < 8.0
+    # a step is kept inside the bracket (a met ratio of ~1 would otherwise re-plan the same point)
+    p3 = next_planned_ms([(5.0, 0.999999), (8.0, 3.0)], fastest_ms=4.0, dense_ms=12.0, dense_ratio=2.0)
+    assert p3 == pytest.approx(math.exp(math.log(5.0) + STEP_GUARD * math.log(8.0 / 5.0)))
+
+
+def law(block_factor: float):
+    """Whole-model ms of a plan: the not-converted part and dense convs as the table says, each converted
+    layer's block ``block_factor`` times the table's (a quantized graph's blocks run faster or slower than
+    their small graphs)."""
+    def ms(res) -> float:
+        table = hand_table()
+        total = table.remainder_ms
+        for d in res.plan.layers:
+            if d.dense_ms is not None:
+                total += block_factor * d.block_ms if d.convert else d.dense_ms
+        return total
+    return ms
+
+
+def measured_by(ms_of, calls: list):
+    def measure(res) -> Verification:
+        c = ms_of(res)
+        calls.append(c)
+        s = ORIGINAL_MS / c
+        est = Estimate(ORIGINAL_MS, c, s, (s * 0.99, s * 1.01), (c * 0.99, c * 1.01), 6)
+        return Verification(est, True, "law, not timed")
+    return measure
+
+
+def search(speedup: float, block_factor: float, *, fastest_first: bool = False):
+    model, table = small_net().eval(), hand_table()
+    policy = Policy(speedup=speedup, threads=1, precision="int8")
+    fastest = fastest_planned_ms(model, SHAPE, policy, table)
+    start = fastest if fastest_first else ORIGINAL_MS / speedup
+    first = plan_at(model, SHAPE, policy, table, start)
+    calls: list[float] = []
+    res, record = verify_by_search(model, SHAPE, policy, table, first, start, measured_by(law(block_factor), calls),
+                                   {"attempts": []})
+    return res, record, calls, fastest
+
+
+def test_the_table_predicts_it_out_of_reach_and_the_measured_fastest_plan_meets_it():
+    """Blocks twice as fast as their small graphs: 3x, which the table puts out of reach (2.35x), measures
+    2.96x for the fastest plan: within the tolerance, kept, no further measurement."""
+    res, record, calls, fastest = search(3.0, 0.5, fastest_first=True)
+    assert ORIGINAL_MS / fastest < 3.0 / (1 + TOLERANCE)  # the prediction: out of reach
+    assert len(calls) == 1 and record["met"] and record["chosen"] == 0
+    assert record["attempts"][0]["planned_ms"] == pytest.approx(fastest, rel=1e-4)
+    assert res.plan.policy["speedup"] == 3.0 and res.plan.policy["verified"] is record
+
+
+def test_too_fast_a_plan_is_followed_up_and_the_slowest_that_meets_is_kept():
+    """Blocks twice as fast as predicted: the table's plan for 1.6x measures faster than asked (accuracy given
+    away); the search plans slower ones, within MAX_PROBES, and keeps the slowest measured plan that meets."""
+    res, record, calls, _ = search(1.6, 0.5)
+    speedups = [ORIGINAL_MS / c for c in calls]
+    assert speedups[0] > 1.6 * (1 + TOLERANCE) and 2 <= len(calls) <= MAX_PROBES
+    planned = [a["planned_ms"] for a in record["attempts"]]
+    assert planned[1] > planned[0]  # slower plans after a too-fast one
+    meets = [i for i, s in enumerate(speedups) if s >= 1.6 / (1 + TOLERANCE)]
+    assert record["chosen"] == min(meets, key=lambda i: speedups[i]) and record["met"]
+    lines = latency_lines(res.plan.policy)
+    assert sum(line.startswith("searched: the table's plan for") for line in lines) == len(calls) - 1
+
+
+def test_blocks_slower_than_predicted_measure_the_fastest_plan_then_refuse_with_its_speedup():
+    """Blocks three times slower than their small graphs: the table's plan for 2x misses, the fastest plan is
+    measured next and misses too; the answer is a refusal with what the fastest plan measured."""
+    with pytest.raises(PlanError, match=r"^measured x1\.29 .* for the fastest plan, whole and int8-quantized: a 2x "
+                                        r"speedup in int8 is out of reach here"):
+        search(2.0, 3.0)
