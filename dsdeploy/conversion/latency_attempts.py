@@ -61,6 +61,11 @@ def ratio(est: Estimate, policy: Policy) -> tuple[float, float, float]:
 
 
 def attempt_record(res: ConversionResult, v: Verification, policy: Policy) -> dict[str, Any]:
+    """One measured attempt as the verified record lists it: the target, predicted and measured ms and speedup,
+    the 95 % intervals (``ci95`` on the speedup, ``ci95_ms`` on the converted ms), ``rounds``, ``resolved``,
+    ``interval`` ("met" / "missed": the whole interval, within :data:`TOLERANCE`; else "undecided"),
+    ``prediction_error`` (``(predicted - measured) / measured``), the timed graph's ``op_counts`` and
+    ``regimes`` when its rounds ran at two speeds."""
     lat, est = res.plan.policy["latency"], v.estimate
     predicted, converted_ms = lat["predicted_ms"], est.converted_ms
     _, lo, hi = ratio(est, policy)
