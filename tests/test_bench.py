@@ -175,7 +175,7 @@ def test_cli_bench_writes_json_and_prints_table(models, tmp_path):
     proc = invoke("bench", models["base"], models["small"], "--providers", "cpu", "--batch", "1,2", "--iters", "3",
                   "--warmup", "0", "--threads", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "p50 ms" in proc.stdout and "speedup" in proc.stdout
+    assert "p50 ms" in proc.stdout and "speedup" in proc.stdout and "\r" not in proc.stderr  # no bar in a pipe
     assert len(json.loads(out.read_text())["results"]) == 4
 
 

@@ -168,6 +168,7 @@ def test_calibrate_cli_writes_a_calibrated_artifact_with_history(digits, tmp_pat
                     env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
     assert "accuracy" in proc.stdout and out.is_file()
+    assert "\r" not in proc.stderr  # stderr is a pipe here: no progress-bar redraws in a log
     art = load_artifact(out, trust_code=True)
     assert [h["stage"] for h in art.history] == ["convert", "calibrate"]
     entry = art.history[1]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import click
-from tqdm import tqdm
 
 from dsdeploy.cli import cli
 from dsdeploy.cli.options import echo_json, preprocess_options
 from dsdeploy.errors import ConfigError, ProviderError
 from dsdeploy.fsutil import show
 from dsdeploy.outputs import check_distinct, check_output
+from dsdeploy.progress import bar as progress_bar
 from dsdeploy.ranges import parse_duration as seconds
 from dsdeploy.runtime.providers import list_providers, parse_ep_options
 from dsdeploy.tables import format_table
@@ -103,7 +103,7 @@ def bench(models, providers, batch, threads, warmup, iters, duration, data, ep_o
 
     def progress(what: str) -> None:
         if not bars:
-            bars.append(tqdm(total=total, unit="run", leave=False))
+            bars.append(progress_bar(total=total, unit="run"))
         bars[0].set_description(what)
         bars[0].update(1)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import click
-from tqdm import tqdm
 
 from dsdeploy.cli import cli, flag_names
 from dsdeploy.cli.options import PRECISIONS, echo_json, model_options, parse_kwargs, parse_shape
 from dsdeploy.errors import InputShapeError, PlanError
+from dsdeploy.progress import bar as progress_bar
 
 # Rule for this module: library modules that import torch or numpy (dsdeploy.api, the stage configs,
 # runtime.bench) are imported inside the commands, so `dsdeploy --help` stays torch-free
@@ -57,7 +57,7 @@ def latency_table(model, weights, model_kwargs, trust_pickle, input_shape, trust
 
     def progress(what: str) -> None:
         if not bars:
-            bars.append(tqdm(unit="graph", leave=False))
+            bars.append(progress_bar(unit="graph"))
         bars[0].set_description(what)
         bars[0].update(1)
 

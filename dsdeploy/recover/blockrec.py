@@ -34,11 +34,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from dsdeploy.conversion.block import DSConv
 from dsdeploy.conversion.opcount import profile_model
 from dsdeploy.errors import DsdeployError
+from dsdeploy.progress import bar as progress_bar
 from dsdeploy.recover.blockdata import Unsupported, batches_of, block_data, find_blocks, probe
 from dsdeploy.recover.distill import call_order, evaluate
 from dsdeploy.tables import format_table
@@ -248,7 +248,7 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, loader: Iterable,
     macs = _unit_macs(student, units, batches[0][:1])
     queue = list(units)
     prev: tuple[str, list[torch.Tensor], list[torch.Tensor] | None] | None = None
-    bar = tqdm(total=len(queue), desc="block reconstruction", unit="block", disable=not progress, leave=False)
+    bar = progress_bar(total=len(queue), desc="block reconstruction", unit="block", show=progress)
     try:
         while queue:
             name, layers = queue.pop(0)

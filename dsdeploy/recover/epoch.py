@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
-from tqdm import tqdm
 
 from dsdeploy.conversion.block import ds_blocks
 from dsdeploy.data.loader import train_loader as data_train_loader
+from dsdeploy.progress import bar as progress_bar
 from dsdeploy.recover.budget import Budget
 from dsdeploy.recover.config import FinetuneConfig
 from dsdeploy.recover.device import Precision, to_device
@@ -138,8 +138,8 @@ def train_epoch(distiller: Distiller, modules: list[nn.Module], params: list[nn.
     loader = train_loader(train, team.split_batch(cfg.batch_size), seed, workers=cfg.workers,
                           sampler=sampler)
     set_train(distiller.student, modules)
-    bar = tqdm(loader, total=min(spe, sched.total_steps - st["step"]), desc=f"epoch {st['epoch'] + 1}",
-               unit="batch", disable=not cfg.progress or not team.main, leave=False)
+    bar = progress_bar(loader, total=min(spe, sched.total_steps - st["step"]), desc=f"epoch {st['epoch'] + 1}",
+                       unit="batch", show=bool(cfg.progress and team.main))
     loss_sum = correct = labelled = seen = steps = 0
     t_start = last = time.perf_counter()
     lr = sched.lr_at(st["step"])

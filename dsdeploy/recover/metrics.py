@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from dsdeploy.errors import DataError, DsdeployError, InputShapeError
+from dsdeploy.progress import bar as progress_bar
 from dsdeploy.recover.device import autocast, module_device, to_device
 
 
@@ -93,7 +93,7 @@ def scored_batches(model: nn.Module, loader: Iterable, *, max_batches: int | Non
     device = module_device(model)
     model.eval()
     try:
-        for i, (x, y) in enumerate(tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False)):
+        for i, (x, y) in enumerate(progress_bar(loader, desc=desc, unit="batch", show=progress)):
             if max_batches is not None and i >= max_batches:
                 break
             x = to_device(x, device)

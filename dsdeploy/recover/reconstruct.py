@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import Subset
-from tqdm import tqdm
 
 from dsdeploy.conversion.block import ds_blocks
 from dsdeploy.conversion.plan import Plan
@@ -32,6 +31,7 @@ from dsdeploy.data.given import calibration_images
 from dsdeploy.data.labels import check_outputs, output_count
 from dsdeploy.data.preprocessing import resolve
 from dsdeploy.errors import DataError
+from dsdeploy.progress import bar as progress_bar
 from dsdeploy.recover.als import PatchEquations, alternate
 from dsdeploy.recover.blockrec import after_calibration
 from dsdeploy.recover.bnfit import (
@@ -315,7 +315,7 @@ def _calibrate(student: nn.Module, teacher: nn.Module, plan: Plan, loader: Itera
     norms = _following_bns(student, loader) if interleave_bn else {}
     n_batches = _count(loader, max_batches)
     interleaved = 0
-    bar = tqdm(total=len(names), desc="calibrating", unit="layer", disable=not progress, leave=False)
+    bar = progress_bar(total=len(names), desc="calibrating", unit="layer", show=progress)
     with torch.no_grad():
         feeder = LayerInputs(student, lambda: (batch_inputs(b) for b in take_batches(loader, max_batches)), cache_mb)
         for name in names:

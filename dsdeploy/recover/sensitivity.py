@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from dsdeploy.conversion.block import DSConv
 from dsdeploy.conversion.decompose import channel_svd
@@ -39,6 +38,7 @@ from dsdeploy.data.given import calibration_images
 from dsdeploy.data.preprocessing import resolve
 from dsdeploy.errors import DataError
 from dsdeploy.export.parity import flatten_outputs
+from dsdeploy.progress import bar as progress_bar
 from dsdeploy.recover.bnfit import batch_inputs
 from dsdeploy.recover.config import CALIB_BATCHES
 from dsdeploy.recover.device import on_device, resolve_device
@@ -244,7 +244,7 @@ def measure_sensitivity(model: nn.Module, policy: Policy, loader: Iterable, inpu
                                                         "macs": round(dense * ds_mac_ratio(conv, r))}
     t1 = time.perf_counter()
     total = sum(len(v) for v in table.layers.values())
-    bar = tqdm(total=total, desc="sensitivity", unit="rank", disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc="sensitivity", unit="rank", show=progress)
     with torch.no_grad():
         for name, per_rank in table.layers.items():
             conv = cands[name][0]
