@@ -89,9 +89,13 @@ def check(args: argparse.Namespace, threads: int) -> tuple[list[str], str]:
     two = [f"convert: {r['measured_speedup']:.2f}x in {r['rounds']} rounds" for r in chosen.get("regimes") or []]
     two += [f"bench {r.get('model')}: p50 {g['p50_ms']:.3f} ms in {100 * g['share']:.0f} % of the runs"
             for r in results for g in (r.get("regimes") or [])]
+    trail = [(f"planned at {a['planned_ms']:.2f} ms: " if "planned_ms" in a else "")
+             + f"predicted x{a['predicted_speedup']:.2f}, measured x{a['measured_speedup']:.2f}"
+             + (" (kept)" if i == verified.get("chosen") else "") for i, a in enumerate(verified.get("attempts") or [])]
     note = (f"{threads} thread(s): convert's interval x{chosen.get('ci95', ['?', '?'])[0]}-x"
             f"{chosen.get('ci95', ['?', '?'])[1]} over {chosen.get('rounds')} rounds; two speeds: "
-            + ("; ".join(two) if two else "none found"))
+            + ("; ".join(two) if two else "none found") + "; convert's attempts"
+            + (" (searched by measurement)" if verified.get("search") else "") + ": " + "; ".join(trail))
     return lines, note
 
 

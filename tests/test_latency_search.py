@@ -41,6 +41,12 @@ def test_a_met_point_is_bracketed_by_regula_falsi_in_log_space():
     # a missed point above the met one narrows the bracket; one below it (noise) is ignored
     p2 = next_planned_ms([(5.0, 0.8), (8.0, 1.3), (4.5, 1.1)], fastest_ms=4.0, dense_ms=12.0, dense_ratio=2.0)
     assert 5.0 < p2 < 8.0
+    # Illinois: two misses in a row halve the met endpoint's log ratio (ResNet-18 INT8's 2x search, measured)
+    pts = [(19.10, 2 / 3.68), (21.75, 2 / 1.79), (21.32, 2 / 1.70)]
+    f1, f2 = 0.5 * math.log(2 / 3.68), math.log(2 / 1.70)
+    p4 = next_planned_ms(pts, fastest_ms=19.10, dense_ms=25.2, dense_ratio=2.0)
+    assert p4 == pytest.approx(math.exp(math.log(19.10) + (-f1 / (f2 - f1)) * math.log(21.32 / 19.10)))
+    assert 19.10 < p4 < 20.8  # closer to the met side than plain regula falsi's 20.83
     # a step is kept inside the bracket (a met ratio of ~1 would otherwise re-plan the same point)
     p3 = next_planned_ms([(5.0, 0.999999), (8.0, 3.0)], fastest_ms=4.0, dense_ms=12.0, dense_ratio=2.0)
     assert p3 == pytest.approx(math.exp(math.log(5.0) + STEP_GUARD * math.log(8.0 / 5.0)))

@@ -8,7 +8,7 @@ made for a smaller predicted latency converts more, at lower ranks. So the searc
 replaces its numbers by measurements: it plans at a stand-in predicted latency ``p`` (:func:`plan_at`), measures
 the whole quantized pair as the fp32 verification does, and brackets the target between the measured points
 and the dense model (``p = table.model_ms``: speedup 1, known without measuring) by regula falsi on ``log p``
-against ``log(measured / goal)`` (:func:`next_planned_ms`). It starts from the table's own plan for the target
+against ``log(measured / goal)``, Illinois-weighted (:func:`next_planned_ms`). It starts from the table's own plan for the target
 (its fastest plan when the table predicts the target out of reach), measures the fastest plan next when nothing
 met the target yet, and stops on a measurement within the tolerance, a plan already measured, or
 :data:`MAX_PROBES` measurements. A search whose fastest plan was measured short of the target refuses it
@@ -32,7 +32,7 @@ from dsdeploy.conversion.rewrite import ConversionResult, convert
 from dsdeploy.errors import NothingToConvertError, PlanError
 from dsdeploy.runtime.latency_table import LatencyTable
 
-MAX_PROBES = 4  # whole-model measurements of one search, the first included
+MAX_PROBES = 6  # whole-model measurements of one search, the first included
 STEP_GUARD = 0.1  # each new point lies at least this share of the bracket (in log ms) inside it
 
 
@@ -79,7 +79,11 @@ def next_planned_ms(points: Sequence[tuple[float, float]], *, fastest_ms: float,
 
     Nothing met yet: the fastest plan, unless it was measured (None: out of reach). Else regula falsi
     (linear in ``log ms`` against ``log ratio``) between the slowest plan that met and the fastest slower
-    point above it that missed (the dense model when none), kept :data:`STEP_GUARD` inside the bracket.
+    point above it that missed (the dense model when none), kept :data:`STEP_GUARD` inside the bracket, with
+    the Illinois rule (Dowell & Jarratt, BIT 1971): when the newest ``k >= 2`` points all fell on one side,
+    the endpoint kept on the other side counts ``0.5 ** (k - 1)`` of its log ratio, so the bracket closes
+    from both ends (measured on ResNet-18 INT8, plain regula falsi crept toward a 2x target from the slow side
+    in 1.79x, 1.70x, 1.85x while the fastest plan stood at 3.68x).
     """
     met = [(p, r) for p, r in points if r <= 1]
     if not met:
@@ -90,6 +94,13 @@ def next_planned_ms(points: Sequence[tuple[float, float]], *, fastest_ms: float,
     if not p2 > p1 * (1 + 1e-6):
         return None
     f1, f2 = math.log(max(r1, 1e-9)), math.log(r2)
+    sides = [r <= 1 for _, r in points]
+    run = next((i for i, s in enumerate(reversed(sides)) if s != sides[-1]), len(sides))
+    if run >= 2:  # Illinois: the endpoint retained on the other side weighs less each time
+        if sides[-1]:
+            f2 *= 0.5 ** (run - 1)
+        else:
+            f1 *= 0.5 ** (run - 1)
     t = min(1 - STEP_GUARD, max(STEP_GUARD, -f1 / (f2 - f1)))
     return math.exp(math.log(p1) + t * (math.log(p2) - math.log(p1)))
 
