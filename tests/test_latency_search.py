@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from dsdeploy.conversion.latency_attempts import TOLERANCE
+from dsdeploy.conversion.latency_attempts import TOLERANCE, trusted_hit
 from dsdeploy.conversion.latency_search import (
     MAX_PROBES,
     STEP_GUARD,
@@ -47,6 +47,9 @@ def test_a_met_point_is_bracketed_by_regula_falsi_in_log_space():
     p4 = next_planned_ms(pts, fastest_ms=19.10, dense_ms=25.2, dense_ratio=2.0)
     assert p4 == pytest.approx(math.exp(math.log(19.10) + (-f1 / (f2 - f1)) * math.log(21.32 / 19.10)))
     assert 19.10 < p4 < 20.8  # closer to the met side than plain regula falsi's 20.83
+    # bisect (the interpolated plan was measured already): the bracket's geometric midpoint
+    assert next_planned_ms(pts, fastest_ms=19.10, dense_ms=25.2, dense_ratio=2.0, bisect=True) == \
+        pytest.approx(math.sqrt(19.10 * 21.32))
     # a step is kept inside the bracket (a met ratio of ~1 would otherwise re-plan the same point)
     p3 = next_planned_ms([(5.0, 0.999999), (8.0, 3.0)], fastest_ms=4.0, dense_ms=12.0, dense_ratio=2.0)
     assert p3 == pytest.approx(math.exp(math.log(5.0) + STEP_GUARD * math.log(8.0 / 5.0)))
@@ -118,3 +121,17 @@ def test_blocks_slower_than_predicted_measure_the_fastest_plan_then_refuse_with_
     with pytest.raises(PlanError, match=r"^measured x1\.29 .* for the fastest plan, whole and int8-quantized: a 2x "
                                         r"speedup in int8 is out of reach here"):
         search(2.0, 3.0)
+
+
+def test_a_resolved_point_estimate_within_the_tolerance_is_a_trusted_hit():
+    """1.93x for 2x, measured in a narrow interval, is a hit (kept over a 3.75x plan that gives accuracy away);
+    1.07x for 1.1x inside 0.84-1.11x is not (a sure 1.41x wins there: the case that made the rule)."""
+    def v(speedup, lo, hi, resolved):
+        est = Estimate(20.0, 20.0 / speedup, speedup, (lo, hi), (20.0 / hi, 20.0 / lo), 6)
+        return Verification(est, resolved, "law, not timed")
+
+    assert trusted_hit(v(1.93, 1.89, 1.97, True), Policy(speedup=2.0))
+    assert not trusted_hit(v(1.93, 1.80, 2.06, False), Policy(speedup=2.0))
+    assert not trusted_hit(v(1.07, 0.84, 1.11, False), Policy(speedup=1.1))
+    assert trusted_hit(v(1.41, 1.37, 1.44, True), Policy(speedup=1.1))
+    assert not trusted_hit(v(1.80, 1.78, 1.82, True), Policy(speedup=2.0))  # resolved, and a miss

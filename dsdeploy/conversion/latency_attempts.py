@@ -81,12 +81,19 @@ def attempt_record(res: ConversionResult, v: Verification, policy: Policy) -> di
                             for r in v.regimes]} if v.regimes else {})}
 
 
+def trusted_hit(v: Verification, policy: Policy) -> bool:
+    """Whether measurement ``v`` surely meets the target: its whole 95 % interval does (within :data:`TOLERANCE`),
+    or it is ``resolved`` (narrow enough to tell a miss from a hit) and its point estimate does."""
+    point, _, hi = ratio(v.estimate, policy)
+    return hi <= 1 + TOLERANCE or (v.resolved and point <= 1 + TOLERANCE)
+
+
 def choose(tried: list[tuple[ConversionResult, float, float]], policy: Policy, sure: list[bool] | None = None
             ) -> tuple[ConversionResult, float, float, int]:
     """Of the measured attempts ``(result, original_ms, converted_ms)``: the slowest that meets the target
     (it converts least, so it keeps the most accuracy), else the fastest; with its index. ``sure[i]``: attempt
-    i's whole 95 % interval meets the target; when some attempt is sure to meet, only those are considered
-    (a sure hit beats a point estimate that meets inside a wide interval)."""
+    i surely meets the target (:func:`trusted_hit`); when some attempt does, only those are considered (a sure
+    hit beats a point estimate that meets inside an interval too wide to tell)."""
     def goal(o: float) -> float:
         return o / policy.speedup if policy.speedup else float(policy.target_latency_ms)
 

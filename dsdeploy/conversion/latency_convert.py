@@ -30,7 +30,16 @@ from typing import Any
 
 from torch import nn
 
-from dsdeploy.conversion.latency_attempts import TOLERANCE, attempt_record, caveat, choose, ratio, signature, target_of
+from dsdeploy.conversion.latency_attempts import (
+    TOLERANCE,
+    attempt_record,
+    caveat,
+    choose,
+    ratio,
+    signature,
+    target_of,
+    trusted_hit,
+)
 from dsdeploy.conversion.latency_search import plan_at, verify_by_search
 from dsdeploy.conversion.latency_verify import Verification, measure_pair
 from dsdeploy.conversion.plan import Plan, Policy
@@ -202,7 +211,7 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
         learned.append(_learned(fixed, again, v2, (a, b)))
         cache.put_correction(table.model_key, learned[-1])
     res, _, _, record["chosen"] = choose([(r, x.estimate.original_ms, x.estimate.converted_ms) for r, x in tried],
-                                         policy, [ratio(x.estimate, policy)[2] <= 1 + TOLERANCE for _, x in tried])
+                                         policy, [trusted_hit(x, policy) for _, x in tried])
     chosen = record["attempts"][record["chosen"]]
     record["met"] = bool(ratio(tried[record["chosen"]][1].estimate, policy)[0] <= 1 + TOLERANCE)
     record.update({k: chosen[k] for k in ("measured_speedup", "ci95", "rounds", "resolved", "interval")})

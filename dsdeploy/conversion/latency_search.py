@@ -7,12 +7,13 @@ when the quantizer fuses and re-scales across layers. What the table still gives
 made for a smaller predicted latency converts more, at lower ranks. So the search keeps the table's plans and
 replaces its numbers by measurements: it plans at a stand-in predicted latency ``p`` (:func:`plan_at`), measures
 the whole quantized pair as the fp32 verification does, and brackets the target between the measured points
-and the dense model (``p = table.model_ms``: speedup 1, known without measuring) by regula falsi on ``log p``
-against ``log(measured / goal)``, Illinois-weighted (:func:`next_planned_ms`). It starts from the table's own plan for the target
-(its fastest plan when the table predicts the target out of reach), measures the fastest plan next when nothing
-met the target yet, and stops on a measurement within the tolerance, a plan already measured, or
-:data:`MAX_PROBES` measurements. A search whose fastest plan was measured short of the target refuses it
-(PlanError, with the measured speedup). The kept attempt is chosen as for fp32 (:func:`choose`).
+and the dense model (``p = table.model_ms``: speedup 1, known without measuring). It starts from the table's own
+plan for the target (its fastest plan when the table predicts the target out of reach), measures the fastest
+plan next while nothing met the target, then steps by regula falsi on ``log p`` against ``log(measured / goal)``,
+Illinois-weighted (:func:`next_planned_ms`), or to the bracket's midpoint when that point gives a plan already
+measured. It stops on a measurement within the tolerance, no new plan inside the bracket, or :data:`MAX_PROBES`
+measurements. A search whose fastest plan was measured short of the target refuses it (PlanError, with the
+measured speedup). The kept attempt is chosen as for fp32 (:func:`choose`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from typing import Any
 
 from torch import nn
 
-from dsdeploy.conversion.latency_attempts import TOLERANCE, attempt_record, choose, ratio, signature, target_of
+from dsdeploy.conversion.latency_attempts import (
+    TOLERANCE,
+    attempt_record,
+    choose,
+    ratio,
+    signature,
+    target_of,
+    trusted_hit,
+)
 from dsdeploy.conversion.latency_plan import target_from
 from dsdeploy.conversion.latency_verify import Verification
 from dsdeploy.conversion.plan import Policy
@@ -67,7 +76,7 @@ def fastest_planned_ms(model: nn.Module, input_shape: tuple[int, ...], policy: P
 
 
 def next_planned_ms(points: Sequence[tuple[float, float]], *, fastest_ms: float, dense_ms: float,
-                    dense_ratio: float) -> float | None:
+                    dense_ratio: float, bisect: bool = False) -> float | None:
     """The stand-in latency (ms on the table) to plan and measure next, or None when the search is over.
 
     Args:
@@ -75,7 +84,8 @@ def next_planned_ms(points: Sequence[tuple[float, float]], *, fastest_ms: float,
             (the goal's: original / speedup, or the target latency), <= 1 meets the target.
         fastest_ms: the table's fastest plan (the smallest plannable ms). dense_ms: the table's whole
             model (every layer dense). dense_ratio: the dense model's ratio (the speedup asked; original ms /
-            target ms), > 1.
+            target ms), > 1. bisect: the bracket's geometric midpoint instead (when the interpolated point gave a
+            plan already measured).
 
     Nothing met yet: the fastest plan, unless it was measured (None: out of reach). Else regula falsi
     (linear in ``log ms`` against ``log ratio``) between the slowest plan that met and the fastest slower
@@ -93,6 +103,8 @@ def next_planned_ms(points: Sequence[tuple[float, float]], *, fastest_ms: float,
     p2, r2 = min(above)
     if not p2 > p1 * (1 + 1e-6):
         return None
+    if bisect:
+        return math.sqrt(p1 * p2)
     f1, f2 = math.log(max(r1, 1e-9)), math.log(r2)
     sides = [r <= 1 for _, r in points]
     run = next((i for i, s in enumerate(reversed(sides)) if s != sides[-1]), len(sides))
@@ -135,20 +147,23 @@ def verify_by_search(model: nn.Module, input_shape: tuple[int, ...], policy: Pol
         _, lo, hi = ratio(v.estimate, policy)
         if len(tried) >= max_probes or not (lo > 1 + TOLERANCE or hi < 1 - TOLERANCE):
             break
-        est = v.estimate
-        dense = policy.speedup or est.original_ms / float(policy.target_latency_ms)
-        p = next_planned_ms([(q, ratio(x.estimate, policy)[0]) for _, x, q in tried], fastest_ms=fastest_ms,
-                            dense_ms=table.model_ms, dense_ratio=dense)
-        if p is None:
-            break
-        try:
-            res = plan_at(model, input_shape, policy, table, p, costs, cost_name)
-        except NothingToConvertError:  # so close to dense that nothing converts: the bracket is tight enough
-            break
-        if signature(res) in seen:
+        points = [(q, ratio(x.estimate, policy)[0]) for _, x, q in tried]
+        dense = policy.speedup or v.estimate.original_ms / float(policy.target_latency_ms)
+        res = None
+        for bisect in (False, True):  # an interpolated plan already measured: the bracket's midpoint instead
+            p = next_planned_ms(points, fastest_ms=fastest_ms, dense_ms=table.model_ms, dense_ratio=dense,
+                                bisect=bisect)
+            try:
+                res = None if p is None else plan_at(model, input_shape, policy, table, p, costs, cost_name)
+            except NothingToConvertError:  # so close to dense that nothing converts
+                res = None
+            if res is None or signature(res) not in seen:
+                break
+            res = None
+        if res is None:  # out of reach, or no plan left between the bracket's ends
             break
     res, _, _, record["chosen"] = choose([(r, x.estimate.original_ms, x.estimate.converted_ms) for r, x, _ in tried],
-                                         policy, [ratio(x.estimate, policy)[2] <= 1 + TOLERANCE for _, x, _ in tried])
+                                         policy, [trusted_hit(x, policy) for _, x, _ in tried])
     kept = tried[record["chosen"]][1].estimate
     record["met"] = bool(ratio(kept, policy)[0] <= 1 + TOLERANCE)
     fastest_tried = any(q <= fastest_ms * (1 + 1e-6) for _, _, q in tried)
