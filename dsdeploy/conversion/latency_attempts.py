@@ -83,9 +83,10 @@ def attempt_record(res: ConversionResult, v: Verification, policy: Policy) -> di
 
 def trusted_hit(v: Verification, policy: Policy) -> bool:
     """Whether measurement ``v`` surely meets the target: its whole 95 % interval does (within :data:`TOLERANCE`),
-    or it is ``resolved`` (narrow enough to tell a miss from a hit) and its point estimate does."""
+    or its point estimate does and either it is ``resolved`` (narrow enough to tell a miss from a hit) or its
+    interval rules out missing by more than twice the tolerance."""
     point, _, hi = ratio(v.estimate, policy)
-    return hi <= 1 + TOLERANCE or (v.resolved and point <= 1 + TOLERANCE)
+    return hi <= 1 + TOLERANCE or (point <= 1 + TOLERANCE and (v.resolved or hi <= 1 + 2 * TOLERANCE))
 
 
 def choose(tried: list[tuple[ConversionResult, float, float]], policy: Policy, sure: list[bool] | None = None
