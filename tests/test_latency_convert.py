@@ -85,6 +85,17 @@ def test_a_mac_budget_with_a_provider_takes_each_layers_fastest_layout():
     assert all(d.layout is None and d.dense_ms is None for d in untimed.layers)  # table-free by default
 
 
+def test_a_mac_budget_on_a_provider_converts_through_the_measured_table(tmp_path):
+    """`convert --mac-budget B --provider cpu` end to end: the table is measured, each converted layer takes its
+    fastest layout, nothing is verified (a MAC budget has no latency target)."""
+    from dsdeploy.conversion.latency_convert import convert_planned
+
+    res, record = convert_planned(small_net().eval(), SHAPE, Policy(mac_budget=0.5, provider="cpu", threads=1),
+                                  cache_dir=tmp_path)
+    assert record["graphs_measured"] > 0 and record["attempts"] == [] and "verified" not in res.plan.policy
+    assert res.plan.converted and all(d.layout and d.block_ms is not None for d in res.plan.converted)
+
+
 def test_per_layer_layouts_round_trip_through_the_artifact(tmp_path):
     model, table = small_net().eval(), hand_table()
     res = convert(model, input_shape=SHAPE, policy=Policy(speedup=2.0), latency=table)

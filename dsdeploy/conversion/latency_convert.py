@@ -153,7 +153,7 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
 
     try:
         res = plan(planned_on)
-        first_ms = float(res.plan.policy["latency"]["target_ms"])
+        first_ms = float(res.plan.policy.get("latency", {}).get("target_ms", 0.0))  # a latency target's plan
     except PlanError as exc:
         why, fastest = caveat(policy), getattr(exc, "fastest_ms", None)
         prefix = "" if stored is None else (f"with the table corrected by the measurement stored with it (dense "
