@@ -136,3 +136,10 @@ def test_a_resolved_point_estimate_within_the_tolerance_is_a_trusted_hit():
     assert not trusted_hit(v(1.07, 0.84, 1.11, False), Policy(speedup=1.1))
     assert trusted_hit(v(1.41, 1.37, 1.44, True), Policy(speedup=1.1))
     assert not trusted_hit(v(1.80, 1.78, 1.82, True), Policy(speedup=2.0))  # resolved, and a miss
+
+
+def test_a_first_plan_that_is_already_the_fastest_one_is_refused_when_it_misses():
+    """2.3x on the hand table: only the fastest plan fits the target, so the plan the search would try next is the
+    one it measured; the measured miss of the fastest plan is a refusal, not a kept miss."""
+    with pytest.raises(PlanError, match=r"for the fastest plan, whole and int8-quantized: a 2.3x speedup"):
+        search(2.3, 3.0)
