@@ -120,7 +120,8 @@ def test_the_package_is_laid_out_by_pipeline_stage():
     folders = sorted(p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").is_file())
     assert folders == sorted(STAGES)
     loose = sorted(p.stem for p in PKG.glob("*.py"))
-    assert loose == ["__init__", "__main__", "api", "errors", "fsutil", "outputs", "ranges", "tables", "version"]
+    assert loose == ["__init__", "__main__", "api", "errors", "fsutil", "outputs", "progress", "ranges", "tables",
+                     "version"]
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
