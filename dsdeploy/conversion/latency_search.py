@@ -11,9 +11,11 @@ and the dense model (``p = table.model_ms``: speedup 1, known without measuring)
 plan for the target (its fastest plan when the table predicts the target out of reach), measures the fastest
 plan next while nothing met the target, then steps by regula falsi on ``log p`` against ``log(measured / goal)``,
 Illinois-weighted (:func:`next_planned_ms`), or to the bracket's midpoint when that point gives a plan already
-measured. It stops on a measurement within the tolerance, no new plan inside the bracket, or :data:`MAX_PROBES`
-measurements. A search whose fastest plan was measured short of the target refuses it (PlanError, with the
-measured speedup). The kept attempt is chosen as for fp32 (:func:`choose`).
+measured. It stops on a measurement that surely meets the target (:func:`trusted_hit`, the rule that keeps an
+attempt) and is at most the tolerance faster, no new plan inside the bracket, or :data:`MAX_PROBES` measurements
+(an interval that merely reaches into the tolerance does not stop it: such an attempt would not be kept). A search whose fastest plan was measured
+short of the target refuses it (PlanError, with the measured speedup). The kept attempt is chosen as for fp32
+(:func:`choose`).
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def verify_by_search(model: nn.Module, input_shape: tuple[int, ...], policy: Pol
 
     ``measure`` times a result's model against the original (:func:`dsdeploy.conversion.latency_verify.
     measure_pair`). Fills ``record`` (``protocol``, ``search: "measured"``, ``attempts`` with each one's
-    ``planned_ms``, ``chosen``, ``met`` and the chosen attempt's measured fields, as
+    ``planned_ms`` and ``why`` it was tried, ``chosen``, ``met`` and the chosen attempt's measured fields, as
     :func:`dsdeploy.conversion.latency_convert.convert_planned` documents) and returns ``(kept result, record)``.
 
     Raises:
@@ -137,22 +139,24 @@ def verify_by_search(model: nn.Module, input_shape: tuple[int, ...], policy: Pol
     tried: list[tuple[ConversionResult, Verification, float]] = []
     seen: set[tuple] = set()
     res, p, fastest_seen = first, first_ms, False
+    why = "the fastest plan" if p <= fastest_ms * (1 + 1e-6) else "the table's plan for the target"
     record["search"] = "measured"
     while True:
         v = measure(res)
         record.setdefault("protocol", v.protocol)
-        record["attempts"].append({**attempt_record(res, v, policy), "planned_ms": round(p, 5)})
+        record["attempts"].append({**attempt_record(res, v, policy), "planned_ms": round(p, 5), "why": why})
         tried.append((res, v, p))
         seen.add(signature(res))
-        _, lo, hi = ratio(v.estimate, policy)
-        if len(tried) >= max_probes or not (lo > 1 + TOLERANCE or hi < 1 - TOLERANCE):
-            break
+        if len(tried) >= max_probes or (trusted_hit(v, policy) and ratio(v.estimate, policy)[0] >= 1 - TOLERANCE):
+            break  # on target by the rule that keeps an attempt, without giving more than the tolerance away
         points = [(q, ratio(x.estimate, policy)[0]) for _, x, q in tried]
         dense = policy.speedup or v.estimate.original_ms / float(policy.target_latency_ms)
         res = None
         for bisect in (False, True):  # an interpolated plan already measured: the bracket's midpoint instead
             p = next_planned_ms(points, fastest_ms=fastest_ms, dense_ms=table.model_ms, dense_ratio=dense,
                                 bisect=bisect)
+            why = ("the fastest plan" if p is not None and p <= fastest_ms * (1 + 1e-6) else
+                   "the bracket's midpoint" if bisect else "interpolated in the bracket")
             try:
                 res = None if p is None else plan_at(model, input_shape, policy, table, p, costs, cost_name)
             except NothingToConvertError:  # so close to dense that nothing converts
