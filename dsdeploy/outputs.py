@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -89,10 +90,28 @@ def check_output(path: str | os.PathLike, *, kind: str, suffixes: Iterable[str] 
                           f"choose a name with that suffix")
     if p.is_dir():
         raise OutputError(f"{what} {name} is a folder: give a file name")
+    _check_folder(p, what)
     _check_kind(p, kind, what)
     if kind == "text" and sniff(p) == "text" and not written_by_dsdeploy(p):
         raise OutputError(f"{what} {name} exists and was not written by dsdeploy: choose another path")
     return p
+
+
+def _check_folder(p: Path, what: str) -> None:
+    """Refuse, before any work, an output whose folder cannot take a new file: the nearest existing folder above
+    ``p`` (missing ones are created when the file is written) is probed with a temporary file, removed at once, so
+    the reason is the operating system's (read-only file system, permission, not a folder)."""
+    folder = next((a for a in p.absolute().parents if a.exists()), None)
+    if folder is None:
+        return
+    if not folder.is_dir():
+        raise OutputError(f"{what} {show(p)}: {show(folder)} is a file, not a folder: choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".dsdeploy-probe-")
+    except OSError as exc:
+        raise OutputError(f"cannot write {what} {show(p)}: {show(folder)}: {exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_distinct(outputs: Iterable[tuple[str, str | os.PathLike | None]]) -> None:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,17 +87,31 @@ def test_check_output_refuses_inputs_links_suffixes_and_folders(tmp_path, artifa
     assert check_output(tmp_path / "new.dsd", kind="torch", suffixes=(".dsd",), inputs=[("artifact", artifact)])
 
 
+def test_check_output_refuses_a_folder_that_cannot_take_the_file_before_any_work(tmp_path):
+    """A parent that is a file, or a folder the operating system will not write (here /proc), is refused by the
+    check a command runs first, with the real reason; nothing is left in a writable folder; missing folders pass
+    (the command creates them)."""
+    note = tmp_path / "notes.log"
+    note.write_text("mine")
+    with pytest.raises(OutputError, match=r"notes.log is a file, not a folder"):
+        check_output(note / "x.dsd", kind="torch", suffixes=(".dsd",))
+    if Path("/proc/self").is_dir():  # Linux: /proc takes no new files, even for root
+        with pytest.raises(OutputError, match=r"^cannot write output /proc/x.dsd: /proc: "):
+            check_output("/proc/x.dsd", kind="torch", suffixes=(".dsd",))
+    assert check_output(tmp_path / "new" / "deeper" / "m.dsd", kind="torch", suffixes=(".dsd",))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.log"] and note.read_text() == "mine"
+
+
 def test_owned_dir_keeps_foreign_files_and_replaces_only_its_own(tmp_path):
-    owned = lambda d: set(json.loads((d / "mark.json").read_text())["files"]) if (d / "mark.json").exists() else None  # noqa: E731
+    owned = lambda d: set(json.loads((d / "mark.json").read_text())["files"]) if (d / "mark.json").exists() else None
     out = tmp_path / "out"
     with owned_dir(out, owned=owned) as tmp:
         (tmp / "a.txt").write_text("1")
         (tmp / "old.txt").write_text("1")
         write_json(tmp / "mark.json", {"files": ["a.txt", "old.txt", "mark.json", "../escape"]})
     (out / "user.txt").write_text("mine")
-    with pytest.raises(OutputError, match="overwrite"):
-        with owned_dir(out, owned=owned) as tmp:
-            pass
+    with pytest.raises(OutputError, match="overwrite"), owned_dir(out, owned=owned) as tmp:
+        pass
     with owned_dir(out, owned=owned, overwrite=True) as tmp:
         (tmp / "a.txt").write_text("2")
         write_json(tmp / "mark.json", {"files": ["a.txt", "mark.json"]})
