@@ -73,6 +73,15 @@ def test_data_costs_replace_the_spectral_error():
         if 2.0 + 1.0 + t1 + t2 <= 8.0))
 
 
+def test_a_target_the_original_already_meets_says_so_for_each_layer_kept_dense():
+    model, table = small_net().eval(), hand_table()
+    plan = make_plan(model, Policy(target_latency_ms=20.0), trace_calls(model, SHAPE), SHAPE, latency=table)
+    timed = [d for d in plan.layers if d.dense_ms is not None]
+    assert timed and not plan.converted
+    assert all(d.reason.startswith("kept dense: the original already meets the target (12.000 ms measured")
+               for d in timed)
+
+
 def test_a_mac_budget_with_a_provider_takes_each_layers_fastest_layout():
     model, table = small_net().eval(), hand_table()
     plan = make_plan(model, Policy(mac_budget=0.3, provider="cpu"), trace_calls(model, SHAPE), SHAPE, latency=table)
@@ -132,7 +141,8 @@ def test_per_layer_layouts_round_trip_through_the_artifact(tmp_path):
     ({"speedup": 2.0, "rank": 2}, "choose one of"),
     ({"target_latency_ms": 3.0, "mac_budget": 0.5}, "choose one of"),
     ({"speedup": 0.0}, "convert.speedup must be"),
-    ({"speedup": 1.0}, r"convert.speedup must be > 1 \(times faster"),
+    ({"speedup": 1.0}, r"convert.speedup must be a number > 1 \(times faster"),
+    ({"speedup": 0.0}, r"convert.speedup must be a number > 1 \(times faster"),
     ({"speedup": 2.0, "batch": 0}, "convert.batch must be"),
     ({"speedup": 2.0, "threads": 0}, "convert.threads must be"),
     ({"provider": "cpu"}, "convert.provider"),

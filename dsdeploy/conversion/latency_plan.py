@@ -137,7 +137,9 @@ def plan_for_latency(table: LatencyTable, spectra: Mapping[str, torch.Tensor], s
         err, ms = opts[key]
         total += ms
         rank, layout = (None, None) if key == DENSE else key
-        reason = "" if key != DENSE else _dense_reason(by_name[name], name in spectra)
+        reason = "" if key != DENSE else (
+            f"kept dense: the original already meets the target ({table.model_ms:.3f} ms measured, target "
+            f"{target:.3f} ms)" if target >= table.model_ms else _dense_reason(by_name[name], name in spectra))
         choices.append(LayerChoice(name, rank, layout, err, ms, float(by_name[name].dense_ms), reason))
     return LatencyPlan(target, table.model_ms, total, table.remainder_ms, choices)
 

@@ -144,13 +144,11 @@ class Policy:
         if len(chosen) > 1:
             raise PlanError(f"convert: choose one of rank, energy, mac_budget, speedup, target_latency_ms "
                             f"(got {', '.join('convert.' + k for k in chosen)})")
-        for name in ("speedup", "target_latency_ms"):
+        for name, low in (("speedup", 1), ("target_latency_ms", 0)):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise PlanError(f"convert.{name} must be a number > 0, got {value}")
-        if self.speedup is not None and self.speedup <= 1:
-            raise PlanError(f"convert.speedup must be > 1 (times faster than the original, which already runs at "
-                            f"x1), got {self.speedup}")
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > low):
+                why = " (times faster than the original, which already runs at x1)" if low else ""
+                raise PlanError(f"convert.{name} must be a number > {low}{why}, got {value}")
         if type(self.batch) is not int or self.batch < 1:
             raise PlanError(f"convert.batch must be an integer >= 1, got {self.batch}")
         if self.threads is not None and (type(self.threads) is not int or self.threads < 1):
