@@ -151,9 +151,9 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
     def plan(on: LatencyTable) -> ConversionResult:
         return convert(model, input_shape=input_shape, policy=policy, costs=costs, cost_name=cost_name, latency=on)
 
+    fastest = None  # the table's fastest predicted ms, when it called the target out of reach
     try:
         res = plan(planned_on)
-        first_ms = float(res.plan.policy.get("latency", {}).get("target_ms", 0.0))  # a latency target's plan
     except PlanError as exc:
         why, fastest = caveat(policy), getattr(exc, "fastest_ms", None)
         prefix = "" if stored is None else (f"with the table corrected by the measurement stored with it (dense "
@@ -161,7 +161,7 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
         if not (why and verify and policy.latency_target and fastest is not None):
             raise PlanError(f"{prefix}{exc}{why}") from None
         try:  # a quantized table predicts poorly: measure its fastest plan instead of refusing on a prediction
-            res, first_ms = plan_at(model, input_shape, policy, planned_on, fastest, costs, cost_name), fastest
+            res = plan_at(model, input_shape, policy, planned_on, fastest, costs, cost_name)
         except NothingToConvertError:  # the fastest plan keeps every layer dense: nothing to measure
             raise PlanError(f"{prefix}{exc}{why}") from None
         record["fastest_instead"] = str(exc)
@@ -174,9 +174,10 @@ def convert_planned(model: nn.Module, input_shape: tuple[int, ...], policy: Poli
         return measure_pair(model, r.model, shape, target, tolerance=TOLERANCE,
                             on="speedup" if policy.speedup else "converted")
 
-    if quantized:
+    if quantized:  # planned at the target on the table, or at its fastest plan
+        first_ms = float(fastest if fastest is not None else res.plan.policy["latency"]["target_ms"])
         return verify_by_search(model, input_shape, policy, table, res, first_ms, measure, record, costs=costs,
-                                cost_name=cost_name)
+                                cost_name=cost_name, fastest_ms=fastest)
     v = measure(res)
     record["protocol"] = v.protocol
     record["attempts"].append(attempt_record(res, v, policy))

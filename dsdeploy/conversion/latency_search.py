@@ -122,7 +122,7 @@ def next_planned_ms(points: Sequence[tuple[float, float]], *, fastest_ms: float,
 def verify_by_search(model: nn.Module, input_shape: tuple[int, ...], policy: Policy, table: LatencyTable,
                      first: ConversionResult, first_ms: float, measure: Callable[[ConversionResult], Verification],
                      record: dict[str, Any], *, costs: Mapping[str, Mapping[int, float]] | None = None,
-                     cost_name: str | None = None, max_probes: int = MAX_PROBES
+                     cost_name: str | None = None, max_probes: int = MAX_PROBES, fastest_ms: float | None = None
                      ) -> tuple[ConversionResult, dict[str, Any]]:
     """Measure ``first`` (planned at ``first_ms``) and search the table's plans by measurement (module doc).
 
@@ -130,12 +130,15 @@ def verify_by_search(model: nn.Module, input_shape: tuple[int, ...], policy: Pol
     measure_pair`). Fills ``record`` (``protocol``, ``search: "measured"``, ``attempts`` with each one's
     ``planned_ms`` and ``why`` it was tried, ``chosen``, ``met`` and the chosen attempt's measured fields, as
     :func:`dsdeploy.conversion.latency_convert.convert_planned` documents) and returns ``(kept result, record)``.
+    ``fastest_ms``: the table's fastest predicted ms when the caller has it (an out-of-reach answer gave it); else
+    it is asked of the planner (:func:`fastest_planned_ms`).
 
     Raises:
         PlanError: the fastest plan was measured and misses the target by more than :data:`TOLERANCE` (the
             message gives its measured speedup).
     """
-    fastest_ms = fastest_planned_ms(model, input_shape, policy, table, costs, cost_name)
+    if fastest_ms is None:
+        fastest_ms = fastest_planned_ms(model, input_shape, policy, table, costs, cost_name)
     tried: list[tuple[ConversionResult, Verification, float]] = []
     seen: set[tuple] = set()
     res, p, fastest_seen = first, first_ms, False
